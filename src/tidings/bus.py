@@ -1,0 +1,225 @@
+"""``EventBus``: subscribe handlers to event classes, publish events to them.
+
+This version runs handlers in-process, inline, in the publishing thread: the embedded default.
+Each handler runs with the event's context bound (correlation and tenant from the event,
+causation = the event's id), so any event it creates is linked to the one it handles.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from tidings.context import EventContext, _current
+from tidings.errors import DuplicateHandlerError, HandlerFailedError, UsageError
+from tidings.events import DomainEvent
+
+__all__ = ["EventBus", "Handler"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True, slots=True)
+class Handler:
+    """A function subscribed to one or more event classes under a stable name.
+
+    Attributes:
+        name: unique on its bus and stable across deploys: with the ``event_id`` it is the
+            idempotency key of an effect, so renaming a handler makes old events look new.
+        func: the callable, sync or ``async``, taking the event as its only argument.
+        event_types: the classes it receives; each also brings its subclasses.
+        is_async: whether ``func`` is a coroutine function.
+    """
+
+    name: str
+    func: Callable[[Any], Any]
+    event_types: tuple[type[DomainEvent], ...]
+    is_async: bool
+
+
+def _default_name(func: Callable[..., Any]) -> str:
+    qualname = getattr(func, "__qualname__", None)
+    module = getattr(func, "__module__", None)
+    if not qualname or not module or "<lambda>" in qualname:
+        msg = (
+            f"cannot derive a stable name for handler {func!r}: pass name='context.handler' "
+            "to subscribe()"
+        )
+        raise UsageError(msg)
+    return f"{module}.{qualname}"
+
+
+def _context_of(event: DomainEvent) -> EventContext:
+    return EventContext(event.correlation_id, event.event_id, event.tenant_id)
+
+
+class EventBus:
+    """Routes published events to the handlers subscribed to their class or a base class.
+
+    Subscribing is thread-safe; publishing from many threads at once is safe, and each
+    publisher runs the handlers in its own thread. Handlers of one event run in subscription
+    order; a handler subscribed to ``DomainEvent`` receives every event.
+    """
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, Handler] = {}
+        self._routes: dict[type[DomainEvent], tuple[Handler, ...]] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def handlers(self) -> tuple[Handler, ...]:
+        """Every subscribed handler, in subscription order."""
+        return tuple(self._handlers.values())
+
+    def subscribe(
+        self, *event_types: type[DomainEvent], name: str | None = None
+    ) -> Callable[[F], F]:
+        """Decorator: subscribe the function to ``event_types`` and return it unchanged.
+
+        ``name`` defaults to ``module.qualname`` of the function.
+
+        Raises:
+            UsageError: no event class given, a non-event class given, or no stable name.
+            DuplicateHandlerError: the name is taken on this bus.
+        """
+
+        def decorator(func: F) -> F:
+            self.add_handler(func, *event_types, name=name)
+            return func
+
+        return decorator
+
+    def add_handler(
+        self,
+        func: Callable[[Any], Any],
+        *event_types: type[DomainEvent],
+        name: str | None = None,
+    ) -> Handler:
+        """Subscribe ``func`` to ``event_types`` (the non-decorator form) and return its Handler."""
+        if not event_types:
+            msg = "subscribe() needs at least one event class, e.g. @bus.subscribe(OrderPlaced)"
+            raise UsageError(msg)
+        for event_type in event_types:
+            if not (isinstance(event_type, type) and issubclass(event_type, DomainEvent)):
+                msg = f"subscribe() takes DomainEvent subclasses, not {event_type!r}"
+                raise UsageError(msg)
+        if not callable(func):
+            msg = f"a handler must be callable, not {func!r}"
+            raise UsageError(msg)
+        handler = Handler(
+            name=name if name is not None else _default_name(func),
+            func=func,
+            event_types=tuple(event_types),
+            is_async=inspect.iscoroutinefunction(func),
+        )
+        with self._lock:
+            taken = self._handlers.get(handler.name)
+            if taken is not None:
+                msg = (
+                    f"a handler named {handler.name!r} is already subscribed: pass a distinct "
+                    "name=, or subscribe one function to several classes in one call"
+                )
+                raise DuplicateHandlerError(msg)
+            self._handlers[handler.name] = handler
+            self._routes = {}
+        return handler
+
+    def handlers_for(self, event_class: type[DomainEvent]) -> tuple[Handler, ...]:
+        """Return the handlers an event of ``event_class`` is delivered to, in order."""
+        routes = self._routes
+        found = routes.get(event_class)
+        if found is None:
+            mro = event_class.__mro__
+            found = tuple(
+                h for h in self._handlers.values() if any(t in mro for t in h.event_types)
+            )
+            routes[event_class] = found
+        return found
+
+    def publish(self, *events: DomainEvent) -> None:
+        """Run every handler of every event now, in this thread, in order.
+
+        Each handler runs with the event's context bound. A failing handler does not stop the
+        others, nor the following events.
+
+        Raises:
+            HandlerFailedError: after all handlers ran, grouping every exception they raised.
+            UsageError: an event has an ``async`` handler; use :meth:`apublish` (checked before
+                any handler runs).
+        """
+        routed = self._route(events)
+        for _, handlers in routed:
+            for handler in handlers:
+                if handler.is_async:
+                    msg = (
+                        f"handler {handler.name!r} is async: publish with `await bus.apublish(...)`"
+                    )
+                    raise UsageError(msg)
+        failures: list[Exception] = []
+        for event, handlers in routed:
+            token = _current.set(_context_of(event))
+            try:
+                for handler in handlers:
+                    try:
+                        handler.func(event)
+                    except Exception as exc:  # noqa: BLE001 - collected, raised as a group
+                        failures.append(_noted(exc, handler, event))
+            finally:
+                _current.reset(token)
+        if failures:
+            raise _group(failures)
+
+    async def apublish(self, *events: DomainEvent) -> None:
+        """Like :meth:`publish`, awaiting ``async`` handlers; sync ones run inline.
+
+        Handlers run one after another in subscription order, never concurrently, so their
+        effects keep the order of the events.
+
+        Raises:
+            HandlerFailedError: after all handlers ran, grouping every exception they raised.
+        """
+        failures: list[Exception] = []
+        for event, handlers in self._route(events):
+            token = _current.set(_context_of(event))
+            try:
+                for handler in handlers:
+                    try:
+                        result = handler.func(event)
+                        if handler.is_async:
+                            await _awaited(result)
+                    except Exception as exc:  # noqa: BLE001 - collected, raised as a group
+                        failures.append(_noted(exc, handler, event))
+            finally:
+                _current.reset(token)
+        if failures:
+            raise _group(failures)
+
+    def _route(
+        self, events: Iterable[DomainEvent]
+    ) -> list[tuple[DomainEvent, tuple[Handler, ...]]]:
+        routed = []
+        for event in events:
+            if not isinstance(event, DomainEvent):
+                msg = f"publish() takes DomainEvent instances, not {type(event).__name__}"
+                raise UsageError(msg)
+            routed.append((event, self.handlers_for(type(event))))
+        return routed
+
+
+async def _awaited(result: Awaitable[Any]) -> None:
+    await result
+
+
+def _noted(exc: Exception, handler: Handler, event: DomainEvent) -> Exception:
+    exc.add_note(
+        f"in handler {handler.name!r} for {type(event).event_type!r} event {event.event_id}"
+    )
+    return exc
+
+
+def _group(failures: list[Exception]) -> HandlerFailedError:
+    count = len(failures)
+    return HandlerFailedError(f"{count} handler{'s' if count > 1 else ''} failed", failures)

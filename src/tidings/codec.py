@@ -1,0 +1,552 @@
+"""Events on the wire: event ⇄ dict, and event ⇄ CloudEvents 1.0 JSON envelope.
+
+The envelope is one JSON object in CloudEvents structured mode::
+
+    {"type": "orders.order_placed", "specversion": "1.0", "id": "<event_id>",
+     "source": "/tidings", "time": "<occurred_at>", "datacontenttype": "application/json",
+     "dataversion": "1", "correlationid": "...", "causationid": "...", "tenantid": "...",
+     "traceparent": "...", "data": {<the event's own fields>}}
+
+Context attributes that are ``None`` are left out. ``data`` holds the fields the event class
+declares itself; the five base fields travel as the envelope's attributes.
+
+Decoding checks the size and the nesting depth before parsing, finds the class through the
+registry only, upcasts old schema versions, then validates every field against its annotation.
+Every failure is an :class:`~tidings.errors.EventDecodeError`. Envelopes written by tidings take a
+fast path: one parse straight into a per-class structure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass
+from typing import Any, Final, Literal, NotRequired, TypedDict, TypeVar
+
+import msgspec
+
+from tidings._ids import utc_now_iso
+from tidings.errors import (
+    EventDecodeError,
+    EventDefinitionError,
+    EventEncodeError,
+    PayloadTooDeepError,
+    PayloadTooLargeError,
+)
+from tidings.events import DomainEvent, _correlation_id
+from tidings.registry import EventRegistry, default_registry
+
+__all__ = [
+    "BASE_FIELDS",
+    "CONTENT_TYPE",
+    "Codec",
+    "Envelope",
+    "Limits",
+    "decode",
+    "encode",
+    "event_from_dict",
+    "event_to_dict",
+    "read",
+]
+
+CONTENT_TYPE: Final = "application/json"
+SPEC_VERSION: Final = "1.0"
+BASE_FIELDS: Final = ("event_id", "correlation_id", "occurred_at", "tenant_id", "causation_id")
+"""Fields of :class:`DomainEvent` itself; on the wire they are envelope attributes."""
+
+T = TypeVar("T", bound=DomainEvent)
+Payload = bytes | bytearray | memoryview | str
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds a payload must respect before it is parsed.
+
+    Attributes:
+        max_bytes: longest payload accepted, in bytes (UTF-8 for ``str`` input).
+        max_depth: deepest nesting of JSON arrays and objects, the envelope itself counting 1.
+    """
+
+    max_bytes: int = 1024 * 1024
+    max_depth: int = 32
+
+    def __post_init__(self) -> None:
+        if self.max_bytes < 64 or self.max_depth < 2:
+            msg = "Limits need max_bytes >= 64 and max_depth >= 2 to hold any envelope"
+            raise ValueError(msg)
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """A decoded message: the event and the envelope attributes that are not event fields.
+
+    Attributes:
+        event: the decoded, validated event.
+        source: the CloudEvents ``source`` of the producer.
+        traceparent: the W3C trace context of the producer, if it sent one.
+        dataversion: the schema version the payload was written at (before upcasting).
+    """
+
+    event: DomainEvent
+    source: str
+    traceparent: str | None
+    dataversion: int
+
+
+class _Outgoing(msgspec.Struct, omit_defaults=True):
+    type: str
+    specversion: str
+    id: str
+    source: str
+    time: str
+    datacontenttype: str
+    dataversion: str
+    data: dict[str, Any]
+    correlationid: str | None = None
+    causationid: str | None = None
+    tenantid: str | None = None
+    traceparent: str | None = None
+
+
+class _Incoming(msgspec.Struct):
+    type: str
+    specversion: str
+    id: str
+    source: str = ""
+    time: str | None = None
+    datacontenttype: str = CONTENT_TYPE
+    dataversion: str = "1"
+    correlationid: str | None = None
+    causationid: str | None = None
+    tenantid: str | None = None
+    traceparent: str | None = None
+    data: msgspec.Raw = msgspec.Raw(b"{}")
+
+
+class _Plan:
+    """What the codec needs to know about one event class, built once on first use."""
+
+    __slots__ = (
+        "cls",
+        "data_type",
+        "defaults",
+        "fast_decoder",
+        "own",
+        "post_init",
+        "slotted",
+        "version",
+    )
+
+    def __init__(self, cls: type[DomainEvent]) -> None:
+        self.cls = cls
+        self.version = str(cls.event_version)
+        try:
+            hints = typing.get_type_hints(cls)
+        except NameError as exc:
+            msg = (
+                f"cannot resolve the annotations of {cls.__qualname__} ({exc}): define the "
+                "types its fields use at module level, before the event is first encoded"
+            )
+            raise EventDefinitionError(msg) from exc
+        own = [f for f in dataclasses.fields(cls) if f.name not in BASE_FIELDS]
+        self.own = tuple(f.name for f in own)
+        # (name, default, factory) of the fields that may be absent from a payload.
+        self.defaults = tuple(
+            (f.name, f.default, None if f.default_factory is MISSING else f.default_factory)
+            for f in own
+            if f.default is not MISSING or f.default_factory is not MISSING
+        )
+        optional = {name for name, _, _ in self.defaults}
+        # A TypedDict decodes straight into the dict that becomes the instance's __dict__.
+        self.data_type: Any = TypedDict(  # type: ignore[operator]
+            f"{cls.__name__}Data",
+            {
+                f.name: NotRequired[hints[f.name]] if f.name in optional else hints[f.name]
+                for f in own
+            },
+        )
+        # The constant attributes are Literal types, so msgspec itself checks them and a
+        # payload that differs in any (an old version, say) fails over to the long way.
+        constants: dict[str, Any] = {
+            "type": Literal[cls.event_type],  # type: ignore[valid-type]
+            "specversion": Literal["1.0"],
+            "datacontenttype": Literal["application/json"],
+            "dataversion": Literal[self.version],  # type: ignore[valid-type]
+        }
+        fast = msgspec.defstruct(
+            f"{cls.__name__}Envelope",
+            [(n, constants.get(n, t), d) for n, t, d in _INCOMING_FIELDS]
+            + [("data", self.data_type, {})],
+        )
+        try:
+            self.fast_decoder = msgspec.json.Decoder(fast)
+        except TypeError as exc:
+            msg = f"{cls.__qualname__} has a field type with no JSON form: {exc}"
+            raise EventDefinitionError(msg) from exc
+        self.post_init = getattr(cls, "__post_init__", None)
+        # Instances without __slots__ anywhere keep all fields in one __dict__, set in one step.
+        self.slotted = any("__slots__" in c.__dict__ for c in cls.__mro__[:-1])
+
+    def data_of(self, event: DomainEvent) -> dict[str, Any]:
+        """Return the event's own fields (the envelope's ``data``) as a dict."""
+        if self.slotted:
+            return {name: getattr(event, name) for name in self.own}
+        data = event.__dict__.copy()
+        del data["event_id"], data["correlation_id"], data["occurred_at"]
+        del data["tenant_id"], data["causation_id"]
+        return data
+
+    def build(self, incoming: Any, data: dict[str, Any]) -> DomainEvent:
+        """Make the event from envelope attributes and parsed data, without running factories."""
+        attrs = data
+        if len(attrs) != len(self.own):
+            for name, default, factory in self.defaults:
+                if name not in attrs:
+                    attrs[name] = default if factory is None else factory()
+        attrs["event_id"] = incoming.id
+        # Foreign producers may omit the optional time and correlation id; fill them as the
+        # constructor would (the current context's correlation id, or a fresh one).
+        attrs["correlation_id"] = incoming.correlationid or _correlation_id()
+        attrs["occurred_at"] = incoming.time or utc_now_iso()
+        attrs["tenant_id"] = incoming.tenantid
+        attrs["causation_id"] = incoming.causationid
+        obj = object.__new__(self.cls)
+        if self.slotted:
+            for name, value in attrs.items():
+                object.__setattr__(obj, name, value)
+        else:
+            object.__setattr__(obj, "__dict__", attrs)
+        if self.post_init is not None:
+            try:
+                self.post_init(obj)
+            except (ValueError, TypeError) as exc:
+                msg = f"{self.cls.event_type!r} rejected its own data: {exc}"
+                raise EventDecodeError(msg) from exc
+        return obj
+
+
+_INCOMING_FIELDS: Final = [
+    (f.name, f.type, f.default if f.default is not msgspec.NODEFAULT else msgspec.NODEFAULT)
+    for f in msgspec.structs.fields(_Incoming)
+    if f.name != "data"
+]
+
+_AT_PATH: Final = re.compile(r" - at `\$((?:\.[^`]*|\[[^`]*)*)`$")
+_MISSING: Final = re.compile(r"missing required field `([^`]+)`")
+_encoder: Final = msgspec.json.Encoder()
+_json_decoder: Final = msgspec.json.Decoder()
+_incoming_decoder: Final = msgspec.json.Decoder(_Incoming)
+_dict_decoder: Final = msgspec.json.Decoder(dict[str, Any])
+
+
+def _validation_error(
+    event_type: str, exc: msgspec.ValidationError, prefix: str
+) -> EventDecodeError:
+    text = str(exc)
+    field: str | None = None
+    at = _AT_PATH.search(text)
+    if at:
+        path = at.group(1)
+        if path.startswith(prefix):
+            path = path[len(prefix) :]
+        field = path.lstrip(".") or None
+        text = text[: at.start()]
+    missing = _MISSING.search(text)
+    if missing:
+        field = f"{field}.{missing.group(1)}" if field else missing.group(1)
+    where = f"field {field!r}: " if field else ""
+    msg = f"cannot decode {event_type!r}: {where}{text}; fix the producer or add an upcaster"
+    return EventDecodeError(msg, field=field)
+
+
+def _too_deep(payload: bytes, max_depth: int) -> bool:
+    brackets = payload.translate(None, _NOT_BRACKETS)
+    # Cheap bound first: fewer brackets than the limit cannot nest deeper than it.
+    if len(brackets) <= max_depth:
+        return False
+    brackets = _STRINGS.sub(b"", payload).translate(None, _NOT_BRACKETS)
+    # Each pass strips one level of innermost empty pairs; anything left after max_depth passes
+    # is deeper than allowed (or unbalanced, which the parser reports next).
+    for _ in range(max_depth):
+        stripped = brackets.replace(b"[]", b"").replace(b"{}", b"")
+        if not stripped or stripped == brackets:
+            return False
+        brackets = stripped
+    return True
+
+
+def _check_content_type(content_type: str) -> None:
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type != CONTENT_TYPE and not media_type.endswith("+json"):
+        msg = (
+            f"datacontenttype {content_type!r} is not JSON; tidings reads and writes JSON "
+            "only (never pickle)"
+        )
+        raise EventDecodeError(msg, field="datacontenttype")
+
+
+_STRINGS: Final = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKETS: Final = bytes(c for c in range(256) if c not in b"[]{}")
+_FAST_PREFIX: Final = b'{"type":"'
+_PREFIX_LEN: Final = len(_FAST_PREFIX)
+
+
+def _malformed(exc: msgspec.DecodeError) -> EventDecodeError:
+    return EventDecodeError(f"payload is not valid JSON: {exc}")
+
+
+class Codec:
+    """Turns events into CloudEvents JSON bytes and back, through one registry.
+
+    Thread-safe and cheap to share: per-class plans are built on first use and cached.
+
+    Args:
+        registry: where decoding looks event types up (the default registry if omitted).
+        source: the CloudEvents ``source`` written on encode, e.g. ``"/orders-service"``.
+        limits: size and nesting bounds checked before any payload is parsed.
+    """
+
+    def __init__(
+        self,
+        registry: EventRegistry | None = None,
+        *,
+        source: str = "/tidings",
+        limits: Limits | None = None,
+    ) -> None:
+        self.registry = default_registry if registry is None else registry
+        self.source = source
+        self.limits = Limits() if limits is None else limits
+        self._plans: dict[type[DomainEvent], _Plan] = {}
+        self._fast: dict[bytes, _Plan] = {}
+        self._fast_generation = -1
+
+    def _plan(self, cls: type[DomainEvent]) -> _Plan:
+        plan = self._plans.get(cls)
+        if plan is None:
+            plan = self._plans[cls] = _Plan(cls)
+        return plan
+
+    # -- encoding ---------------------------------------------------------------------------
+
+    def encode(self, event: DomainEvent, *, traceparent: str | None = None) -> bytes:
+        """Return the event as CloudEvents JSON bytes.
+
+        Raises:
+            EventEncodeError: a field value has no JSON form.
+        """
+        cls = type(event)
+        plan = self._plans.get(cls) or self._plan(cls)
+        envelope = _Outgoing(
+            cls.event_type,
+            SPEC_VERSION,
+            event.event_id,
+            self.source,
+            event.occurred_at,
+            CONTENT_TYPE,
+            plan.version,
+            plan.data_of(event),
+            event.correlation_id,
+            event.causation_id,
+            event.tenant_id,
+            traceparent,
+        )
+        try:
+            return _encoder.encode(envelope)
+        except (TypeError, ValueError, OverflowError) as exc:
+            msg = f"cannot encode {cls.event_type!r}: {exc}; use JSON-friendly field types"
+            raise EventEncodeError(msg) from exc
+
+    def to_envelope(self, event: DomainEvent, *, traceparent: str | None = None) -> dict[str, Any]:
+        """Return the envelope as a dict of plain JSON types (what :meth:`encode` serialises)."""
+        result: dict[str, Any] = _json_decoder.decode(self.encode(event, traceparent=traceparent))
+        return result
+
+    # -- decoding ---------------------------------------------------------------------------
+
+    def decode(self, payload: Payload, expected: type[T] = DomainEvent) -> T:  # type: ignore[assignment]
+        """Decode a payload into an event of ``expected`` (or a subclass of it).
+
+        Raises:
+            PayloadTooLargeError, PayloadTooDeepError: refused before parsing.
+            UnknownEventTypeError: the type is not registered.
+            EventTypeMismatchError: the type is registered but not ``expected`` or a subclass.
+            EventDecodeError: anything else wrong (malformed JSON or UTF-8, not an envelope,
+                a content type other than JSON, a missing or wrongly typed field).
+        """
+        return self._decode(payload, expected)[1]  # type: ignore[return-value]
+
+    def read(self, payload: Payload, expected: type[T] = DomainEvent) -> Envelope:  # type: ignore[assignment]
+        """Decode a payload into an :class:`Envelope`: the event plus producer attributes.
+
+        Raises the same errors as :meth:`decode`.
+        """
+        incoming, event = self._decode(payload, expected)
+        return Envelope(event, incoming.source, incoming.traceparent, int(incoming.dataversion))
+
+    def from_envelope(self, envelope: Mapping[str, Any], expected: type[T] = DomainEvent) -> T:  # type: ignore[assignment]
+        """Decode an envelope already parsed into a dict; ``envelope`` is not changed."""
+        if not isinstance(envelope, Mapping):
+            msg = f"an envelope is a JSON object, not {type(envelope).__name__}"
+            raise EventDecodeError(msg)
+        try:
+            payload = _encoder.encode(dict(envelope))
+        except (TypeError, ValueError, OverflowError) as exc:
+            msg = f"envelope holds a value with no JSON form: {exc}"
+            raise EventDecodeError(msg) from exc
+        return self.decode(payload, expected)
+
+    def _decode(self, payload: Any, expected: type[DomainEvent]) -> tuple[Any, DomainEvent]:
+        if type(payload) is not bytes:
+            payload = self._as_bytes(payload)
+        limits = self.limits
+        if len(payload) > limits.max_bytes:
+            raise self._too_large(len(payload))
+        if _too_deep(payload, limits.max_depth):
+            msg = (
+                f"payload nests deeper than {limits.max_depth} levels; refused before "
+                "parsing (raise Limits.max_depth if such events are legitimate)"
+            )
+            raise PayloadTooDeepError(msg)
+        # Fast path: tidings writes "type" first, so the class is known before parsing and
+        # the whole envelope is parsed in one pass into that class's own structure.
+        if payload[:_PREFIX_LEN] == _FAST_PREFIX:
+            if self._fast_generation != self.registry.generation:
+                # A re-registered class must never be decoded through a stale plan.
+                self._fast, self._fast_generation = {}, self.registry.generation
+            name = payload[_PREFIX_LEN : payload.find(b'"', _PREFIX_LEN)]
+            plan = self._fast.get(name) or self._fast_plan(name)
+            if plan is not None and issubclass(plan.cls, expected):
+                try:
+                    fast = plan.fast_decoder.decode(payload)
+                except msgspec.ValidationError:
+                    pass  # an old version or a bad field: the long way says which
+                except msgspec.DecodeError as exc:
+                    raise _malformed(exc) from exc
+                else:
+                    return fast, plan.build(fast, fast.data)
+        return self._decode_slowly(payload, expected)
+
+    def _decode_slowly(
+        self, payload: bytes, expected: type[DomainEvent]
+    ) -> tuple[Any, DomainEvent]:
+        try:
+            incoming = _incoming_decoder.decode(payload)
+        except msgspec.ValidationError as exc:
+            msg = f"payload is not a CloudEvents envelope: {exc}"
+            raise EventDecodeError(msg, field=_validation_error("envelope", exc, "").field) from exc
+        except msgspec.DecodeError as exc:
+            raise _malformed(exc) from exc
+        if incoming.specversion != SPEC_VERSION:
+            msg = f"specversion {incoming.specversion!r} is not supported; tidings reads '1.0'"
+            raise EventDecodeError(msg, field="specversion")
+        _check_content_type(incoming.datacontenttype)
+        plan = self._plan(self.registry.resolve(incoming.type, expected))
+        try:
+            version = int(incoming.dataversion)
+        except ValueError:
+            msg = f"dataversion {incoming.dataversion!r} is not an integer"
+            raise EventDecodeError(msg, field="dataversion") from None
+        try:
+            if version == plan.cls.event_version:
+                data = msgspec.json.decode(incoming.data, type=plan.data_type)
+            else:
+                upcast = self.registry.upcast(
+                    plan.cls, version, _dict_decoder.decode(incoming.data)
+                )
+                data = msgspec.convert(upcast, plan.data_type, str_keys=True)
+        except msgspec.ValidationError as exc:
+            raise _validation_error(plan.cls.event_type, exc, "") from exc
+        except msgspec.DecodeError as exc:
+            raise _malformed(exc) from exc
+        return incoming, plan.build(incoming, data)
+
+    def _fast_plan(self, name: bytes) -> _Plan | None:
+        """Return the plan for a peeked type name, or ``None`` for unknown names and aliases."""
+        cls = self.registry.get(name.decode("ascii", "replace"))
+        if cls is None or cls.event_type.encode("ascii") != name:
+            return None
+        plan = self._fast[name] = self._plan(cls)
+        return plan
+
+    def _as_bytes(self, payload: object) -> bytes:
+        if isinstance(payload, str):
+            if len(payload) > self.limits.max_bytes:  # each character is at least one byte
+                raise self._too_large(len(payload))
+            try:
+                return payload.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                msg = f"payload is not valid Unicode text: {exc}"
+                raise EventDecodeError(msg) from exc
+        if isinstance(payload, bytes | bytearray | memoryview):
+            return bytes(payload)
+        msg = f"a payload is bytes or str, not {type(payload).__name__}"
+        raise EventDecodeError(msg)
+
+    def _too_large(self, size: int) -> PayloadTooLargeError:
+        msg = (
+            f"payload of {size} bytes exceeds the {self.limits.max_bytes}-byte limit; refused "
+            "before parsing (raise Limits.max_bytes if such events are legitimate)"
+        )
+        return PayloadTooLargeError(msg)
+
+    # -- dicts (the seed's to_dict / from_dict) ---------------------------------------------
+
+    def to_dict(self, event: DomainEvent) -> dict[str, Any]:
+        """Return every field of ``event`` plus ``"event_type"``, as plain JSON types."""
+        try:
+            result: dict[str, Any] = _json_decoder.decode(_encoder.encode(event))
+        except (TypeError, ValueError, OverflowError) as exc:
+            msg = f"cannot encode {type(event).event_type!r}: {exc}; use JSON-friendly field types"
+            raise EventEncodeError(msg) from exc
+        result["event_type"] = type(event).event_type
+        return result
+
+    def from_dict(self, data: Mapping[str, Any], expected: type[T]) -> T:
+        """Build an event from a :meth:`to_dict`-style dict; see ``DomainEvent.from_dict``."""
+        if not isinstance(data, Mapping):
+            msg = f"from_dict takes a mapping, not {type(data).__name__}"
+            raise EventDecodeError(msg)
+        event_type = data.get("event_type")
+        cls: type[DomainEvent]
+        if event_type is None or event_type == expected.event_type:
+            cls = expected
+        elif isinstance(event_type, str):
+            cls = self.registry.resolve(event_type, expected)
+        else:
+            msg = f"event_type must be a string, not {type(event_type).__name__}"
+            raise EventDecodeError(msg, field="event_type")
+        try:
+            return msgspec.convert(dict(data), cls, str_keys=True)  # type: ignore[return-value]
+        except msgspec.ValidationError as exc:
+            raise _validation_error(cls.event_type, exc, "") from exc
+
+
+default_codec: Final = Codec()
+"""The codec behind the module-level functions: default registry, default limits."""
+
+
+def encode(event: DomainEvent, *, traceparent: str | None = None) -> bytes:
+    """Encode ``event`` as CloudEvents JSON bytes with the default codec."""
+    return default_codec.encode(event, traceparent=traceparent)
+
+
+def decode(payload: Payload, expected: type[T] = DomainEvent) -> T:  # type: ignore[assignment]
+    """Decode CloudEvents JSON bytes into an event with the default codec."""
+    return default_codec.decode(payload, expected)
+
+
+def read(payload: Payload) -> Envelope:
+    """Decode CloudEvents JSON bytes into an :class:`Envelope` with the default codec."""
+    return default_codec.read(payload)
+
+
+def event_to_dict(event: DomainEvent) -> dict[str, Any]:
+    """``DomainEvent.to_dict`` through the default codec."""
+    return default_codec.to_dict(event)
+
+
+def event_from_dict(data: Mapping[str, Any], expected: type[T]) -> T:
+    """``DomainEvent.from_dict`` through the default codec."""
+    return default_codec.from_dict(data, expected)
