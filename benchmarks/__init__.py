@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks of tidings against the approaches it replaces (`make bench`)."""

@@ -56,7 +56,10 @@ _second_and_prefix: tuple[int, str] = (-1, "")
 
 
 def utc_now_iso() -> str:
-    """Return the current UTC time as ISO-8601 with microseconds, e.g. ``2026-01-02T03:04:05.000006+00:00``.
+    """Return the current UTC time as ISO-8601 with microseconds and offset.
+
+    For example ``2026-01-02T03:04:05.000006+00:00``: always six fractional digits, unlike
+    ``datetime.isoformat()``, which drops them when they are zero; both parse the same.
 
     The date-and-seconds prefix is cached for the current second; the cache is one tuple swapped
     atomically, so concurrent threads never pair a prefix with the wrong second.

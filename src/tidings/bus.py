@@ -123,19 +123,19 @@ class EventBus:
                     "name=, or subscribe one function to several classes in one call"
                 )
                 raise DuplicateHandlerError(msg)
-            self._handlers[handler.name] = handler
+            # Copy on write: publishers iterate the old dict and route caches undisturbed.
+            self._handlers = {**self._handlers, handler.name: handler}
             self._routes = {}
         return handler
 
     def handlers_for(self, event_class: type[DomainEvent]) -> tuple[Handler, ...]:
         """Return the handlers an event of ``event_class`` is delivered to, in order."""
-        routes = self._routes
+        routes = self._routes  # read before the handlers: a stale route lands in a stale cache
         found = routes.get(event_class)
         if found is None:
             mro = event_class.__mro__
-            found = tuple(
-                h for h in self._handlers.values() if any(t in mro for t in h.event_types)
-            )
+            handlers = self._handlers
+            found = tuple(h for h in handlers.values() if any(t in mro for t in h.event_types))
             routes[event_class] = found
         return found
 

@@ -132,7 +132,9 @@ class _Plan:
         "cls",
         "data_type",
         "defaults",
-        "fast_decoder",
+        "event_type",
+        "fast_decode",
+        "field_count",
         "own",
         "post_init",
         "slotted",
@@ -141,6 +143,7 @@ class _Plan:
 
     def __init__(self, cls: type[DomainEvent]) -> None:
         self.cls = cls
+        self.event_type = cls.event_type
         self.version = str(cls.event_version)
         try:
             hints = typing.get_type_hints(cls)
@@ -152,6 +155,7 @@ class _Plan:
             raise EventDefinitionError(msg) from exc
         own = [f for f in dataclasses.fields(cls) if f.name not in BASE_FIELDS]
         self.own = tuple(f.name for f in own)
+        self.field_count = len(own)
         # (name, default, factory) of the fields that may be absent from a payload.
         self.defaults = tuple(
             (f.name, f.default, None if f.default_factory is MISSING else f.default_factory)
@@ -160,8 +164,9 @@ class _Plan:
         )
         optional = {name for name, _, _ in self.defaults}
         # A TypedDict decodes straight into the dict that becomes the instance's __dict__.
-        self.data_type: Any = TypedDict(  # type: ignore[operator]
-            f"{cls.__name__}Data",
+        data_name = f"{cls.__name__}Data"
+        self.data_type: Any = TypedDict(  # type: ignore[misc]
+            data_name,
             {
                 f.name: NotRequired[hints[f.name]] if f.name in optional else hints[f.name]
                 for f in own
@@ -170,10 +175,10 @@ class _Plan:
         # The constant attributes are Literal types, so msgspec itself checks them and a
         # payload that differs in any (an old version, say) fails over to the long way.
         constants: dict[str, Any] = {
-            "type": Literal[cls.event_type],  # type: ignore[valid-type]
+            "type": Literal[cls.event_type],
             "specversion": Literal["1.0"],
             "datacontenttype": Literal["application/json"],
-            "dataversion": Literal[self.version],  # type: ignore[valid-type]
+            "dataversion": Literal[self.version],
         }
         fast = msgspec.defstruct(
             f"{cls.__name__}Envelope",
@@ -181,7 +186,7 @@ class _Plan:
             + [("data", self.data_type, {})],
         )
         try:
-            self.fast_decoder = msgspec.json.Decoder(fast)
+            self.fast_decode = msgspec.json.Decoder(fast).decode
         except TypeError as exc:
             msg = f"{cls.__qualname__} has a field type with no JSON form: {exc}"
             raise EventDefinitionError(msg) from exc
@@ -189,19 +194,10 @@ class _Plan:
         # Instances without __slots__ anywhere keep all fields in one __dict__, set in one step.
         self.slotted = any("__slots__" in c.__dict__ for c in cls.__mro__[:-1])
 
-    def data_of(self, event: DomainEvent) -> dict[str, Any]:
-        """Return the event's own fields (the envelope's ``data``) as a dict."""
-        if self.slotted:
-            return {name: getattr(event, name) for name in self.own}
-        data = event.__dict__.copy()
-        del data["event_id"], data["correlation_id"], data["occurred_at"]
-        del data["tenant_id"], data["causation_id"]
-        return data
-
     def build(self, incoming: Any, data: dict[str, Any]) -> DomainEvent:
         """Make the event from envelope attributes and parsed data, without running factories."""
         attrs = data
-        if len(attrs) != len(self.own):
+        if len(attrs) != self.field_count:
             for name, default, factory in self.defaults:
                 if name not in attrs:
                     attrs[name] = default if factory is None else factory()
@@ -236,6 +232,7 @@ _INCOMING_FIELDS: Final = [
 _AT_PATH: Final = re.compile(r" - at `\$((?:\.[^`]*|\[[^`]*)*)`$")
 _MISSING: Final = re.compile(r"missing required field `([^`]+)`")
 _encoder: Final = msgspec.json.Encoder()
+_encode: Final = _encoder.encode
 _json_decoder: Final = msgspec.json.Decoder()
 _incoming_decoder: Final = msgspec.json.Decoder(_Incoming)
 _dict_decoder: Final = msgspec.json.Decoder(dict[str, Any])
@@ -262,10 +259,6 @@ def _validation_error(
 
 
 def _too_deep(payload: bytes, max_depth: int) -> bool:
-    brackets = payload.translate(None, _NOT_BRACKETS)
-    # Cheap bound first: fewer brackets than the limit cannot nest deeper than it.
-    if len(brackets) <= max_depth:
-        return False
     brackets = _STRINGS.sub(b"", payload).translate(None, _NOT_BRACKETS)
     # Each pass strips one level of innermost empty pairs; anything left after max_depth passes
     # is deeper than allowed (or unbalanced, which the parser reports next).
@@ -289,8 +282,7 @@ def _check_content_type(content_type: str) -> None:
 
 _STRINGS: Final = re.compile(rb'"(?:[^"\\]|\\.)*"')
 _NOT_BRACKETS: Final = bytes(c for c in range(256) if c not in b"[]{}")
-_FAST_PREFIX: Final = b'{"type":"'
-_PREFIX_LEN: Final = len(_FAST_PREFIX)
+_PREFIX_LEN: Final = len(b'{"type":"')
 
 
 def _malformed(exc: msgspec.DecodeError) -> EventDecodeError:
@@ -319,8 +311,13 @@ class Codec:
         self.source = source
         self.limits = Limits() if limits is None else limits
         self._plans: dict[type[DomainEvent], _Plan] = {}
+        # Type name (as written by tidings) -> plan, filled by the long way, emptied by the
+        # registry whenever a class or alias is (re-)registered.
         self._fast: dict[bytes, _Plan] = {}
-        self._fast_generation = -1
+        self.registry.on_change(self._forget_fast_plans)
+
+    def _forget_fast_plans(self) -> None:
+        self._fast.clear()
 
     def _plan(self, cls: type[DomainEvent]) -> _Plan:
         plan = self._plans.get(cls)
@@ -336,24 +333,31 @@ class Codec:
         Raises:
             EventEncodeError: a field value has no JSON form.
         """
-        cls = type(event)
+        cls = event.__class__
         plan = self._plans.get(cls) or self._plan(cls)
-        envelope = _Outgoing(
-            cls.event_type,
-            SPEC_VERSION,
-            event.event_id,
-            self.source,
-            event.occurred_at,
-            CONTENT_TYPE,
-            plan.version,
-            plan.data_of(event),
-            event.correlation_id,
-            event.causation_id,
-            event.tenant_id,
-            traceparent,
-        )
+        if plan.slotted:
+            data = {name: getattr(event, name) for name in plan.own}
+        else:
+            data = event.__dict__.copy()
+            del data["event_id"], data["correlation_id"], data["occurred_at"]
+            del data["tenant_id"], data["causation_id"]
         try:
-            return _encoder.encode(envelope)
+            return _encode(
+                _Outgoing(
+                    plan.event_type,
+                    SPEC_VERSION,
+                    event.event_id,
+                    self.source,
+                    event.occurred_at,
+                    CONTENT_TYPE,
+                    plan.version,
+                    data,
+                    event.correlation_id,
+                    event.causation_id,
+                    event.tenant_id,
+                    traceparent,
+                )
+            )
         except (TypeError, ValueError, OverflowError) as exc:
             msg = f"cannot encode {cls.event_type!r}: {exc}; use JSON-friendly field types"
             raise EventEncodeError(msg) from exc
@@ -403,29 +407,29 @@ class Codec:
         limits = self.limits
         if len(payload) > limits.max_bytes:
             raise self._too_large(len(payload))
-        if _too_deep(payload, limits.max_depth):
+        # Fewer brackets than the limit cannot nest deeper than it: one C pass decides most.
+        if len(payload.translate(None, _NOT_BRACKETS)) > limits.max_depth and _too_deep(
+            payload, limits.max_depth
+        ):
             msg = (
                 f"payload nests deeper than {limits.max_depth} levels; refused before "
                 "parsing (raise Limits.max_depth if such events are legitimate)"
             )
             raise PayloadTooDeepError(msg)
-        # Fast path: tidings writes "type" first, so the class is known before parsing and
-        # the whole envelope is parsed in one pass into that class's own structure.
-        if payload[:_PREFIX_LEN] == _FAST_PREFIX:
-            if self._fast_generation != self.registry.generation:
-                # A re-registered class must never be decoded through a stale plan.
-                self._fast, self._fast_generation = {}, self.registry.generation
-            name = payload[_PREFIX_LEN : payload.find(b'"', _PREFIX_LEN)]
-            plan = self._fast.get(name) or self._fast_plan(name)
-            if plan is not None and issubclass(plan.cls, expected):
-                try:
-                    fast = plan.fast_decoder.decode(payload)
-                except msgspec.ValidationError:
-                    pass  # an old version or a bad field: the long way says which
-                except msgspec.DecodeError as exc:
-                    raise _malformed(exc) from exc
-                else:
-                    return fast, plan.build(fast, fast.data)
+        # Fast path: tidings writes '{"type":"<name>"' first, so the class is known before
+        # parsing and the envelope is parsed in one pass into that class's own structure. The
+        # peek needs no checks of its own: that structure's Literal attributes make the parser
+        # refuse anything that is not exactly such an envelope, and then the long way decides.
+        plan = self._fast.get(payload[_PREFIX_LEN : payload.find(b'"', _PREFIX_LEN)])
+        if plan is not None and (expected is DomainEvent or issubclass(plan.cls, expected)):
+            try:
+                fast: Any = plan.fast_decode(payload)
+            except msgspec.ValidationError:
+                pass  # an old version or a bad field: the long way says which
+            except msgspec.DecodeError as exc:
+                raise _malformed(exc) from exc
+            else:
+                return fast, plan.build(fast, fast.data)
         return self._decode_slowly(payload, expected)
 
     def _decode_slowly(
@@ -443,6 +447,8 @@ class Codec:
             raise EventDecodeError(msg, field="specversion")
         _check_content_type(incoming.datacontenttype)
         plan = self._plan(self.registry.resolve(incoming.type, expected))
+        if plan.event_type == incoming.type:  # not an alias: the fast path may take it next time
+            self._fast[incoming.type.encode()] = plan
         try:
             version = int(incoming.dataversion)
         except ValueError:
@@ -461,14 +467,6 @@ class Codec:
         except msgspec.DecodeError as exc:
             raise _malformed(exc) from exc
         return incoming, plan.build(incoming, data)
-
-    def _fast_plan(self, name: bytes) -> _Plan | None:
-        """Return the plan for a peeked type name, or ``None`` for unknown names and aliases."""
-        cls = self.registry.get(name.decode("ascii", "replace"))
-        if cls is None or cls.event_type.encode("ascii") != name:
-            return None
-        plan = self._fast[name] = self._plan(cls)
-        return plan
 
     def _as_bytes(self, payload: object) -> bytes:
         if isinstance(payload, str):
@@ -527,26 +525,9 @@ default_codec: Final = Codec()
 """The codec behind the module-level functions: default registry, default limits."""
 
 
-def encode(event: DomainEvent, *, traceparent: str | None = None) -> bytes:
-    """Encode ``event`` as CloudEvents JSON bytes with the default codec."""
-    return default_codec.encode(event, traceparent=traceparent)
-
-
-def decode(payload: Payload, expected: type[T] = DomainEvent) -> T:  # type: ignore[assignment]
-    """Decode CloudEvents JSON bytes into an event with the default codec."""
-    return default_codec.decode(payload, expected)
-
-
-def read(payload: Payload) -> Envelope:
-    """Decode CloudEvents JSON bytes into an :class:`Envelope` with the default codec."""
-    return default_codec.read(payload)
-
-
-def event_to_dict(event: DomainEvent) -> dict[str, Any]:
-    """``DomainEvent.to_dict`` through the default codec."""
-    return default_codec.to_dict(event)
-
-
-def event_from_dict(data: Mapping[str, Any], expected: type[T]) -> T:
-    """``DomainEvent.from_dict`` through the default codec."""
-    return default_codec.from_dict(data, expected)
+# The module-level functions are the default codec's bound methods: no extra call on the hot path.
+encode: Final = default_codec.encode
+decode: Final = default_codec.decode
+read: Final = default_codec.read
+event_to_dict: Final = default_codec.to_dict
+event_from_dict: Final = default_codec.from_dict

@@ -31,7 +31,7 @@ class DuplicateEventTypeError(TidingsError, ValueError):
 
 
 class DuplicateHandlerError(TidingsError, ValueError):
-    """A handler name is already taken on this bus; names are idempotency keys and must be unique."""
+    """A handler name is taken on this bus; names are idempotency keys and must be unique."""
 
 
 class EventEncodeError(TidingsError, TypeError):

@@ -66,11 +66,11 @@ class DomainEvent:
     causation_id: str | None = field(default_factory=_causation_id)
 
     def to_dict(self) -> dict[str, Any]:
-        """Return every field plus ``"event_type"`` as plain JSON types (str, int, float, bool,
-        None, list, dict).
+        """Return every field plus ``"event_type"`` as plain JSON types.
 
-        datetime/date/time become ISO-8601 strings, UUID and Decimal strings, Enum its value,
-        tuple/frozenset/set lists, nested dataclasses dicts. :meth:`from_dict` restores them.
+        The values are str, int, float, bool, None, list and dict: datetime/date/time become
+        ISO-8601 strings, UUID and Decimal strings, Enum its value, tuple/frozenset/set lists,
+        nested dataclasses dicts. :meth:`from_dict` restores them.
 
         Raises:
             EventEncodeError: a field holds a value with no JSON form.

@@ -1,6 +1,7 @@
-"""The event registry: event type names to classes, with aliases for renamed types and upcasters
-for old schema versions. Decoding finds classes here and nowhere else: message data never drives
-an import or an attribute lookup.
+"""The event registry: event type names to classes, with aliases and upcasters.
+
+Aliases keep renamed types readable; upcasters bring old schema versions up to date. Decoding
+finds classes here and nowhere else: message data never drives an import or attribute lookup.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, Final, TypeVar
 
@@ -88,12 +90,23 @@ class EventRegistry:
         self._aliases: dict[str, str] = {}
         self._upcasters: dict[tuple[str, int], Upcaster] = {}
         self._lock = threading.Lock()
-        self._generation = 0
+        self._listeners: list[weakref.WeakMethod[Callable[[], object]]] = []
 
-    @property
-    def generation(self) -> int:
-        """A number that changes whenever a class or alias is (re-)registered; caches key on it."""
-        return self._generation
+    def on_change(self, method: Callable[[], object]) -> None:
+        """Call the bound ``method`` after every (re-)registration or alias, for cache upkeep.
+
+        The registry holds it weakly: a listener that is garbage collected is dropped.
+        """
+        self._listeners.append(weakref.WeakMethod(method))
+
+    def _changed(self) -> None:
+        alive = []
+        for ref in self._listeners:
+            method = ref()
+            if method is not None:
+                method()
+                alive.append(ref)
+        self._listeners = alive
 
     def register(self, cls: E, /) -> E:
         """Register ``cls`` under its ``event_type`` and return it (usable as a decorator).
@@ -121,7 +134,7 @@ class EventRegistry:
                 )
                 raise DuplicateEventTypeError(msg)
             self._classes[event_type] = cls
-            self._generation += 1
+            self._changed()
         return cls
 
     def add_alias(self, alias: str, cls: type[DomainEvent]) -> None:
@@ -142,7 +155,7 @@ class EventRegistry:
                 msg = f"{alias!r} already names another event type; aliases must be unique"
                 raise DuplicateEventTypeError(msg)
             self._aliases[alias] = cls.event_type
-            self._generation += 1
+            self._changed()
 
     def upcaster(self, event_type: str, *, from_version: int) -> Callable[[Upcaster], Upcaster]:
         """Register a function turning ``data`` of ``from_version`` into ``from_version + 1``.

@@ -1,0 +1,45 @@
+"""``make bench``: tidings against the baseline, side by side, in one run.
+
+Each row times our operation and its baseline in alternating rounds (so both see the same
+machine load), takes the median time per operation of each, and reports the ratio
+baseline / ours: above 1 means tidings is faster. Results go to stdout as a Markdown table and
+to ``benchmarks/results.json`` as a list of ``{name, ours, baseline, unit, ratio, target, met}``.
+
+Run ``python -m benchmarks --quick`` for a fast smoke run, ``--check`` to exit 1 when a target
+is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from benchmarks import core
+from benchmarks.harness import measure, table
+
+RESULTS = Path(__file__).with_name("results.json")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every case, print the table, write results.json; return the exit status."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks")
+    parser.add_argument("--quick", action="store_true", help="few short rounds (smoke test)")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    rounds, budget = (3, 0.02) if args.quick else (9, 0.25)
+    rows = [measure(case, rounds, budget) for case in core.cases()]
+    print(table(rows))
+    print(f"\nmedians of {rounds} alternating rounds; Python {sys.version.split()[0]}")
+    args.output.write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
+    missed = [r.name for r in rows if r.met is False]
+    if missed:
+        print("targets missed: " + ", ".join(missed))
+    return 1 if (missed and args.check) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
