@@ -18,24 +18,21 @@ fast path: one parse straight into a per-class structure.
 
 from __future__ import annotations
 
-import dataclasses
 import re
-import typing
 from collections.abc import Mapping
-from dataclasses import MISSING, dataclass
-from typing import Any, Final, Literal, NotRequired, TypedDict, TypeVar
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
 
 import msgspec
 
-from tidings._ids import utc_now_iso
+from tidings._wire import BASE_FIELDS, CONTENT_TYPE, SPEC_VERSION, ClassPlan, Incoming, Outgoing
 from tidings.errors import (
     EventDecodeError,
-    EventDefinitionError,
     EventEncodeError,
     PayloadTooDeepError,
     PayloadTooLargeError,
 )
-from tidings.events import DomainEvent, _correlation_id
+from tidings.events import DomainEvent
 from tidings.registry import EventRegistry, default_registry
 
 __all__ = [
@@ -50,11 +47,6 @@ __all__ = [
     "event_to_dict",
     "read",
 ]
-
-CONTENT_TYPE: Final = "application/json"
-SPEC_VERSION: Final = "1.0"
-BASE_FIELDS: Final = ("event_id", "correlation_id", "occurred_at", "tenant_id", "causation_id")
-"""Fields of :class:`DomainEvent` itself; on the wire they are envelope attributes."""
 
 T = TypeVar("T", bound=DomainEvent)
 Payload = bytes | bytearray | memoryview | str
@@ -95,146 +87,12 @@ class Envelope:
     dataversion: int
 
 
-class _Outgoing(msgspec.Struct, omit_defaults=True):
-    type: str
-    specversion: str
-    id: str
-    source: str
-    time: str
-    datacontenttype: str
-    dataversion: str
-    data: dict[str, Any]
-    correlationid: str | None = None
-    causationid: str | None = None
-    tenantid: str | None = None
-    traceparent: str | None = None
-
-
-class _Incoming(msgspec.Struct):
-    type: str
-    specversion: str
-    id: str
-    source: str = ""
-    time: str | None = None
-    datacontenttype: str = CONTENT_TYPE
-    dataversion: str = "1"
-    correlationid: str | None = None
-    causationid: str | None = None
-    tenantid: str | None = None
-    traceparent: str | None = None
-    data: msgspec.Raw = msgspec.Raw(b"{}")
-
-
-class _Plan:
-    """What the codec needs to know about one event class, built once on first use."""
-
-    __slots__ = (
-        "cls",
-        "data_type",
-        "defaults",
-        "event_type",
-        "fast_decode",
-        "field_count",
-        "own",
-        "post_init",
-        "slotted",
-        "version",
-    )
-
-    def __init__(self, cls: type[DomainEvent]) -> None:
-        self.cls = cls
-        self.event_type = cls.event_type
-        self.version = str(cls.event_version)
-        try:
-            hints = typing.get_type_hints(cls)
-        except NameError as exc:
-            msg = (
-                f"cannot resolve the annotations of {cls.__qualname__} ({exc}): define the "
-                "types its fields use at module level, before the event is first encoded"
-            )
-            raise EventDefinitionError(msg) from exc
-        own = [f for f in dataclasses.fields(cls) if f.name not in BASE_FIELDS]
-        self.own = tuple(f.name for f in own)
-        self.field_count = len(own)
-        # (name, default, factory) of the fields that may be absent from a payload.
-        self.defaults = tuple(
-            (f.name, f.default, None if f.default_factory is MISSING else f.default_factory)
-            for f in own
-            if f.default is not MISSING or f.default_factory is not MISSING
-        )
-        optional = {name for name, _, _ in self.defaults}
-        # A TypedDict decodes straight into the dict that becomes the instance's __dict__.
-        data_name = f"{cls.__name__}Data"
-        self.data_type: Any = TypedDict(  # type: ignore[misc]
-            data_name,
-            {
-                f.name: NotRequired[hints[f.name]] if f.name in optional else hints[f.name]
-                for f in own
-            },
-        )
-        # The constant attributes are Literal types, so msgspec itself checks them and a
-        # payload that differs in any (an old version, say) fails over to the long way.
-        constants: dict[str, Any] = {
-            "type": Literal[cls.event_type],
-            "specversion": Literal["1.0"],
-            "datacontenttype": Literal["application/json"],
-            "dataversion": Literal[self.version],
-        }
-        fast = msgspec.defstruct(
-            f"{cls.__name__}Envelope",
-            [(n, constants.get(n, t), d) for n, t, d in _INCOMING_FIELDS]
-            + [("data", self.data_type, {})],
-        )
-        try:
-            self.fast_decode = msgspec.json.Decoder(fast).decode
-        except TypeError as exc:
-            msg = f"{cls.__qualname__} has a field type with no JSON form: {exc}"
-            raise EventDefinitionError(msg) from exc
-        self.post_init = getattr(cls, "__post_init__", None)
-        # Instances without __slots__ anywhere keep all fields in one __dict__, set in one step.
-        self.slotted = any("__slots__" in c.__dict__ for c in cls.__mro__[:-1])
-
-    def build(self, incoming: Any, data: dict[str, Any]) -> DomainEvent:
-        """Make the event from envelope attributes and parsed data, without running factories."""
-        attrs = data
-        if len(attrs) != self.field_count:
-            for name, default, factory in self.defaults:
-                if name not in attrs:
-                    attrs[name] = default if factory is None else factory()
-        attrs["event_id"] = incoming.id
-        # Foreign producers may omit the optional time and correlation id; fill them as the
-        # constructor would (the current context's correlation id, or a fresh one).
-        attrs["correlation_id"] = incoming.correlationid or _correlation_id()
-        attrs["occurred_at"] = incoming.time or utc_now_iso()
-        attrs["tenant_id"] = incoming.tenantid
-        attrs["causation_id"] = incoming.causationid
-        obj = object.__new__(self.cls)
-        if self.slotted:
-            for name, value in attrs.items():
-                object.__setattr__(obj, name, value)
-        else:
-            object.__setattr__(obj, "__dict__", attrs)
-        if self.post_init is not None:
-            try:
-                self.post_init(obj)
-            except (ValueError, TypeError) as exc:
-                msg = f"{self.cls.event_type!r} rejected its own data: {exc}"
-                raise EventDecodeError(msg) from exc
-        return obj
-
-
-_INCOMING_FIELDS: Final = [
-    (f.name, f.type, f.default if f.default is not msgspec.NODEFAULT else msgspec.NODEFAULT)
-    for f in msgspec.structs.fields(_Incoming)
-    if f.name != "data"
-]
-
 _AT_PATH: Final = re.compile(r" - at `\$((?:\.[^`]*|\[[^`]*)*)`$")
 _MISSING: Final = re.compile(r"missing required field `([^`]+)`")
 _encoder: Final = msgspec.json.Encoder()
 _encode: Final = _encoder.encode
 _json_decoder: Final = msgspec.json.Decoder()
-_incoming_decoder: Final = msgspec.json.Decoder(_Incoming)
+_incoming_decoder: Final = msgspec.json.Decoder(Incoming)
 _dict_decoder: Final = msgspec.json.Decoder(dict[str, Any])
 
 
@@ -310,19 +168,19 @@ class Codec:
         self.registry = default_registry if registry is None else registry
         self.source = source
         self.limits = Limits() if limits is None else limits
-        self._plans: dict[type[DomainEvent], _Plan] = {}
+        self._plans: dict[type[DomainEvent], ClassPlan] = {}
         # Type name (as written by tidings) -> plan, filled by the long way, emptied by the
         # registry whenever a class or alias is (re-)registered.
-        self._fast: dict[bytes, _Plan] = {}
+        self._fast: dict[bytes, ClassPlan] = {}
         self.registry.on_change(self._forget_fast_plans)
 
     def _forget_fast_plans(self) -> None:
         self._fast.clear()
 
-    def _plan(self, cls: type[DomainEvent]) -> _Plan:
+    def _plan(self, cls: type[DomainEvent]) -> ClassPlan:
         plan = self._plans.get(cls)
         if plan is None:
-            plan = self._plans[cls] = _Plan(cls)
+            plan = self._plans[cls] = ClassPlan(cls)
         return plan
 
     # -- encoding ---------------------------------------------------------------------------
@@ -335,6 +193,8 @@ class Codec:
         """
         cls = event.__class__
         plan = self._plans.get(cls) or self._plan(cls)
+        if plan.float_fields:
+            plan.refuse_non_finite(event)
         if plan.slotted:
             data = {name: getattr(event, name) for name in plan.own}
         else:
@@ -343,7 +203,7 @@ class Codec:
             del data["tenant_id"], data["causation_id"]
         try:
             return _encode(
-                _Outgoing(
+                Outgoing(
                     plan.event_type,
                     SPEC_VERSION,
                     event.event_id,
@@ -493,6 +353,7 @@ class Codec:
 
     def to_dict(self, event: DomainEvent) -> dict[str, Any]:
         """Return every field of ``event`` plus ``"event_type"``, as plain JSON types."""
+        self._plan(type(event)).refuse_non_finite(event)
         try:
             result: dict[str, Any] = _json_decoder.decode(_encoder.encode(event))
         except (TypeError, ValueError, OverflowError) as exc:

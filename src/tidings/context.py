@@ -133,7 +133,18 @@ class event_context:  # noqa: N801 - used like a function: `with event_context(.
         )
 
     def __call__(self, func: F) -> F:
-        """Decorate ``func`` so that every call runs inside its own copy of this scope."""
+        """Decorate ``func`` so that every call runs inside its own copy of this scope.
+
+        Raises:
+            TypeError: ``func`` is a generator function; its body runs after the call returns,
+                outside any scope the decorator could hold open. Use ``with`` inside it.
+        """
+        if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+            msg = (
+                f"@event_context cannot scope the generator {func.__qualname__}: its body runs "
+                "after the call returns; use `with event_context(...)` inside it instead"
+            )
+            raise TypeError(msg)
         if inspect.iscoroutinefunction(func):
 
             @functools.wraps(func)

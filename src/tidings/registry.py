@@ -31,7 +31,7 @@ Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
 _TYPE_NAME: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,199}")
 
 
-def _same_definition(a: type, b: type) -> bool:
+def _same_definition(a: Any, b: Any) -> bool:
     # A reloaded module makes a new class object for the same definition.
     return a is b or (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)
 
@@ -167,8 +167,13 @@ class EventRegistry:
         def decorator(func: Upcaster) -> Upcaster:
             with self._lock:
                 key = (event_type, from_version)
-                if key in self._upcasters and self._upcasters[key] is not func:
-                    msg = f"an upcaster for {event_type!r} from version {from_version} exists"
+                existing = self._upcasters.get(key)
+                if existing is not None and not _same_definition(existing, func):
+                    msg = (
+                        f"an upcaster for {event_type!r} from version {from_version} is already "
+                        f"registered ({existing.__module__}.{existing.__qualname__}); keep one "
+                        "function per step, or bump from_version for the next step"
+                    )
                     raise DuplicateEventTypeError(msg)
                 self._upcasters[key] = func
             return func
