@@ -154,8 +154,9 @@ class ClassPlan:
         attrs["event_id"] = incoming.id
         # Foreign producers may omit the optional time and correlation id; fill them as the
         # constructor would (the current context's correlation id, or a fresh one).
-        attrs["correlation_id"] = incoming.correlationid or _correlation_id()
-        attrs["occurred_at"] = incoming.time or utc_now_iso()
+        correlation_id, time = incoming.correlationid, incoming.time
+        attrs["correlation_id"] = _correlation_id() if correlation_id is None else correlation_id
+        attrs["occurred_at"] = utc_now_iso() if time is None else time
         attrs["tenant_id"] = incoming.tenantid
         attrs["causation_id"] = incoming.causationid
         obj = object.__new__(self.cls)

@@ -117,13 +117,18 @@ def _validation_error(
 
 
 def _too_deep(payload: bytes, max_depth: int) -> bool:
-    brackets = _STRINGS.sub(b"", payload).translate(None, _NOT_BRACKETS)
-    # Each pass strips one level of innermost empty pairs; anything left after max_depth passes
-    # is deeper than allowed (or unbalanced, which the parser reports next).
-    for _ in range(max_depth):
-        stripped = brackets.replace(b"[]", b"").replace(b"{}", b"")
-        if not stripped or stripped == brackets:
+    # Brackets inside strings are not nesting; arrays and objects nest alike, so { } count as [ ].
+    brackets = _STRINGS.sub(b"", payload).translate(_UNIFY_BRACKETS, _NOT_BRACKETS)
+    # Each pass removes exactly one level, the innermost (empty) pairs. (Chaining
+    # .replace(b"{}", b"") in the same pass removed two levels of alternating nesting.)
+    for level in range(max_depth):
+        stripped = brackets.replace(b"[]", b"")
+        if not stripped:
             return False
+        if stripped == brackets:
+            # Unbalanced (a truncated payload, say): the parser still descends through every
+            # unclosed opener before it finds the fault, so those count towards the depth too.
+            return level + stripped.count(b"[") > max_depth
         brackets = stripped
     return True
 
@@ -140,10 +145,12 @@ def _check_content_type(content_type: str) -> None:
 
 _STRINGS: Final = re.compile(rb'"(?:[^"\\]|\\.)*"')
 _NOT_BRACKETS: Final = bytes(c for c in range(256) if c not in b"[]{}")
+_NOT_OPENERS: Final = bytes(c for c in range(256) if c not in b"[{")
+_UNIFY_BRACKETS: Final = bytes.maketrans(b"{}", b"[]")
 _PREFIX_LEN: Final = len(b'{"type":"')
 
 
-def _malformed(exc: msgspec.DecodeError) -> EventDecodeError:
+def _malformed(exc: Exception) -> EventDecodeError:
     return EventDecodeError(f"payload is not valid JSON: {exc}")
 
 
@@ -259,6 +266,8 @@ class Codec:
         except (TypeError, ValueError, OverflowError) as exc:
             msg = f"envelope holds a value with no JSON form: {exc}"
             raise EventDecodeError(msg) from exc
+        except RecursionError as exc:
+            raise self._too_deep_for_parser() from exc
         return self.decode(payload, expected)
 
     def _decode(self, payload: Any, expected: type[DomainEvent]) -> tuple[Any, DomainEvent]:
@@ -267,8 +276,8 @@ class Codec:
         limits = self.limits
         if len(payload) > limits.max_bytes:
             raise self._too_large(len(payload))
-        # Fewer brackets than the limit cannot nest deeper than it: one C pass decides most.
-        if len(payload.translate(None, _NOT_BRACKETS)) > limits.max_depth and _too_deep(
+        # Fewer openers than the limit cannot nest deeper than it: one C pass decides most.
+        if len(payload.translate(None, _NOT_OPENERS)) > limits.max_depth and _too_deep(
             payload, limits.max_depth
         ):
             msg = (
@@ -286,11 +295,23 @@ class Codec:
                 fast: Any = plan.fast_decode(payload)
             except msgspec.ValidationError:
                 pass  # an old version or a bad field: the long way says which
-            except msgspec.DecodeError as exc:
+            except (msgspec.DecodeError, UnicodeDecodeError) as exc:
                 raise _malformed(exc) from exc
+            except RecursionError as exc:
+                raise self._too_deep_for_parser() from exc
             else:
                 return fast, plan.build(fast, fast.data)
-        return self._decode_slowly(payload, expected)
+        try:
+            return self._decode_slowly(payload, expected)
+        except RecursionError as exc:
+            raise self._too_deep_for_parser() from exc
+
+    def _too_deep_for_parser(self) -> PayloadTooDeepError:
+        msg = (
+            "payload nests deeper than the JSON parser can recurse; lower Limits.max_depth "
+            f"(now {self.limits.max_depth}) so that such payloads are refused before parsing"
+        )
+        return PayloadTooDeepError(msg)
 
     def _decode_slowly(
         self, payload: bytes, expected: type[DomainEvent]
@@ -300,7 +321,7 @@ class Codec:
         except msgspec.ValidationError as exc:
             msg = f"payload is not a CloudEvents envelope: {exc}"
             raise EventDecodeError(msg, field=_validation_error("envelope", exc, "").field) from exc
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             raise _malformed(exc) from exc
         if incoming.specversion != SPEC_VERSION:
             msg = f"specversion {incoming.specversion!r} is not supported; tidings reads '1.0'"
@@ -324,7 +345,7 @@ class Codec:
                 data = msgspec.convert(upcast, plan.data_type, str_keys=True)
         except msgspec.ValidationError as exc:
             raise _validation_error(plan.cls.event_type, exc, "") from exc
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             raise _malformed(exc) from exc
         return incoming, plan.build(incoming, data)
 
