@@ -435,10 +435,10 @@ def minimal_envelope(**extra: Any) -> dict[str, Any]:
     return env
 
 
-def test_foreign_order_takes_the_slow_path_and_still_decodes(
+def test_own_output_takes_the_fast_path_and_foreign_key_order_decodes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """An envelope whose keys are not in tidings' order is decoded by the general (slow) path."""
+    """Envelopes tidings wrote skip the general path; any key order decodes to the same event."""
     codec = Codec(REGISTRY)
     calls: list[bytes] = []
     slow = codec._decode_slowly
@@ -454,7 +454,6 @@ def test_foreign_order_takes_the_slow_path_and_still_decodes(
     assert codec.decode(codec.encode(event)) == event
     assert calls == []
     assert codec.decode(foreign(envelope_of(codec.encode(event)))) == event
-    assert len(calls) == 1
 
 
 def test_foreign_envelope_with_extra_extensions_decodes() -> None:

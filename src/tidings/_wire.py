@@ -67,8 +67,8 @@ class ClassPlan:
         "cls",
         "data_type",
         "defaults",
+        "envelope_type",
         "event_type",
-        "fast_decode",
         "field_count",
         "float_fields",
         "own",
@@ -108,21 +108,24 @@ class ClassPlan:
                 for f in own
             },
         )
-        # The constant attributes are Literal types, so msgspec itself checks them and a
-        # payload that differs in any (an old version, say) fails over to the long way.
+        # This class's envelope, for the codec's tagged union: "type" is the tag, and the other
+        # constant attributes are Literal types, so the parser itself checks them and a payload
+        # that differs in any (an old version, say) fails over to the long way.
         constants: dict[str, Any] = {
-            "type": Literal[cls.event_type],
             "specversion": Literal["1.0"],
             "datacontenttype": Literal["application/json"],
             "dataversion": Literal[self.version],
         }
-        fast = msgspec.defstruct(
+        self.envelope_type = msgspec.defstruct(
             f"{cls.__name__}Envelope",
-            [(n, constants.get(n, t), d) for n, t, d in INCOMING_FIELDS]
+            [(n, constants.get(n, t), d) for n, t, d in INCOMING_FIELDS if n != "type"]
             + [("data", self.data_type, {})],
+            tag_field="type",
+            tag=cls.event_type,
+            namespace={"plan": self},
         )
         try:
-            self.fast_decode = msgspec.json.Decoder(fast).decode
+            msgspec.json.Decoder(self.envelope_type)  # fails now for a type with no JSON form
         except TypeError as exc:
             msg = f"{cls.__qualname__} has a field type with no JSON form: {exc}"
             raise EventDefinitionError(msg) from exc

@@ -12,22 +12,25 @@ declares itself; the five base fields travel as the envelope's attributes.
 
 Decoding checks the size and the nesting depth before parsing, finds the class through the
 registry only, upcasts old schema versions, then validates every field against its annotation.
-Every failure is an :class:`~tidings.errors.EventDecodeError`. Envelopes written by tidings take a
-fast path: one parse straight into a per-class structure.
+Every failure is an :class:`~tidings.errors.EventDecodeError`. Envelopes of registered classes take
+a fast path: one parse, through a union of every class's envelope shape tagged by ``type``, so
+the parser picks the class from the first key and builds its fields directly; anything else
+(aliases, old versions, bad input) takes the general path, which reports precisely.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, Union
 
 import msgspec
 
 from tidings._wire import BASE_FIELDS, CONTENT_TYPE, SPEC_VERSION, ClassPlan, Incoming, Outgoing
 from tidings.errors import (
     EventDecodeError,
+    EventDefinitionError,
     EventEncodeError,
     PayloadTooDeepError,
     PayloadTooLargeError,
@@ -147,7 +150,11 @@ _STRINGS: Final = re.compile(rb'"(?:[^"\\]|\\.)*"')
 _NOT_BRACKETS: Final = bytes(c for c in range(256) if c not in b"[]{}")
 _NOT_OPENERS: Final = bytes(c for c in range(256) if c not in b"[{")
 _UNIFY_BRACKETS: Final = bytes.maketrans(b"{}", b"[]")
-_PREFIX_LEN: Final = len(b'{"type":"')
+
+
+def _decode_nothing(payload: bytes) -> Any:
+    msg = "no event class is registered"
+    raise msgspec.ValidationError(msg)
 
 
 def _malformed(exc: Exception) -> EventDecodeError:
@@ -175,14 +182,35 @@ class Codec:
         self.registry = default_registry if registry is None else registry
         self.source = source
         self.limits = Limits() if limits is None else limits
+        self._max_bytes = self.limits.max_bytes
+        self._max_depth = self.limits.max_depth
         self._plans: dict[type[DomainEvent], ClassPlan] = {}
         # Type name (as written by tidings) -> plan, filled by the long way, emptied by the
         # registry whenever a class or alias is (re-)registered.
-        self._fast: dict[bytes, ClassPlan] = {}
-        self.registry.on_change(self._forget_fast_plans)
+        # One decoder for the envelopes of every registered class, a union tagged by "type":
+        # the parser picks the class's shape from the tag, in C. Rebuilt after the registry
+        # changes, so a re-registered class is never decoded through a stale shape.
+        self._fast_decode: Callable[[bytes], Any] | None = None
+        self.registry.on_change(self._forget_fast_decoder)
 
-    def _forget_fast_plans(self) -> None:
-        self._fast.clear()
+    def _forget_fast_decoder(self) -> None:
+        self._fast_decode = None
+
+    def _build_fast_decoder(self) -> Callable[[bytes], Any]:
+        shapes = []
+        for name in self.registry:
+            cls = self.registry.get(name)
+            if cls is None:
+                continue
+            try:
+                shapes.append(self._plan(cls).envelope_type)
+            except EventDefinitionError:
+                continue  # the long way reports it, for the payloads that need this class
+        if not shapes:
+            return _decode_nothing
+        decode: Callable[[bytes], Any] = msgspec.json.Decoder(Union[tuple(shapes)]).decode  # noqa: UP007
+        self._fast_decode = decode
+        return decode
 
     def _plan(self, cls: type[DomainEvent]) -> ClassPlan:
         plan = self._plans.get(cls)
@@ -273,33 +301,29 @@ class Codec:
     def _decode(self, payload: Any, expected: type[DomainEvent]) -> tuple[Any, DomainEvent]:
         if type(payload) is not bytes:
             payload = self._as_bytes(payload)
-        limits = self.limits
-        if len(payload) > limits.max_bytes:
+        if len(payload) > self._max_bytes:
             raise self._too_large(len(payload))
         # Fewer openers than the limit cannot nest deeper than it: one C pass decides most.
-        if len(payload.translate(None, _NOT_OPENERS)) > limits.max_depth and _too_deep(
-            payload, limits.max_depth
-        ):
+        max_depth = self._max_depth
+        if len(payload.translate(None, _NOT_OPENERS)) > max_depth and _too_deep(payload, max_depth):
             msg = (
-                f"payload nests deeper than {limits.max_depth} levels; refused before "
+                f"payload nests deeper than {max_depth} levels; refused before "
                 "parsing (raise Limits.max_depth if such events are legitimate)"
             )
             raise PayloadTooDeepError(msg)
-        # Fast path: tidings writes '{"type":"<name>"' first, so the class is known before
-        # parsing and the envelope is parsed in one pass into that class's own structure. The
-        # peek needs no checks of its own: that structure's Literal attributes make the parser
-        # refuse anything that is not exactly such an envelope, and then the long way decides.
-        plan = self._fast.get(payload[_PREFIX_LEN : payload.find(b'"', _PREFIX_LEN)])
-        if plan is not None and (expected is DomainEvent or issubclass(plan.cls, expected)):
-            try:
-                fast: Any = plan.fast_decode(payload)
-            except msgspec.ValidationError:
-                pass  # an old version or a bad field: the long way says which
-            except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-                raise _malformed(exc) from exc
-            except RecursionError as exc:
-                raise self._too_deep_for_parser() from exc
-            else:
+        # Fast path: one pass, straight into the registered class's own shape (tidings writes
+        # "type" first, so the parser knows the shape from the first key).
+        try:
+            fast: Any = (self._fast_decode or self._build_fast_decoder())(payload)
+        except msgspec.ValidationError:
+            pass  # unknown type, alias, old version or a bad field: the long way says which
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+            raise _malformed(exc) from exc
+        except RecursionError as exc:
+            raise self._too_deep_for_parser() from exc
+        else:
+            plan = fast.plan
+            if expected is DomainEvent or issubclass(plan.cls, expected):
                 return fast, plan.build(fast, fast.data)
         try:
             return self._decode_slowly(payload, expected)
@@ -328,8 +352,6 @@ class Codec:
             raise EventDecodeError(msg, field="specversion")
         _check_content_type(incoming.datacontenttype)
         plan = self._plan(self.registry.resolve(incoming.type, expected))
-        if plan.event_type == incoming.type:  # not an alias: the fast path may take it next time
-            self._fast[incoming.type.encode()] = plan
         try:
             version = int(incoming.dataversion)
         except ValueError:
