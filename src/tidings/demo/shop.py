@@ -1,16 +1,4 @@
-"""``tidings demo``: a small shop on the embedded default, an in-process :class:`EventBus`.
-
-Each request places an order inside ``event_context(correlation_id=..., tenant_id=...)``.
-Handlers reserve stock and capture the payment, confirm the order once both are done, send a
-(fake, in-memory) email and project sales per tenant. Every event crosses the wire format once
-(``encode`` then ``decode``) before its handlers see it, and every log line is recorded with the
-context it was written in. The run is then reconciled: every order confirmed exactly once, every
-causation chain leading back to its request's ``OrderPlaced``, with correlation, tenant and order
-ids unchanged along it.
-
-Importing this module registers the ``shop.*`` event types in the default registry; only the CLI
-imports it.
-"""
+"""The shop itself: requests, handlers, the run and its reconciliation."""
 
 from __future__ import annotations
 
@@ -22,32 +10,26 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from enum import StrEnum
-from typing import TYPE_CHECKING, Any, ClassVar, Final
+from typing import TYPE_CHECKING, Any, Final
 
-from tidings import DomainEvent, EventBus, EventContext, event_context, register_event
+from tidings import DomainEvent, EventBus, EventContext, event_context
 from tidings.codec import decode, encode
 from tidings.context import current_context
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-__all__ = [
-    "DemoResult",
-    "EmailSent",
-    "LogLine",
-    "OrderConfirmed",
-    "OrderLine",
-    "OrderPlaced",
-    "PaymentCaptured",
-    "PaymentMethod",
-    "StockReserved",
-    "TenantSales",
-    "causal_order",
-    "print_report",
-    "reconcile",
-    "run_demo",
-]
+
+from tidings.demo.events import (
+    EmailSent,
+    OrderConfirmed,
+    OrderLine,
+    OrderPlaced,
+    PaymentCaptured,
+    PaymentMethod,
+    StockReserved,
+)
+from tidings.demo.report import print_report
 
 CATALOGUE: Final = {
     "TEA-SENCHA-100G": Decimal("8.90"),
@@ -61,87 +43,6 @@ INITIAL_STOCK: Final = 20
 RESTOCK: Final = 50
 
 log = logging.getLogger("tidings.demo")
-
-
-class PaymentMethod(StrEnum):
-    """How a customer paid."""
-
-    CARD = "card"
-    PAYPAL = "paypal"
-    INVOICE = "invoice"
-
-
-@dataclass(frozen=True)
-class OrderLine:
-    """``quantity`` units of ``sku`` at ``unit_price`` each."""
-
-    sku: str
-    quantity: int
-    unit_price: Decimal
-
-
-@register_event
-@dataclass(frozen=True)
-class OrderPlaced(DomainEvent):
-    """A customer placed an order: the root of its request's causation tree."""
-
-    event_type: ClassVar[str] = "shop.order_placed"
-    order_id: str
-    customer_id: uuid.UUID
-    email: str
-    lines: tuple[OrderLine, ...]
-    total: Decimal
-    currency: str = "EUR"
-
-
-@register_event
-@dataclass(frozen=True)
-class StockReserved(DomainEvent):
-    """Inventory holds every line of the order."""
-
-    event_type: ClassVar[str] = "shop.stock_reserved"
-    order_id: str
-    reservation_id: uuid.UUID
-    lines: tuple[OrderLine, ...]
-    warehouse: str
-
-
-@register_event
-@dataclass(frozen=True)
-class PaymentCaptured(DomainEvent):
-    """The order's total was charged to the customer."""
-
-    event_type: ClassVar[str] = "shop.payment_captured"
-    order_id: str
-    payment_id: uuid.UUID
-    amount: Decimal
-    currency: str
-    method: PaymentMethod
-
-
-@register_event
-@dataclass(frozen=True)
-class OrderConfirmed(DomainEvent):
-    """Stock and payment are both in: the order will ship. Raised exactly once per order."""
-
-    event_type: ClassVar[str] = "shop.order_confirmed"
-    order_id: str
-    customer_id: uuid.UUID
-    email: str
-    total: Decimal
-    currency: str
-
-
-@register_event
-@dataclass(frozen=True)
-class EmailSent(DomainEvent):
-    """The confirmation email left the (fake) mailer."""
-
-    event_type: ClassVar[str] = "shop.email_sent"
-    order_id: str
-    to: str
-    subject: str
-    message_id: uuid.UUID
 
 
 @dataclass(frozen=True)
@@ -443,66 +344,3 @@ def run_demo(
     if console is not None:
         print_report(result, console)
     return result
-
-
-def print_report(result: DemoResult, console: Console, *, quiet: bool = False) -> None:
-    """Print the run's summary: counts, tenants, one request's causation tree and its logs.
-
-    Unless ``quiet``, first say what ran and show one event as it travels on the wire. Needs
-    rich (the ``cli`` extra).
-    """
-    from rich.json import JSON  # noqa: PLC0415 - rich is the optional `cli` extra
-    from rich.table import Table  # noqa: PLC0415
-    from rich.text import Text  # noqa: PLC0415
-    from rich.tree import Tree  # noqa: PLC0415
-
-    if not quiet:
-        console.print(
-            f"[bold]tidings demo[/]: a shop on the in-process EventBus, {result.requests} "
-            f"requests over {len(result.placed)} tenants; every event is encoded and decoded "
-            "once on its way to the handlers.\n\nOne event on the wire (CloudEvents JSON):"
-        )
-        console.print(JSON(result.sample_wire.decode()))
-    counts = Table(title="Counts", show_header=False)
-    counts.add_row("requests (orders placed)", str(result.requests))
-    counts.add_section()
-    for event_type, n in result.published.items():
-        counts.add_row(f"published {event_type}", str(n))
-    counts.add_section()
-    for handler, n in result.handler_runs.items():
-        counts.add_row(f"ran {handler}", str(n))
-    counts.add_section()
-    counts.add_row("emails sent (fake mailer)", str(result.emails_sent))
-    counts.add_row("bytes on the wire", f"{result.wire_bytes:,}")
-    console.print(counts)
-    tenants = Table("tenant", "orders placed", "orders confirmed", "revenue", title="Tenants")
-    for tenant, n in result.placed.items():
-        sold = result.sales[tenant]
-        tenants.add_row(tenant, str(n), str(sold.orders), f"{sold.revenue:,} EUR")
-    console.print(tenants)
-    tree = Tree(f"[bold]correlation {result.traced_correlation_id}[/]")
-    nodes: dict[str | None, Tree] = {}
-    for event in result.traced:
-        parent = nodes.get(event.causation_id, tree)
-        label = Text.assemble(
-            (event.event_type, "bold cyan"), f"  {event.event_id[:8]}  tenant={event.tenant_id}"
-        )
-        nodes[event.event_id] = parent.add(label)
-    console.print(tree)
-    logs = Table("while handling", "level", "logger", "message", title="Its log lines")
-    for line in result.traced_log:
-        cause = line.context.causation_id
-        cause = cause[:8] if cause else "(request)"
-        logs.add_row(cause, line.level, line.logger, Text(line.message))
-    console.print(logs)
-    if result.problems:
-        console.print(f"[bold red]NOT reconciled[/]: {len(result.problems)} problem(s)")
-        for problem in result.problems[:20]:
-            console.print(Text(f"  {problem}"))
-    else:
-        events = sum(result.published.values())
-        console.print(
-            f"[bold green]Reconciled[/]: {result.requests} orders confirmed exactly once; "
-            f"{events} events, each tracing back to its request "
-            f"(in {result.seconds:.2f} s)"
-        )
