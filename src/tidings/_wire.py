@@ -23,7 +23,7 @@ BASE_FIELDS: Final = ("event_id", "correlation_id", "occurred_at", "tenant_id", 
 """Fields of :class:`DomainEvent` itself; on the wire they are envelope attributes."""
 
 
-class Outgoing(msgspec.Struct, omit_defaults=True):
+class Outgoing(msgspec.Struct, omit_defaults=True, gc=False):
     type: str
     specversion: str
     id: str
@@ -122,6 +122,7 @@ class ClassPlan:
             + [("data", self.data_type, {})],
             tag_field="type",
             tag=cls.event_type,
+            gc=False,  # holds strings and the data dict only: no cycle can pass through it
             namespace={"plan": self},
         )
         try:
