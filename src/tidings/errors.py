@@ -10,6 +10,7 @@ __all__ = [
     "EventEncodeError",
     "EventTypeMismatchError",
     "HandlerFailedError",
+    "InboxBusyError",
     "PayloadTooDeepError",
     "PayloadTooLargeError",
     "TidingsError",
@@ -89,3 +90,14 @@ class HandlerFailedError(ExceptionGroup[Exception], TidingsError):
 
 class UsageError(TidingsError, TypeError):
     """The API was called in a way that cannot work; the message names the call to make instead."""
+
+
+class InboxBusyError(TidingsError):
+    """Another worker holds the claim on this (handler, event id); retry the delivery later.
+
+    ``retry_after`` says, in seconds, when the claim expires if its holder has died.
+    """
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

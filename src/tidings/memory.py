@@ -1,0 +1,94 @@
+"""In-process implementations of the ports: the embedded default and fast tests.
+
+They keep state in this process only, so they protect nothing across a crash or between
+workers; use the Redis or SQL stores for that.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from tidings.errors import InboxBusyError
+from tidings.ports import DeadLetter
+
+__all__ = ["MemoryDeadLetterStore", "MemoryInbox"]
+
+
+class MemoryInbox:
+    """An :class:`~tidings.ports.Inbox` in a dict: pairs done in this process are not repeated."""
+
+    def __init__(self) -> None:
+        self._done: set[tuple[str, str]] = set()
+        self._running: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def guard(self, handler: str, event_id: str) -> Iterator[bool]:
+        """Claim (handler, event_id); see :class:`~tidings.ports.Inbox`."""
+        key = (handler, event_id)
+        with self._lock:
+            if key in self._done:
+                fresh = False
+            elif key in self._running:
+                msg = f"{handler} is already handling event {event_id} in this process"
+                raise InboxBusyError(msg, retry_after=1.0)
+            else:
+                self._running.add(key)
+                fresh = True
+        if not fresh:
+            yield False
+            return
+        try:
+            yield True
+        except BaseException:
+            with self._lock:
+                self._running.discard(key)
+            raise
+        with self._lock:
+            self._running.discard(key)
+            self._done.add(key)
+
+    def is_done(self, handler: str, event_id: str) -> bool:
+        """Whether (handler, event_id) took effect."""
+        return (handler, event_id) in self._done
+
+
+class MemoryDeadLetterStore:
+    """A :class:`~tidings.ports.DeadLetterStore` in a dict, newest first."""
+
+    def __init__(self) -> None:
+        self._letters: dict[str, DeadLetter] = {}
+        self._lock = threading.Lock()
+
+    def add(self, letter: DeadLetter) -> None:
+        """Store ``letter``."""
+        with self._lock:
+            self._letters[letter.id] = letter
+
+    def get(self, letter_id: str) -> DeadLetter | None:
+        """Return the dead letter with this id, or ``None``."""
+        return self._letters.get(letter_id)
+
+    def list(self, *, limit: int = 100, offset: int = 0) -> list[DeadLetter]:
+        """Return up to ``limit`` dead letters, newest first, skipping ``offset``."""
+        with self._lock:
+            newest_first = list(reversed(self._letters.values()))
+        return newest_first[offset : offset + limit]
+
+    def remove(self, letter_id: str) -> bool:
+        """Delete one dead letter; return whether it existed."""
+        with self._lock:
+            return self._letters.pop(letter_id, None) is not None
+
+    def purge(self) -> int:
+        """Delete every dead letter; return how many there were."""
+        with self._lock:
+            count = len(self._letters)
+            self._letters.clear()
+        return count
+
+    def count(self) -> int:
+        """Return how many dead letters are stored."""
+        return len(self._letters)

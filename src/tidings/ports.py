@@ -1,0 +1,131 @@
+"""The small contracts adapters implement: where effects are remembered, where failures go.
+
+A transport moves envelopes (``tidings.codec``) between processes; on the receiving side every
+delivery of an event to a handler passes an :class:`Inbox`, keyed by (handler name, event id),
+so a redelivered event does not repeat its effect; a delivery that keeps failing, or that
+cannot be decoded at all, ends in a :class:`DeadLetterStore` with everything needed to
+understand and replay it. Conformance suites for each contract live in :mod:`tidings.testing`.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from tidings._ids import new_event_id, utc_now_iso
+
+__all__ = ["DeadLetter", "DeadLetterStore", "Inbox", "Replayer"]
+
+
+@runtime_checkable
+class Inbox(Protocol):
+    """Remembers which (handler, event id) pairs took effect: the idempotency guard.
+
+    Usage, by the worker around each handler call::
+
+        with inbox.guard(handler.name, event.event_id) as fresh:
+            if fresh:
+                handler.func(event)
+
+    Contract:
+
+    - Entering returns ``True`` when the effect should run now (nobody completed it, and this
+      caller now holds the claim), ``False`` when it already took effect (a duplicate).
+    - Leaving without an exception marks the pair done: later guards return ``False``.
+      Leaving with an exception releases the claim, so a retry may run the effect again.
+    - While one caller holds the claim, another guard of the same pair raises
+      :class:`~tidings.errors.InboxBusyError` (retry the delivery later), unless the claim has
+      expired (a crashed worker never releases it; the store says after how long).
+    - Thread-safe and process-safe: two workers racing on one pair see exactly one ``True``.
+
+    Where the guarantee holds: a SQL inbox commits the done mark in the same transaction as the
+    handler's own writes to that database, so the effect happens exactly once. A Redis inbox
+    marks done after the handler returned: an effect outside Redis (an e-mail, an HTTP call)
+    happens at least once and, barring a crash between the effect and the mark, once.
+    """
+
+    def guard(self, handler: str, event_id: str) -> AbstractContextManager[bool]:
+        """Claim (handler, event_id); see the class docstring for the contract."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A delivery that failed for good, with what is needed to understand and replay it.
+
+    Attributes:
+        body: the message exactly as received (it may be undecodable).
+        reason: the error, ``"ExceptionType: message"``.
+        traceback: a summary of where it was raised (empty for refused input).
+        attempts: how many times the handler was tried (0 when it never ran).
+        handler: the handler that failed, or ``None`` when the message could not be decoded.
+        event_type: the event's type if known, else ``None``.
+        event_id: the event's id if known, else ``None``.
+        headers: the message headers as received (context ids, routing).
+        transport: which transport received it, e.g. ``"celery"``.
+        destination: where it came from (queue or stream), for replay.
+        id: this dead letter's own id.
+        failed_at: when it was dead-lettered, ISO-8601 UTC.
+    """
+
+    body: bytes
+    reason: str
+    traceback: str = ""
+    attempts: int = 0
+    handler: str | None = None
+    event_type: str | None = None
+    event_id: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    transport: str = ""
+    destination: str = ""
+    id: str = field(default_factory=new_event_id)
+    failed_at: str = field(default_factory=utc_now_iso)
+
+
+@runtime_checkable
+class DeadLetterStore(Protocol):
+    """Keeps dead letters until an operator replays or purges them.
+
+    Contract: ``add`` is durable when it returns (the message may then be acknowledged);
+    listing is newest first; every method is safe to call from several processes.
+    """
+
+    def add(self, letter: DeadLetter) -> None:
+        """Store ``letter``; durable once this returns."""
+        ...
+
+    def get(self, letter_id: str) -> DeadLetter | None:
+        """Return the dead letter with this id, or ``None``."""
+        ...
+
+    def list(self, *, limit: int = 100, offset: int = 0) -> list[DeadLetter]:
+        """Return up to ``limit`` dead letters, newest first, skipping ``offset``."""
+        ...
+
+    def remove(self, letter_id: str) -> bool:
+        """Delete one dead letter (after a replay); return whether it existed."""
+        ...
+
+    def purge(self) -> int:
+        """Delete every dead letter; return how many there were."""
+        ...
+
+    def count(self) -> int:
+        """Return how many dead letters are stored."""
+        ...
+
+
+@runtime_checkable
+class Replayer(Protocol):
+    """Sends a dead letter's message back to where it came from (a transport implements it).
+
+    Contract: when ``replay`` returns, the broker has accepted the message; the delivery goes
+    to ``letter.handler`` only when one is named (other handlers of the event already ran),
+    else to every handler. The inbox still guards it, so a replay never repeats an effect that
+    took place.
+    """
+
+    def replay(self, letter: DeadLetter) -> None:
+        """Publish ``letter.body`` again to ``letter.destination``."""
+        ...
