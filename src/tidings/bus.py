@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from tidings.context import EventContext, _current
 from tidings.errors import DuplicateHandlerError, HandlerFailedError, UsageError
 from tidings.events import DomainEvent
+from tidings.retry import RetryPolicy
 
 __all__ = ["EventBus", "Handler"]
 
@@ -32,12 +33,15 @@ class Handler:
         func: the callable, sync or ``async``, taking the event as its only argument.
         event_types: the classes it receives; each also brings its subclasses.
         is_async: whether ``func`` is a coroutine function.
+        retry: how a worker retries it when it fails; ``None`` means the worker's default.
+            (The in-process ``publish`` never retries: it raises.)
     """
 
     name: str
     func: Callable[[Any], Any]
     event_types: tuple[type[DomainEvent], ...]
     is_async: bool
+    retry: RetryPolicy | None = None
 
 
 def _default_name(func: Callable[..., Any]) -> str:
@@ -75,11 +79,15 @@ class EventBus:
         return tuple(self._handlers.values())
 
     def subscribe(
-        self, *event_types: type[DomainEvent], name: str | None = None
+        self,
+        *event_types: type[DomainEvent],
+        name: str | None = None,
+        retry: RetryPolicy | None = None,
     ) -> Callable[[F], F]:
         """Decorator: subscribe the function to ``event_types`` and return it unchanged.
 
-        ``name`` defaults to ``module.qualname`` of the function.
+        ``name`` defaults to ``module.qualname`` of the function; ``retry`` is the handler's
+        retry policy in workers (see :class:`~tidings.retry.RetryPolicy`).
 
         Raises:
             UsageError: no event class given, a non-event class given, or no stable name.
@@ -87,7 +95,7 @@ class EventBus:
         """
 
         def decorator(func: F) -> F:
-            self.add_handler(func, *event_types, name=name)
+            self.add_handler(func, *event_types, name=name, retry=retry)
             return func
 
         return decorator
@@ -97,6 +105,7 @@ class EventBus:
         func: Callable[[Any], Any],
         *event_types: type[DomainEvent],
         name: str | None = None,
+        retry: RetryPolicy | None = None,
     ) -> Handler:
         """Subscribe ``func`` to ``event_types`` (the non-decorator form) and return its Handler."""
         if not event_types:
@@ -114,6 +123,7 @@ class EventBus:
             func=func,
             event_types=tuple(event_types),
             is_async=inspect.iscoroutinefunction(func),
+            retry=retry,
         )
         with self._lock:
             taken = self._handlers.get(handler.name)
@@ -127,6 +137,10 @@ class EventBus:
             self._handlers = {**self._handlers, handler.name: handler}
             self._routes = {}
         return handler
+
+    def handler(self, name: str) -> Handler | None:
+        """Return the handler subscribed under ``name``, or ``None``."""
+        return self._handlers.get(name)
 
     def handlers_for(self, event_class: type[DomainEvent]) -> tuple[Handler, ...]:
         """Return the handlers an event of ``event_class`` is delivered to, in order."""

@@ -1,0 +1,242 @@
+"""What a worker does with one received message, whatever the transport.
+
+decode → for each handler: bind the event's context → inbox guard → run → on failure retry
+(per the handler's policy) or dead-letter. Transports (Celery, Redis Streams) only move bytes
+and schedule the redeliveries this module asks for; the rules live here, once.
+
+Bad input never raises: a message that cannot be decoded (malformed, too large, too deep, an
+unknown type, not JSON) is dead-lettered at once with the reason, and the worker goes on. Only a
+failure to store a dead letter propagates, so that the transport does not acknowledge a message
+that would otherwise be lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from tidings.bus import EventBus, Handler
+from tidings.codec import Codec, default_codec
+from tidings.context import EventContext, _current
+from tidings.errors import EventDecodeError, InboxBusyError
+from tidings.events import DomainEvent
+from tidings.ports import DeadLetter, DeadLetterStore, Inbox
+from tidings.retry import RetryPolicy
+
+__all__ = ["Dispatcher", "Outcome", "Received", "Redelivery"]
+
+log = logging.getLogger("tidings.worker")
+
+_TRACEBACK_LIMIT = 8000
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """One message as a transport received it.
+
+    Attributes:
+        body: the envelope bytes.
+        headers: the message headers (context ids, routing), as strings.
+        destination: the queue or stream it came from.
+        handler: when set, deliver to this handler only (a retry or a replay).
+        attempt: the attempt number of that handler (1 for a first delivery).
+    """
+
+    body: bytes
+    headers: Mapping[str, str] = field(default_factory=dict)
+    destination: str = ""
+    handler: str | None = None
+    attempt: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Redelivery:
+    """A handler to try again: the transport sends ``body`` to ``handler`` after ``delay`` s."""
+
+    body: bytes
+    handler: str
+    attempt: int
+    delay: float
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What became of one received message.
+
+    Attributes:
+        event: the decoded event, or ``None`` when the message could not be decoded.
+        handled: handlers that ran to completion now.
+        duplicates: handlers the inbox skipped because their effect already took place.
+        retries: redeliveries the transport must schedule.
+        dead: what was dead-lettered (already stored).
+    """
+
+    event: DomainEvent | None
+    handled: tuple[str, ...] = ()
+    duplicates: tuple[str, ...] = ()
+    retries: tuple[Redelivery, ...] = ()
+    dead: tuple[DeadLetter, ...] = ()
+
+
+class Dispatcher:
+    """Runs received messages through the bus's handlers, once in effect, with retries.
+
+    Args:
+        bus: the handlers.
+        dead_letters: where failures end; required, because nothing may be dropped.
+        inbox: the idempotency guard; ``None`` runs handlers unguarded (at-least-once effects).
+        codec: how bodies are decoded (the default codec if omitted).
+        retry: the policy of handlers that have none of their own.
+        transport: the transport's name, recorded on dead letters.
+
+    Thread-safe: one dispatcher may serve several worker threads.
+    """
+
+    def __init__(
+        self,
+        bus: EventBus,
+        *,
+        dead_letters: DeadLetterStore,
+        inbox: Inbox | None = None,
+        codec: Codec | None = None,
+        retry: RetryPolicy | None = None,
+        transport: str = "",
+    ) -> None:
+        self.bus = bus
+        self.dead_letters = dead_letters
+        self.inbox = inbox
+        self.codec = default_codec if codec is None else codec
+        self.retry = RetryPolicy() if retry is None else retry
+        self.transport = transport
+        self._runners = threading.local()
+
+    def dispatch(self, received: Received) -> Outcome:
+        """Deliver one message to its handlers; see the module docstring for the rules."""
+        try:
+            event: DomainEvent = self.codec.decode(received.body)
+        except EventDecodeError as exc:
+            letter = self._dead_letter(received, exc, attempts=0, handler=received.handler)
+            log.error("dead-lettered an undecodable message %s: %s", letter.id, letter.reason)
+            return Outcome(None, dead=(letter,))
+        if received.handler is None:
+            handlers = self.bus.handlers_for(type(event))
+        else:
+            target = self.bus.handler(received.handler)
+            if target is None:
+                missing = LookupError(f"no handler named {received.handler!r} in this worker")
+                letter = self._dead_letter(
+                    received,
+                    missing,
+                    attempts=received.attempt,
+                    handler=received.handler,
+                    event=event,
+                )
+                return Outcome(event, dead=(letter,))
+            handlers = (target,)
+        handled: list[str] = []
+        duplicates: list[str] = []
+        retries: list[Redelivery] = []
+        dead: list[DeadLetter] = []
+        token = _current.set(EventContext(event.correlation_id, event.event_id, event.tenant_id))
+        try:
+            for handler in handlers:
+                attempt = received.attempt if received.handler is not None else 1
+                try:
+                    fresh = self._run(handler, event)
+                except InboxBusyError as busy:
+                    # Not a failure of the handler: someone else is running it. Look again
+                    # once their claim would have expired; the attempt does not count.
+                    retries.append(
+                        Redelivery(
+                            received.body, handler.name, attempt, busy.retry_after, received.headers
+                        )
+                    )
+                except Exception as exc:  # noqa: BLE001 - a handler's failure is data here
+                    policy = handler.retry or self.retry
+                    if policy.should_retry(exc, attempt):
+                        delay = policy.delay(attempt)
+                        log.warning(
+                            "handler %s failed on %s (attempt %d of %d), retrying in %.1f s: %r",
+                            handler.name,
+                            event.event_id,
+                            attempt,
+                            policy.max_attempts,
+                            delay,
+                            exc,
+                        )
+                        retries.append(
+                            Redelivery(
+                                received.body, handler.name, attempt + 1, delay, received.headers
+                            )
+                        )
+                    else:
+                        letter = self._dead_letter(
+                            received, exc, attempts=attempt, handler=handler.name, event=event
+                        )
+                        log.error(
+                            "handler %s failed on %s after %d attempt(s), dead-lettered as %s",
+                            handler.name,
+                            event.event_id,
+                            attempt,
+                            letter.id,
+                        )
+                        dead.append(letter)
+                else:
+                    (handled if fresh else duplicates).append(handler.name)
+        finally:
+            _current.reset(token)
+        return Outcome(event, tuple(handled), tuple(duplicates), tuple(retries), tuple(dead))
+
+    def _run(self, handler: Handler, event: DomainEvent) -> bool:
+        """Run one handler behind the inbox; return False when the inbox skipped it."""
+        if self.inbox is None:
+            self._call(handler, event)
+            return True
+        with self.inbox.guard(handler.name, event.event_id) as fresh:
+            if fresh:
+                self._call(handler, event)
+            return fresh
+
+    def _call(self, handler: Handler, event: DomainEvent) -> None:
+        result = handler.func(event)
+        if handler.is_async:
+            runner: asyncio.Runner | None = getattr(self._runners, "runner", None)
+            if runner is None:
+                runner = self._runners.runner = asyncio.Runner()
+            runner.run(result)
+
+    def _dead_letter(
+        self,
+        received: Received,
+        error: BaseException,
+        *,
+        attempts: int,
+        handler: str | None,
+        event: DomainEvent | None = None,
+    ) -> DeadLetter:
+        letter = DeadLetter(
+            body=received.body,
+            reason=f"{type(error).__name__}: {error}",
+            traceback=_summary(error),
+            attempts=attempts,
+            handler=handler,
+            event_type=None if event is None else event.event_type,
+            event_id=None if event is None else event.event_id,
+            headers=dict(received.headers),
+            transport=self.transport,
+            destination=received.destination,
+        )
+        self.dead_letters.add(letter)  # raises if the store is down: then nothing is acked
+        return letter
+
+
+def _summary(error: BaseException) -> str:
+    if isinstance(error, EventDecodeError):
+        return ""  # refused input: where the codec noticed is of no use to anyone
+    text = "".join(traceback.format_exception(error))
+    return text if len(text) <= _TRACEBACK_LIMIT else "…" + text[-_TRACEBACK_LIMIT:]
