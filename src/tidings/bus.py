@@ -7,16 +7,20 @@ causation = the event's id), so any event it creates is linked to the one it han
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import threading
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from tidings.context import EventContext, _current
 from tidings.errors import DuplicateHandlerError, HandlerFailedError, UsageError
 from tidings.events import DomainEvent
 from tidings.retry import RetryPolicy
+
+if TYPE_CHECKING:
+    from tidings.ports import Transport
 
 __all__ = ["EventBus", "Handler"]
 
@@ -68,10 +72,14 @@ class EventBus:
     order; a handler subscribed to ``DomainEvent`` receives every event.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, transport: Transport | None = None) -> None:
         self._handlers: dict[str, Handler] = {}
         self._routes: dict[type[DomainEvent], tuple[Handler, ...]] = {}
         self._lock = threading.Lock()
+        self.transport = transport
+        """Where ``publish`` sends events; ``None`` runs handlers inline in this process."""
+        if transport is not None:
+            transport.bind(self)
 
     @property
     def handlers(self) -> tuple[Handler, ...]:
@@ -133,6 +141,8 @@ class EventBus:
                     "name=, or subscribe one function to several classes in one call"
                 )
                 raise DuplicateHandlerError(msg)
+            if self.transport is not None:
+                self.transport.subscribed(handler)
             # Copy on write: publishers iterate the old dict and route caches undisturbed.
             self._handlers = {**self._handlers, handler.name: handler}
             self._routes = {}
@@ -154,16 +164,21 @@ class EventBus:
         return found
 
     def publish(self, *events: DomainEvent) -> None:
-        """Run every handler of every event now, in this thread, in order.
+        """Send the events through the transport, or with none run their handlers now.
 
-        Each handler runs with the event's context bound. A failing handler does not stop the
-        others, nor the following events.
+        With a transport, returns once the broker accepted every event (see
+        :class:`~tidings.ports.Transport`); workers run the handlers. Without one, every
+        handler of every event runs now, in this thread, in order, each with the event's
+        context bound; a failing handler does not stop the others, nor the following events.
 
         Raises:
-            HandlerFailedError: after all handlers ran, grouping every exception they raised.
-            UsageError: an event has an ``async`` handler; use :meth:`apublish` (checked before
-                any handler runs).
+            HandlerFailedError: (inline) after all handlers ran, grouping their exceptions.
+            UsageError: (inline) an event has an ``async`` handler; use :meth:`apublish`
+                (checked before any handler runs).
         """
+        if self.transport is not None:
+            self.transport.send(self._checked(events))
+            return
         routed = self._route(events)
         for _, handlers in routed:
             for handler in handlers:
@@ -195,6 +210,9 @@ class EventBus:
         Raises:
             HandlerFailedError: after all handlers ran, grouping every exception they raised.
         """
+        if self.transport is not None:
+            await asyncio.to_thread(self.transport.send, self._checked(events))
+            return
         failures: list[Exception] = []
         for event, handlers in self._route(events):
             token = _current.set(_context_of(event))
@@ -214,13 +232,16 @@ class EventBus:
     def _route(
         self, events: Iterable[DomainEvent]
     ) -> list[tuple[DomainEvent, tuple[Handler, ...]]]:
-        routed = []
-        for event in events:
+        return [(event, self.handlers_for(type(event))) for event in self._checked(events)]
+
+    @staticmethod
+    def _checked(events: Iterable[DomainEvent]) -> tuple[DomainEvent, ...]:
+        checked = tuple(events)
+        for event in checked:
             if not isinstance(event, DomainEvent):
                 msg = f"publish() takes DomainEvent instances, not {type(event).__name__}"
                 raise UsageError(msg)
-            routed.append((event, self.handlers_for(type(event))))
-        return routed
+        return checked
 
 
 async def _awaited(result: Awaitable[Any]) -> None:

@@ -9,13 +9,14 @@ understand and replay it. Conformance suites for each contract live in :mod:`tid
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from tidings._ids import new_event_id, utc_now_iso
 
-__all__ = ["DeadLetter", "DeadLetterStore", "Inbox", "Replayer"]
+__all__ = ["DeadLetter", "DeadLetterStore", "Inbox", "Replayer", "Transport"]
 
 
 @runtime_checkable
@@ -128,4 +129,41 @@ class Replayer(Protocol):
 
     def replay(self, letter: DeadLetter) -> None:
         """Publish ``letter.body`` again to ``letter.destination``."""
+        ...
+
+
+@runtime_checkable
+class Transport(Protocol):
+    """Carries events from ``EventBus.publish`` to workers that run the bus's handlers.
+
+    Contract:
+
+    - ``bind(bus)`` is called once, by ``EventBus(transport=...)``; on the worker side the
+      transport delivers received events to that bus's handlers (through a
+      :class:`~tidings.delivery.Dispatcher`).
+    - ``subscribed(handler)`` is called for every handler of the bus, including those
+      subscribed before ``bind``; it raises if the transport cannot honour the handler's
+      configuration (a retry delay it cannot schedule safely, say).
+    - ``send(events)`` returns once the broker accepted every event, and is thread-safe. If it
+      raises, events may have been sent up to the failing one, never an event whose encoding
+      failed; the caller may send again (the inbox makes duplicates harmless).
+    - ``close()`` releases connections; further sends raise.
+    """
+
+    name: str
+
+    def bind(self, bus: Any) -> None:
+        """Attach the bus whose handlers receive the events (called once)."""
+        ...
+
+    def subscribed(self, handler: Any) -> None:
+        """Check one handler's configuration against what the transport can do."""
+        ...
+
+    def send(self, events: Sequence[Any]) -> None:
+        """Hand ``events`` to the broker; return once it accepted them."""
+        ...
+
+    def close(self) -> None:
+        """Release connections."""
         ...

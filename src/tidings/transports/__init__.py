@@ -1,0 +1,1 @@
+"""Transports: the broker engines that carry events (each an optional extra, imported on use)."""
