@@ -17,7 +17,10 @@ import pytest
 
 SERVERS = {
     "redis": ("TIDINGS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"),
-    "postgresql": ("TIDINGS_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"),
+    "postgresql": (
+        "TIDINGS_TEST_POSTGRES_URL",
+        "postgresql+psycopg://postgres@127.0.0.1:5432/test",
+    ),
     "mariadb": ("TIDINGS_TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/test"),
     "rabbitmq": ("TIDINGS_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//"),
 }

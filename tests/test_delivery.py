@@ -232,3 +232,29 @@ def test_without_an_inbox_handlers_run_on_every_delivery():
     dispatcher.dispatch(message)
     dispatcher.dispatch(message)
     assert len(effects) == 2
+
+
+def test_a_huge_undecodable_message_is_dead_lettered_cut_to_the_size_limit():
+    """A message over the size limit is kept up to the limit, and the reason says it was cut."""
+    dispatcher, _, letters = make(EventBus())
+    body = b"x" * (2 * 1024 * 1024)
+    dispatcher.dispatch(Received(body))
+    (letter,) = letters.list()
+    assert len(letter.body) == 1024 * 1024
+    assert "cut from 2097152" in letter.reason
+
+
+def test_each_async_handler_call_sees_its_own_events_context():
+    """Async handlers run in the context of the event being dispatched, call after call."""
+    bus = EventBus()
+    seen = []
+
+    @bus.subscribe(ParcelSent, name="t.async_ctx")
+    async def later(event: ParcelSent) -> None:
+        seen.append((current_context().causation_id, current_context().tenant_id))
+
+    dispatcher, _, _ = make(bus)
+    first, second = ParcelSent(tenant_id="a"), ParcelSent(tenant_id="b")
+    dispatcher.dispatch(received(first))
+    dispatcher.dispatch(received(second))
+    assert seen == [(first.event_id, "a"), (second.event_id, "b")]

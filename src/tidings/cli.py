@@ -1,4 +1,4 @@
-"""The ``tidings`` command: ``tidings demo`` for now (later ``relay`` and ``dlq``).
+"""The ``tidings`` command: ``tidings demo`` and ``tidings dlq`` (later ``relay``).
 
 It needs the ``cli`` extra (click and rich). Without it, :func:`main` prints one line naming
 the extra to install and exits with status 2. Importing this module only defines things; click,
@@ -71,6 +71,9 @@ def make_cli() -> click.Group:
         if result.problems:
             raise SystemExit(1)
 
+    from tidings.cli_dlq import make_dlq_group  # noqa: PLC0415 - needs click, like this function
+
+    tidings.add_command(make_dlq_group())
     return tidings
 
 

@@ -13,8 +13,8 @@ that would otherwise be lost.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
-import threading
 import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -113,7 +113,6 @@ class Dispatcher:
         self.codec = default_codec if codec is None else codec
         self.retry = RetryPolicy() if retry is None else retry
         self.transport = transport
-        self._runners = threading.local()
 
     def dispatch(self, received: Received) -> Outcome:
         """Deliver one message to its handlers; see the module docstring for the rules."""
@@ -203,12 +202,13 @@ class Dispatcher:
             return fresh
 
     def _call(self, handler: Handler, event: DomainEvent) -> None:
-        result = handler.func(event)
         if handler.is_async:
-            runner: asyncio.Runner | None = getattr(self._runners, "runner", None)
-            if runner is None:
-                runner = self._runners.runner = asyncio.Runner()
-            runner.run(result)
+            # An event loop for the call, closed with it (workers are synchronous); the
+            # coroutine runs in a copy of the current context, which has this event's ids.
+            with asyncio.Runner() as runner:
+                runner.run(handler.func(event), context=contextvars.copy_context())
+        else:
+            handler.func(event)
 
     def _dead_letter(
         self,
@@ -219,9 +219,14 @@ class Dispatcher:
         handler: str | None,
         event: DomainEvent | None = None,
     ) -> DeadLetter:
+        body, reason = received.body, f"{type(error).__name__}: {error}"
+        keep = self.codec.limits.max_bytes
+        if len(body) > keep:
+            # Keep what can be stored: a huge message must not make the store fail for ever.
+            body, reason = body[:keep], f"{reason} (body cut from {len(body)} to {keep} bytes)"
         letter = DeadLetter(
-            body=received.body,
-            reason=f"{type(error).__name__}: {error}",
+            body=body,
+            reason=reason,
             traceback=_summary(error),
             attempts=attempts,
             handler=handler,

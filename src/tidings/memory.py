@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 
 from tidings.errors import InboxBusyError
 from tidings.ports import DeadLetter
@@ -63,9 +64,10 @@ class MemoryDeadLetterStore:
         self._lock = threading.Lock()
 
     def add(self, letter: DeadLetter) -> None:
-        """Store ``letter``."""
+        """Store ``letter`` (a copy of its headers), replacing one with the same id."""
         with self._lock:
-            self._letters[letter.id] = letter
+            self._letters.pop(letter.id, None)
+            self._letters[letter.id] = replace(letter, headers=dict(letter.headers))
 
     def get(self, letter_id: str) -> DeadLetter | None:
         """Return the dead letter with this id, or ``None``."""
@@ -73,6 +75,9 @@ class MemoryDeadLetterStore:
 
     def list(self, *, limit: int = 100, offset: int = 0) -> list[DeadLetter]:
         """Return up to ``limit`` dead letters, newest first, skipping ``offset``."""
+        if limit < 0 or offset < 0:
+            msg = "limit and offset must be >= 0"
+            raise ValueError(msg)
         with self._lock:
             newest_first = list(reversed(self._letters.values()))
         return newest_first[offset : offset + limit]

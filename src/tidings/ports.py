@@ -35,13 +35,16 @@ class Inbox(Protocol):
       caller now holds the claim), ``False`` when it already took effect (a duplicate).
     - Leaving without an exception marks the pair done: later guards return ``False``.
       Leaving with an exception releases the claim, so a retry may run the effect again.
-    - While one caller holds the claim, another guard of the same pair raises
-      :class:`~tidings.errors.InboxBusyError` (retry the delivery later), unless the claim has
-      expired (a crashed worker never releases it; the store says after how long).
+    - While one caller holds the claim, another guard of the same pair either raises
+      :class:`~tidings.errors.InboxBusyError` at once (retry the delivery later), or waits until
+      the holder finishes and then answers as if it came after (a SQL store: the row lock); a
+      store that gives up waiting raises ``InboxBusyError``. A claim whose holder crashed
+      expires (Redis: after the lease) or is released with its transaction (SQL).
     - Thread-safe and process-safe: two workers racing on one pair see exactly one ``True``.
 
     Where the guarantee holds: a SQL inbox commits the done mark in the same transaction as the
-    handler's own writes to that database, so the effect happens exactly once. A Redis inbox
+    handler's own writes to that database (the handler writes through
+    ``tidings.inbox.sql.current_connection()``), so the effect happens exactly once. A Redis inbox
     marks done after the handler returned: an effect outside Redis (an e-mail, an HTTP call)
     happens at least once and, barring a crash between the effect and the mark, once.
     """
@@ -88,8 +91,9 @@ class DeadLetter:
 class DeadLetterStore(Protocol):
     """Keeps dead letters until an operator replays or purges them.
 
-    Contract: ``add`` is durable when it returns (the message may then be acknowledged);
-    listing is newest first; every method is safe to call from several processes.
+    Contract: ``add`` is durable when it returns (the message may then be acknowledged), and
+    adding a letter whose id is stored replaces it; listing is newest first by ``failed_at``;
+    every method is safe to call from several processes.
     """
 
     def add(self, letter: DeadLetter) -> None:

@@ -1,0 +1,284 @@
+"""``tidings dlq``: list, show, purge and replay dead letters.
+
+:func:`tidings.cli.make_cli` attaches the group; this module is imported only then, so click and
+rich (the ``cli`` extra) are imported at the top. The store comes from ``--store URL`` or
+``TIDINGS_DLQ_URL`` (see :func:`tidings.deadletter.open_store`). Everything a dead letter holds
+came from a message, so it is printed as plain text with control characters escaped: no rich
+markup, no terminal escape sequences, no import or lookup driven by it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+import click
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from tidings.deadletter import _redact, open_store
+from tidings.errors import TidingsError
+from tidings.ports import DeadLetter, DeadLetterStore, Replayer
+
+__all__ = ["make_dlq_group"]
+
+_F = TypeVar("_F", bound=Callable[..., object])
+_COLUMNS = ("id", "failed_at", "transport", "destination", "handler", "event_type")
+_UNSAFE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+_REASON_WIDTH = 60
+_PAGE = 500
+
+
+def _safe(text: str | None) -> Text:
+    """Plain text for the terminal: control, bidi and surrogate characters shown escaped."""
+    if text is None:
+        return Text("-", style="dim")
+    return Text(_UNSAFE.sub(lambda m: m.group().encode("unicode_escape").decode(), text))
+
+
+def _console(*, stderr: bool = False) -> Console:
+    console = Console(stderr=stderr)
+    if not console.is_terminal:  # piped or captured: no wrapping at a made-up width of 80
+        console.width = 1000
+    return console
+
+
+def _store_options(func: _F) -> _F:
+    func = click.option(
+        "--name",
+        envvar="TIDINGS_DLQ_NAME",
+        metavar="NAME",
+        help="SQL table or Redis key prefix, if not the default "
+        "(tidings_dead_letters, tidings:dlq). Env: TIDINGS_DLQ_NAME.",
+    )(func)
+    return click.option(
+        "--store",
+        "store_url",
+        envvar="TIDINGS_DLQ_URL",
+        metavar="URL",
+        help="The dead-letter store: redis://..., sqlite:///path, postgresql+psycopg://..., "
+        "mysql+pymysql://... Env: TIDINGS_DLQ_URL.",
+    )(func)
+
+
+@contextmanager
+def _opened(url: str | None, name: str | None) -> Iterator[DeadLetterStore]:
+    """Open the store, close it after, and turn its failures into one-line messages."""
+    if not url:
+        msg = (
+            "no dead-letter store given: pass --store URL or set TIDINGS_DLQ_URL, e.g. "
+            "redis://localhost:6379/0 or postgresql+psycopg://user@host/db"
+        )
+        raise click.UsageError(msg)
+    try:
+        store = open_store(url, name=name)
+    except (TidingsError, ImportError) as exc:  # a URL tidings cannot use, a missing extra
+        raise click.UsageError(str(exc)) from exc
+    try:
+        yield store
+    except (click.ClickException, click.exceptions.Exit, click.Abort):
+        raise
+    except Exception as exc:  # an operator needs the cause, not a traceback
+        msg = f"the dead-letter store at {_redact(url)} failed: {type(exc).__name__}: {exc}"
+        raise click.ClickException(msg) from exc
+    finally:
+        close = getattr(store, "close", None)
+        if callable(close):
+            close()
+
+
+def _table(letters: list[DeadLetter], title: str) -> Table:
+    """A row per letter; id and time never wrap, so the id can be copied into show or replay."""
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("id", no_wrap=True)
+    table.add_column("failed_at (UTC)", no_wrap=True)
+    for column in (*_COLUMNS[2:], "attempts", "reason"):
+        table.add_column(
+            column, overflow="fold", justify="right" if column == "attempts" else "left"
+        )
+    for letter in letters:
+        cells = [_safe(getattr(letter, column)) for column in _COLUMNS]
+        # The table shows seconds in UTC; `show` gives the exact value.
+        cells[1] = _safe(letter.failed_at[:19].replace("T", " "))
+        reason = letter.reason.strip().partition("\n")[0]
+        if len(reason) > _REASON_WIDTH:
+            reason = reason[: _REASON_WIDTH - 1] + "…"
+        table.add_row(*cells, Text(str(letter.attempts)), _safe(reason))
+    return table
+
+
+def _print_letter(console: Console, letter: DeadLetter) -> None:
+    fields = Table.grid(padding=(0, 2))
+    for field in (*_COLUMNS, "event_id", "attempts", "reason"):
+        value = getattr(letter, field)
+        fields.add_row(Text(field, style="bold"), _safe(None if value is None else str(value)))
+    headers = _safe(json.dumps(letter.headers, indent=2, ensure_ascii=False, default=str))
+    try:
+        body, kind = _safe(letter.body.decode("utf-8")), "UTF-8 text"
+    except UnicodeDecodeError:
+        rows = range(0, len(letter.body), 16)
+        body = Text("\n".join(f"{i:08x}  {letter.body[i : i + 16].hex(' ')}" for i in rows))
+        kind = "not UTF-8, in hex"
+    console.print(fields)
+    for title, text in (
+        ("headers", headers),
+        (f"body ({len(letter.body)} bytes, {kind})", body),
+        ("traceback", _safe(letter.traceback or "(none)")),
+    ):
+        console.print(Text(f"\n{title}:", style="bold"), text, sep="\n")
+
+
+def _load_replayer(spec: str) -> Replayer:
+    """Import ``module:attribute`` named on the operator's command line; return the Replayer."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        msg = f"--app takes module:attribute, e.g. myproject.wiring:transport, not {spec!r}"
+        raise click.UsageError(msg)
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())  # after installed packages, so nothing there is shadowed
+    try:
+        target: object = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            target = getattr(target, part)
+    except ImportError as exc:
+        msg = f"cannot import {module_name!r} for --app ({exc}): is it on PYTHONPATH?"
+        raise click.ClickException(msg) from exc
+    except Exception as exc:  # the module may raise anything
+        msg = f"loading --app {spec} failed: {type(exc).__name__}: {exc}"
+        raise click.ClickException(msg) from exc
+    if not isinstance(target, Replayer):
+        msg = (
+            f"--app {spec} is a {type(target).__name__}, not a Replayer: point it at an object "
+            "with a replay(letter) method, such as your transport"
+        )
+        raise click.ClickException(msg)
+    return target
+
+
+def _all_ids(store: DeadLetterStore) -> list[str]:
+    """Every letter's id, oldest first, read before any replay (so re-dead-letters wait)."""
+    ids: dict[str, None] = {}
+    offset = 0
+    while page := store.list(limit=_PAGE, offset=offset):
+        ids.update(dict.fromkeys(letter.id for letter in page))
+        offset += len(page)
+    return list(reversed(ids))
+
+
+def _replay_one(store: DeadLetterStore, replayer: Replayer, letter_id: str) -> bool:
+    """Replay one letter and remove it after the replay returned; say what happened."""
+    console, errors = _console(), _console(stderr=True)
+    letter = store.get(letter_id)
+    if letter is None:
+        errors.print(Text.assemble("no dead letter with id ", _safe(letter_id)))
+        return False
+    try:
+        replayer.replay(letter)
+    except Exception as exc:  # noqa: BLE001 - any failure keeps the letter, and is reported
+        error = _safe(f"{type(exc).__name__}: {exc}")
+        stays = " failed; the letter stays in the store: "
+        errors.print(Text.assemble("replay of ", _safe(letter.id), stays, error))
+        return False
+    try:
+        store.remove(letter.id)
+    except Exception as exc:  # say the replay happened first
+        msg = (
+            f"replayed {letter.id}, but removing it from the store failed "
+            f"({type(exc).__name__}: {exc}); a later replay sends it again (the inbox "
+            "keeps its effect from repeating)"
+        )
+        raise click.ClickException(msg) from exc
+    console.print(Text.assemble("replayed ", _safe(letter.id), " to ", _safe(letter.destination)))
+    return True
+
+
+def make_dlq_group() -> click.Group:
+    """Return the ``dlq`` click group: ``list``, ``show``, ``purge`` and ``replay``."""
+
+    @click.group(name="dlq")
+    def dlq() -> None:
+        """Inspect, replay and purge dead letters (deliveries that failed for good)."""
+
+    @dlq.command(name="list")
+    @_store_options
+    @click.option("--limit", type=click.IntRange(min=1), default=50, help="At most this many.")
+    @click.option("--offset", type=click.IntRange(min=0), default=0, help="Skip this many.")
+    def list_(store_url: str | None, name: str | None, limit: int, offset: int) -> None:
+        """List dead letters, newest first, a row each."""
+        with _opened(store_url, name) as store:
+            total = store.count()
+            letters = store.list(limit=limit, offset=offset)
+        if not letters:
+            click.echo(f"No dead letters here ({total} in the store).")
+            return
+        title = f"Dead letters {offset + 1}-{offset + len(letters)} of {total}, newest first"
+        _console().print(_table(letters, title))
+
+    @dlq.command()
+    @_store_options
+    @click.argument("letter_id", metavar="ID")
+    def show(store_url: str | None, name: str | None, letter_id: str) -> None:
+        """Show every field of one dead letter: headers, body (text or hex), traceback."""
+        with _opened(store_url, name) as store:
+            letter = store.get(letter_id)
+        if letter is None:
+            raise click.ClickException(f"no dead letter with id {letter_id!r}")
+        _print_letter(_console(), letter)
+
+    @dlq.command()
+    @_store_options
+    @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+    def purge(store_url: str | None, name: str | None, yes: bool) -> None:
+        """Delete every dead letter, after confirmation; they cannot be replayed afterwards."""
+        with _opened(store_url, name) as store:
+            count = store.count()
+            if not count:
+                click.echo("No dead letters to purge.")
+                return
+            if not yes:
+                click.confirm(f"Delete all {count} dead letters for good?", abort=True)
+            click.echo(f"Purged {store.purge()} dead letters.")
+
+    @dlq.command()
+    @_store_options
+    @click.argument("letter_ids", metavar="[ID]...", nargs=-1)
+    @click.option("--all", "all_", is_flag=True, help="Replay every dead letter, oldest first.")
+    @click.option(
+        "--app",
+        "app",
+        required=True,
+        metavar="MODULE:ATTRIBUTE",
+        help="Your object implementing tidings.ports.Replayer (e.g. your transport), imported "
+        "from this command line; the current directory is searched after installed packages.",
+    )
+    def replay(
+        store_url: str | None, name: str | None, letter_ids: tuple[str, ...], all_: bool, app: str
+    ) -> None:
+        """Send dead letters back to where they came from, then remove them from the store.
+
+        A letter is removed only after the replayer returned; a failed replay leaves it in
+        place, and the command exits 1. The --app object is the only thing imported from
+        input, and that input is this command line: nothing in a dead letter's data is ever
+        imported or looked up.
+        """
+        if all_ == bool(letter_ids):
+            raise click.UsageError("name the letters to replay by ID, or pass --all")
+        replayer = _load_replayer(app)
+        with _opened(store_url, name) as store:
+            ids = _all_ids(store) if all_ else list(letter_ids)
+            replayed = sum(_replay_one(store, replayer, letter_id) for letter_id in ids)
+        if len(ids) != 1 or replayed != 1:
+            click.echo(f"Replayed {replayed} of {len(ids)} dead letters.")
+        if replayed < len(ids):
+            click.echo(f"{len(ids) - replayed} not replayed (see above).", err=True)
+            raise SystemExit(1)
+
+    return dlq

@@ -1,0 +1,101 @@
+"""Dead-letter stores: where deliveries that failed for good wait for an operator.
+
+Three implement :class:`~tidings.ports.DeadLetterStore`:
+:class:`~tidings.deadletter.redis.RedisDeadLetterStore` (the ``redis`` extra),
+:class:`~tidings.deadletter.sql.SqlDeadLetterStore` (the ``sql`` extra, plus a driver) and
+:class:`~tidings.memory.MemoryDeadLetterStore` (this process only). :func:`open_store` picks one
+by URL, for the ``tidings dlq`` command and for configuration read from the environment.
+Importing this package imports neither redis-py nor SQLAlchemy.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from tidings.errors import TidingsError
+from tidings.ports import DeadLetterStore
+
+__all__ = ["DeadLetterStoreURLError", "open_store"]
+
+_EXAMPLES = (
+    "redis://localhost:6379/0, sqlite:///dead-letters.db, "
+    "postgresql+psycopg://user@host/db, mysql+pymysql://user@host/db or memory://"
+)
+_DRIVER_FIXES = {
+    "postgresql": "pip install 'tidings[postgres]' and use a postgresql+psycopg:// URL",
+    "mysql": "pip install 'tidings[mysql]' and use a mysql+pymysql:// URL",
+}
+
+
+class DeadLetterStoreURLError(TidingsError, ValueError):
+    """A dead-letter store URL names no store tidings knows; the message lists the ones it does."""
+
+
+def open_store(url: str, *, name: str | None = None) -> DeadLetterStore:
+    """Return the dead-letter store at ``url``, chosen by its scheme.
+
+    ``redis://`` and ``rediss://`` give a Redis store, ``memory://`` an empty in-process store,
+    and any SQLAlchemy URL (``sqlite:///path``, ``postgresql+psycopg://...``,
+    ``mysql+pymysql://...``) a SQL store, whose table must exist (see
+    :meth:`~tidings.deadletter.sql.SqlDeadLetterStore.create_tables`). ``name`` is the Redis key
+    prefix or the SQL table name, when not the default. Redis and SQL stores own their client or
+    engine: call their ``close()`` when done.
+
+    Raises:
+        DeadLetterStoreURLError: the URL has no scheme tidings knows.
+        ImportError: the store's extra or the database driver is missing; the message says what
+            to install.
+    """
+    scheme = urlsplit(url).scheme.lower()
+    if scheme in ("redis", "rediss"):
+        from tidings.deadletter.redis import RedisDeadLetterStore  # noqa: PLC0415 - optional
+
+        if name is None:
+            return RedisDeadLetterStore.from_url(url)
+        return RedisDeadLetterStore.from_url(url, prefix=name)
+    if scheme == "memory":
+        from tidings.memory import MemoryDeadLetterStore  # noqa: PLC0415 - keeps import light
+
+        return MemoryDeadLetterStore()
+    if not scheme:
+        msg = f"{_redact(url)!r} is not a dead-letter store URL: use one like {_EXAMPLES}"
+        raise DeadLetterStoreURLError(msg)
+    return _open_sql(url, scheme, name)
+
+
+def _open_sql(url: str, scheme: str, name: str | None) -> DeadLetterStore:
+    try:
+        import sqlalchemy as sa  # noqa: PLC0415 - optional extra, imported when a store is made
+    except ImportError as exc:
+        msg = "the SQL dead-letter store needs SQLAlchemy: pip install 'tidings[sql]'"
+        raise ImportError(msg, name=exc.name) from exc
+
+    from tidings.deadletter.sql import SqlDeadLetterStore  # noqa: PLC0415
+
+    try:
+        sa.engine.make_url(url).get_dialect()
+    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as exc:
+        msg = (
+            f"no dead-letter store for {scheme}:// URLs (SQLAlchemy knows no such database "
+            f"either): use one like {_EXAMPLES}"
+        )
+        raise DeadLetterStoreURLError(msg) from exc
+    try:
+        if name is None:
+            return SqlDeadLetterStore.from_url(url)
+        return SqlDeadLetterStore.from_url(url, table_name=name)
+    except ImportError as exc:
+        database = scheme.split("+", maxsplit=1)[0]
+        fix = _DRIVER_FIXES.get("mysql" if database == "mariadb" else database)
+        fix = fix or "install the driver the URL names"
+        msg = f"the {scheme}:// dead-letter store needs a database driver ({exc.name}): {fix}"
+        raise ImportError(msg, name=exc.name) from exc
+
+
+def _redact(url: str) -> str:
+    """Return ``url`` with any password replaced by ``***``, for messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()

@@ -1,0 +1,193 @@
+"""A :class:`~tidings.ports.DeadLetterStore` in Redis: one hash per letter, one sorted set as index.
+
+Keys, for the default prefix ``tidings:dlq``:
+
+- ``tidings:dlq:letter:<id>``: a hash of the letter's fields. ``body`` holds the message bytes
+  exactly as received; ``headers`` is JSON; text fields are UTF-8 (lone surrogates kept, so every
+  ``str`` round-trips); a ``None`` field is absent.
+- ``tidings:dlq:index``: a sorted set of letter ids scored by the time they were added (this
+  process's clock, strictly increasing within a store object), which gives newest-first listing.
+
+``add`` writes both keys in one MULTI/EXEC transaction, so a letter is never half stored. It is as
+durable as the server makes it: with ``appendonly yes`` and ``appendfsync always`` a returned
+``add`` survives a server crash; with ``everysec`` up to a second of letters may be lost.
+On Redis Cluster, put the prefix in a hash tag (``prefix="{tidings:dlq}"``) so that both keys
+live in one slot, as a transaction needs.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, cast
+
+from tidings.errors import UsageError
+from tidings.ports import DeadLetter
+
+if TYPE_CHECKING:
+    from redis import Redis
+    from redis.typing import EncodableT
+
+__all__ = ["RedisDeadLetterStore"]
+
+_PURGE_BATCH = 1000
+_OPTIONAL = ("handler", "event_type", "event_id")
+_TEXT = ("id", "failed_at", "reason", "traceback", "transport", "destination", *_OPTIONAL)
+
+
+def _encode(text: str) -> bytes:
+    # surrogatepass: an exception message may carry lone surrogates; keep them rather than fail.
+    return text.encode("utf-8", "surrogatepass")
+
+
+def _decode(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogatepass")
+
+
+class RedisDeadLetterStore:
+    """Keeps dead letters in Redis under ``prefix``; see the module docstring for the layout.
+
+    Thread-safe and process-safe: every write is one transaction, reads tolerate a letter removed
+    meanwhile. The client must return bytes (``decode_responses=False``, redis-py's default),
+    because a body need not be text: one that decodes is refused with
+    :class:`~tidings.errors.UsageError`. A client passed in stays the caller's to close;
+    :meth:`close` closes only a client made by :meth:`from_url`.
+    """
+
+    def __init__(self, client: Redis, *, prefix: str = "tidings:dlq") -> None:
+        pool = getattr(client, "connection_pool", None)
+        if getattr(pool, "connection_kwargs", {}).get("decode_responses", False):
+            msg = (
+                "RedisDeadLetterStore needs a client that returns bytes, because a dead letter's "
+                "body may not be text: create it with decode_responses=False (the default)"
+            )
+            raise UsageError(msg)
+        self._client = client
+        self._prefix = prefix
+        self._index = f"{prefix}:index"
+        self._owns_client = False
+        self._clock_lock = threading.Lock()
+        self._last_score = 0.0
+
+    @classmethod
+    def from_url(cls, url: str, *, prefix: str = "tidings:dlq") -> RedisDeadLetterStore:
+        """Return a store on a new client for ``url`` (``redis://`` or ``rediss://``).
+
+        Raises:
+            ImportError: redis-py is missing; the message names the extra to install.
+        """
+        try:
+            import redis  # noqa: PLC0415 - optional extra, imported when a Redis store is made
+        except ImportError as exc:
+            msg = "the Redis dead-letter store needs redis-py: pip install 'tidings[redis]'"
+            raise ImportError(msg, name=exc.name) from exc
+        store = cls(redis.Redis.from_url(url), prefix=prefix)
+        store._owns_client = True
+        return store
+
+    @property
+    def prefix(self) -> str:
+        """The key prefix every key of this store starts with."""
+        return self._prefix
+
+    def _key(self, letter_id: str) -> str:
+        return f"{self._prefix}:letter:{letter_id}"
+
+    def _score(self) -> float:
+        # Strictly increasing within this store object, so letters added in a burst keep order.
+        with self._clock_lock:
+            self._last_score = max(time.time(), self._last_score + 1e-6)
+            return self._last_score
+
+    def add(self, letter: DeadLetter) -> None:
+        """Store ``letter`` (replacing one with the same id) in one transaction."""
+        fields: dict[EncodableT, EncodableT] = {
+            name: _encode(value) for name in _TEXT if (value := getattr(letter, name)) is not None
+        }
+        fields["attempts"] = letter.attempts
+        fields["body"] = bytes(letter.body)
+        # default=str: headers are typed str -> str, but a transport may hand over other values;
+        # storing their text beats losing the letter.
+        fields["headers"] = json.dumps(letter.headers, default=str).encode("ascii")
+        key = self._key(letter.id)
+        with self._client.pipeline(transaction=True) as pipe:
+            pipe.delete(key)
+            pipe.hset(key, mapping=fields)
+            pipe.zadd(self._index, {letter.id: self._score()})
+            pipe.execute()
+
+    def get(self, letter_id: str) -> DeadLetter | None:
+        """Return the dead letter with this id, or ``None``."""
+        return _letter(self._client.hgetall(self._key(letter_id)))
+
+    def list(self, *, limit: int = 100, offset: int = 0) -> list[DeadLetter]:
+        """Return up to ``limit`` dead letters, newest first, skipping ``offset``.
+
+        Raises:
+            ValueError: ``limit`` or ``offset`` is negative.
+        """
+        if limit < 0 or offset < 0:
+            msg = f"limit and offset must be >= 0, not {limit} and {offset}"
+            raise ValueError(msg)
+        if limit == 0:
+            return []
+        ids = cast("list[bytes]", self._client.zrevrange(self._index, offset, offset + limit - 1))
+        with self._client.pipeline(transaction=False) as pipe:
+            for letter_id in ids:
+                pipe.hgetall(self._key(_decode(letter_id)))
+            hashes: list[Any] = pipe.execute()
+        return [letter for raw in hashes if (letter := _letter(raw)) is not None]
+
+    def remove(self, letter_id: str) -> bool:
+        """Delete one dead letter; return whether it existed."""
+        with self._client.pipeline(transaction=True) as pipe:
+            pipe.delete(self._key(letter_id))
+            pipe.zrem(self._index, letter_id)
+            deleted, _ = pipe.execute()
+        return bool(deleted)
+
+    def purge(self) -> int:
+        """Delete every dead letter; return how many this call deleted.
+
+        Works in batches, each one transaction; letters added while it runs may survive it.
+        """
+        purged = 0
+        while ids := cast("list[bytes]", self._client.zrange(self._index, 0, _PURGE_BATCH - 1)):
+            with self._client.pipeline(transaction=True) as pipe:
+                pipe.delete(*(self._key(_decode(letter_id)) for letter_id in ids))
+                pipe.zrem(self._index, *ids)
+                _, removed = pipe.execute()
+            purged += int(removed)
+        return purged
+
+    def count(self) -> int:
+        """Return how many dead letters are stored."""
+        return int(self._client.zcard(self._index))
+
+    def close(self) -> None:
+        """Close the client if :meth:`from_url` made it; a client passed in is left open."""
+        if self._owns_client:
+            self._client.close()
+
+
+def _letter(raw: Mapping[Any, Any]) -> DeadLetter | None:
+    if not raw:
+        return None
+    fields = {_decode(name): value for name, value in raw.items()}
+    text = {name: _decode(fields[name]) for name in _TEXT if name in fields}
+    return DeadLetter(
+        body=bytes(fields["body"]),
+        reason=text["reason"],
+        traceback=text["traceback"],
+        attempts=int(fields["attempts"]),
+        handler=text.get("handler"),
+        event_type=text.get("event_type"),
+        event_id=text.get("event_id"),
+        headers=json.loads(fields["headers"]),
+        transport=text["transport"],
+        destination=text["destination"],
+        id=text["id"],
+        failed_at=text["failed_at"],
+    )

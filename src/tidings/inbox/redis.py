@@ -1,0 +1,162 @@
+"""A Redis inbox: ``SET NX`` with a lease claims a (handler, event id), a marker records it done.
+
+Where the guarantee holds: the done marker is written *after* the handler returned, in a
+separate step from whatever the handler did. An effect outside Redis (a database write, an
+e-mail, an HTTP call) therefore happens at least once, and once unless the worker dies (or Redis
+becomes unreachable) between the effect and the mark, or the handler outlives its ``lease``.
+When the handler's writes live in a SQL database, :mod:`tidings.inbox.sql` makes them exactly
+once instead.
+
+Keys are ``{prefix}:{handler}:{event_id}``, readable in ``redis-cli``; nothing is escaped, so a
+handler name should not contain ``:`` (names derived by :class:`~tidings.EventBus` never do).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+try:
+    import redis
+except ImportError as exc:
+    msg = "tidings.inbox.redis needs redis-py: pip install 'tidings[redis]'"
+    raise ImportError(msg) from exc
+
+from tidings.errors import InboxBusyError
+
+__all__ = ["RedisInbox"]
+
+log = logging.getLogger("tidings.inbox")
+
+_DONE = "done"
+
+# Claim: 1 = claimed now, 0 = already done, -1 = held by someone else (with its PTTL in ms).
+# One script so that "not claimable" and "why" are read in the same instant.
+_CLAIM = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {1, 0} end
+if redis.call('GET', KEYS[1]) == ARGV[3] then return {0, 0} end
+return {-1, redis.call('PTTL', KEYS[1])}
+"""
+
+# Mark done only over our own claim, or over nothing (our lease lapsed and nobody took it):
+# 1 = marked, 2 = marked after our lease lapsed, 3 = someone else already marked it,
+# 0 = someone else holds it now (left alone: they will mark it themselves).
+_MARK = """
+local held = redis.call('GET', KEYS[1])
+if held == ARGV[1] then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) return 1 end
+if not held then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) return 2 end
+if held == ARGV[2] then return 3 end
+return 0
+"""
+
+# Release only our own claim: 1 = released, 0 = it was no longer ours.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class RedisInbox:
+    """An :class:`~tidings.ports.Inbox` in Redis: effects outside Redis happen at least once.
+
+    Args:
+        client: a redis-py client; its connection pool is shared, its retry settings apply.
+        prefix: the first part of every key, to keep applications apart.
+        lease: seconds a claim lasts; a worker that dies holding one blocks the pair this long.
+            Choose it longer than the slowest handler: past it another worker may run the
+            effect again (the late finisher then logs a warning and leaves that claim alone).
+        keep: seconds the done marker lasts; a redelivery after that runs the effect again,
+            so choose it longer than the broker's redelivery window.
+
+    Contract (see :class:`~tidings.ports.Inbox`): a second guard of a pair that is claimed
+    raises :class:`~tidings.errors.InboxBusyError` whose ``retry_after`` is the claim's
+    remaining lease. Nothing is retried here: a Redis error while claiming propagates (deliver
+    again later); a Redis error while marking done propagates too, and the claim then expires
+    after ``lease``. Thread-safe and process-safe: the instance holds no mutable state and every
+    decision is one atomic Lua script. Creating an instance does not contact Redis.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        prefix: str = "tidings:inbox",
+        lease: float = 60.0,
+        keep: float = 7 * 24 * 3600,
+    ) -> None:
+        if lease <= 0 or keep <= 0:
+            msg = f"lease and keep must be positive seconds, got lease={lease!r}, keep={keep!r}"
+            raise ValueError(msg)
+        self.client = client
+        self.prefix = prefix
+        self.lease = lease
+        self.keep = keep
+        self._lease_ms = max(1, round(lease * 1000))
+        self._keep_ms = max(1, round(keep * 1000))
+        self._claim = client.register_script(_CLAIM)
+        self._mark = client.register_script(_MARK)
+        self._release = client.register_script(_RELEASE)
+
+    def key(self, handler: str, event_id: str) -> str:
+        """Return the Redis key of (handler, event_id): ``{prefix}:{handler}:{event_id}``."""
+        return f"{self.prefix}:{handler}:{event_id}"
+
+    @contextmanager
+    def guard(self, handler: str, event_id: str) -> Iterator[bool]:
+        """Claim (handler, event_id); see :class:`~tidings.ports.Inbox` and the class docstring.
+
+        Raises:
+            InboxBusyError: another worker holds an unexpired claim on the pair.
+            redis.RedisError: Redis could not be reached or refused the script.
+        """
+        key = self.key(handler, event_id)
+        token = uuid.uuid4().hex  # never equal to _DONE
+        status, pttl = (
+            int(x) for x in self._claim(keys=[key], args=[token, self._lease_ms, _DONE])
+        )
+        if status == 0:
+            yield False
+            return
+        if status < 0:
+            # PTTL is 0 in the claim's last millisecond, -1 for a key set without expiry.
+            retry_after = max(pttl, 1) / 1000 if pttl >= 0 else self.lease
+            msg = (
+                f"{handler} is already handling event {event_id} in another worker; "
+                f"deliver it again in {retry_after:.1f} s"
+            )
+            raise InboxBusyError(msg, retry_after=retry_after)
+        try:
+            yield True
+        except BaseException:
+            self._give_back(key, token)
+            raise
+        outcome = int(self._mark(keys=[key], args=[token, _DONE, self._keep_ms]))
+        if outcome != 1:
+            log.warning(
+                "%s on event %s outlived its %.1f s inbox lease (%s); raise RedisInbox(lease=)",
+                handler,
+                event_id,
+                self.lease,
+                {
+                    0: "another worker holds the claim now and may repeat the effect; left alone",
+                    2: "nobody took the claim over; marked done",
+                    3: "another worker ran the effect again and marked it done",
+                }.get(outcome, f"unexpected mark outcome {outcome}"),
+            )
+
+    def is_done(self, handler: str, event_id: str) -> bool:
+        """Whether (handler, event_id) is marked done (and its marker has not expired)."""
+        value = self.client.get(self.key(handler, event_id))
+        return value in (_DONE, _DONE.encode())
+
+    def _give_back(self, key: str, token: str) -> None:
+        """Release our claim after a failure, without hiding the failure if Redis is down."""
+        try:
+            released = int(self._release(keys=[key], args=[token]))
+        except redis.RedisError as exc:
+            log.warning("could not release inbox claim %s (%r); it expires by itself", key, exc)
+            return
+        if not released:
+            log.warning("inbox claim %s had expired before its handler failed", key)

@@ -1,0 +1,181 @@
+import re
+import sys
+from collections.abc import Iterator
+
+import pytest
+import redis
+import sqlalchemy as sa
+
+from conftest import require_server
+from tidings import TidingsError
+from tidings.deadletter import DeadLetterStoreURLError, open_store
+from tidings.deadletter.redis import RedisDeadLetterStore
+from tidings.deadletter.sql import SqlDeadLetterStore, dead_letters_table
+from tidings.errors import UsageError
+from tidings.memory import MemoryDeadLetterStore
+from tidings.ports import DeadLetterStore
+from tidings.testing.deadletter import DeadLetterStoreConformance, sample_letter
+
+
+class TestMemoryDeadLetterStore(DeadLetterStoreConformance):
+    def make_store(self) -> DeadLetterStore:
+        return MemoryDeadLetterStore()
+
+
+@pytest.mark.integration
+class TestRedisDeadLetterStore(DeadLetterStoreConformance):
+    @pytest.fixture
+    def store(self, redis_url: str, unique_name: str) -> Iterator[DeadLetterStore]:
+        store = RedisDeadLetterStore.from_url(redis_url, prefix=unique_name)
+        client = redis.Redis.from_url(redis_url)
+        try:
+            yield store
+        finally:
+            keys = list(client.scan_iter(match=f"{unique_name}:*"))
+            if keys:
+                client.delete(*keys)
+            client.close()
+            store.close()
+
+
+def _sql_store(url: str, table_name: str) -> Iterator[SqlDeadLetterStore]:
+    engine = sa.create_engine(url)
+    store = SqlDeadLetterStore(engine, table_name=table_name)
+    store.create_tables()
+    try:
+        yield store
+    finally:
+        store.table.drop(engine, checkfirst=True)
+        engine.dispose()
+
+
+class TestSqliteDeadLetterStore(DeadLetterStoreConformance):
+    @pytest.fixture
+    def store(self, tmp_path) -> Iterator[DeadLetterStore]:
+        yield from _sql_store(f"sqlite:///{tmp_path / 'dead.db'}", "tidings_dead_letters")
+
+
+@pytest.mark.integration
+class TestPostgresDeadLetterStore(DeadLetterStoreConformance):
+    @pytest.fixture
+    def store(self, unique_name: str) -> Iterator[DeadLetterStore]:
+        yield from _sql_store(require_server("postgresql"), unique_name)
+
+
+@pytest.mark.integration
+class TestMariaDbDeadLetterStore(DeadLetterStoreConformance):
+    @pytest.fixture
+    def store(self, unique_name: str) -> Iterator[DeadLetterStore]:
+        yield from _sql_store(require_server("mariadb"), unique_name)
+
+
+def test_open_store_picks_the_store_by_scheme(tmp_path):
+    """memory://, sqlite:/// and redis:// URLs give the in-process, SQL and Redis stores."""
+    assert isinstance(open_store("memory://"), MemoryDeadLetterStore)
+    sql_store = open_store(f"sqlite:///{tmp_path / 'dead.db'}", name="my_letters")
+    assert isinstance(sql_store, SqlDeadLetterStore)
+    assert sql_store.table.name == "my_letters"
+    sql_store.close()
+    redis_store = open_store("redis://127.0.0.1:6379/0", name="app:dlq")
+    assert isinstance(redis_store, RedisDeadLetterStore)
+    assert redis_store.prefix == "app:dlq"
+    redis_store.close()
+
+
+def test_open_store_takes_rediss_urls():
+    """A rediss:// (TLS) URL gives a Redis store too."""
+    store = open_store("rediss://127.0.0.1:6380/0")
+    assert isinstance(store, RedisDeadLetterStore)
+    store.close()
+
+
+@pytest.mark.parametrize(
+    ("module", "url", "fix"),
+    [
+        ("redis", "redis://127.0.0.1:6379/0", "pip install 'tidings[redis]'"),
+        ("sqlalchemy", "sqlite:///dead.db", "pip install 'tidings[sql]'"),
+        ("MySQLdb", "mysql://root@127.0.0.1/test", "tidings[mysql]' and use a mysql+pymysql"),
+    ],
+)
+def test_open_store_names_what_to_install_when_a_library_is_missing(monkeypatch, module, url, fix):
+    """A missing extra or database driver raises ImportError saying what to install."""
+    monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(ImportError, match=re.escape(fix)):
+        open_store(url)
+
+
+@pytest.mark.parametrize(
+    "url", ["amqp://guest@localhost//", "http://example.com/", "nonsense", "/var/dead.db", ""]
+)
+def test_open_store_refuses_unknown_schemes_and_lists_known_ones(url):
+    """A URL that names no known store raises a TidingsError that shows URLs that work."""
+    with pytest.raises(DeadLetterStoreURLError, match=r"redis://.*sqlite:///") as caught:
+        open_store(url)
+    assert isinstance(caught.value, TidingsError)
+    assert isinstance(caught.value, ValueError)
+
+
+def test_open_store_hides_the_password_in_its_error():
+    """The error for a bad URL never repeats the password it held."""
+    with pytest.raises(DeadLetterStoreURLError) as caught:
+        open_store("//user:s3cret@host/db")
+    assert "s3cret" not in str(caught.value)
+
+
+def test_redis_store_refuses_a_client_that_decodes_responses():
+    """A client made with decode_responses=True is refused, since a body may not be text."""
+    client = redis.Redis(decode_responses=True)
+    with pytest.raises(UsageError, match="decode_responses=False"):
+        RedisDeadLetterStore(client)
+    client.close()
+
+
+def test_stores_refuse_a_negative_limit_or_offset(tmp_path):
+    """A negative limit or offset raises ValueError rather than returning an odd slice."""
+    sql_store = SqlDeadLetterStore.from_url(f"sqlite:///{tmp_path / 'dead.db'}")
+    sql_store.create_tables()
+    redis_store = RedisDeadLetterStore(redis.Redis())
+    for store in (sql_store, redis_store):
+        with pytest.raises(ValueError, match=">= 0"):
+            store.list(limit=-1)
+        with pytest.raises(ValueError, match=">= 0"):
+            store.list(offset=-1)
+    sql_store.close()
+
+
+def test_sql_store_refuses_a_failed_at_that_is_not_iso(tmp_path):
+    """A failed_at that is not ISO-8601 is refused with a message naming the field."""
+    store = SqlDeadLetterStore.from_url(f"sqlite:///{tmp_path / 'dead.db'}")
+    store.create_tables()
+    with pytest.raises(ValueError, match="failed_at must be an ISO-8601"):
+        store.add(sample_letter(failed_at="yesterday"))
+    store.close()
+
+
+def test_sql_store_normalises_failed_at_to_utc(tmp_path):
+    """A failed_at written with another offset comes back as the same instant in UTC."""
+    store = SqlDeadLetterStore.from_url(f"sqlite:///{tmp_path / 'dead.db'}")
+    store.create_tables()
+    letter = sample_letter(failed_at="2026-01-02T05:04:05+02:00")
+    store.add(letter)
+    got = store.get(letter.id)
+    assert got is not None
+    assert got.failed_at == "2026-01-02T03:04:05.000000+00:00"
+    store.close()
+
+
+def test_sql_table_lives_on_the_metadata_given_for_migrations():
+    """The table is declared on the caller's MetaData (for Alembic), and redeclaring reuses it."""
+    metadata = sa.MetaData()
+    store = SqlDeadLetterStore(sa.create_engine("sqlite://"), metadata=metadata)
+    assert metadata.tables["tidings_dead_letters"] is store.table
+    assert dead_letters_table(metadata) is store.table
+    assert [index.name for index in store.table.indexes] == ["ix_tidings_dead_letters_failed_at"]
+
+
+def test_sql_table_name_taken_by_another_table_is_refused():
+    """A MetaData holding an unrelated table of the same name is refused with a fix."""
+    metadata = sa.MetaData()
+    sa.Table("tidings_dead_letters", metadata, sa.Column("id", sa.Integer, primary_key=True))
+    with pytest.raises(ValueError, match="pick another name"):
+        dead_letters_table(metadata)
