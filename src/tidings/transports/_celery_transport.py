@@ -1,0 +1,286 @@
+"""``CeleryTransport``: events as Celery tasks, handled by workers once in effect.
+
+Publishing sends one task message per event (``tidings.deliver``), or for several events at once
+a few batch messages (``tidings.deliver_batch``, up to ``batch_size`` events each). Workers run
+the bus's handlers through a :class:`~tidings.delivery.Dispatcher`: the inbox guards every
+(handler, event) pair, a failing handler is retried alone as a new ``tidings.deliver`` message
+(with ``countdown``) naming that handler and attempt, and what cannot be handled is
+dead-lettered. Tasks use late acks and are rejected on worker loss, so a killed worker's message
+is delivered again.
+
+Task messages carry the envelope as a JSON string argument; Celery's JSON serializer is the
+only one the tasks accept.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from tidings.codec import Codec, default_codec
+from tidings.delivery import Dispatcher, Received
+from tidings.errors import UsageError
+from tidings.events import DomainEvent
+from tidings.ports import DeadLetter, DeadLetterStore, Inbox
+from tidings.retry import RetryPolicy
+
+if TYPE_CHECKING:
+    from celery import Celery, Task
+
+    from tidings.bus import EventBus, Handler
+
+__all__ = ["CeleryTransport"]
+
+log = logging.getLogger("tidings.celery")
+
+DELIVER = "tidings.deliver"
+DELIVER_BATCH = "tidings.deliver_batch"
+# Celery's default for the Redis broker: an unacknowledged message is handed out again after it.
+DEFAULT_VISIBILITY_TIMEOUT = 3600.0
+
+
+def _celery() -> Any:
+    try:
+        import celery  # noqa: PLC0415 - optional extra, imported when a transport is made
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        msg = "the Celery transport needs Celery: pip install 'tidings[celery]'"
+        raise ImportError(msg) from exc
+    return celery
+
+
+class CeleryTransport:
+    """Sends events as Celery tasks and runs the bus's handlers in Celery workers.
+
+    Args:
+        app: the Celery app; workers start the standard way, ``celery -A module worker -Q q``.
+        queue: the queue this service's workers consume (and where retries go).
+        publish_to: the queues events are sent to: every service that handles them has its
+            own queue there, and each receives every event. Defaults to ``[queue]``.
+        dead_letters: where failures and undecodable messages end (required: nothing is
+            dropped).
+        inbox: the idempotency guard (strongly recommended; ``None`` means at-least-once
+            effects).
+        codec: encodes and decodes envelopes (the default codec if omitted).
+        retry: the policy of handlers without their own.
+        batch_size: the most events one batch message carries.
+
+    ``EventBus(transport=CeleryTransport(app, ...))`` registers the two tasks on ``app`` and
+    installs context propagation for all of the app's tasks; nothing happens before that.
+    Thread-safe for publishing.
+    """
+
+    name = "celery"
+
+    def __init__(
+        self,
+        app: Celery,
+        *,
+        dead_letters: DeadLetterStore,
+        queue: str = "tidings",
+        publish_to: Sequence[str] | None = None,
+        inbox: Inbox | None = None,
+        codec: Codec | None = None,
+        retry: RetryPolicy | None = None,
+        batch_size: int = 500,
+    ) -> None:
+        _celery()
+        if batch_size < 1:
+            msg = "batch_size must be >= 1"
+            raise ValueError(msg)
+        self.app = app
+        self.queue = queue
+        self.publish_to = tuple(publish_to) if publish_to else (queue,)
+        self.dead_letters = dead_letters
+        self.inbox = inbox
+        self.codec = default_codec if codec is None else codec
+        self.retry = RetryPolicy() if retry is None else retry
+        self.batch_size = batch_size
+        self._dispatcher: Dispatcher | None = None
+        self._deliver: Task | None = None
+        self._deliver_batch: Task | None = None
+        # The transport's own broker connection for publishing (kombu pools are shared by
+        # every app of a process, so closing one would break the others); one lock, because a
+        # producer is not thread-safe.
+        self._send_lock = threading.Lock()
+        self._connection: Any = None
+        self._producer: Any = None
+
+    # -- wiring -----------------------------------------------------------------------------
+
+    def bind(self, bus: EventBus) -> None:
+        """Register the delivery tasks on the app and check the bus's handlers."""
+        if self._dispatcher is not None:
+            msg = "a CeleryTransport serves one EventBus; make one transport per bus"
+            raise UsageError(msg)
+        self._check_accept_content()
+        self._check_delay(self.retry, "the transport's default retry policy")
+        self._dispatcher = Dispatcher(
+            bus,
+            dead_letters=self.dead_letters,
+            inbox=self.inbox,
+            codec=self.codec,
+            retry=self.retry,
+            transport=self.name,
+        )
+        options: dict[str, Any] = {
+            "bind": True,
+            "acks_late": True,
+            "reject_on_worker_lost": True,
+            "serializer": "json",
+            "ignore_result": True,
+            "max_retries": None,
+        }
+        # Plain functions, so that Celery binds the task instance as their first argument.
+        transport = self
+
+        def deliver(task: Task, *args: Any, **kwargs: Any) -> None:
+            transport._run_one(task, *args, **kwargs)
+
+        def deliver_batch(task: Task, *args: Any, **kwargs: Any) -> None:
+            transport._run_batch(task, *args, **kwargs)
+
+        self._deliver = self.app.task(name=DELIVER, **options)(deliver)
+        self._deliver_batch = self.app.task(name=DELIVER_BATCH, **options)(deliver_batch)
+        from tidings.transports.celery import install_context_propagation  # noqa: PLC0415
+
+        install_context_propagation(self.app)
+        # Messages Celery cannot decode or route would only be logged and dropped: make the
+        # worker's consumer dead-letter them first.
+        from tidings.transports import _celery_consumer  # noqa: PLC0415 - needs celery
+
+        _celery_consumer.dead_letter_stores[id(self.app)] = self.dead_letters
+        self.app.conf.worker_consumer = "tidings.transports._celery_consumer:DeadLetteringConsumer"
+        for handler in bus.handlers:
+            self.subscribed(handler)
+
+    def subscribed(self, handler: Handler) -> None:
+        """Refuse a handler whose retry delay could outlast the broker's visibility timeout."""
+        if handler.retry is not None:
+            self._check_delay(handler.retry, f"handler {handler.name!r}")
+
+    def _check_delay(self, policy: RetryPolicy, whose: str) -> None:
+        # On Redis (and SQS) a message with a countdown waits unacknowledged in a worker; if it
+        # waits longer than the visibility timeout the broker hands it to another worker too.
+        broker = str(self.app.conf.broker_url or "")
+        if not broker.startswith(("redis", "rediss", "sqs")):
+            return
+        options = self.app.conf.broker_transport_options or {}
+        timeout = float(options.get("visibility_timeout", DEFAULT_VISIBILITY_TIMEOUT))
+        if policy.longest_delay >= timeout:
+            msg = (
+                f"{whose} may wait {policy.longest_delay:.0f} s before a retry, but the broker's "
+                f"visibility_timeout is {timeout:.0f} s, so a waiting retry would run twice: "
+                "lower max_delay, or raise broker_transport_options['visibility_timeout']"
+            )
+            raise UsageError(msg)
+
+    def _check_accept_content(self) -> None:
+        accepted = {str(c).lower() for c in (self.app.conf.accept_content or ())}
+        if accepted & {"pickle", "application/x-python-serialize"}:
+            warnings.warn(
+                "this Celery app accepts pickle: any message on its queues can run code in "
+                "the worker. tidings' tasks use JSON only; set accept_content=['json']",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    # -- publishing -------------------------------------------------------------------------
+
+    def send(self, events: Sequence[DomainEvent]) -> None:
+        """Encode every event first (nothing is sent if one fails), then send to each queue."""
+        if self._deliver is None or self._deliver_batch is None:
+            msg = "create the EventBus with this transport before publishing"
+            raise UsageError(msg)
+        bodies = [self.codec.encode(event).decode() for event in events]
+        with self._send_lock:
+            if self._producer is None:
+                self._connection = self.app.connection_for_write()
+                self._producer = self.app.amqp.Producer(self._connection)
+            producer = self._producer
+            for queue in self.publish_to:
+                if len(bodies) == 1:
+                    self._deliver.apply_async(args=(bodies[0],), queue=queue, producer=producer)
+                    continue
+                for start in range(0, len(bodies), self.batch_size):
+                    chunk = bodies[start : start + self.batch_size]
+                    self._deliver_batch.apply_async(args=(chunk,), queue=queue, producer=producer)
+
+    def replay(self, letter: DeadLetter) -> None:
+        """Send a dead letter back to its queue, to its handler only when it names one."""
+        if self._deliver is None:
+            msg = "create the EventBus with this transport before replaying"
+            raise UsageError(msg)
+        queue = letter.destination or self.queue
+        self._deliver.apply_async(
+            args=(letter.body.decode("utf-8", "replace"), letter.handler, 1), queue=queue
+        )
+
+    def close(self) -> None:
+        """Close the transport's publishing connection (a later send opens a new one)."""
+        with self._send_lock:
+            if self._connection is not None:
+                self._connection.release()
+            self._connection = self._producer = None
+
+    # -- working ----------------------------------------------------------------------------
+
+    # The task functions take anything, so that a malformed task message reaches the
+    # dispatcher (and the dead-letter store) instead of failing inside Celery and vanishing.
+    def _run_one(self, task: Task, *args: Any, **kwargs: Any) -> None:
+        body, handler, attempt = _one_arguments(args, kwargs)
+        self._run(task, [body], handler, attempt)
+
+    def _run_batch(self, task: Task, *args: Any, **kwargs: Any) -> None:
+        bodies = args[0] if len(args) == 1 and not kwargs and isinstance(args[0], list) else [args]
+        self._run(task, bodies, None, 1)
+
+    def _run(self, task: Task, bodies: list[Any], handler: str | None, attempt: int) -> None:
+        dispatcher, deliver = self._dispatcher, self._deliver
+        if dispatcher is None or deliver is None:  # pragma: no cover - tasks exist once bound
+            msg = "the transport is not bound to a bus"
+            raise UsageError(msg)
+        request = task.request
+        queue = (request.delivery_info or {}).get("routing_key") or self.queue
+        headers = {
+            key: str(value)
+            for key, value in (request.headers or {}).items()
+            if isinstance(value, str | int | float)
+        }
+        try:
+            for body in bodies:
+                received = Received(
+                    body.encode() if isinstance(body, str) else repr(body).encode(),
+                    headers=headers,
+                    destination=queue,
+                    handler=handler,
+                    attempt=attempt,
+                )
+                outcome = dispatcher.dispatch(received)
+                for again in outcome.retries:
+                    deliver.apply_async(
+                        args=(again.body.decode(), again.handler, again.attempt),
+                        countdown=again.delay,
+                        queue=queue,
+                    )
+        except Exception as exc:
+            # The dead-letter store or the broker failed: send this message again later rather
+            # than acknowledge it. Effects already done are guarded by the inbox.
+            log.exception("could not finish a delivery; it will be tried again")
+            retries = request.retries or 0
+            raise task.retry(exc=exc, countdown=min(60, 2**retries)) from exc
+
+
+def _one_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, str | None, int]:
+    """Read ``(body, handler=None, attempt=1)``; anything else becomes an undecodable body."""
+    try:
+        body, handler, attempt = (*args, None, 1)[:3] if len(args) <= 3 else (args, None, 1)
+        handler = kwargs.pop("handler", handler)
+        attempt = kwargs.pop("attempt", attempt)
+    except (TypeError, ValueError):  # pragma: no cover - defensive
+        return (args, kwargs), None, 1
+    if kwargs or not (handler is None or isinstance(handler, str)) or not isinstance(attempt, int):
+        return (args, kwargs), None, 1
+    return body, handler, max(1, attempt)

@@ -1,0 +1,212 @@
+import base64
+import json
+
+import pytest
+from celery import Celery
+from tests.apps import celery_shop
+from tests.workers import celery_worker, wait_until
+
+from tidings import EventBus, UsageError, event_context
+from tidings.memory import MemoryDeadLetterStore
+from tidings.retry import RetryPolicy
+from tidings.transports.celery import CeleryTransport
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def shop(redis_url, unique_name):
+    """The shop's publishing side and the names of its queue and Redis keys, cleaned up after."""
+    app, bus, transport, client = celery_shop.make(unique_name, unique_name)
+    yield app, bus, transport, client, unique_name
+    for key in client.scan_iter(f"{unique_name}*"):
+        client.delete(key)
+    transport.close()
+    client.close()
+
+
+def worker_env(name: str, service: str = "shipping") -> dict[str, str]:
+    return {"SHOP_QUEUE": name, "SHOP_PREFIX": name, "SHOP_SERVICE": service}
+
+
+def effects(client, name: str, service: str = "shipping") -> list[list[str]]:
+    return [item.decode().split("|") for item in client.lrange(f"{name}:effects:{service}", 0, -1)]
+
+
+def test_published_event_is_handled_by_a_worker_with_its_context(shop):
+    """An event published in a request context is handled in a worker with that context."""
+    _app, bus, _transport, client, name = shop
+    with celery_worker("tests.apps.celery_shop", name, worker_env(name)):
+        with event_context(correlation_id="corr-1", tenant_id="acme"):
+            event = celery_shop.ParcelBooked(parcel_id="p-1")
+            bus.publish(event)
+        (effect,) = wait_until(lambda: effects(client, name), what="the handler's effect")
+    assert effect == [event.event_id, "corr-1", "acme", event.event_id]
+
+
+def test_an_event_delivered_twice_takes_effect_once(shop):
+    """Publishing the same event twice runs each handler's effect once; the inbox skips the rest."""
+    _app, bus, _transport, client, name = shop
+    event = celery_shop.ParcelBooked(parcel_id="p-2")
+    marker = celery_shop.ParcelBooked(parcel_id="after")
+    with celery_worker("tests.apps.celery_shop", name, worker_env(name)):
+        bus.publish(event)
+        bus.publish(event)
+        bus.publish(marker)
+        wait_until(
+            lambda: marker.event_id in [e[0] for e in effects(client, name)],
+            what="the marker event",
+        )
+    ids = [e[0] for e in effects(client, name)]
+    assert ids.count(event.event_id) == 1
+
+
+def test_many_events_published_at_once_are_batched_and_each_handled(shop):
+    """A list of events travels in few messages and every event is handled exactly once."""
+    _app, bus, transport, client, name = shop
+    transport.batch_size = 100
+    events = [celery_shop.ParcelBooked(parcel_id=f"p-{i}") for i in range(250)]
+    with celery_worker("tests.apps.celery_shop", name, worker_env(name)):
+        bus.publish(*events)
+        wait_until(lambda: len(effects(client, name)) >= 250, what="250 effects")
+    assert sorted(e[0] for e in effects(client, name)) == sorted(e.event_id for e in events)
+
+
+def test_a_poison_handler_is_retried_then_dead_lettered_and_others_are_unaffected(shop):
+    """A handler that always fails runs max_attempts times, then lands in the dead-letter store."""
+    _, bus, transport, client, name = shop
+    event = celery_shop.ParcelBooked(parcel_id="p-bad", poison=True)
+    with celery_worker("tests.apps.celery_shop", name, worker_env(name)):
+        bus.publish(event)
+        letters = wait_until(transport.dead_letters.list, what="a dead letter")
+    (letter,) = letters
+    assert (letter.handler, letter.attempts, letter.event_id) == (
+        "shipping.poison",
+        3,
+        event.event_id,
+    )
+    assert "Flaky: parcel p-bad cannot be booked" in letter.reason
+    assert int(client.get(f"{name}:poison_attempts")) == 3
+    assert [e[0] for e in effects(client, name)] == [event.event_id]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("not json at all",), ({"type": "x"},), ("a", "b", "c", "d"), ()],
+    ids=["garbage", "dict", "too-many-args", "no-args"],
+)
+def test_malformed_task_messages_are_dead_lettered_and_the_worker_goes_on(shop, args):
+    """A tidings.deliver message with bad arguments is dead-lettered; the next event is handled."""
+    app, bus, transport, client, name = shop
+    after = celery_shop.ParcelBooked(parcel_id="after-garbage")
+    with celery_worker("tests.apps.celery_shop", name, worker_env(name)):
+        app.send_task("tidings.deliver", args=args, queue=name)
+        bus.publish(after)
+        wait_until(lambda: effects(client, name), what="the next event's effect")
+        (letter,) = wait_until(transport.dead_letters.list, what="a dead letter")
+    assert letter.handler is None
+    assert letter.destination == name
+    assert [e[0] for e in effects(client, name)] == [after.event_id]
+
+
+def test_a_second_service_receives_every_event_on_its_own_queue(redis_url, unique_name):
+    """Publishing to two services' queues gives each service's handlers every event."""
+    billing = f"{unique_name}_billing"
+    _app, bus, transport, client = celery_shop.make(
+        unique_name, unique_name, publish_to=(unique_name, billing)
+    )
+    try:
+        events = [celery_shop.ParcelBooked(parcel_id=f"p-{i}") for i in range(5)]
+        with (
+            celery_worker("tests.apps.celery_shop", unique_name, worker_env(unique_name)),
+            celery_worker(
+                "tests.apps.celery_shop",
+                billing,
+                {**worker_env(billing, "billing"), "SHOP_PREFIX": unique_name},
+            ),
+        ):
+            bus.publish(*events)
+            wait_until(lambda: len(effects(client, unique_name)) == 5, what="shipping effects")
+            wait_until(
+                lambda: len(effects(client, unique_name, "billing")) == 5, what="billing effects"
+            )
+        expected = sorted(e.event_id for e in events)
+        assert sorted(e[0] for e in effects(client, unique_name)) == expected
+        assert sorted(e[0] for e in effects(client, unique_name, "billing")) == expected
+    finally:
+        for key in client.scan_iter(f"{unique_name}*"):
+            client.delete(key)
+        transport.close()
+        client.close()
+
+
+def test_a_retry_delay_longer_than_the_visibility_timeout_is_refused(redis_url, unique_name):
+    """On a Redis broker, a retry policy that could outwait the visibility timeout is refused."""
+    app = Celery("t", broker=redis_url)
+    app.conf.broker_transport_options = {"visibility_timeout": 60}
+    bus = EventBus(transport=CeleryTransport(app, dead_letters=MemoryDeadLetterStore()))
+    with pytest.raises(UsageError, match="visibility_timeout"):
+        bus.add_handler(
+            lambda e: None,
+            celery_shop.ParcelBooked,
+            name="t.slow_retry",
+            retry=RetryPolicy(max_attempts=10, initial_delay=30, max_delay=600),
+        )
+
+
+def test_an_app_accepting_pickle_gets_a_warning(redis_url):
+    """A Celery app configured to accept pickle is warned about when the transport binds."""
+    app = Celery("t", broker=redis_url)
+    app.conf.accept_content = ["json", "pickle"]
+    with pytest.warns(UserWarning, match="accepts pickle"):
+        EventBus(transport=CeleryTransport(app, dead_letters=MemoryDeadLetterStore()))
+
+
+def test_envelope_travels_as_json_string_argument(shop):
+    """The task message carries the CloudEvents envelope as a JSON string, nothing pickled."""
+    _, bus, _transport, client, name = shop
+    bus.publish(celery_shop.ParcelBooked(parcel_id="inspect"))
+    raw = client.lindex(name, 0)
+    message = json.loads(raw)
+    assert message["content-type"] == "application/json"
+    assert message["headers"]["task"] == "tidings.deliver"
+    body = json.loads(base64.b64decode(message["body"]))
+    envelope = json.loads(body[0][0])
+    assert envelope["type"] == "celery_shop.parcel_booked"
+    assert envelope["data"]["parcel_id"] == "inspect"
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [
+        (b"\x80\x04\x95garbage-pickle", "application/x-python-serialize"),
+        (b"\x00\xff{not json", "application/json"),
+        (b'{"just": "json, not a task"}', "application/json"),
+    ],
+    ids=["pickle", "garbage", "not-a-task"],
+)
+def test_messages_celery_cannot_decode_are_dead_lettered_and_the_worker_goes_on(
+    shop, body, content_type
+):
+    """Pickle, garbage and non-task messages on the queue are dead-lettered; work continues."""
+    app, bus, transport, client, name = shop
+    after = celery_shop.ParcelBooked(parcel_id="after-poison-message")
+    headers = {} if body.startswith(b'{"just"') else {"task": "tidings.deliver", "id": "p-1"}
+    with celery_worker("tests.apps.celery_shop", name, worker_env(name)):
+        with app.connection_for_write() as connection:
+            connection.Producer().publish(
+                body,
+                exchange=name,
+                routing_key=name,
+                content_type=content_type,
+                content_encoding="binary",
+                headers=headers,
+                declare=[app.amqp.queues[name]],
+            )
+        bus.publish(after)
+        wait_until(lambda: effects(client, name), what="the next event's effect")
+        (letter,) = wait_until(transport.dead_letters.list, what="a dead letter")
+    assert letter.body == body
+    assert letter.headers["content-type"] == content_type
+    assert letter.destination == name
+    assert [e[0] for e in effects(client, name)] == [after.event_id]
