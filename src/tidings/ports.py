@@ -151,7 +151,8 @@ class Transport(Protocol):
     - ``send(events)`` returns once the broker accepted every event, and is thread-safe. If it
       raises, events may have been sent up to the failing one, never an event whose encoding
       failed; the caller may send again (the inbox makes duplicates harmless).
-    - ``close()`` releases connections; further sends raise.
+    - ``close()`` releases the transport's connections; a later ``send`` opens them again
+      (so a process may close its transport when idle, as it may close a database pool).
     """
 
     name: str
@@ -169,5 +170,5 @@ class Transport(Protocol):
         ...
 
     def close(self) -> None:
-        """Release connections."""
+        """Release connections; a later send reconnects."""
         ...
