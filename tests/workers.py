@@ -1,66 +1,24 @@
-"""Starting and stopping real worker processes, and waiting on conditions with deadlines."""
+"""The test suite's worker helpers: those of :mod:`tidings.testing.workers`, run from the root."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from subprocess import Popen
+
+from tidings.testing.workers import celery_worker as _celery_worker
+from tidings.testing.workers import stop, wait_until
+
+__all__ = ["ROOT", "celery_worker", "stop", "wait_until"]
 
 ROOT = Path(__file__).resolve().parent.parent
-T = TypeVar("T")
-
-
-def wait_until(condition: Callable[[], T], *, timeout: float = 30.0, what: str = "") -> T:
-    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            msg = f"gave up after {timeout} s waiting for {what or condition}"
-            raise AssertionError(msg)
-        time.sleep(0.02)
 
 
 @contextmanager
 def celery_worker(
     app: str, queue: str, env: Mapping[str, str], *, pool: str = "solo", concurrency: int = 1
-) -> Iterator[subprocess.Popen[bytes]]:
-    """Run ``celery -A app worker -Q queue`` as a child process for the block, then stop it."""
-    command = [
-        sys.executable, "-m", "celery", "-A", app, "worker", "-Q", queue,
-        f"--pool={pool}", f"--concurrency={concurrency}", "--without-heartbeat",
-        "--without-gossip", "--without-mingle", "--loglevel=WARNING", "-n", f"{queue}@%h",
-    ]  # fmt: skip
-    process = subprocess.Popen(  # noqa: S603 - our own command line
-        command,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    try:
-        yield process
-    finally:
-        stop(process)
-
-
-def stop(process: subprocess.Popen[bytes], *, grace: float = 10.0) -> None:
-    """Stop a worker: SIGTERM to its process group, then SIGKILL after ``grace`` seconds."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=grace)
-    if process.stderr is not None:
-        process.stderr.close()
+) -> Iterator[Popen[bytes]]:
+    """Run a Celery worker for ``app`` (a module under the project root) for the block."""
+    with _celery_worker(app, queue, env, pool=pool, concurrency=concurrency, cwd=ROOT) as worker:
+        yield worker

@@ -16,7 +16,7 @@ import asyncio
 import contextvars
 import logging
 import traceback
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from tidings.bus import EventBus, Handler
@@ -24,7 +24,7 @@ from tidings.codec import Codec, default_codec
 from tidings.context import EventContext, _current
 from tidings.errors import EventDecodeError, InboxBusyError
 from tidings.events import DomainEvent
-from tidings.ports import DeadLetter, DeadLetterStore, Inbox
+from tidings.ports import BatchInbox, Claim, DeadLetter, DeadLetterStore, Inbox
 from tidings.retry import RetryPolicy
 
 __all__ = ["Dispatcher", "Outcome", "Received", "Redelivery"]
@@ -116,6 +116,38 @@ class Dispatcher:
 
     def dispatch(self, received: Received) -> Outcome:
         """Deliver one message to its handlers; see the module docstring for the rules."""
+        return self.dispatch_many([received])[0]
+
+    def dispatch_many(self, messages: Sequence[Received]) -> list[Outcome]:
+        """Deliver several messages, one :class:`Outcome` each, in order.
+
+        With an inbox that has the :class:`~tidings.ports.BatchInbox` capability, every
+        (handler, event) pair of the batch is claimed in one round trip and settled in one
+        more; otherwise each pair passes the inbox's ``guard`` on its own.
+        """
+        outcomes: list[Outcome | None] = []
+        work: list[tuple[Received, DomainEvent, tuple[Handler, ...]]] = []
+        for received in messages:
+            found = self._resolve(received)
+            if isinstance(found, Outcome):
+                outcomes.append(found)
+            else:
+                outcomes.append(None)
+                work.append((received, *found))
+        inbox = self.inbox
+        batch = None
+        if isinstance(inbox, BatchInbox) and work:
+            pairs = [(h.name, event.event_id) for _, event, handlers in work for h in handlers]
+            batch = _Batch(iter(inbox.claim_many(pairs)))
+        try:
+            handled = iter([self._handle(r, e, hs, batch) for r, e, hs in work])
+        finally:
+            if batch is not None and isinstance(inbox, BatchInbox) and (batch.done or batch.failed):
+                inbox.settle(batch.done, batch.failed)
+        return [outcome if outcome is not None else next(handled) for outcome in outcomes]
+
+    def _resolve(self, received: Received) -> tuple[DomainEvent, tuple[Handler, ...]] | Outcome:
+        """Decode the message and find its handlers, or dead-letter it."""
         try:
             event: DomainEvent = self.codec.decode(received.body)
         except EventDecodeError as exc:
@@ -123,30 +155,34 @@ class Dispatcher:
             log.error("dead-lettered an undecodable message %s: %s", letter.id, letter.reason)
             return Outcome(None, dead=(letter,))
         if received.handler is None:
-            handlers = self.bus.handlers_for(type(event))
-        else:
-            target = self.bus.handler(received.handler)
-            if target is None:
-                missing = LookupError(f"no handler named {received.handler!r} in this worker")
-                letter = self._dead_letter(
-                    received,
-                    missing,
-                    attempts=received.attempt,
-                    handler=received.handler,
-                    event=event,
-                )
-                return Outcome(event, dead=(letter,))
-            handlers = (target,)
+            return event, self.bus.handlers_for(type(event))
+        target = self.bus.handler(received.handler)
+        if target is None:
+            missing = LookupError(f"no handler named {received.handler!r} in this worker")
+            letter = self._dead_letter(
+                received, missing, attempts=received.attempt, handler=received.handler, event=event
+            )
+            return Outcome(event, dead=(letter,))
+        return event, (target,)
+
+    def _handle(
+        self,
+        received: Received,
+        event: DomainEvent,
+        handlers: tuple[Handler, ...],
+        batch: _Batch | None,
+    ) -> Outcome:
+        """Run one event's handlers with its context bound; collect what became of each."""
         handled: list[str] = []
         duplicates: list[str] = []
         retries: list[Redelivery] = []
         dead: list[DeadLetter] = []
+        attempt = received.attempt if received.handler is not None else 1
         token = _current.set(EventContext(event.correlation_id, event.event_id, event.tenant_id))
         try:
             for handler in handlers:
-                attempt = received.attempt if received.handler is not None else 1
                 try:
-                    fresh = self._run(handler, event)
+                    fresh = self._run(handler, event, batch)
                 except InboxBusyError as busy:
                     # Not a failure of the handler: someone else is running it. Look again
                     # once their claim would have expired; the attempt does not count.
@@ -191,8 +227,22 @@ class Dispatcher:
             _current.reset(token)
         return Outcome(event, tuple(handled), tuple(duplicates), tuple(retries), tuple(dead))
 
-    def _run(self, handler: Handler, event: DomainEvent) -> bool:
+    def _run(self, handler: Handler, event: DomainEvent, batch: _Batch | None) -> bool:
         """Run one handler behind the inbox; return False when the inbox skipped it."""
+        if batch is not None:  # claimed with the rest of the batch; settled after it
+            claim = next(batch.claims)
+            if not claim.fresh:
+                if claim.retry_after is not None:
+                    msg = f"{handler.name} is handling event {event.event_id} elsewhere"
+                    raise InboxBusyError(msg, retry_after=claim.retry_after)
+                return False
+            try:
+                self._call(handler, event)
+            except BaseException:
+                batch.failed.append(claim)
+                raise
+            batch.done.append(claim)
+            return True
         if self.inbox is None:
             self._call(handler, event)
             return True
@@ -238,6 +288,17 @@ class Dispatcher:
         )
         self.dead_letters.add(letter)  # raises if the store is down: then nothing is acked
         return letter
+
+
+class _Batch:
+    """The claims of one ``dispatch_many``, in pair order, and how each ended."""
+
+    __slots__ = ("claims", "done", "failed")
+
+    def __init__(self, claims: Iterator[Claim]) -> None:
+        self.claims = claims
+        self.done: list[Claim] = []
+        self.failed: list[Claim] = []
 
 
 def _summary(error: BaseException) -> str:

@@ -16,7 +16,15 @@ from typing import Any, Protocol, runtime_checkable
 
 from tidings._ids import new_event_id, utc_now_iso
 
-__all__ = ["DeadLetter", "DeadLetterStore", "Inbox", "Replayer", "Transport"]
+__all__ = [
+    "BatchInbox",
+    "Claim",
+    "DeadLetter",
+    "DeadLetterStore",
+    "Inbox",
+    "Replayer",
+    "Transport",
+]
 
 
 @runtime_checkable
@@ -51,6 +59,45 @@ class Inbox(Protocol):
 
     def guard(self, handler: str, event_id: str) -> AbstractContextManager[bool]:
         """Claim (handler, event_id); see the class docstring for the contract."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A batch inbox's answer for one (handler, event id).
+
+    Attributes:
+        handler: the handler name.
+        event_id: the event id.
+        fresh: ``True`` when the effect should run now (this caller holds the claim).
+        retry_after: seconds until someone else's claim expires when the pair is busy;
+            ``None`` otherwise. Not fresh and not busy means the effect already took place.
+        token: the store's proof of ownership, handed back to ``settle``.
+    """
+
+    handler: str
+    event_id: str
+    fresh: bool
+    retry_after: float | None = None
+    token: str = ""
+
+
+@runtime_checkable
+class BatchInbox(Protocol):
+    """An optional capability of an :class:`Inbox`: many pairs in one round trip each way.
+
+    ``claim_many`` claims every pair at once (same rules as ``guard``, answered per pair);
+    ``settle`` then marks the claims whose handlers succeeded done and releases those whose
+    handlers failed. Claims not settled expire like any claim. A worker handling a batch of
+    events uses it to pay two round trips per batch instead of two per event.
+    """
+
+    def claim_many(self, pairs: Sequence[tuple[str, str]]) -> list[Claim]:
+        """Claim every (handler, event_id); one :class:`Claim` per pair, in order."""
+        ...
+
+    def settle(self, done: Sequence[Claim], failed: Sequence[Claim]) -> None:
+        """Mark ``done`` claims done and release ``failed`` ones (only claims still held)."""
         ...
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 try:
@@ -25,6 +25,7 @@ except ImportError as exc:
     raise ImportError(msg) from exc
 
 from tidings.errors import InboxBusyError
+from tidings.ports import Claim
 
 __all__ = ["RedisInbox"]
 
@@ -49,6 +50,40 @@ if held == ARGV[1] then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) retur
 if not held then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) return 2 end
 if held == ARGV[2] then return 3 end
 return 0
+"""
+
+# Claim many keys: per key 1 = claimed now, 0 = already done, -1 - PTTL = held by someone else.
+_CLAIM_MANY = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('SET', key, ARGV[1], 'NX', 'PX', ARGV[2]) then
+    out[i] = 1
+  elseif redis.call('GET', key) == ARGV[3] then
+    out[i] = 0
+  else
+    out[i] = -1 - math.max(redis.call('PTTL', key), 0)
+  end
+end
+return out
+"""
+
+# Settle: the first ARGV[4] keys are done (marked over our claim or over nothing), the rest
+# failed (released if still ours). Returns how many done keys had lapsed to someone else.
+_SETTLE = """
+local done, lapsed = tonumber(ARGV[4]), 0
+for i, key in ipairs(KEYS) do
+  local held = redis.call('GET', key)
+  if i <= done then
+    if held == ARGV[1] or not held then
+      redis.call('SET', key, ARGV[2], 'PX', ARGV[3])
+    elseif held ~= ARGV[2] then
+      lapsed = lapsed + 1
+    end
+  elseif held == ARGV[1] then
+    redis.call('DEL', key)
+  end
+end
+return lapsed
 """
 
 # Release only our own claim: 1 = released, 0 = it was no longer ours.
@@ -98,6 +133,8 @@ class RedisInbox:
         self._claim = client.register_script(_CLAIM)
         self._mark = client.register_script(_MARK)
         self._release = client.register_script(_RELEASE)
+        self._claim_many = client.register_script(_CLAIM_MANY)
+        self._settle = client.register_script(_SETTLE)
 
     def key(self, handler: str, event_id: str) -> str:
         """Return the Redis key of (handler, event_id): ``{prefix}:{handler}:{event_id}``."""
@@ -145,6 +182,41 @@ class RedisInbox:
                     3: "another worker ran the effect again and marked it done",
                 }.get(outcome, f"unexpected mark outcome {outcome}"),
             )
+
+    def claim_many(self, pairs: Sequence[tuple[str, str]]) -> list[Claim]:
+        """Claim many pairs in one script call (:class:`~tidings.ports.BatchInbox`).
+
+        All claims of one call share a token and the same lease: choose ``lease`` longer than
+        the whole batch takes to handle.
+        """
+        if not pairs:
+            return []
+        token = uuid.uuid4().hex
+        keys = [self.key(handler, event_id) for handler, event_id in pairs]
+        answers = self._claim_many(keys=keys, args=[token, self._lease_ms, _DONE])
+        claims = []
+        for (handler, event_id), answer in zip(pairs, answers, strict=True):
+            status = int(answer)
+            retry_after = None if status >= 0 else max(-1 - status, 1) / 1000
+            claims.append(Claim(handler, event_id, status == 1, retry_after, token))
+        return claims
+
+    def settle(self, done: Sequence[Claim], failed: Sequence[Claim]) -> None:
+        """Mark ``done`` claims done and release ``failed`` ones, in one script call."""
+        for token in {claim.token for claim in (*done, *failed)}:
+            mine_done = [c for c in done if c.token == token]
+            mine_failed = [c for c in failed if c.token == token]
+            keys = [self.key(c.handler, c.event_id) for c in (*mine_done, *mine_failed)]
+            lapsed = int(
+                self._settle(keys=keys, args=[token, _DONE, self._keep_ms, len(mine_done)])
+            )
+            if lapsed:
+                log.warning(
+                    "%d inbox claim(s) lapsed to another worker before their handlers finished "
+                    "(lease %.1f s); that worker may repeat the effect: raise RedisInbox(lease=)",
+                    lapsed,
+                    self.lease,
+                )
 
     def is_done(self, handler: str, event_id: str) -> bool:
         """Whether (handler, event_id) is marked done (and its marker has not expired)."""

@@ -249,16 +249,18 @@ class CeleryTransport:
             for key, value in (request.headers or {}).items()
             if isinstance(value, str | int | float)
         }
+        messages = [
+            Received(
+                body.encode() if isinstance(body, str) else repr(body).encode(),
+                headers=headers,
+                destination=queue,
+                handler=handler,
+                attempt=attempt,
+            )
+            for body in bodies
+        ]
         try:
-            for body in bodies:
-                received = Received(
-                    body.encode() if isinstance(body, str) else repr(body).encode(),
-                    headers=headers,
-                    destination=queue,
-                    handler=handler,
-                    attempt=attempt,
-                )
-                outcome = dispatcher.dispatch(received)
+            for outcome in dispatcher.dispatch_many(messages):
                 for again in outcome.retries:
                     deliver.apply_async(
                         args=(again.body.decode(), again.handler, again.attempt),
