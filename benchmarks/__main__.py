@@ -13,14 +13,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from benchmarks import core
+from benchmarks import celery_e2e, core
 from benchmarks.harness import measure, table
 
 RESULTS = Path(__file__).with_name("results.json")
+
+
+def redis_reachable() -> bool:
+    """Whether the local Redis server accepts connections (the Celery rows need it)."""
+    try:
+        with socket.create_connection(("127.0.0.1", 6379), timeout=1):
+            return True
+    except OSError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,11 +39,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="few short rounds (smoke test)")
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--only", choices=["core", "celery"], help="run one group (default: all)")
     args = parser.parse_args(argv)
     rounds, budget = (3, 0.02) if args.quick else (9, 0.25)
-    rows = [measure(case, rounds, budget) for case in core.cases()]
+    rows = []
+    if args.only in (None, "core"):
+        rows += [measure(case, rounds, budget) for case in core.cases()]
+    if args.only in (None, "celery"):
+        if redis_reachable():
+            rows += celery_e2e.rows(quick=args.quick)
+        else:
+            print("Redis is not reachable on 127.0.0.1:6379: the Celery rows are skipped\n")
     print(table(rows))
-    print(f"\nmedians of {rounds} alternating rounds; Python {sys.version.split()[0]}")
+    print(
+        f"\nin-process rows: medians of {rounds} alternating rounds; Celery rows: medians of "
+        f"{1 if args.quick else 3} rounds, one prefork worker; Python {sys.version.split()[0]}"
+    )
     args.output.write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
     missed = [r.name for r in rows if r.met is False]
     if missed:

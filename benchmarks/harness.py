@@ -75,7 +75,7 @@ def measure(case: Case, rounds: int, budget_s: float) -> Row:
 def table(rows: list[Row]) -> str:
     """Render rows as a Markdown table."""
     lines = [
-        "| benchmark | tidings | baseline | ratio (baseline / tidings) | target |",
+        "| benchmark | tidings | baseline | ratio (in tidings' favour) | target |",
         "|---|---:|---:|---:|---|",
     ]
     for row in rows:

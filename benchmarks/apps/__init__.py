@@ -1,0 +1,1 @@
+"""Worker applications the end-to-end benchmarks run as real processes."""
