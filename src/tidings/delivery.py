@@ -121,9 +121,11 @@ class Dispatcher:
     def dispatch_many(self, messages: Sequence[Received]) -> list[Outcome]:
         """Deliver several messages, one :class:`Outcome` each, in order.
 
-        With an inbox that has the :class:`~tidings.ports.BatchInbox` capability, every
-        (handler, event) pair of the batch is claimed in one round trip and settled in one
-        more; otherwise each pair passes the inbox's ``guard`` on its own.
+        With an inbox that has the :class:`~tidings.ports.BatchInbox` capability and several
+        events, every (handler, event) pair is claimed in one round trip and settled in one more
+        after the last handler; a worker crash in between repeats the effects of the handlers
+        that had finished (at least once, per batch). Otherwise each pair passes the inbox's
+        ``guard`` on its own and is marked done as soon as its handler returns.
         """
         outcomes: list[Outcome | None] = []
         work: list[tuple[Received, DomainEvent, tuple[Handler, ...]]] = []
@@ -136,7 +138,10 @@ class Dispatcher:
                 work.append((received, *found))
         inbox = self.inbox
         batch = None
-        if isinstance(inbox, BatchInbox) and work:
+        # One event's handlers pass the inbox one by one, each marked done as it returns, so a
+        # crash in a later handler repeats none of the earlier ones. Claiming in bulk pays off
+        # for several events; a crash then repeats the effects of the batch's finished handlers.
+        if isinstance(inbox, BatchInbox) and len(work) > 1:
             pairs = [(h.name, event.event_id) for _, event, handlers in work for h in handlers]
             batch = _Batch(iter(inbox.claim_many(pairs)))
         try:

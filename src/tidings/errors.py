@@ -13,6 +13,7 @@ __all__ = [
     "InboxBusyError",
     "PayloadTooDeepError",
     "PayloadTooLargeError",
+    "PublishError",
     "TidingsError",
     "UnknownEventTypeError",
     "UsageError",
@@ -101,3 +102,10 @@ class InboxBusyError(TidingsError):
     def __init__(self, message: str, *, retry_after: float) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class PublishError(TidingsError):
+    """The broker did not accept every event of a publish; send them again.
+
+    Some may have been accepted: sending again is safe, because handlers run behind an inbox.
+    """

@@ -89,7 +89,8 @@ class BatchInbox(Protocol):
     ``claim_many`` claims every pair at once (same rules as ``guard``, answered per pair);
     ``settle`` then marks the claims whose handlers succeeded done and releases those whose
     handlers failed. Claims not settled expire like any claim. A worker handling a batch of
-    events uses it to pay two round trips per batch instead of two per event.
+    events uses it to pay two round trips per batch instead of two per event; the price is that
+    a crash before ``settle`` repeats the effects of the batch's handlers that had finished.
     """
 
     def claim_many(self, pairs: Sequence[tuple[str, str]]) -> list[Claim]:
@@ -195,11 +196,17 @@ class Transport(Protocol):
     - ``subscribed(handler)`` is called for every handler of the bus, including those
       subscribed before ``bind``; it raises if the transport cannot honour the handler's
       configuration (a retry delay it cannot schedule safely, say).
-    - ``send(events)`` returns once the broker accepted every event, and is thread-safe. If it
-      raises, events may have been sent up to the failing one, never an event whose encoding
-      failed; the caller may send again (the inbox makes duplicates harmless).
+    - ``send(events)`` returns once the broker accepted every event, and is thread-safe. It
+      encodes every event before sending any (an :class:`~tidings.errors.EventEncodeError`
+      sends nothing); when the broker does not accept them it raises
+      :class:`~tidings.errors.PublishError`, and events up to the failing one may have been
+      sent: the caller sends again (the inbox makes duplicates harmless).
     - ``close()`` releases the transport's connections; a later ``send`` opens them again
-      (so a process may close its transport when idle, as it may close a database pool).
+      (so a process may close its transport when idle, as it may close a database pool). It is
+      idempotent, thread-safe, and harmless before any send.
+    - What else a transport promises (per-publisher order, fan-out to several services,
+      batching, redelivery after a crash) it declares as ``Features`` in its conformance test
+      (:mod:`tidings.testing.transport`).
     """
 
     name: str

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from tidings.codec import Codec, default_codec
 from tidings.delivery import Dispatcher, Received
-from tidings.errors import UsageError
+from tidings.errors import PublishError, UsageError
 from tidings.events import DomainEvent
 from tidings.ports import DeadLetter, DeadLetterStore, Inbox
 from tidings.retry import RetryPolicy
@@ -197,16 +197,29 @@ class CeleryTransport:
         bodies = [self.codec.encode(event).decode() for event in events]
         with self._send_lock:
             if self._producer is None:
-                self._connection = self.app.connection_for_write()
+                # Publisher confirms on AMQP: a publish waits for the broker's ack and raises on
+                # a nack, so send() returns only once the broker accepted every message.
+                self._connection = self.app.connection_for_write(
+                    transport_options={"confirm_publish": True}
+                )
                 self._producer = self.app.amqp.Producer(self._connection)
             producer = self._producer
-            for queue in self.publish_to:
-                if len(bodies) == 1:
-                    self._deliver.apply_async(args=(bodies[0],), queue=queue, producer=producer)
-                    continue
-                for start in range(0, len(bodies), self.batch_size):
-                    chunk = bodies[start : start + self.batch_size]
-                    self._deliver_batch.apply_async(args=(chunk,), queue=queue, producer=producer)
+            try:
+                for queue in self.publish_to:
+                    if len(bodies) == 1:
+                        self._deliver.apply_async(args=(bodies[0],), queue=queue, producer=producer)
+                        continue
+                    for start in range(0, len(bodies), self.batch_size):
+                        chunk = bodies[start : start + self.batch_size]
+                        self._deliver_batch.apply_async(
+                            args=(chunk,), queue=queue, producer=producer
+                        )
+            except Exception as exc:
+                msg = (
+                    f"the broker did not accept all of {len(bodies)} event(s) ({exc!r}); send "
+                    "them again: handlers' inboxes make the ones already sent harmless"
+                )
+                raise PublishError(msg) from exc
 
     def replay(self, letter: DeadLetter) -> None:
         """Send a dead letter back to its queue, to its handler only when it names one."""
