@@ -1,4 +1,4 @@
-"""The ``tidings`` command: ``tidings demo`` and ``tidings dlq`` (later ``relay``).
+"""The ``tidings`` command: ``demo``, ``dlq``, ``relay``, ``outbox status`` and ``worker``.
 
 It needs the ``cli`` extra (click and rich). Without it, :func:`main` prints one line naming
 the extra to install and exits with status 2. Importing this module only defines things; click,
@@ -74,6 +74,10 @@ def make_cli() -> click.Group:
     from tidings.cli_dlq import make_dlq_group  # noqa: PLC0415 - needs click, like this function
 
     tidings.add_command(make_dlq_group())
+    from tidings.cli_outbox import make_outbox_group, make_relay_command  # noqa: PLC0415
+
+    tidings.add_command(make_relay_command())
+    tidings.add_command(make_outbox_group())
     return tidings
 
 

@@ -1,0 +1,324 @@
+"""Writing to the outbox inside the business transaction: ``Outbox``, aggregates, session hook."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from tidings.codec import Codec, default_codec
+from tidings.errors import UsageError
+from tidings.events import DomainEvent
+from tidings.outbox._table import (
+    EVENT_ID_LENGTH,
+    KEY_LENGTH,
+    as_utc,
+    check_dialect,
+    orm,
+    outbox_table,
+    sa,
+    utcnow,
+)
+
+__all__ = [
+    "AggregateRoot",
+    "Outbox",
+    "OutboxStatus",
+    "PartitionLag",
+    "default_partition_key",
+    "install_session_hook",
+]
+
+_PENDING = "_tidings_recorded_events"
+_HELD = "tidings_recorded_aggregates"
+
+
+def default_partition_key(event: DomainEvent) -> str:
+    """Return the key whose order the relay keeps for ``event``.
+
+    It is ``str(event.aggregate_id)`` if the event has that field and it is not ``None``, else
+    the ``event_type`` (so events without an aggregate keep their order per type).
+    """
+    aggregate_id = getattr(event, "aggregate_id", None)
+    return type(event).event_type if aggregate_id is None else str(aggregate_id)
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionLag:
+    """How far one partition key is behind: unpublished rows and the age of the oldest."""
+
+    partition_key: str
+    pending: int
+    oldest_age: float
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxStatus:
+    """What waits in the outbox.
+
+    Attributes:
+        pending: unpublished rows.
+        oldest_age: the oldest unpublished row's age in seconds; ``None`` when nothing waits.
+        partitions: the partition keys furthest behind, oldest first.
+    """
+
+    pending: int
+    oldest_age: float | None
+    partitions: tuple[PartitionLag, ...]
+
+
+class Outbox:
+    """The outbox table and how events get into it, in the caller's transaction.
+
+    Args:
+        metadata: the application's ``MetaData`` to define the table on (so Alembic sees it);
+            a private one if omitted. A table of that name already on it is reused.
+        table_name: the table's name; it is also the PostgreSQL NOTIFY channel.
+        codec: encodes events into CloudEvents envelopes (the default codec if omitted).
+        partition_key: the key an event's order is kept by, when ``add`` is not given one
+            (default :func:`default_partition_key`).
+
+    ``add`` writes in the caller's transaction and commits nothing: the events are stored if
+    and only if that transaction commits. On PostgreSQL it also issues ``NOTIFY <table_name>``,
+    which PostgreSQL delivers only at commit, to wake relays at once. Thread-safe: it holds no
+    mutable state.
+    """
+
+    def __init__(
+        self,
+        metadata: sa.MetaData | None = None,
+        *,
+        table_name: str = "tidings_outbox",
+        codec: Codec | None = None,
+        partition_key: Callable[[DomainEvent], str] = default_partition_key,
+    ) -> None:
+        metadata = sa.MetaData() if metadata is None else metadata
+        existing = metadata.tables.get(table_name)
+        self.table = outbox_table(metadata, table_name) if existing is None else existing
+        self.channel = table_name
+        self.codec = default_codec if codec is None else codec
+        self.partition_key = partition_key
+        self._insert = sa.insert(self.table)
+        self._notify = sa.select(sa.func.pg_notify(sa.literal(self.channel), sa.literal("")))
+
+    def create_tables(self, engine: sa.Engine) -> None:
+        """Create the table and its indexes if missing (use a migration in production)."""
+        self.table.create(engine, checkfirst=True)
+
+    def drop_tables(self, engine: sa.Engine) -> None:
+        """Drop the table if present (tests, teardown)."""
+        self.table.drop(engine, checkfirst=True)
+
+    def rows(
+        self, events: Iterable[DomainEvent], partition_key: str | None
+    ) -> list[dict[str, Any]]:
+        """Encode ``events`` into table rows (what ``add`` inserts).
+
+        Raises:
+            EventEncodeError: an event has a field with no JSON form.
+            UsageError: not a ``DomainEvent``, or a key or event id longer than its column.
+        """
+        rows = []
+        for event in events:
+            if not isinstance(event, DomainEvent):
+                msg = f"Outbox.add takes DomainEvent instances, not {type(event).__name__}"
+                raise UsageError(msg)
+            key = self.partition_key(event) if partition_key is None else partition_key
+            if len(key) > KEY_LENGTH or len(event.event_id) > EVENT_ID_LENGTH:
+                msg = (
+                    f"the outbox keeps partition keys up to {KEY_LENGTH} and event ids up to "
+                    f"{EVENT_ID_LENGTH} characters: shorten {key[:40]!r} / {event.event_id[:40]!r}"
+                )
+                raise UsageError(msg)
+            rows.append(
+                {
+                    "event_id": event.event_id,
+                    "event_type": type(event).event_type,
+                    "partition_key": key,
+                    "payload": self.codec.encode(event).decode("utf-8"),
+                    "created_at": datetime.now(UTC),
+                    "attempts": 0,
+                }
+            )
+        return rows
+
+    def add(
+        self,
+        target: orm.Session | sa.Connection,
+        *events: DomainEvent,
+        partition_key: str | None = None,
+    ) -> None:
+        """Store ``events`` in the transaction of ``target`` (a ``Session`` or ``Connection``).
+
+        Nothing is committed here; a rollback of that transaction leaves no row. Events keep
+        their order (ids ascend in argument order). ``partition_key`` overrides the outbox's
+        key function for these events.
+
+        Raises:
+            EventEncodeError, UsageError: see :meth:`rows`; nothing is written then.
+            sqlalchemy.exc.IntegrityError: an event id is already in the outbox.
+        """
+        connection = target.connection() if isinstance(target, orm.Session) else target
+        dialect = connection.dialect.name
+        check_dialect(dialect)
+        rows = self.rows(events, partition_key)
+        if not rows:
+            return
+        for row in rows:
+            row["created_at"] = utcnow(dialect)
+        connection.execute(self._insert, rows)
+        if dialect == "postgresql":
+            connection.execute(self._notify)
+
+    async def add_async(
+        self, target: Any, *events: DomainEvent, partition_key: str | None = None
+    ) -> None:
+        """:meth:`add` for an ``AsyncSession`` or ``AsyncConnection`` (same contract).
+
+        Needs SQLAlchemy's asyncio extra (greenlet) and an async driver.
+        """
+        from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession  # noqa: PLC0415
+
+        if isinstance(target, AsyncSession):
+            target = await target.connection()
+        if not isinstance(target, AsyncConnection):
+            msg = f"add_async takes an AsyncSession or AsyncConnection, not {type(target).__name__}"
+            raise UsageError(msg)
+        dialect = target.dialect.name
+        check_dialect(dialect)
+        rows = self.rows(events, partition_key)
+        if not rows:
+            return
+        for row in rows:
+            row["created_at"] = utcnow(dialect)
+        await target.execute(self._insert, rows)
+        if dialect == "postgresql":
+            await target.execute(self._notify)
+
+    def status(self, engine: sa.Engine, *, partitions: int = 20) -> OutboxStatus:
+        """Report pending rows, the oldest one's age and the ``partitions`` keys furthest behind."""
+        table = self.table
+        pending = table.c.published_at.is_(None)
+        total = sa.select(sa.func.count(), sa.func.min(table.c.created_at)).where(pending)
+        per_key = (
+            sa.select(table.c.partition_key, sa.func.count(), sa.func.min(table.c.created_at))
+            .where(pending)
+            .group_by(table.c.partition_key)
+            .order_by(sa.func.min(table.c.created_at), table.c.partition_key)
+            .limit(partitions)
+        )
+        now = datetime.now(UTC)
+        with engine.connect() as connection:
+            count, oldest = connection.execute(total).one()
+            lags = tuple(
+                PartitionLag(key, n, (now - as_utc(first)).total_seconds())
+                for key, n, first in connection.execute(per_key)
+            )
+        age = None if oldest is None else (now - as_utc(oldest)).total_seconds()
+        return OutboxStatus(int(count), age, lags)
+
+    def purge(self, engine: sa.Engine, *, published_before: datetime) -> int:
+        """Delete published rows published before ``published_before`` (aware); return how many.
+
+        Unpublished rows are never deleted here.
+        """
+        dialect = engine.dialect.name
+        cutoff = published_before.astimezone(UTC)
+        if dialect != "postgresql":
+            cutoff = cutoff.replace(tzinfo=None)
+        statement = sa.delete(self.table).where(
+            self.table.c.published_at.is_not(None), self.table.c.published_at < cutoff
+        )
+        with engine.begin() as connection:
+            return connection.execute(statement).rowcount
+
+
+class AggregateRoot:
+    """A mixin for aggregates (ORM-mapped or not) that record the events their changes raise.
+
+    ``record`` keeps an event on the instance; ``pull_events`` hands them over once. With
+    :func:`install_session_hook`, a session writes the recorded events of every aggregate it
+    holds to the outbox when it flushes, in the same transaction, so application code only
+    changes aggregates and commits. Not thread-safe (neither are sessions or their objects).
+    """
+
+    def record(self, event: DomainEvent) -> None:
+        """Keep ``event`` until it is pulled (by the session hook, at the next flush)."""
+        pending: list[DomainEvent] | None = self.__dict__.get(_PENDING)
+        if pending is None:
+            pending = []
+            object.__setattr__(self, _PENDING, pending)
+            try:
+                session = orm.object_session(self)
+            except orm.exc.UnmappedInstanceError:
+                session = None
+            if session is not None:
+                # The identity map holds unchanged objects weakly: keep this one until flushed.
+                session.info.setdefault(_HELD, []).append(self)
+        pending.append(event)
+
+    def pull_events(self) -> list[DomainEvent]:
+        """Return the recorded events, oldest first, and forget them."""
+        pending: list[DomainEvent] = self.__dict__.pop(_PENDING, None) or []
+        return pending
+
+    def outbox_partition_key(self) -> str | None:
+        """Return the partition key of this aggregate's events.
+
+        It is the primary key if the class is mapped (parts joined with ``:``), else ``None``
+        (the outbox's key function decides). Override to choose another.
+        """
+        try:
+            mapper = sa.inspect(type(self))
+        except sa.exc.NoInspectionAvailable:
+            return None
+        values = mapper.primary_key_from_instance(self)
+        if any(value is None for value in values):
+            return None
+        return ":".join(str(value) for value in values)
+
+
+def _write_recorded(session: orm.Session, outbox: Outbox) -> None:
+    # New objects are not in the identity map until the flush is over.
+    held: list[object] = session.info.pop(_HELD, [])
+    candidates: list[object] = [*held, *session.new, *session.identity_map.values()]
+    seen: set[int] = set()
+    for candidate in candidates:
+        if not isinstance(candidate, AggregateRoot) or id(candidate) in seen:
+            continue
+        seen.add(id(candidate))
+        events = candidate.pull_events()
+        if events:
+            outbox.add(session, *events, partition_key=candidate.outbox_partition_key())
+
+
+def install_session_hook(target: Any, outbox: Outbox) -> Callable[[], None]:
+    """Make sessions of ``target`` write aggregates' recorded events to ``outbox``.
+
+    ``target`` is a ``sessionmaker``, a ``Session`` subclass or instance (for ``AsyncSession``
+    pass its ``sync_session_class``, or ``Session``). Events are written after each flush,
+    once the aggregate's own INSERT or UPDATE ran (so a new aggregate has its id for the
+    partition key, and an updated one holds its row lock before its outbox ids are taken), and
+    before commit for aggregates that recorded events without changing a column. Every flush
+    scans the session's objects: sessions of a few thousand objects are fine.
+
+    Returns:
+        a function that removes the hook.
+    """
+
+    def after_flush(session: orm.Session, context: Any) -> None:
+        _write_recorded(session, outbox)
+
+    def before_commit(session: orm.Session) -> None:
+        session.flush()
+        _write_recorded(session, outbox)
+
+    sa.event.listen(target, "after_flush", after_flush)
+    sa.event.listen(target, "before_commit", before_commit)
+
+    def remove() -> None:
+        sa.event.remove(target, "after_flush", after_flush)
+        sa.event.remove(target, "before_commit", before_commit)
+
+    return remove

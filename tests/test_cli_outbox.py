@@ -1,0 +1,85 @@
+import sqlalchemy as sa
+from click.testing import CliRunner
+
+from tidings.cli import make_cli
+from tidings.outbox import Outbox
+from tidings.testing.outbox import Probe
+
+PUBLISHED: list[str] = []
+
+
+def publish(events):
+    PUBLISHED.extend(event.event_id for event in events)
+
+
+def _outbox(tmp_path, *events):
+    url = f"sqlite:///{tmp_path / 'outbox.db'}"
+    engine = sa.create_engine(url)
+    outbox = Outbox()
+    outbox.create_tables(engine)
+    with engine.begin() as connection:
+        outbox.add(connection, *events)
+    engine.dispose()
+    return url
+
+
+def test_status_shows_pending_oldest_and_partitions(tmp_path):
+    """`outbox status` prints the pending count, the oldest age and each key's lag."""
+    url = _outbox(
+        tmp_path, Probe(aggregate_id="a"), Probe(aggregate_id="a"), Probe(aggregate_id="b")
+    )
+    result = CliRunner().invoke(make_cli(), ["outbox", "status", "--db", url])
+    assert result.exit_code == 0, result.output
+    assert "pending: 3" in result.output
+    assert "oldest: " in result.output
+    rows = [line.split() for line in result.output.splitlines()]
+    assert ["a", "2", "0.0"] in rows
+    assert ["b", "1", "0.0"] in rows
+
+
+def test_status_of_an_empty_outbox(tmp_path):
+    """An empty outbox reports zero pending and no age."""
+    result = CliRunner().invoke(make_cli(), ["outbox", "status", "--db", _outbox(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == "pending: 0  oldest: -"
+
+
+def test_relay_once_publishes_through_the_named_function(tmp_path):
+    """`relay --once` drains the outbox through --transport module:attribute, then exits."""
+    events = [Probe(aggregate_id="a", seq=n) for n in range(3)]
+    url = _outbox(tmp_path, *events)
+    PUBLISHED.clear()
+    args = ["relay", "--db", url, "--transport", "test_cli_outbox:publish", "--once"]
+    result = CliRunner().invoke(make_cli(), args)
+    assert result.exit_code == 0, result.output
+    assert "Relayed 3 events." in result.output
+    assert [event.event_id for event in events] == PUBLISHED
+    status = CliRunner().invoke(make_cli(), ["outbox", "status", "--db", url])
+    assert "pending: 0" in status.output
+
+
+def test_relay_memory_transport_drains(tmp_path):
+    """`--transport memory://` relays into an in-process bus (no handlers)."""
+    url = _outbox(tmp_path, Probe())
+    result = CliRunner().invoke(
+        make_cli(), ["relay", "--db", url, "--transport", "memory://", "--once"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "Relayed 1 events." in result.output
+
+
+def test_relay_and_status_explain_missing_or_bad_options(tmp_path):
+    """No --db, a URL as --transport, or a missing table: one-line errors, no traceback."""
+    runner = CliRunner()
+    no_db = runner.invoke(make_cli(), ["outbox", "status"], env={"TIDINGS_OUTBOX_DB": ""})
+    assert no_db.exit_code == 2
+    assert "--db URL" in no_db.output
+    bad = runner.invoke(make_cli(), ["relay", "--db", "sqlite://", "--transport", "redis://x"])
+    assert bad.exit_code == 2
+    assert "module:attribute" in bad.output
+    missing = runner.invoke(
+        make_cli(), ["outbox", "status", "--db", f"sqlite:///{tmp_path / 'none.db'}"]
+    )
+    assert missing.exit_code == 1
+    assert "the outbox database failed" in missing.output
+    assert "Traceback" not in missing.output
