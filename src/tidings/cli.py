@@ -78,6 +78,9 @@ def make_cli() -> click.Group:
 
     tidings.add_command(make_relay_command())
     tidings.add_command(make_outbox_group())
+    from tidings.cli_worker import make_worker_command  # noqa: PLC0415 - needs click
+
+    tidings.add_command(make_worker_command())
     return tidings
 
 

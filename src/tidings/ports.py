@@ -180,7 +180,11 @@ class Replayer(Protocol):
     """
 
     def replay(self, letter: DeadLetter) -> None:
-        """Publish ``letter.body`` again to ``letter.destination``."""
+        """Publish ``letter.body`` again so that it reaches ``letter.destination``'s consumers.
+
+        Where other services read that destination too, it reaches only the service that
+        dead-lettered it.
+        """
         ...
 
 

@@ -353,7 +353,10 @@ class TransportHarness(Protocol):
         ...
 
     def publisher_bus(self, services: Sequence[str] = (MAIN,)) -> EventBus:
-        """Return a new bus whose transport publishes to the consumers of ``services``.
+        """Return a new bus whose transport publishes to (at least) the consumers of ``services``.
+
+        A transport whose every service reads every topic (Redis Streams consumer groups)
+        cannot aim at fewer.
 
         The bus has no handlers of its own; it is closed by :meth:`close` at the latest.
         """

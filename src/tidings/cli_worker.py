@@ -1,0 +1,122 @@
+"""``tidings worker``: run a service's Redis Streams consumers until SIGTERM or SIGINT.
+
+:func:`tidings.cli.make_cli` attaches the command; this module is imported only then, so click
+(the ``cli`` extra) is imported at the top. ``--app module:attribute`` names the composition
+root's :class:`~tidings.EventBus` (or its transport) in the operator's code: the only thing
+imported, and it comes from the command line, never from a message.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+from urllib.parse import urlsplit
+
+import click
+
+from tidings.bus import EventBus
+from tidings.errors import TidingsError
+
+__all__ = ["make_worker_command"]
+
+
+def _load_bus(spec: str) -> EventBus:
+    """Import ``module:attribute`` and return the EventBus it names."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        msg = f"--app takes module:attribute, e.g. myproject.wiring:bus, not {spec!r}"
+        raise click.UsageError(msg)
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())  # after installed packages, so nothing there is shadowed
+    try:
+        target: object = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            target = getattr(target, part)
+    except ImportError as exc:
+        msg = f"cannot import {module_name!r} for --app ({exc}): is it on PYTHONPATH?"
+        raise click.ClickException(msg) from exc
+    except Exception as exc:  # the module may raise anything
+        msg = f"loading --app {spec} failed: {type(exc).__name__}: {exc}"
+        raise click.ClickException(msg) from exc
+    if not isinstance(target, EventBus):
+        msg = f"--app {spec} is a {type(target).__name__}, not an EventBus: point it at your bus"
+        raise click.ClickException(msg)
+    return target
+
+
+def make_worker_command() -> click.Command:
+    """Return the ``worker`` click command."""
+
+    @click.command(name="worker")
+    @click.option(
+        "--app",
+        "app",
+        required=True,
+        metavar="MODULE:ATTRIBUTE",
+        help="Your EventBus, whose transport is a RedisStreamsTransport with the handlers "
+        "subscribed; the current directory is searched after installed packages.",
+    )
+    @click.option(
+        "--transport",
+        "transport_url",
+        envvar="TIDINGS_TRANSPORT_URL",
+        metavar="URL",
+        help="redis://HOST:PORT/DB to consume from, replacing the client the bus's transport "
+        "was built with (default: that client). Env: TIDINGS_TRANSPORT_URL.",
+    )
+    @click.option(
+        "--concurrency",
+        type=click.IntRange(min=1),
+        default=1,
+        show_default=True,
+        help="Consumers (threads) handling batches at the same time.",
+    )
+    @click.option(
+        "--loglevel",
+        type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+        default="INFO",
+        show_default=True,
+    )
+    def worker(app: str, transport_url: str | None, concurrency: int, loglevel: str) -> None:
+        """Consume the bus's streams until SIGTERM or SIGINT, then finish the batch and exit.
+
+        Each consumer reads a batch, runs the handlers (inbox, retries, dead letters), and
+        acknowledges it; on a stop signal every consumer finishes and acknowledges its current
+        batch first. Redis being down is waited out with bounded backoff.
+        """
+        from tidings.transports.redis_streams import (  # noqa: PLC0415 - needs redis-py
+            RedisStreamsTransport,
+        )
+
+        logging.basicConfig(
+            level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+        bus = _load_bus(app)
+        transport = bus.transport
+        if not isinstance(transport, RedisStreamsTransport):
+            msg = (
+                f"the bus of --app {app} has transport {type(transport).__name__}, not a "
+                "RedisStreamsTransport; Celery transports run under `celery worker`"
+            )
+            raise click.ClickException(msg)
+        if transport_url is not None:
+            if urlsplit(transport_url).scheme not in ("redis", "rediss", "unix"):
+                msg = f"--transport takes a redis:// or rediss:// URL, not {transport_url!r}"
+                raise click.UsageError(msg)
+            import redis  # noqa: PLC0415 - present: the transport module imported it
+
+            transport.client = redis.Redis.from_url(transport_url)
+        click.echo(
+            f"tidings worker: service {transport.service}, {concurrency} consumer(s), "
+            f"streams {', '.join(transport.streams().read)}",
+            err=True,
+        )
+        try:
+            transport.run_forever(concurrency=concurrency)
+        except TidingsError as exc:  # no handlers, not bound: a fix the operator can make
+            raise click.ClickException(str(exc)) from exc
+        click.echo("tidings worker: stopped", err=True)
+
+    return worker

@@ -1,0 +1,304 @@
+"""One consumer of the Redis Streams transport: read, dispatch, acknowledge, reclaim, retry.
+
+The rules of delivery (decode, inbox, handler, retry policy, dead letters) live in
+:class:`~tidings.delivery.Dispatcher`; this module only moves entries: it reads a batch, hands
+it to ``dispatch_many``, stores the redeliveries the dispatcher asks for, then acknowledges the
+batch. Anything that fails before the acknowledgement (Redis, the inbox, the dead-letter store)
+leaves the batch pending, and it is reclaimed after ``claim_idle``. Redis errors never end the
+loop: it waits with bounded exponential backoff (0.1 s doubling to 5 s, with jitter) and goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Final
+
+import redis
+
+from tidings.delivery import Dispatcher, Outcome, Received
+from tidings.ports import DeadLetter
+from tidings.transports._streams_scripts import MOVE_DUE
+
+if TYPE_CHECKING:
+    from tidings.transports.redis_streams import RedisStreamsTransport
+
+__all__ = ["ATTEMPT", "ENVELOPE", "GROUP", "HANDLER", "StreamConsumer", "Streams"]
+
+log = logging.getLogger("tidings.streams")
+
+ENVELOPE: Final = "envelope"
+HANDLER: Final = "tidings_handler"
+ATTEMPT: Final = "tidings_attempt"
+GROUP: Final = "tidings_group"
+ENTRY_ID: Final = "tidings_stream_id"
+# Unacknowledged deliveries of the event before this entry: a redelivery of an entry that was
+# reclaimed (a handler waiting on a crashed worker's inbox claim, say) carries them, so that a
+# poison event cannot reset its delivery count by becoming a new entry.
+DELIVERIES: Final = "tidings_deliveries"
+_RETRY_ID: Final = "tidings_retry_id"
+_LOCAL: Final = (HANDLER, ATTEMPT, GROUP, ENTRY_ID, _RETRY_ID)
+_BACKOFF_FIRST, _BACKOFF_MAX = 0.1, 5.0
+
+Entry = tuple[str, str, dict[bytes, bytes]]
+"""(stream, entry id, fields) as read."""
+
+
+@dataclass(frozen=True, slots=True)
+class Streams:
+    """The keys one service's workers use.
+
+    Attributes:
+        group: the consumer group (the service's name) on every stream.
+        topics: the streams events are published to that the service reads.
+        redeliver: the service's own stream of redeliveries (retries and replays).
+        retry: the sorted set where redeliveries wait until due.
+    """
+
+    group: str
+    topics: tuple[str, ...]
+    redeliver: str
+    retry: str
+
+    @property
+    def read(self) -> tuple[str, ...]:
+        """Every stream the service's group reads."""
+        return (*self.topics, self.redeliver)
+
+
+class StreamConsumer:
+    """One consumer (one thread) of a service's group; :meth:`run` loops until ``stop``."""
+
+    def __init__(
+        self,
+        transport: RedisStreamsTransport,
+        dispatcher: Dispatcher,
+        streams: Streams,
+        name: str,
+        stop: threading.Event,
+    ) -> None:
+        self.transport, self.dispatcher, self.streams = transport, dispatcher, streams
+        self.name, self.stop = name, stop
+        self.redis: Any = transport.client  # redis-py's stream replies are loosely typed
+        self._move_due = transport.client.register_script(MOVE_DUE)
+        self._idle_ms = max(1, round(transport.claim_idle * 1000))
+
+    def run(self) -> None:
+        """Consume until ``stop`` is set; finish and acknowledge the current batch first."""
+        delay, ready = _BACKOFF_FIRST, False
+        next_claim = next_trim = time.monotonic()
+        while not self.stop.is_set():
+            try:
+                if not ready:
+                    self._ensure_groups()
+                    ready = True
+                wait_ms = self._move_due_retries()
+                now = time.monotonic()
+                if now >= next_claim:
+                    self._reclaim()
+                    next_claim = now + max(0.05, self.transport.claim_idle / 2)
+                if self.transport.maxlen is not None and now >= next_trim:
+                    for stream in self.streams.read:
+                        self.transport.trim(stream)
+                    next_trim = now + self.transport.trim_interval
+                entries = self._read(wait_ms)
+                if entries:
+                    self._handle(entries)
+                delay = _BACKOFF_FIRST
+            except Exception as exc:  # nothing may end the loop but stop
+                if isinstance(exc, redis.ResponseError) and "NOGROUP" in str(exc):
+                    ready = False  # the stream or group vanished (a Redis without persistence)
+                if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+                    log.warning("Redis unreachable (%r); retrying in %.1f s", exc, delay)
+                else:
+                    log.exception("consumer %s failed; retrying in %.1f s", self.name, delay)
+                self.stop.wait(delay * (1 - 0.2 * random.random()))  # noqa: S311 - spreading
+                delay = min(_BACKOFF_MAX, delay * 2)
+        self._leave()
+
+    # -- the steps ---------------------------------------------------------------------------
+
+    def _ensure_groups(self) -> None:
+        for stream in self.streams.read:
+            try:
+                self.redis.xgroup_create(stream, self.streams.group, id="0", mkstream=True)
+            except redis.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    def _move_due_retries(self) -> int:
+        """Move due redeliveries to the redelivery stream; return ms until the next is due."""
+        keys = [self.streams.retry, self.streams.redeliver]
+        _, following = self._move_due(keys=keys, args=[time.time(), self.transport.count])
+        block = self.transport.block_ms
+        if following in (b"", ""):
+            return block
+        return max(1, min(block, round((float(following) - time.time()) * 1000)))
+
+    def _read(self, wait_ms: int) -> list[Entry]:
+        reply = self.redis.xreadgroup(
+            self.streams.group,
+            self.name,
+            dict.fromkeys(self.streams.read, ">"),
+            count=self.transport.count,
+            block=wait_ms,
+        )
+        return [
+            (_text(stream), _text(entry_id), fields)
+            for stream, entries in reply or ()
+            for entry_id, fields in entries
+            if fields is not None
+        ]
+
+    def _handle(self, entries: Sequence[Entry], crashes: int = 0) -> None:
+        """Dispatch a batch, store its redeliveries, then acknowledge every entry of it."""
+        messages = [self._received(*e) for e in entries]
+        if crashes:
+            messages = [
+                replace(m, headers={**m.headers, DELIVERIES: str(crashes)}) for m in messages
+            ]
+        outcomes = self.dispatcher.dispatch_many(messages)
+        self._schedule(outcomes)
+        self._ack([(stream, entry_id) for stream, entry_id, _ in entries])
+
+    def _received(self, stream: str, entry_id: str, fields: dict[bytes, bytes]) -> Received:
+        headers = {_text(k): _text(v) for k, v in fields.items() if k != ENVELOPE.encode()}
+        headers[ENTRY_ID], headers[GROUP] = entry_id, self.streams.group
+        handler, attempt = None, 1
+        # Only the service's own stream may aim a delivery at one handler.
+        if stream == self.streams.redeliver and headers.get(HANDLER):
+            handler = headers[HANDLER]
+            attempt = int(headers[ATTEMPT]) if headers.get(ATTEMPT, "").isdigit() else 1
+        body = fields.get(ENVELOPE.encode(), b"")
+        return Received(body, headers, stream, handler, max(1, attempt))
+
+    def _schedule(self, outcomes: Sequence[Outcome]) -> None:
+        retries = [again for outcome in outcomes for again in outcome.retries]
+        if not retries:
+            return
+        now = time.time()
+        with self.redis.pipeline(transaction=False) as pipe:
+            for again in retries:
+                fields = [ENVELOPE, again.body.decode("utf-8", "replace")]
+                fields += [HANDLER, again.handler, ATTEMPT, str(again.attempt)]
+                fields += [_RETRY_ID, uuid.uuid4().hex]
+                for key, value in again.headers.items():
+                    if key not in _LOCAL:
+                        fields += [key, value]
+                pipe.zadd(
+                    self.streams.retry, {json.dumps(fields, ensure_ascii=False): now + again.delay}
+                )
+            pipe.execute()
+
+    def _ack(self, entries: Sequence[tuple[str, str]]) -> None:
+        by_stream: dict[str, list[str]] = {}
+        for stream, entry_id in entries:
+            by_stream.setdefault(stream, []).append(entry_id)
+        with self.redis.pipeline(transaction=False) as pipe:
+            for stream, ids in by_stream.items():
+                pipe.xack(stream, self.streams.group, *ids)
+            pipe.execute()
+
+    def _reclaim(self) -> None:
+        """Take over entries idle longer than ``claim_idle``, one at a time.
+
+        One at a time, because an entry left pending by a dead consumer may be what killed
+        it: claiming (which counts a delivery) and handling each alone keeps the innocent
+        entries of that batch from being counted, and dead-lettered, with the guilty one.
+        An entry delivered more than ``max_deliveries`` times is dead-lettered instead.
+        """
+        for stream in self.streams.read:
+            cursor: Any = "0-0"
+            for _ in range(self.transport.count):
+                if self.stop.is_set():
+                    return
+                reply = self.redis.xautoclaim(
+                    stream,
+                    self.streams.group,
+                    self.name,
+                    min_idle_time=self._idle_ms,
+                    start_id=cursor,
+                    count=1,
+                )
+                cursor = reply[0]
+                for entry_id in reply[2] if len(reply) > 2 else ():
+                    self._report_lost(stream, _text(entry_id))
+                for entry_id, fields in reply[1]:
+                    if fields is not None:
+                        self._take_over((stream, _text(entry_id), fields))
+                if _text(cursor) == "0-0":
+                    break
+
+    def _take_over(self, entry: Entry) -> None:
+        stream, entry_id, _ = entry
+        info = self.redis.xpending_range(stream, self.streams.group, entry_id, entry_id, 1)
+        times = int(info[0]["times_delivered"]) if info else 1
+        carried = entry[2].get(DELIVERIES.encode(), b"0")
+        times += int(carried) if carried.isdigit() else 0
+        log.warning("reclaimed entry %s of %s (delivery %d)", entry_id, stream, times)
+        if times > self.transport.max_deliveries:
+            self._dead_letter_overdelivered(entry, times)
+        else:
+            self._handle([entry], crashes=times - 1)
+
+    def _dead_letter_overdelivered(self, entry: Entry, times: int) -> None:
+        received = self._received(*entry)
+        headers = dict(received.headers)
+        letter = DeadLetter(
+            body=received.body,
+            reason=(
+                f"DeliveryLimitExceeded: entry {entry[1]} was delivered {times} times without "
+                f"being acknowledged (max_deliveries={self.transport.max_deliveries}); its "
+                "handling probably kills or stalls the worker"
+            ),
+            attempts=times - 1,
+            handler=received.handler,
+            event_type=headers.get("tidings_event_type"),
+            event_id=headers.get("tidings_event_id"),
+            headers=headers,
+            transport=self.transport.name,
+            destination=entry[0],
+        )
+        self.transport.dead_letters.add(letter)
+        log.error(
+            "dead-lettered over-delivered entry %s of %s as %s", entry[1], entry[0], letter.id
+        )
+        self._ack([(entry[0], entry[1])])
+
+    def _report_lost(self, stream: str, entry_id: str) -> None:
+        """An entry was deleted (trimmed) while pending: its event may be lost; say so loudly."""
+        log.error(
+            "entry %s of %s was deleted while still pending: its event is lost", entry_id, stream
+        )
+        letter = DeadLetter(
+            body=b"",
+            reason=(
+                f"EntryLost: entry {entry_id} was deleted from {stream} before group "
+                f"{self.streams.group} acknowledged it (trimmed by hand, or maxlen on XADD?); "
+                "the event cannot be recovered from the stream: republish it from its source"
+            ),
+            headers={ENTRY_ID: entry_id, GROUP: self.streams.group},
+            transport=self.transport.name,
+            destination=stream,
+        )
+        self.transport.dead_letters.add(letter)
+
+    def _leave(self) -> None:
+        """Remove this consumer from its groups when it holds nothing pending (best effort)."""
+        try:
+            for stream in self.streams.read:
+                for consumer in self.redis.xinfo_consumers(stream, self.streams.group):
+                    if _text(consumer["name"]) == self.name and not consumer["pending"]:
+                        self.redis.xgroup_delconsumer(stream, self.streams.group, self.name)
+        except redis.RedisError as exc:
+            log.info("consumer %s left without deregistering (%r)", self.name, exc)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value

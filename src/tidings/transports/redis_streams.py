@@ -1,0 +1,295 @@
+"""``RedisStreamsTransport``: events as Redis stream entries, consumed by groups, once in effect.
+
+**Layout.** Each event goes to one stream, ``{stream_prefix}:{route(event class)}``; by default
+the route is the event type, so there is a stream per type. An entry's fields are ``envelope``
+(the CloudEvents JSON bytes, see :mod:`tidings.codec`) and, for logging and routing only,
+``tidings_event_type``, ``tidings_event_id``, ``tidings_correlation_id``,
+``tidings_causation_id`` and ``tidings_tenant_id`` (when set). Workers never trust the headers:
+the envelope is decoded and validated.
+
+**Services and workers.** Every consuming service has one consumer group per stream, named
+after the service, so each service receives every event, and the workers of a service share the
+load (each worker thread is a consumer of its own). A group is created at the start of the
+stream (id ``0``), so events published before a service's first worker started are not missed.
+
+**At least once, effect once.** A worker reads up to ``count`` entries at once
+(``XREADGROUP ... BLOCK block_ms``), hands them to the :class:`~tidings.delivery.Dispatcher`
+(decode → inbox → handler, with retries and dead letters: the same rules as the Celery
+transport), and acknowledges them in one pipelined ``XACK`` only after the dispatcher returned,
+that is after every handler succeeded, was scheduled for a retry, or was dead-lettered. A worker
+that dies keeps its entries pending; after ``claim_idle`` seconds any worker of the service
+reclaims them (``XAUTOCLAIM``). An entry delivered more than ``max_deliveries`` times (its
+handler kills the worker, say) is dead-lettered and acknowledged.
+
+**Retries.** A failed handler is tried again alone: the redelivery (envelope, handler, attempt)
+waits in the sorted set ``{stream_prefix}:{service}:retry``, scored by its due time, and when due
+is moved atomically into the service's own stream ``{stream_prefix}:{service}:redeliver``, which
+only that service's group reads. The original entry is acknowledged after the redelivery was
+stored.
+
+**Trimming** is never done on publish; see :mod:`tidings.transports._streams_scripts` for how
+:meth:`RedisStreamsTransport.trim` (run by workers every ``trim_interval`` when ``maxlen`` is
+set) keeps every entry some group still needs.
+
+**Ordering.** Entries of one stream are handled in stream order by one consumer; with several
+consumers (``concurrency`` > 1, or several workers) they overlap. A retried handler runs later.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+
+try:
+    import redis
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    msg = "the Redis Streams transport needs redis-py: pip install 'tidings[redis]'"
+    raise ImportError(msg) from exc
+
+from tidings.bus import EventBus, Handler
+from tidings.codec import Codec, default_codec
+from tidings.delivery import Dispatcher
+from tidings.errors import PublishError, UsageError
+from tidings.events import DomainEvent
+from tidings.ports import DeadLetter, DeadLetterStore, Inbox
+from tidings.retry import RetryPolicy
+from tidings.transports._streams_run import run_consumers, run_until_signalled
+from tidings.transports._streams_scripts import SAFE_TRIM
+from tidings.transports._streams_worker import (
+    ATTEMPT,
+    ENVELOPE,
+    GROUP,
+    HANDLER,
+    Streams,
+)
+
+__all__ = ["RedisStreamsTransport"]
+
+Route = Callable[[type[DomainEvent]], str]
+
+
+def _by_event_type(cls: type[DomainEvent]) -> str:
+    return cls.event_type
+
+
+class RedisStreamsTransport:
+    """Publishes events to Redis streams and runs a service's handlers on them.
+
+    Args:
+        client: a redis-py client returning bytes (``decode_responses=False``); its socket
+            timeout, if any, must be longer than ``block_ms``.
+        service: the consuming service: its consumer group on every stream, and its name in the
+            retry keys. Publishers need it only to replay dead letters.
+        dead_letters: where failures and undecodable entries end (required: nothing is
+            dropped).
+        inbox: the idempotency guard (strongly recommended; ``None`` means at-least-once
+            effects).
+        codec: encodes and decodes envelopes (the default codec if omitted).
+        retry: the policy of handlers without their own.
+        stream_prefix: the first part of every stream and key name.
+        route: event class → topic; the stream is ``{stream_prefix}:{topic}``. Defaults to the
+            event type: a stream per type. Publishers and workers must use the same route.
+        block_ms: longest wait of one read for new entries; also bounds how long a stop takes.
+        count: most entries read, handled and acknowledged as one batch.
+        claim_idle: seconds an entry stays pending with a silent consumer before another
+            consumer of the service reclaims it; choose it longer than the slowest batch.
+        max_deliveries: deliveries of one entry after which it is dead-lettered instead.
+        maxlen: when set, workers trim every stream they read to about this many entries
+            every ``trim_interval`` seconds, never dropping one a group still needs.
+        trim_interval: seconds between two trims of a worker.
+
+    Thread-safe for publishing. Creating it contacts nothing; ``EventBus(transport=...)`` binds
+    it, and :meth:`run` (or ``tidings worker``) consumes.
+    """
+
+    name = "redis-streams"
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        service: str,
+        dead_letters: DeadLetterStore,
+        inbox: Inbox | None = None,
+        codec: Codec | None = None,
+        retry: RetryPolicy | None = None,
+        stream_prefix: str = "tidings:stream",
+        route: Route | None = None,
+        block_ms: int = 2000,
+        count: int = 100,
+        claim_idle: float = 30.0,
+        max_deliveries: int = 5,
+        maxlen: int | None = None,
+        trim_interval: float = 10.0,
+    ) -> None:
+        problems = []
+        if not service or ":" in service:
+            problems.append("service must be a non-empty name without ':'")
+        if block_ms < 1 or count < 1 or max_deliveries < 1:
+            problems.append("block_ms, count and max_deliveries must be >= 1")
+        if claim_idle <= 0 or trim_interval <= 0:
+            problems.append("claim_idle and trim_interval must be positive seconds")
+        if maxlen is not None and maxlen < 1:
+            problems.append("maxlen must be >= 1 (or None: never trim)")
+        if problems:
+            msg = "invalid RedisStreamsTransport: " + "; ".join(problems)
+            raise ValueError(msg)
+        self.client = client
+        self.service = service
+        self.dead_letters = dead_letters
+        self.inbox = inbox
+        self.codec = default_codec if codec is None else codec
+        self.retry = RetryPolicy() if retry is None else retry
+        self.stream_prefix = stream_prefix
+        self.route: Route = _by_event_type if route is None else route
+        self.block_ms = block_ms
+        self.count = count
+        self.claim_idle = claim_idle
+        self.max_deliveries = max_deliveries
+        self.maxlen = maxlen
+        self.trim_interval = trim_interval
+        self._bus: EventBus | None = None
+        self._dispatcher: Dispatcher | None = None
+        self._trim = client.register_script(SAFE_TRIM)
+
+    # -- wiring -----------------------------------------------------------------------------
+
+    def bind(self, bus: EventBus) -> None:
+        """Attach the bus whose handlers this service's workers run (once)."""
+        if self._bus is not None:
+            msg = "a RedisStreamsTransport serves one EventBus; make one transport per bus"
+            raise UsageError(msg)
+        self._bus = bus
+        self._dispatcher = Dispatcher(
+            bus,
+            dead_letters=self.dead_letters,
+            inbox=self.inbox,
+            codec=self.codec,
+            retry=self.retry,
+            transport=self.name,
+        )
+
+    def subscribed(self, handler: Handler) -> None:
+        """Accept any handler: retries wait in Redis, so no delay is too long for the broker."""
+
+    def stream(self, event_class: type[DomainEvent]) -> str:
+        """Return the stream events of ``event_class`` are published to."""
+        return f"{self.stream_prefix}:{self.route(event_class)}"
+
+    def streams(self, service: str | None = None) -> Streams:
+        """Return the keys a worker of ``service`` (default: this transport's) reads and uses.
+
+        The topic streams are those of every registered event class that one of the bus's
+        handlers receives (a handler of a base class receives its registered subclasses).
+        """
+        service = self.service if service is None else service
+        topics: dict[str, None] = {}
+        if self._bus is not None:
+            registry = self.codec.registry
+            for event_type in registry:
+                cls = registry.get(event_type)
+                if cls is not None and self._bus.handlers_for(cls):
+                    topics[self.stream(cls)] = None
+        base = f"{self.stream_prefix}:{service}"
+        return Streams(
+            group=service,
+            topics=tuple(topics),
+            redeliver=f"{base}:redeliver",
+            retry=f"{base}:retry",
+        )
+
+    # -- publishing -------------------------------------------------------------------------
+
+    def send(self, events: Sequence[DomainEvent]) -> None:
+        """Encode every event first (nothing is sent if one fails), then XADD each, pipelined.
+
+        Raises:
+            EventEncodeError: an event cannot be encoded; nothing was sent.
+            PublishError: Redis refused or could not be reached; entries before the failing
+                one may have been added (send again: the inbox makes duplicates harmless).
+        """
+        entries = [(self.stream(type(event)), _fields(self.codec, event)) for event in events]
+        if not entries:
+            return
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                for stream, fields in entries:
+                    pipe.xadd(stream, fields)  # type: ignore[arg-type]
+                pipe.execute()
+        except redis.RedisError as exc:
+            msg = (
+                f"Redis did not accept all of {len(entries)} event(s) ({exc!r}); send them "
+                "again: handlers' inboxes make the ones already added harmless"
+            )
+            raise PublishError(msg) from exc
+
+    def replay(self, letter: DeadLetter) -> None:
+        """Send a dead letter back to the service that dead-lettered it, and to no other.
+
+        It goes to that service's redelivery stream (from the letter's ``tidings_group``
+        header, else this transport's service), to ``letter.handler`` only when one is named,
+        as attempt 1. ``letter.destination`` names the stream it was first read from.
+        """
+        service = letter.headers.get(GROUP) or self.service
+        fields: dict[str, bytes | str] = {ENVELOPE: letter.body}
+        if letter.handler:
+            fields[HANDLER], fields[ATTEMPT] = letter.handler, "1"
+        self.client.xadd(self.streams(service).redeliver, fields)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        """Close the client's idle pooled connections; a later send opens new ones.
+
+        Connections in use (a consumer blocked in a read, say) are left alone.
+        """
+        self.client.connection_pool.disconnect(inuse_connections=False)
+
+    # -- working ----------------------------------------------------------------------------
+
+    def trim(self, stream: str) -> int:
+        """Trim ``stream`` to about ``maxlen`` entries, keeping every entry a group needs.
+
+        Returns how many entries were removed (0 when ``maxlen`` is ``None``).
+        """
+        if self.maxlen is None:
+            return 0
+        return int(self._trim(keys=[stream], args=[self.maxlen], client=self.client))
+
+    def run(self, stop: threading.Event | None = None, *, concurrency: int = 1) -> None:
+        """Consume with ``concurrency`` consumer threads until ``stop`` is set.
+
+        Each thread is a consumer of the service's group on every stream of :meth:`streams`;
+        on stop each finishes and acknowledges its current batch. Redis being unreachable
+        never ends the run: consumers retry with bounded exponential backoff.
+
+        Raises:
+            UsageError: the transport is not bound to a bus, or the bus has no handlers.
+        """
+        dispatcher = self._dispatcher
+        if dispatcher is None:
+            msg = "create the EventBus with this transport before running a worker"
+            raise UsageError(msg)
+        streams = self.streams()
+        if not streams.topics:
+            msg = "the bus has no handlers of registered events: nothing to consume"
+            raise UsageError(msg)
+        if concurrency < 1:
+            msg = "concurrency must be >= 1"
+            raise ValueError(msg)
+        run_consumers(self, dispatcher, streams, stop, concurrency)
+
+    def run_forever(self, *, concurrency: int = 1) -> None:
+        """Like :meth:`run`, stopping gracefully on SIGTERM or SIGINT (from the main thread)."""
+        run_until_signalled(lambda stop: self.run(stop, concurrency=concurrency))
+
+
+def _fields(codec: Codec, event: DomainEvent) -> dict[str, bytes | str]:
+    fields: dict[str, bytes | str] = {
+        ENVELOPE: codec.encode(event),
+        "tidings_event_type": event.event_type,
+        "tidings_event_id": event.event_id,
+    }
+    for name in ("correlation_id", "causation_id", "tenant_id"):
+        value = getattr(event, name)
+        if value is not None:
+            fields[f"tidings_{name}"] = value
+    return fields
