@@ -66,6 +66,10 @@ class CeleryTransport:
         codec: encodes and decodes envelopes (the default codec if omitted).
         retry: the policy of handlers without their own.
         batch_size: the most events one batch message carries.
+        max_worker_losses: a message whose worker process dies (killed, out of memory,
+            ``os._exit`` in a handler) is delivered again, up to this many deaths counted by one
+            worker; then it is dead-lettered instead of crashing workers for ever. A batch
+            message whose worker died is split into one message per event first.
 
     ``EventBus(transport=CeleryTransport(app, ...))`` registers the two tasks on ``app`` and
     installs context propagation for all of the app's tasks; nothing happens before that.
@@ -85,10 +89,14 @@ class CeleryTransport:
         codec: Codec | None = None,
         retry: RetryPolicy | None = None,
         batch_size: int = 500,
+        max_worker_losses: int = 3,
     ) -> None:
         _celery()
         if batch_size < 1:
             msg = "batch_size must be >= 1"
+            raise ValueError(msg)
+        if max_worker_losses < 1:
+            msg = "max_worker_losses must be >= 1"
             raise ValueError(msg)
         self.app = app
         self.queue = queue
@@ -98,6 +106,10 @@ class CeleryTransport:
         self.codec = default_codec if codec is None else codec
         self.retry = RetryPolicy() if retry is None else retry
         self.batch_size = batch_size
+        self.max_worker_losses = max_worker_losses
+        # Worker deaths per message body, counted in the worker's main process (bounded).
+        self._losses: dict[str, int] = {}
+        self._losses_lock = threading.Lock()
         self._dispatcher: Dispatcher | None = None
         self._deliver: Task | None = None
         self._deliver_batch: Task | None = None
@@ -132,6 +144,9 @@ class CeleryTransport:
             "serializer": "json",
             "ignore_result": True,
             "max_retries": None,
+            # Celery requeues a message whose worker process died (reject_on_worker_lost),
+            # without counting: this request class counts and dead-letters a poison pill.
+            "Request": _worker_lost_request(self),
         }
         # Plain functions, so that Celery binds the task instance as their first argument.
         transport = self
@@ -161,15 +176,19 @@ class CeleryTransport:
         if handler.retry is not None:
             self._check_delay(handler.retry, f"handler {handler.name!r}")
 
-    def _check_delay(self, policy: RetryPolicy, whose: str) -> None:
+    def _visibility_timeout(self) -> float | None:
+        """The broker's visibility timeout, or ``None`` for brokers without one (AMQP)."""
         # On Redis (and SQS) a message with a countdown waits unacknowledged in a worker; if it
         # waits longer than the visibility timeout the broker hands it to another worker too.
         broker = str(self.app.conf.broker_url or "")
         if not broker.startswith(("redis", "rediss", "sqs")):
-            return
+            return None
         options = self.app.conf.broker_transport_options or {}
-        timeout = float(options.get("visibility_timeout", DEFAULT_VISIBILITY_TIMEOUT))
-        if policy.longest_delay >= timeout:
+        return float(options.get("visibility_timeout", DEFAULT_VISIBILITY_TIMEOUT))
+
+    def _check_delay(self, policy: RetryPolicy, whose: str) -> None:
+        timeout = self._visibility_timeout()
+        if timeout is not None and policy.longest_delay >= timeout:
             msg = (
                 f"{whose} may wait {policy.longest_delay:.0f} s before a retry, but the broker's "
                 f"visibility_timeout is {timeout:.0f} s, so a waiting retry would run twice: "
@@ -240,6 +259,81 @@ class CeleryTransport:
 
     # -- working ----------------------------------------------------------------------------
 
+    def _worker_lost(self, request: Any, exc: BaseException) -> bool:
+        """Handle a message whose worker process died; ``False`` lets Celery requeue it.
+
+        Runs in the worker's main process. A batch is split into single messages at once, so
+        that one poison event does not take the others down with it; a single message is
+        dead-lettered at its ``max_worker_losses``-th death. Until the dead letter is stored
+        (or the split sent), the message is not acknowledged.
+        """
+        deliver = self._deliver
+        if deliver is None:  # pragma: no cover - tasks exist once bound
+            return False
+        queue = (request.delivery_info or {}).get("routing_key") or self.queue
+        args, kwargs = tuple(request.args or ()), dict(request.kwargs or {})
+        try:
+            if request.name == DELIVER_BATCH:
+                bodies = args[0] if len(args) == 1 and isinstance(args[0], list) else [args]
+                for body in bodies:
+                    deliver.apply_async(args=(body,), queue=queue)
+                log.error("a worker died on a batch of %d events; sent one by one", len(bodies))
+            else:
+                body, handler, _ = _one_arguments(args, kwargs)
+                text = body if isinstance(body, str) else repr(body)
+                with self._losses_lock:
+                    losses = self._losses.pop(text, 0) + 1
+                    if losses < self.max_worker_losses:
+                        self._losses[text] = losses
+                        while len(self._losses) > 10_000:
+                            del self._losses[next(iter(self._losses))]
+                        return False
+                letter = self._lost_letter(request, text, handler, losses, exc)
+                self.dead_letters.add(letter)
+                log.error(
+                    "the worker died %d times on a delivery of %s; dead-lettered as %s",
+                    losses,
+                    letter.event_id,
+                    letter.id,
+                )
+        except Exception:
+            log.exception("could not settle a delivery whose worker died; requeueing it")
+            return False
+        request.acknowledge()
+        return True
+
+    def _lost_letter(
+        self,
+        request: Any,
+        text: str,
+        handler: str | None,
+        losses: int,
+        exc: BaseException,
+    ) -> DeadLetter:
+        try:
+            event: DomainEvent | None = self.codec.decode(text.encode())
+        except Exception:  # noqa: BLE001 - the letter is worth more than the decoding
+            event = None
+        return DeadLetter(
+            body=text.encode(),
+            reason=(
+                f"WorkerLostError: the worker process died {losses} times handling this "
+                f"message ({exc}); dead-lettered so that it stops crashing workers"
+            ),
+            traceback="",
+            attempts=losses,
+            handler=handler,
+            event_type=None if event is None else event.event_type,
+            event_id=None if event is None else event.event_id,
+            headers={
+                str(key): str(value)
+                for key, value in (getattr(request, "request_dict", None) or {}).items()
+                if isinstance(value, str | int | float)
+            },
+            transport=self.name,
+            destination=(request.delivery_info or {}).get("routing_key") or self.queue,
+        )
+
     # The task functions take anything, so that a malformed task message reaches the
     # dispatcher (and the dead-letter store) instead of failing inside Celery and vanishing.
     def _run_one(self, task: Task, *args: Any, **kwargs: Any) -> None:
@@ -273,11 +367,15 @@ class CeleryTransport:
             for body in bodies
         ]
         try:
+            # A busy inbox asks for a look after the other claim's lease, which nothing bounds
+            # by the visibility timeout: look sooner rather than have the broker copy it.
+            timeout = self._visibility_timeout()
+            longest = None if timeout is None else timeout * 0.9
             for outcome in dispatcher.dispatch_many(messages):
                 for again in outcome.retries:
                     deliver.apply_async(
                         args=(again.body.decode(), again.handler, again.attempt),
-                        countdown=again.delay,
+                        countdown=again.delay if longest is None else min(again.delay, longest),
                         queue=queue,
                     )
         except Exception as exc:
@@ -286,6 +384,25 @@ class CeleryTransport:
             log.exception("could not finish a delivery; it will be tried again")
             retries = request.retries or 0
             raise task.retry(exc=exc, countdown=min(60, 2**retries)) from exc
+
+
+def _worker_lost_request(transport: CeleryTransport) -> type[Any]:
+    """A Celery request class that hands worker deaths to ``transport`` before requeueing."""
+    from celery.exceptions import WorkerLostError  # noqa: PLC0415 - needs celery
+    from celery.worker.request import Request  # noqa: PLC0415
+    from celery.worker.state import task_ready  # noqa: PLC0415
+
+    class DeliveryRequest(Request):  # type: ignore[misc]
+        def on_failure(
+            self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
+        ) -> None:
+            exc = getattr(exc_info.exception, "exc", exc_info.exception)
+            if isinstance(exc, WorkerLostError) and transport._worker_lost(self, exc):
+                task_ready(self)
+                return
+            super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+
+    return DeliveryRequest
 
 
 def _one_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, str | None, int]:
