@@ -19,7 +19,7 @@ from celery import Celery
 from tidings import EventBus
 from tidings.deadletter.redis import RedisDeadLetterStore
 from tidings.inbox.redis import RedisInbox
-from tidings.testing.transport import RETRY, install_handlers
+from tidings.testing.transport_handlers import RETRY, install_handlers
 from tidings.transports.celery import CeleryTransport
 
 # A claim left by a crashed handler blocks its redelivery this long: keep it short here, where

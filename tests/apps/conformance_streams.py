@@ -18,7 +18,7 @@ from tests.apps.conformance_celery import RedisJournal
 from tidings import EventBus
 from tidings.deadletter.redis import RedisDeadLetterStore
 from tidings.inbox.redis import RedisInbox
-from tidings.testing.transport import RETRY, install_handlers
+from tidings.testing.transport_handlers import RETRY, install_handlers
 from tidings.transports.redis_streams import RedisStreamsTransport
 
 # A crashed consumer's entries are reclaimed after CLAIM_IDLE; its inbox claim expires after
