@@ -210,3 +210,11 @@ def test_console_script_runs_the_demo() -> None:
     assert done.returncode == 0, done.stderr
     assert "Reconciled" in done.stdout
     assert "shop.email_sent" in done.stdout
+
+
+def test_every_order_event_goes_through_the_outbox_and_the_relay():
+    """Each request commits its event to the outbox, and the relay publishes each one once."""
+    result = run_demo(orders=30, tenants=2, seed=3)
+    assert result.outbox_rows == result.relayed == 30
+    assert result.published["shop.order_placed"] == 30
+    assert result.problems == ()

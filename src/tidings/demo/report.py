@@ -23,13 +23,17 @@ def print_report(result: DemoResult, console: Console, *, quiet: bool = False) -
 
     if not quiet:
         console.print(
-            f"[bold]tidings demo[/]: a shop on the in-process EventBus, {result.requests} "
-            f"requests over {len(result.placed)} tenants; every event is encoded and decoded "
-            "once on its way to the handlers.\n\nOne event on the wire (CloudEvents JSON):"
+            f"[bold]tidings demo[/]: a shop on the embedded default, {result.requests} requests "
+            f"over {len(result.placed)} tenants. Each request commits its order and its event "
+            "together (SQLite outbox); the relay publishes them to the in-process EventBus, "
+            "whose handlers raise follow-ups; every event is encoded and decoded once on its "
+            "way.\n\nOne event on the wire (CloudEvents JSON):"
         )
         console.print(JSON(result.sample_wire.decode()))
     counts = Table(title="Counts", show_header=False)
     counts.add_row("requests (orders placed)", str(result.requests))
+    counts.add_row("committed to the outbox with their orders", str(result.outbox_rows))
+    counts.add_row("relayed from the outbox to the bus", str(result.relayed))
     counts.add_section()
     for event_type, n in result.published.items():
         counts.add_row(f"published {event_type}", str(n))

@@ -1,4 +1,9 @@
-"""The shop itself: requests, handlers, the run and its reconciliation."""
+"""The shop itself: requests, handlers, the run and its reconciliation.
+
+The embedded default: each request writes its order and its ``OrderPlaced`` event in one
+SQLite transaction (the transactional outbox), and the relay then publishes committed events to
+the in-process bus, where handlers react inline and raise follow-up events.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Final
+
+import sqlalchemy as sa
+from sqlalchemy.pool import StaticPool
 
 from tidings import DomainEvent, EventBus, EventContext, event_context
 from tidings.codec import decode, encode
@@ -30,6 +38,7 @@ from tidings.demo.events import (
     StockReserved,
 )
 from tidings.demo.report import print_report
+from tidings.outbox import Outbox, Relay
 
 CATALOGUE: Final = {
     "TEA-SENCHA-100G": Decimal("8.90"),
@@ -83,6 +92,8 @@ class DemoResult:
         sample_wire: the encoded ``OrderPlaced`` of the traced request.
         problems: what :func:`reconcile` found wrong; empty when the run reconciles.
         seconds: wall-clock time of the run.
+        outbox_rows: events the requests committed to the outbox with their orders.
+        relayed: events the relay published from the outbox to the bus.
     """
 
     requests: int
@@ -99,6 +110,8 @@ class DemoResult:
     sample_wire: bytes
     problems: tuple[str, ...]
     seconds: float
+    outbox_rows: int = 0
+    relayed: int = 0
 
 
 class _ContextLog(logging.Handler):
@@ -131,6 +144,22 @@ class _Shop:
         self.customers = {
             t: [(self._uuid(), f"c{n}@{t}.example") for n in range(12)] for t in tenants
         }
+        # The embedded default: an in-memory SQLite database holds the orders and the outbox;
+        # the relay publishes what the requests committed.
+        self.engine = sa.create_engine("sqlite://", poolclass=StaticPool)
+        metadata = sa.MetaData()
+        self.orders = sa.Table(
+            "orders",
+            metadata,
+            sa.Column("order_id", sa.String(32), primary_key=True),
+            sa.Column("tenant_id", sa.String(64)),
+            sa.Column("total", sa.String(32)),
+        )
+        self.outbox = Outbox(metadata)
+        metadata.create_all(self.engine)
+        self.relay = Relay(self.engine, self.outbox, self.send_all, listen=False)
+        self.outbox_rows = 0
+        self.relayed = 0
         # Subscription order is run order: the journal first sees every event before its
         # handlers raise more, so it holds each causation tree parents first.
         handlers: list[tuple[str, Callable[[Any], None], tuple[type[DomainEvent], ...]]] = [
@@ -166,8 +195,17 @@ class _Shop:
         self.published[type(arrived).event_type] += 1
         self.bus.publish(arrived)
 
+    def send_all(self, events: Sequence[DomainEvent]) -> None:
+        """The relay's publish: every committed event goes to the bus (through the wire)."""
+        self.relayed += len(events)
+        for event in events:
+            self.send(event)
+
     def place_order(self, number: int) -> None:
-        """One request: its own correlation id, a tenant, no causation (it is a root)."""
+        """One request: its own correlation id, a tenant, no causation (it is a root).
+
+        The order and its event commit together; the relay publishes the event afterwards.
+        """
         tenant = self.rng.choice(sorted(self.sales))
         customer = self.rng.choice(self.customers[tenant])
         self.placed[tenant] += 1
@@ -179,7 +217,17 @@ class _Shop:
             log.getChild("web").info(
                 "POST /orders: %s places %s for %s EUR", customer[1], order_id, total
             )
-            self.send(OrderPlaced(order_id, customer[0], customer[1], lines, total))
+            with self.engine.begin() as connection:
+                connection.execute(
+                    self.orders.insert().values(
+                        order_id=order_id, tenant_id=tenant, total=str(total)
+                    )
+                )
+                self.outbox.add(
+                    connection, OrderPlaced(order_id, customer[0], customer[1], lines, total)
+                )
+            self.outbox_rows += 1
+        self.relay.run_once()
 
     def open_order(self, order: OrderPlaced) -> None:
         self.open_orders[order.order_id] = (order, set())
@@ -338,9 +386,17 @@ def run_demo(
             line for line in recorder.lines if line.context.correlation_id == traced_id
         ),
         sample_wire=shop.wire[journal[0].event_id],
-        problems=reconcile(journal, shop.sales),
+        problems=reconcile(journal, shop.sales)
+        + (
+            ()
+            if shop.relayed == shop.outbox_rows == orders
+            else (f"{shop.outbox_rows} events committed to the outbox, {shop.relayed} relayed",)
+        ),
         seconds=time.perf_counter() - started,
+        outbox_rows=shop.outbox_rows,
+        relayed=shop.relayed,
     )
+    shop.engine.dispose()
     if console is not None:
         print_report(result, console)
     return result
