@@ -210,3 +210,12 @@ def test_messages_celery_cannot_decode_are_dead_lettered_and_the_worker_goes_on(
     assert letter.headers["content-type"] == content_type
     assert letter.destination == name
     assert [e[0] for e in effects(client, name)] == [after.event_id]
+
+
+def test_an_app_with_its_own_worker_consumer_is_warned_and_kept(redis_url):
+    """A custom worker_consumer is kept, with a warning that undecodable messages are dropped."""
+    app = Celery("t", broker=redis_url)
+    app.conf.worker_consumer = "myapp.workers:Consumer"
+    with pytest.warns(UserWarning, match="worker_consumer"):
+        EventBus(transport=CeleryTransport(app, dead_letters=MemoryDeadLetterStore()))
+    assert app.conf.worker_consumer == "myapp.workers:Consumer"

@@ -167,7 +167,18 @@ class CeleryTransport:
         from tidings.transports import _celery_consumer  # noqa: PLC0415 - needs celery
 
         _celery_consumer.dead_letter_stores[id(self.app)] = self.dead_letters
-        self.app.conf.worker_consumer = "tidings.transports._celery_consumer:DeadLetteringConsumer"
+        ours = "tidings.transports._celery_consumer:DeadLetteringConsumer"
+        current = self.app.conf.worker_consumer
+        if current in (None, "celery.worker.consumer:Consumer", ours):
+            self.app.conf.worker_consumer = ours
+        else:
+            warnings.warn(
+                f"this Celery app uses its own worker_consumer {current!r}: messages Celery "
+                "cannot decode are dropped by it, not dead-lettered; subclass "
+                f"{ours.replace(':', '.')} instead to keep them",
+                UserWarning,
+                stacklevel=3,
+            )
         for handler in bus.handlers:
             self.subscribed(handler)
 
