@@ -27,14 +27,14 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from tidings.outbox._common import Backoff, default_partition_key
     from tidings.outbox._table import outbox_table
-    from tidings.outbox.relay import Backoff, Publish, Relay
+    from tidings.outbox.relay import Publish, Relay
     from tidings.outbox.writer import (
         AggregateRoot,
         Outbox,
         OutboxStatus,
         PartitionLag,
-        default_partition_key,
         install_session_hook,
     )
 
@@ -53,14 +53,14 @@ __all__ = [
 
 _WHERE = {
     "outbox_table": "_table",
-    "Backoff": "relay",
+    "Backoff": "_common",
     "Publish": "relay",
     "Relay": "relay",
     "AggregateRoot": "writer",
     "Outbox": "writer",
     "OutboxStatus": "writer",
     "PartitionLag": "writer",
-    "default_partition_key": "writer",
+    "default_partition_key": "_common",
     "install_session_hook": "writer",
 }
 
@@ -70,6 +70,7 @@ def __getattr__(name: str) -> Any:
     if module is None:
         msg = f"module 'tidings.outbox' has no attribute {name!r}"
         raise AttributeError(msg)
-    # _table first: its import of SQLAlchemy fails with the message naming the extra.
-    importlib.import_module("tidings.outbox._table")
+    if module != "_common":
+        # _table first: its import of SQLAlchemy fails with the message naming the extra.
+        importlib.import_module("tidings.outbox._table")
     return getattr(importlib.import_module(f"tidings.outbox.{module}"), name)

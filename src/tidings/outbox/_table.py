@@ -13,6 +13,8 @@ except ImportError as exc:
     msg = "tidings.outbox needs SQLAlchemy: pip install 'tidings[sql]'"
     raise ImportError(msg) from exc
 
+from tidings.outbox._common import EVENT_ID_LENGTH, KEY_LENGTH
+
 __all__ = [
     "EVENT_ID_LENGTH",
     "KEY_LENGTH",
@@ -25,8 +27,6 @@ __all__ = [
     "utcnow",
 ]
 
-EVENT_ID_LENGTH = 64
-KEY_LENGTH = 200
 SUPPORTED = ("postgresql", "sqlite", "mysql", "mariadb")
 
 # MariaDB: DATETIME keeps whole seconds unless asked; TEXT stops at 64 KiB, envelopes may not.

@@ -33,17 +33,15 @@ A lost notification, or a dead listener connection, only delays work until the n
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 from tidings.bus import EventBus
-from tidings.errors import EventDecodeError
 from tidings.events import DomainEvent
+from tidings.outbox._common import Backoff, decode_batch, in_key_order
 from tidings.outbox._table import check_dialect, sa, utcnow
 from tidings.outbox.writer import Outbox
 
@@ -55,31 +53,6 @@ log = logging.getLogger("tidings.outbox.relay")
 
 _LOCKING = ("postgresql", "mysql", "mariadb")
 _SLICE = 0.25  # longest a wait goes without looking at the stop event
-
-
-@dataclass(frozen=True, slots=True)
-class Backoff:
-    """How long the relay waits after consecutive failures, bounded.
-
-    The n-th failure in a row waits ``initial * factor**(n-1)`` seconds, at most ``maximum``,
-    each delay shortened by up to ``jitter`` (a fraction) at random.
-    """
-
-    initial: float = 0.5
-    maximum: float = 30.0
-    factor: float = 2.0
-    jitter: float = 0.1
-
-    def __post_init__(self) -> None:
-        if not 0 < self.initial <= self.maximum or self.factor < 1 or not 0 <= self.jitter < 1:
-            msg = "Backoff needs 0 < initial <= maximum, factor >= 1 and 0 <= jitter < 1"
-            raise ValueError(msg)
-
-    def delay(self, failures: int) -> float:
-        """Seconds to wait after the ``failures``-th failure in a row (``failures`` >= 1)."""
-        exponent = min(max(failures - 1, 0), 64)
-        delay = min(self.maximum, self.initial * self.factor**exponent)
-        return delay * (1 - self.jitter * random.random())  # noqa: S311 - not cryptographic
 
 
 class _Listener:
@@ -229,31 +202,10 @@ class Relay:
             .group_by(table.c.partition_key)
         )
         first_outside: dict[str, int] = dict(connection.execute(older).all())
-        return [row for row in rows if row.id < first_outside.get(row.partition_key, row.id + 1)]
+        return in_key_order(rows, first_outside)
 
     def _decoded(self, rows: Sequence[Any]) -> tuple[list[DomainEvent], list[int], list[int]]:
-        events: list[DomainEvent] = []
-        ids: list[int] = []
-        bad: list[int] = []
-        stuck: set[str] = set()
-        for row in rows:
-            if row.partition_key in stuck:
-                continue
-            try:
-                events.append(self.outbox.codec.decode(row.payload))
-            except EventDecodeError as exc:
-                log.error(
-                    "outbox row %s (key %r) cannot be decoded; it and the later rows of its key "
-                    "wait until it can: %s",
-                    row.id,
-                    row.partition_key,
-                    exc,
-                )
-                bad.append(row.id)
-                stuck.add(row.partition_key)
-                continue
-            ids.append(row.id)
-        return events, ids, bad
+        return decode_batch(rows, self.outbox.codec)
 
     def _mark(self, connection: sa.Connection, ids: list[int]) -> None:
         table = self.outbox.table

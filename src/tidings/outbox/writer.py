@@ -10,6 +10,7 @@ from typing import Any
 from tidings.codec import Codec, default_codec
 from tidings.errors import UsageError
 from tidings.events import DomainEvent
+from tidings.outbox._common import default_partition_key
 from tidings.outbox._table import (
     EVENT_ID_LENGTH,
     KEY_LENGTH,
@@ -32,16 +33,6 @@ __all__ = [
 
 _PENDING = "_tidings_recorded_events"
 _HELD = "tidings_recorded_aggregates"
-
-
-def default_partition_key(event: DomainEvent) -> str:
-    """Return the key whose order the relay keeps for ``event``.
-
-    It is ``str(event.aggregate_id)`` if the event has that field and it is not ``None``, else
-    the ``event_type`` (so events without an aggregate keep their order per type).
-    """
-    aggregate_id = getattr(event, "aggregate_id", None)
-    return type(event).event_type if aggregate_id is None else str(aggregate_id)
 
 
 @dataclass(frozen=True, slots=True)

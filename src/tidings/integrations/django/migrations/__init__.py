@@ -1,0 +1,1 @@
+"""Migrations of the ``tidings`` app: the outbox table."""

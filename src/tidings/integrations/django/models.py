@@ -1,0 +1,46 @@
+"""``OutboxEvent``: the outbox table for Django, column for column the SQLAlchemy one.
+
+The table is ``tidings_outbox`` with the columns and indexes of
+:func:`tidings.outbox.outbox_table`, so either relay (``manage.py tidings_relay`` or
+``tidings relay``) can drain rows the other side wrote.
+"""
+
+from __future__ import annotations
+
+from django.db import models
+
+from tidings.outbox._common import EVENT_ID_LENGTH, KEY_LENGTH
+
+__all__ = ["OutboxEvent"]
+
+
+class OutboxEvent(models.Model):  # type: ignore[misc]  # Django ships no type information
+    """One event waiting for the relay (or, with ``keep_published``, one already relayed).
+
+    Columns: ``id`` (relay order), ``event_id`` (unique), ``event_type``, ``partition_key``
+    (order is kept per key), ``payload`` (the CloudEvents JSON envelope of
+    :func:`tidings.encode`), ``created_at``, ``published_at`` (``NULL`` until the broker
+    confirmed), ``attempts`` (failed or completed publish attempts). Write rows with
+    :func:`tidings.integrations.django.publish`, not by hand.
+    """
+
+    id = models.BigAutoField(primary_key=True)
+    event_id = models.CharField(max_length=EVENT_ID_LENGTH, unique=True)
+    event_type = models.CharField(max_length=KEY_LENGTH)
+    partition_key = models.CharField(max_length=KEY_LENGTH)
+    payload = models.TextField()
+    created_at = models.DateTimeField()
+    published_at = models.DateTimeField(null=True, blank=True)
+    attempts = models.IntegerField(default=0)
+
+    class Meta:
+        """The table and indexes shared with the SQLAlchemy outbox."""
+
+        db_table = "tidings_outbox"
+        indexes = (
+            models.Index(fields=["published_at", "id"], name="ix_tidings_outbox_pending"),
+            models.Index(fields=["partition_key", "id"], name="ix_tidings_outbox_partition"),
+        )
+
+    def __str__(self) -> str:
+        return f"{self.event_type} {self.event_id} (key {self.partition_key!r})"

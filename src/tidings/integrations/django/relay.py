@@ -1,0 +1,224 @@
+"""The Django relay: moves committed ``OutboxEvent`` rows to the broker, in order per key.
+
+It runs the algorithm of :mod:`tidings.outbox.relay` (read that docstring for the why) through
+the Django ORM, so a Django project needs no SQLAlchemy:
+
+1. In one ``transaction.atomic`` block, claim the oldest pending rows
+   (``published_at IS NULL ORDER BY id LIMIT n``) with
+   ``select_for_update(skip_locked=True)`` on PostgreSQL and MySQL/MariaDB; rows another relay
+   holds are skipped, not waited for. SQLite has one writer and no row locks: run one relay
+   per SQLite database.
+2. Per partition key only a prefix of the key's pending rows may be in flight: a claimed row
+   is dropped if an older pending row of its key was not claimed here.
+3. Publish; only after ``publish`` returned are the rows deleted (or marked published) and
+   the block committed. A failure rolls back (the rows stay pending) and counts an attempt.
+
+No high-water mark is kept, so a row whose transaction commits late (the gap problem) is
+claimed as soon as it is visible. MySQL/MariaDB: keep Django's default isolation level,
+READ COMMITTED; REPEATABLE READ would read a stale snapshot of pending rows.
+
+The relay polls; it does not LISTEN (``tidings relay`` does, on the same table).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import Any
+
+from django.db import DEFAULT_DB_ALIAS, connections, router, transaction
+from django.db.models import F, Min
+from django.utils import timezone
+
+from tidings.bus import EventBus
+from tidings.codec import Codec, default_codec
+from tidings.events import DomainEvent
+from tidings.integrations.django.models import OutboxEvent
+from tidings.outbox._common import Backoff, decode_batch, in_key_order
+
+__all__ = ["Backoff", "Publish", "Relay"]
+
+Publish = Callable[[Sequence[DomainEvent]], None]
+"""Publishes a batch in order; returns only once the broker accepted all, raises otherwise."""
+
+log = logging.getLogger("tidings.integrations.django.relay")
+
+_PURGE_EVERY = 60.0
+
+
+class Relay:
+    """Publishes committed outbox rows and deletes (or marks) them only after the broker confirmed.
+
+    Args:
+        publish: an :class:`~tidings.EventBus` (used through ``publish``) or a callable taking
+            each batch's events in order; it must return only once the broker accepted them
+            all, and raise otherwise.
+        using: the database alias (default: the router's write database for ``OutboxEvent``).
+        batch_size: most rows per claim.
+        poll_interval: seconds between claims when idle.
+        keep_published: ``None`` deletes rows once published; a duration marks them published
+            instead, and :meth:`run` deletes those older than it (at most once a minute).
+        backoff: waits after consecutive failures (of the broker or the database).
+        codec: decodes the stored envelopes (the default codec if omitted).
+
+    Delivery is at least once: a crash between the broker's confirmation and the commit sends
+    a batch again (the inbox makes that harmless). Order is kept per partition key, also across
+    several relays. An undecodable row (an event type this process does not know) is logged and
+    left pending with its attempts counted; it holds back the later rows of its key, and only
+    those. Several relays may run at once (threads or processes, PostgreSQL or MySQL); one
+    object runs one loop at a time, and each thread uses its own Django connection.
+    """
+
+    def __init__(
+        self,
+        publish: Publish | EventBus,
+        *,
+        using: str | None = None,
+        batch_size: int = 500,
+        poll_interval: float = 1.0,
+        keep_published: timedelta | None = None,
+        backoff: Backoff | None = None,
+        codec: Codec | None = None,
+    ) -> None:
+        if batch_size < 1 or poll_interval <= 0:
+            msg = "Relay needs batch_size >= 1 and poll_interval > 0"
+            raise ValueError(msg)
+        if isinstance(publish, EventBus):
+            bus = publish
+            self.publish: Publish = lambda events: bus.publish(*events)
+        else:
+            self.publish = publish
+        self.using: str = using or router.db_for_write(OutboxEvent) or DEFAULT_DB_ALIAS
+        self.batch_size = batch_size
+        self.poll_interval = poll_interval
+        self.keep_published = keep_published
+        self.backoff = Backoff() if backoff is None else backoff
+        self.codec = default_codec if codec is None else codec
+        self._next_purge = 0.0
+
+    def _rows(self) -> Any:
+        return OutboxEvent.objects.using(self.using)
+
+    # -- one batch --------------------------------------------------------------------------
+
+    def run_once(self) -> int:
+        """Claim one batch, publish it, delete or mark it; return how many rows were relayed.
+
+        Raises:
+            Exception: whatever ``publish`` or the database raised; the batch stays pending
+                (its attempts counted) and may be claimed again.
+        """
+        failed: list[int] = []
+        try:
+            with transaction.atomic(using=self.using):
+                claimed = self._claim()
+                if not claimed:
+                    return 0
+                rows = self._in_order(claimed)
+                events, ids, failed = decode_batch(rows, self.codec)
+                if not events:
+                    return 0
+                try:
+                    self.publish(events)
+                except BaseException:
+                    failed.extend(ids)
+                    raise
+                self._mark(ids)
+            return len(ids)
+        finally:
+            if failed:
+                self._count_attempts(failed)
+
+    def _claim(self) -> list[Any]:
+        pending = self._rows().filter(published_at__isnull=True)
+        if connections[self.using].features.has_select_for_update_skip_locked:
+            pending = pending.select_for_update(skip_locked=True)
+        claim = pending.order_by("id").values_list("id", "partition_key", "payload", named=True)
+        return list(claim[: self.batch_size])
+
+    def _in_order(self, rows: list[Any]) -> list[Any]:
+        """Keep, per key, only the claimed rows older than any pending row not claimed here."""
+        ids = [row.id for row in rows]
+        older = (
+            self._rows()
+            .filter(
+                published_at__isnull=True,
+                partition_key__in={row.partition_key for row in rows},
+                id__lt=max(ids),
+            )
+            .exclude(id__in=ids)
+            .order_by()
+            .values("partition_key")
+            .annotate(first=Min("id"))
+            .values_list("partition_key", "first")
+        )
+        first_outside: dict[str, int] = dict(older)
+        return in_key_order(rows, first_outside)
+
+    def _mark(self, ids: list[int]) -> None:
+        rows = self._rows().filter(id__in=ids)
+        if self.keep_published is None:
+            rows.delete()
+        else:
+            rows.update(published_at=timezone.now(), attempts=F("attempts") + 1)
+
+    def _count_attempts(self, ids: list[int]) -> None:
+        try:
+            with transaction.atomic(using=self.using):
+                self._rows().filter(id__in=ids).update(attempts=F("attempts") + 1)
+        except Exception:
+            log.warning("could not count a failed attempt on outbox rows", exc_info=True)
+
+    def purge(self, *, published_before: timedelta) -> int:
+        """Delete rows published more than ``published_before`` ago; return how many.
+
+        Unpublished rows are never deleted here.
+        """
+        cutoff = timezone.now() - published_before
+        deleted, _ = (
+            self._rows().filter(published_at__isnull=False, published_at__lt=cutoff).delete()
+        )
+        return int(deleted)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        """Relay until ``stop`` is set; return within ``poll_interval`` after it is.
+
+        Drains the backlog batch after batch; when idle, waits ``poll_interval``. After a
+        failure (broker or database) it waits per ``backoff``, longer each time in a row, and
+        never busy-loops; the first success resets it. Failures are logged, never raised. A
+        broken database connection is closed, and Django opens a new one on the next claim.
+        """
+        failures = 0
+        connection = connections[self.using]
+        try:
+            while not stop.is_set():
+                connection.close_if_unusable_or_obsolete()
+                try:
+                    count = self.run_once()
+                    self._purge_now_and_then()
+                except Exception:
+                    failures += 1
+                    delay = self.backoff.delay(failures)
+                    log.exception("outbox relay failed (%s in a row); next try in %.1f s",
+                                  failures, delay)  # fmt: skip
+                    stop.wait(delay)
+                    continue
+                failures = 0
+                if not count:
+                    stop.wait(self.poll_interval)
+        finally:
+            connection.close()
+
+    def _purge_now_and_then(self) -> None:
+        if self.keep_published is None:
+            return
+        now = time.monotonic()
+        if now < self._next_purge:
+            return
+        self._next_purge = now + _PURGE_EVERY
+        self.purge(published_before=self.keep_published)
