@@ -6,6 +6,10 @@ it to ``dispatch_many``, stores the redeliveries the dispatcher asks for, then a
 batch. Anything that fails before the acknowledgement (Redis, the inbox, the dead-letter store)
 leaves the batch pending, and it is reclaimed after ``claim_idle``. Redis errors never end the
 loop: it waits with bounded exponential backoff (0.1 s doubling to 5 s, with jitter) and goes on.
+
+With ``partitions``, the consumer also holds partition leases (see
+:mod:`tidings.transports._streams_partitions`) and handles the entries of its partitions one by
+one, retrying a failed handler in place, and acknowledging each only while its lease holds.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import redis
 
 from tidings.delivery import Dispatcher, Outcome, Received
 from tidings.ports import DeadLetter
+from tidings.transports._streams_partitions import Leases
 from tidings.transports._streams_scripts import MOVE_DUE
 
 if TYPE_CHECKING:
@@ -59,16 +64,23 @@ class Streams:
         topics: the streams events are published to that the service reads.
         redeliver: the service's own stream of redeliveries (retries and replays).
         retry: the sorted set where redeliveries wait until due.
+        ordered: the partition streams (``partitions`` set), each read by one consumer at once.
     """
 
     group: str
     topics: tuple[str, ...]
     redeliver: str
     retry: str
+    ordered: tuple[str, ...] = ()
 
     @property
     def read(self) -> tuple[str, ...]:
         """Every stream the service's group reads."""
+        return (*self.topics, *self.ordered, self.redeliver)
+
+    @property
+    def shared(self) -> tuple[str, ...]:
+        """The streams every consumer of the service reads (and reclaims from)."""
         return (*self.topics, self.redeliver)
 
 
@@ -88,6 +100,12 @@ class StreamConsumer:
         self.redis: Any = transport.client  # redis-py's stream replies are loosely typed
         self._move_due = transport.client.register_script(MOVE_DUE)
         self._idle_ms = max(1, round(transport.claim_idle * 1000))
+        self.leases: Leases | None = None
+        self._ordered = frozenset(streams.ordered)
+        self._recovering = False  # the batch being handled was read from the pending entries
+        if streams.ordered:
+            base = f"{transport.stream_prefix}:{streams.group}"
+            self.leases = Leases(self.redis, base, streams.group, name, transport.claim_idle)
 
     def run(self) -> None:
         """Consume until ``stop`` is set; finish and acknowledge the current batch first."""
@@ -98,6 +116,8 @@ class StreamConsumer:
                 if not ready:
                     self._ensure_groups()
                     ready = True
+                if self.leases is not None:
+                    self.leases.refresh(self.streams.ordered)
                 wait_ms = self._move_due_retries()
                 now = time.monotonic()
                 if now >= next_claim:
@@ -112,6 +132,8 @@ class StreamConsumer:
                     self._handle(entries)
                 delay = _BACKOFF_FIRST
             except Exception as exc:  # nothing may end the loop but stop
+                if self.leases is not None:  # what was read may be pending still: read it again
+                    self.leases.unread.update(self.leases.held)
                 if isinstance(exc, redis.ResponseError) and "NOGROUP" in str(exc):
                     ready = False  # the stream or group vanished (a Redis without persistence)
                 if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
@@ -142,10 +164,30 @@ class StreamConsumer:
         return max(1, min(block, round((float(following) - time.time()) * 1000)))
 
     def _read(self, wait_ms: int) -> list[Entry]:
+        leases = self.leases
+        if leases is not None and leases.unread:
+            # A partition just taken over (or after an error): its pending entries come first.
+            reply = self.redis.xreadgroup(
+                self.streams.group,
+                self.name,
+                dict.fromkeys(sorted(leases.unread), "0"),
+                count=self.transport.count,
+            )
+            entries = [
+                (_text(stream), _text(entry_id), fields)
+                for stream, found in reply or ()
+                for entry_id, fields in found
+            ]
+            leases.unread &= {stream for stream, _, _ in entries}
+            self._recovering = bool(entries)
+            if entries:
+                return [(s, i, {} if f is None else f) for s, i, f in entries]
+        self._recovering = False
+        streams = (*self.streams.shared, *sorted(leases.held if leases else ()))
         reply = self.redis.xreadgroup(
             self.streams.group,
             self.name,
-            dict.fromkeys(self.streams.read, ">"),
+            dict.fromkeys(streams, ">"),
             count=self.transport.count,
             block=wait_ms,
         )
@@ -157,7 +199,17 @@ class StreamConsumer:
         ]
 
     def _handle(self, entries: Sequence[Entry], crashes: int = 0) -> None:
-        """Dispatch a batch, store its redeliveries, then acknowledge every entry of it."""
+        """Dispatch a batch, store its redeliveries, then acknowledge every entry of it.
+
+        Entries of ordered partitions are handled apart, one by one: see :meth:`_handle_ordered`.
+        """
+        if self.leases is not None:
+            ordered = [e for e in entries if e[0] in self._ordered]
+            if ordered:
+                self._handle_ordered(ordered)
+                entries = [e for e in entries if e[0] not in self._ordered]
+                if not entries:
+                    return
         messages = [self._received(*e) for e in entries]
         if crashes:
             messages = [
@@ -166,6 +218,64 @@ class StreamConsumer:
         outcomes = self.dispatcher.dispatch_many(messages)
         self._schedule(outcomes)
         self._ack([(stream, entry_id) for stream, entry_id, _ in entries])
+
+    def _handle_ordered(self, entries: Sequence[Entry]) -> None:
+        """Handle partition entries in order, each retried in place until done or dead-lettered.
+
+        Before each entry the lease is checked, and the acknowledgement is fenced by it: a
+        consumer that lost its partition stops and acknowledges nothing more of it.
+        """
+        leases = self.leases
+        assert leases is not None  # noqa: S101 - only called with partitions
+        for entry in entries:
+            stream, entry_id, fields = entry
+            if stream not in leases.held or not leases.holds(stream):
+                continue
+            times = 1
+            if self._recovering:  # pending already: did it kill or stall its consumers?
+                info = self.redis.xpending_range(stream, self.streams.group, entry_id, entry_id, 1)
+                times = int(info[0]["times_delivered"]) if info else 1
+            if times > self.transport.max_deliveries:
+                self._dead_letter_overdelivered(entry, times)
+                continue
+            received = self._received(stream, entry_id, fields)
+            retries = self.dispatcher.dispatch(received).retries
+            while retries:
+                delay = min(again.delay for again in retries)
+                if not self._wait_holding(stream, delay):
+                    return  # stopping, or the partition is lost: the entry stays pending
+                outcomes = self.dispatcher.dispatch_many(
+                    [
+                        Received(again.body, again.headers, stream, again.handler, again.attempt)
+                        for again in retries
+                    ]
+                )
+                retries = tuple(again for outcome in outcomes for again in outcome.retries)
+            keys, args = [leases.key(stream), stream], [self.name, self.streams.group, entry_id]
+            if leases.ack_if_held(keys=keys, args=args) == -1:
+                leases.lost(stream)
+
+    def _wait_holding(self, stream: str, delay: float) -> bool:
+        """Wait ``delay`` s keeping the lease of ``stream``; False if stopped or lease lost.
+
+        The consumer's other partitions are given back first, so that their keys go on with
+        other consumers (their entries of the current batch are then skipped: no longer held).
+        """
+        leases = self.leases
+        assert leases is not None  # noqa: S101 - only called with partitions
+        deadline = time.monotonic() + delay
+        step = self.transport.claim_idle / 3
+        for other in sorted(leases.held - {stream}):  # let other consumers go on with them
+            leases.release(other)
+        while True:
+            if not leases.renew(stream):
+                leases.lost(stream)
+                return False
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return True
+            if self.stop.wait(min(left, step)):
+                return False
 
     def _received(self, stream: str, entry_id: str, fields: dict[bytes, bytes]) -> Received:
         headers = {_text(k): _text(v) for k, v in fields.items() if k != ENVELOPE.encode()}
@@ -213,7 +323,7 @@ class StreamConsumer:
         entries of that batch from being counted, and dead-lettered, with the guilty one.
         An entry delivered more than ``max_deliveries`` times is dead-lettered instead.
         """
-        for stream in self.streams.read:
+        for stream in self.streams.shared:  # partitions are reclaimed by their new holder only
             cursor: Any = "0-0"
             for _ in range(self.transport.count):
                 if self.stop.is_set():
@@ -292,6 +402,8 @@ class StreamConsumer:
     def _leave(self) -> None:
         """Remove this consumer from its groups when it holds nothing pending (best effort)."""
         try:
+            if self.leases is not None:
+                self.leases.release_all()
             for stream in self.streams.read:
                 for consumer in self.redis.xinfo_consumers(stream, self.streams.group):
                     if _text(consumer["name"]) == self.name and not consumer["pending"]:

@@ -25,18 +25,52 @@ handler kills the worker, say) is dead-lettered and acknowledged.
 waits in the sorted set ``{stream_prefix}:{service}:retry``, scored by its due time, and when due
 is moved atomically into the service's own stream ``{stream_prefix}:{service}:redeliver``, which
 only that service's group reads. The original entry is acknowledged after the redelivery was
-stored.
+stored. (Not so on ordered partitions: there a failed handler is retried in place.)
 
 **Trimming** is never done on publish; see :mod:`tidings.transports._streams_scripts` for how
 :meth:`RedisStreamsTransport.trim` (run by workers every ``trim_interval`` when ``maxlen`` is
 set) keeps every entry some group still needs.
 
-**Ordering.** Entries of one stream are handled in stream order by one consumer; with several
-consumers (``concurrency`` > 1, or several workers) they overlap. A retried handler runs later.
+**Ordering.** By default, entries of one stream are handled in stream order by one consumer;
+with several consumers (``concurrency`` > 1, or several workers) they overlap, and a retried
+handler runs later, so nothing is ordered.
+
+**Per-key order, when asked for** (``partitions=N`` with ``partition_key``). Each event goes to
+the partition stream ``{stream_prefix}:{topic}:p{crc32(key) % N}`` of its key, and each
+partition stream is read by one consumer of a service at a time, the holder of its lease (see
+:mod:`tidings.transports._streams_partitions`), which handles its entries one by one. The
+guarantee: *within one service, for events of one key and one topic published in order (one
+publish returned before the next began, or in one ``publish`` call), each handler of the
+service runs on an event only after its run on every earlier one succeeded or was
+dead-lettered*; this holds across a consumer crash (the next holder first handles the entries
+left pending, oldest first) and across failures: a failing handler on a partition is retried
+in place (not through the retry set), blocking its partition, until it succeeds or is
+dead-lettered (meanwhile the waiting consumer gives its other partitions back, for other
+consumers to go on with). Delivery stays at least once: with the inbox, effects are once.
+
+What is **not** ordered: events of different keys or of different topics (even with one key);
+events published concurrently; different services relative to each other; a dead-lettered
+event relative to the rest (its replay goes to the service's redelivery stream, unordered).
+Keys that hash to the same partition share its order, so a failing event also holds back
+those keys, and a poison entry (one killing its worker) holds its partition until it is
+dead-lettered after ``max_deliveries``.
+
+**Fencing, and the window left.** Leases expire after ``claim_idle`` and are renewed on every
+turn of a consumer's loop (and while it waits to retry). A holder checks its lease before each
+entry and acknowledges only while it still holds it (checked and acknowledged atomically), so
+a consumer that lost its partition stops handling it. What this cannot stop is a consumer paused
+(GC, swap, SIGSTOP) or simply slow past ``claim_idle`` *inside* a handler: the next holder may
+run the following events while that call is still going. The inbox narrows this: the new
+holder's run of the same (handler, event) waits for the old claim (retried in place), so order
+can break only if the call also outlasts the inbox's lease. Keep handlers well under
+``claim_idle``. Publishers and workers must agree on ``partitions`` and ``partition_key``;
+changing ``partitions`` remaps keys, so drain the streams first. Without ``partitions``
+nothing of this applies and the transport behaves as described above.
 """
 
 from __future__ import annotations
 
+import operator
 import threading
 from collections.abc import Callable, Sequence
 
@@ -53,6 +87,7 @@ from tidings.errors import PublishError, UsageError
 from tidings.events import DomainEvent
 from tidings.ports import DeadLetter, DeadLetterStore, Inbox
 from tidings.retry import RetryPolicy
+from tidings.transports._streams_partitions import partition_of
 from tidings.transports._streams_run import run_consumers, run_until_signalled
 from tidings.transports._streams_scripts import SAFE_TRIM
 from tidings.transports._streams_worker import (
@@ -66,6 +101,7 @@ from tidings.transports._streams_worker import (
 __all__ = ["RedisStreamsTransport"]
 
 Route = Callable[[type[DomainEvent]], str]
+PartitionKey = Callable[[DomainEvent], object]
 
 
 def _by_event_type(cls: type[DomainEvent]) -> str:
@@ -97,6 +133,10 @@ class RedisStreamsTransport:
         maxlen: when set, workers trim every stream they read to about this many entries
             every ``trim_interval`` seconds, never dropping one a group still needs.
         trim_interval: seconds between two trims of a worker.
+        partitions: when set, order events per key (see "Per-key order" in the module
+            docstring): each topic is split into this many partition streams.
+        partition_key: event → key (its ``str`` is hashed), or the name of the event attribute
+            holding it (an aggregate id, say); required with ``partitions``.
 
     Thread-safe for publishing. Creating it contacts nothing; ``EventBus(transport=...)`` binds
     it, and :meth:`run` (or ``tidings worker``) consumes.
@@ -121,6 +161,8 @@ class RedisStreamsTransport:
         max_deliveries: int = 5,
         maxlen: int | None = None,
         trim_interval: float = 10.0,
+        partitions: int | None = None,
+        partition_key: PartitionKey | str | None = None,
     ) -> None:
         problems = []
         if not service or ":" in service:
@@ -131,6 +173,10 @@ class RedisStreamsTransport:
             problems.append("claim_idle and trim_interval must be positive seconds")
         if maxlen is not None and maxlen < 1:
             problems.append("maxlen must be >= 1 (or None: never trim)")
+        if partitions is not None and (partitions < 1 or partition_key is None):
+            problems.append("partitions must be >= 1 and come with a partition_key")
+        if partitions is not None and claim_idle * 1000 <= 2 * block_ms:
+            problems.append("with partitions, claim_idle (the lease) must exceed 2 * block_ms")
         if problems:
             msg = "invalid RedisStreamsTransport: " + "; ".join(problems)
             raise ValueError(msg)
@@ -148,6 +194,10 @@ class RedisStreamsTransport:
         self.max_deliveries = max_deliveries
         self.maxlen = maxlen
         self.trim_interval = trim_interval
+        self.partitions = partitions
+        self.partition_key: PartitionKey | None = (
+            operator.attrgetter(partition_key) if isinstance(partition_key, str) else partition_key
+        )
         self._bus: EventBus | None = None
         self._dispatcher: Dispatcher | None = None
         self._trim = client.register_script(SAFE_TRIM)
@@ -176,6 +226,13 @@ class RedisStreamsTransport:
         """Return the stream events of ``event_class`` are published to."""
         return f"{self.stream_prefix}:{self.route(event_class)}"
 
+    def stream_of(self, event: DomainEvent) -> str:
+        """Return the stream ``event`` is published to: its partition's, with ``partitions``."""
+        stream = self.stream(type(event))
+        if self.partitions is None or self.partition_key is None:
+            return stream
+        return partition_of(stream, str(self.partition_key(event)), self.partitions)
+
     def streams(self, service: str | None = None) -> Streams:
         """Return the keys a worker of ``service`` (default: this transport's) reads and uses.
 
@@ -191,11 +248,16 @@ class RedisStreamsTransport:
                 if cls is not None and self._bus.handlers_for(cls):
                     topics[self.stream(cls)] = None
         base = f"{self.stream_prefix}:{service}"
+        ordered: tuple[str, ...] = ()
+        if self.partitions is not None:
+            ordered = tuple(f"{t}:p{n}" for t in topics for n in range(self.partitions))
+            topics = {}
         return Streams(
             group=service,
             topics=tuple(topics),
             redeliver=f"{base}:redeliver",
             retry=f"{base}:retry",
+            ordered=ordered,
         )
 
     # -- publishing -------------------------------------------------------------------------
@@ -208,7 +270,7 @@ class RedisStreamsTransport:
             PublishError: Redis refused or could not be reached; entries before the failing
                 one may have been added (send again: the inbox makes duplicates harmless).
         """
-        entries = [(self.stream(type(event)), _fields(self.codec, event)) for event in events]
+        entries = [(self.stream_of(event), _fields(self.codec, event)) for event in events]
         if not entries:
             return
         try:
@@ -269,7 +331,7 @@ class RedisStreamsTransport:
             msg = "create the EventBus with this transport before running a worker"
             raise UsageError(msg)
         streams = self.streams()
-        if not streams.topics:
+        if not streams.topics and not streams.ordered:
             msg = "the bus has no handlers of registered events: nothing to consume"
             raise UsageError(msg)
         if concurrency < 1:
