@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 try:
     import sqlalchemy as sa
     from sqlalchemy import orm
-    from sqlalchemy.dialects import mysql
+    from sqlalchemy.dialects import mysql, postgresql
 except ImportError as exc:
     msg = "tidings.outbox needs SQLAlchemy: pip install 'tidings[sql]'"
     raise ImportError(msg) from exc
@@ -23,6 +23,7 @@ __all__ = [
     "check_dialect",
     "orm",
     "outbox_table",
+    "postgresql",
     "sa",
     "utcnow",
 ]

@@ -43,6 +43,7 @@ from tidings.bus import EventBus
 from tidings.events import DomainEvent
 from tidings.outbox._common import Backoff, decode_batch, in_key_order
 from tidings.outbox._table import check_dialect, sa, utcnow
+from tidings.outbox._table import postgresql as pg
 from tidings.outbox.writer import Outbox
 
 __all__ = ["Backoff", "Publish", "Relay"]
@@ -148,6 +149,31 @@ class Relay:
         if self._dialect in _LOCKING:
             claim = claim.with_for_update(skip_locked=True)
         self._claim = claim
+        # Pending rows up to the batch's newest id: when that is the batch alone, no key has an
+        # older pending row outside it, and the per-key query below is not needed.
+        self._behind = (
+            sa.select(sa.func.count())
+            .select_from(table)
+            .where(table.c.published_at.is_(None), table.c.id <= sa.bindparam("newest"))
+        )
+        self._older: sa.Select[Any] | None = None
+        self._delete: sa.Delete | None = None
+        if self._dialect == "postgresql":
+            # One array parameter, not hundreds of expanded IN parameters: no per-batch
+            # rendering, query parsing and planning of a statement 500 binds long.
+            ids = sa.bindparam("ids", type_=pg.ARRAY(sa.BigInteger))
+            keys = sa.bindparam("keys", type_=pg.ARRAY(sa.String))
+            self._older = (
+                sa.select(table.c.partition_key, sa.func.min(table.c.id))
+                .where(
+                    table.c.published_at.is_(None),
+                    table.c.partition_key == sa.any_(keys),
+                    sa.not_(table.c.id == sa.any_(ids)),
+                    table.c.id < sa.bindparam("newest"),
+                )
+                .group_by(table.c.partition_key)
+            )
+            self._delete = sa.delete(table).where(table.c.id == sa.any_(ids))
 
     # -- one batch --------------------------------------------------------------------------
 
@@ -191,17 +217,28 @@ class Relay:
         table = self.outbox.table
         keys = {row.partition_key for row in rows}
         ids = [row.id for row in rows]
-        older = (
-            sa.select(table.c.partition_key, sa.func.min(table.c.id))
-            .where(
-                table.c.published_at.is_(None),
-                table.c.partition_key.in_(keys),
-                table.c.id.not_in(ids),
-                table.c.id < max(ids),
+        newest = max(ids)
+        if connection.execute(self._behind, {"newest": newest}).scalar_one() == len(ids):
+            # Every pending row up to the batch's newest id is in the batch: no key can have an
+            # older pending row outside it.
+            return list(rows)
+        if self._older is not None:
+            found = connection.execute(
+                self._older, {"ids": ids, "keys": list(keys), "newest": newest}
             )
-            .group_by(table.c.partition_key)
-        )
-        first_outside: dict[str, int] = dict(connection.execute(older).all())
+        else:
+            older = (
+                sa.select(table.c.partition_key, sa.func.min(table.c.id))
+                .where(
+                    table.c.published_at.is_(None),
+                    table.c.partition_key.in_(keys),
+                    table.c.id.not_in(ids),
+                    table.c.id < newest,
+                )
+                .group_by(table.c.partition_key)
+            )
+            found = connection.execute(older)
+        first_outside: dict[str, int] = dict(found.all())
         return in_key_order(rows, first_outside)
 
     def _decoded(self, rows: Sequence[Any]) -> tuple[list[DomainEvent], list[int], list[int]]:
@@ -210,6 +247,9 @@ class Relay:
     def _mark(self, connection: sa.Connection, ids: list[int]) -> None:
         table = self.outbox.table
         statement: sa.Delete | sa.Update
+        if self.keep_published is None and self._delete is not None:
+            connection.execute(self._delete, {"ids": ids})
+            return
         if self.keep_published is None:
             statement = sa.delete(table).where(table.c.id.in_(ids))
         else:

@@ -92,6 +92,10 @@ class Outbox:
         self.partition_key = partition_key
         self._insert = sa.insert(self.table)
         self._notify = sa.select(sa.func.pg_notify(sa.literal(self.channel), sa.literal("")))
+        # PostgreSQL: insert and notify in one round trip (repeats in a transaction collapse).
+        self._insert_notify = self._insert.returning(
+            sa.func.pg_notify(sa.literal(self.channel), sa.literal(""))
+        )
 
     def create_tables(self, engine: sa.Engine) -> None:
         """Create the table and its indexes if missing (use a migration in production)."""
@@ -158,9 +162,10 @@ class Outbox:
             return
         for row in rows:
             row["created_at"] = utcnow(dialect)
-        connection.execute(self._insert, rows)
         if dialect == "postgresql":
-            connection.execute(self._notify)
+            connection.execute(self._insert_notify, rows).close()
+        else:
+            connection.execute(self._insert, rows)
 
     async def add_async(
         self, target: Any, *events: DomainEvent, partition_key: str | None = None
@@ -183,9 +188,10 @@ class Outbox:
             return
         for row in rows:
             row["created_at"] = utcnow(dialect)
-        await target.execute(self._insert, rows)
         if dialect == "postgresql":
-            await target.execute(self._notify)
+            await target.execute(self._insert_notify, rows)
+        else:
+            await target.execute(self._insert, rows)
 
     def status(self, engine: sa.Engine, *, partitions: int = 20) -> OutboxStatus:
         """Report pending rows, the oldest one's age and the ``partitions`` keys furthest behind."""
