@@ -18,7 +18,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from benchmarks import celery_e2e, core
+from benchmarks import celery_e2e, core, outbox_bench, streams_e2e
 from benchmarks.harness import measure, table
 
 RESULTS = Path(__file__).with_name("results.json")
@@ -33,13 +33,26 @@ def redis_reachable() -> bool:
         return False
 
 
+def postgres_reachable() -> bool:
+    """Whether the local PostgreSQL server accepts connections (the outbox rows need it)."""
+    try:
+        with socket.create_connection(("127.0.0.1", 5432), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run every case, print the table, write results.json; return the exit status."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks")
     parser.add_argument("--quick", action="store_true", help="few short rounds (smoke test)")
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     parser.add_argument("--output", type=Path, default=RESULTS)
-    parser.add_argument("--only", choices=["core", "celery"], help="run one group (default: all)")
+    parser.add_argument(
+        "--only",
+        choices=["core", "celery", "streams", "streams-memory", "outbox"],
+        help="run one group (default: all)",
+    )
     args = parser.parse_args(argv)
     rounds, budget = (3, 0.02) if args.quick else (9, 0.25)
     rows = []
@@ -50,10 +63,23 @@ def main(argv: list[str] | None = None) -> int:
             rows += celery_e2e.rows(quick=args.quick)
         else:
             print("Redis is not reachable on 127.0.0.1:6379: the Celery rows are skipped\n")
+    if args.only in (None, "streams", "streams-memory"):
+        if not redis_reachable():
+            print("Redis is not reachable on 127.0.0.1:6379: the Streams rows are skipped\n")
+        elif args.only != "streams-memory":
+            rows += streams_e2e.rows(quick=args.quick)
+        if args.only != "streams" and redis_reachable():
+            rows += streams_e2e.memory_rows(quick=args.quick)
+    if args.only in (None, "outbox"):
+        if redis_reachable() and postgres_reachable():
+            rows += outbox_bench.rows(quick=args.quick)
+        else:
+            print("PostgreSQL or Redis is not reachable locally: the outbox rows are skipped\n")
     print(table(rows))
     print(
         f"\nin-process rows: medians of {rounds} alternating rounds; Celery rows: medians of "
-        f"{1 if args.quick else 3} rounds, one prefork worker; Python {sys.version.split()[0]}"
+        f"{1 if args.quick else 3} rounds, one prefork worker; Streams rows: medians of "
+        f"{1 if args.quick else 5} rounds, one `tidings worker`; Python {sys.version.split()[0]}"
     )
     args.output.write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
     missed = [r.name for r in rows if r.met is False]
