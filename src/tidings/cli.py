@@ -59,7 +59,10 @@ def make_cli() -> click.Group:
     )
     @click.option("--quiet", is_flag=True, help="Print the summary only.")
     def demo(orders: int, tenants: int, seed: int, quiet: bool) -> None:
-        """Run a small shop on the in-process event bus and trace one request through it.
+        """Run a small shop on the embedded default and trace one request through it.
+
+        Orders and their events commit together in a SQLite outbox; the relay publishes them
+        to the in-process event bus, whose handlers raise follow-up events.
 
         Exits 1 if the run does not reconcile (an order not confirmed exactly once, or an
         event whose causation chain does not lead back to its request).
@@ -71,16 +74,18 @@ def make_cli() -> click.Group:
         if result.problems:
             raise SystemExit(1)
 
-    from tidings.cli_dlq import make_dlq_group  # noqa: PLC0415 - needs click, like this function
-
-    tidings.add_command(make_dlq_group())
+    # The other commands live in modules of their own, which import click as this one does.
+    from tidings.cli_dlq import make_dlq_group  # noqa: PLC0415
     from tidings.cli_outbox import make_outbox_group, make_relay_command  # noqa: PLC0415
+    from tidings.cli_worker import make_worker_command  # noqa: PLC0415
 
-    tidings.add_command(make_relay_command())
-    tidings.add_command(make_outbox_group())
-    from tidings.cli_worker import make_worker_command  # noqa: PLC0415 - needs click
-
-    tidings.add_command(make_worker_command())
+    for command in (
+        make_dlq_group(),
+        make_relay_command(),
+        make_outbox_group(),
+        make_worker_command(),
+    ):
+        tidings.add_command(command)
     return tidings
 
 
