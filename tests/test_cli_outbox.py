@@ -1,3 +1,4 @@
+import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
@@ -71,12 +72,12 @@ def test_relay_memory_transport_drains(tmp_path):
 
 
 def test_relay_and_status_explain_missing_or_bad_options(tmp_path):
-    """No --db, a URL as --transport, or a missing table: one-line errors, no traceback."""
+    """No --db, an unknown --transport, or a missing table: one-line errors, no traceback."""
     runner = CliRunner()
     no_db = runner.invoke(make_cli(), ["outbox", "status"], env={"TIDINGS_OUTBOX_DB": ""})
     assert no_db.exit_code == 2
     assert "--db URL" in no_db.output
-    bad = runner.invoke(make_cli(), ["relay", "--db", "sqlite://", "--transport", "redis://x"])
+    bad = runner.invoke(make_cli(), ["relay", "--db", "sqlite://", "--transport", "kafka://x"])
     assert bad.exit_code == 2
     assert "module:attribute" in bad.output
     missing = runner.invoke(
@@ -85,3 +86,40 @@ def test_relay_and_status_explain_missing_or_bad_options(tmp_path):
     assert missing.exit_code == 1
     assert "the outbox database failed" in missing.output
     assert "Traceback" not in missing.output
+
+
+@pytest.mark.integration
+def test_relay_publishes_to_redis_streams_given_a_broker_url(tmp_path, redis_client, unique_name):
+    """`--transport redis://...?prefix=P` relays rows onto the streams workers read."""
+    url = _outbox(tmp_path, Probe(aggregate_id="a"), Probe(aggregate_id="b"))
+    transport = f"redis://127.0.0.1:6379/0?prefix={unique_name}"
+    try:
+        result = CliRunner().invoke(
+            make_cli(), ["relay", "--db", url, "--transport", transport, "--once"]
+        )
+        assert result.exit_code == 0, result.output
+        streams = list(redis_client.scan_iter(f"{unique_name}:*"))
+        assert len(streams) == 1
+        assert redis_client.xlen(streams[0]) == 2
+    finally:
+        for key in redis_client.scan_iter(f"{unique_name}*"):
+            redis_client.delete(key)
+
+
+@pytest.mark.integration
+def test_relay_publishes_celery_messages_given_a_celery_broker_url(
+    tmp_path, redis_client, unique_name
+):
+    """`--transport celery+redis://...?queues=Q` relays rows as tidings task messages on Q."""
+    url = _outbox(tmp_path, Probe(aggregate_id="a"))
+    transport = f"celery+redis://127.0.0.1:6379/0?queues={unique_name}"
+    try:
+        result = CliRunner().invoke(
+            make_cli(), ["relay", "--db", url, "--transport", transport, "--once"]
+        )
+        assert result.exit_code == 0, result.output
+        assert redis_client.llen(unique_name) == 1
+        assert b"tidings.deliver" in redis_client.lindex(unique_name, 0)
+    finally:
+        for key in redis_client.scan_iter(f"*{unique_name}*"):
+            redis_client.delete(key)

@@ -4,11 +4,20 @@
 rich (the ``cli`` extra) are imported at the top, SQLAlchemy (the ``sql`` extra) when a
 command runs. The database comes from ``--db URL`` or ``TIDINGS_OUTBOX_DB``.
 
-``--transport`` says where events go: ``memory://`` (an in-process bus with no handlers:
-rows are drained and dropped, for trying things out) or ``module:attribute`` naming your
-:class:`~tidings.EventBus` (with its transport), a :class:`~tidings.ports.Transport`, or a
-callable taking a sequence of events. The relay decodes rows, so the event classes must be
-registered in its process: importing that module does it, or name more with ``--import``.
+``--transport`` says where events go:
+
+- ``redis://HOST:PORT/DB`` publishes to Redis Streams, as ``RedisStreamsTransport`` workers read
+  them; query options ``prefix`` (the stream prefix), ``partitions`` and ``partition_key``
+  must match the workers';
+- ``celery+redis://...`` or ``celery+amqp://...`` publishes Celery messages for
+  ``CeleryTransport`` workers to the queues of ``?queues=a,b`` (default ``tidings``);
+- ``memory://`` is an in-process bus with no handlers (rows are drained and dropped, for trying
+  things out);
+- ``module:attribute`` names your :class:`~tidings.EventBus` (with its transport), a
+  :class:`~tidings.ports.Transport`, or a callable taking a sequence of events.
+
+The relay decodes rows, so the event classes must be registered in its process: importing that
+module does it, or name more with ``--import``.
 """
 
 from __future__ import annotations
@@ -18,11 +27,12 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from datetime import timedelta
 from types import FrameType
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import click
 from rich import box
@@ -32,6 +42,7 @@ from rich.text import Text
 
 from tidings.bus import EventBus
 from tidings.errors import TidingsError
+from tidings.events import DomainEvent
 from tidings.ports import Transport
 
 if TYPE_CHECKING:
@@ -65,12 +76,15 @@ def _publisher(spec: str) -> Publish:
     if spec == "memory://":
         bus = EventBus()
         return lambda events: bus.publish(*events)
+    if spec.startswith(("redis://", "rediss://", "celery+")):
+        transport = _broker_transport(spec)
+        bus = EventBus(transport=transport)
+        return _Closing(lambda events: bus.publish(*events), transport.close)
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute or "/" in spec:
         msg = (
-            f"--transport takes memory:// or module:attribute (your EventBus, Transport or "
-            f"publish function), not {spec!r}: a broker URL alone does not say which queues "
-            "to publish to, so build the transport in your code and name it here"
+            "--transport takes redis://..., celery+redis://..., celery+amqp://..., memory:// "
+            f"or module:attribute (your EventBus, Transport or publish function), not {spec!r}"
         )
         raise click.UsageError(msg)
     target: Any = _import(module_name, "--transport")
@@ -91,6 +105,61 @@ def _publisher(spec: str) -> Publish:
         f"--transport {spec} is a {type(target).__name__}: name an EventBus, Transport or function"
     )
     raise click.UsageError(msg)
+
+
+class _Closing:
+    """A publish callable that also releases its transport's connections when the relay ends."""
+
+    def __init__(self, publish: Publish, close: Callable[[], None]) -> None:
+        self._publish = publish
+        self.close = close
+
+    def __call__(self, events: Sequence[DomainEvent]) -> None:
+        self._publish(events)
+
+
+def _broker_transport(spec: str) -> Transport:
+    """A publish-only transport for a broker URL (see the module docstring for the options)."""
+    from tidings.memory import MemoryDeadLetterStore  # noqa: PLC0415
+
+    parts = urlsplit(spec)
+    options = {key: values[-1] for key, values in parse_qs(parts.query).items()}
+    url = urlunsplit((parts.scheme.removeprefix("celery+"), parts.netloc, parts.path, "", ""))
+    # A relay only publishes: what a worker would dead-letter never reaches it.
+    letters = MemoryDeadLetterStore()
+    transport: Transport
+    try:
+        if parts.scheme.startswith("celery+"):
+            from celery import Celery  # noqa: PLC0415 - the celery extra
+
+            from tidings.transports.celery import CeleryTransport  # noqa: PLC0415
+
+            queues = [q for q in options.get("queues", "tidings").split(",") if q]
+            app = Celery("tidings-relay", broker=url)
+            transport = CeleryTransport(
+                app, queue=queues[0], publish_to=queues, dead_letters=letters
+            )
+        else:
+            import redis  # noqa: PLC0415 - the redis extra
+
+            from tidings.transports.redis_streams import (  # noqa: PLC0415
+                RedisStreamsTransport,
+            )
+
+            partitions = options.get("partitions")
+            transport = RedisStreamsTransport(
+                redis.Redis.from_url(url),
+                service="tidings-relay",
+                dead_letters=letters,
+                stream_prefix=options.get("prefix", "tidings:stream"),
+                partitions=int(partitions) if partitions else None,
+                partition_key=options.get("partition_key"),
+            )
+    except ImportError as exc:
+        raise click.ClickException(f"--transport {spec}: {exc}") from exc
+    except (TidingsError, ValueError) as exc:
+        raise click.UsageError(f"--transport {spec}: {exc}") from exc
+    return transport
 
 
 @contextmanager
@@ -188,39 +257,42 @@ def make_relay_command() -> click.Command:
         for module in imports:
             _import(module, "--import")
         publish = _publisher(transport_spec)
-        from tidings.outbox import Outbox, Relay  # noqa: PLC0415 - the sql extra
+        with ExitStack() as cleanup:
+            if isinstance(publish, _Closing):
+                cleanup.callback(publish.close)
+            from tidings.outbox import Outbox, Relay  # noqa: PLC0415 - the sql extra
 
-        keep = None if keep_published is None else timedelta(seconds=keep_published)
-        with _engine(db_url) as engine:
-            runner = Relay(
-                engine,
-                Outbox(table_name=table),
-                publish,
-                batch_size=batch_size,
-                poll_interval=poll_interval,
-                listen=not no_listen,
-                keep_published=keep,
-            )
-            if once:
-                total = 0
-                while count := runner.run_once():
-                    total += count
-                click.echo(f"Relayed {total} events.")
-                return
-            stop = threading.Event()
+            keep = None if keep_published is None else timedelta(seconds=keep_published)
+            with _engine(db_url) as engine:
+                runner = Relay(
+                    engine,
+                    Outbox(table_name=table),
+                    publish,
+                    batch_size=batch_size,
+                    poll_interval=poll_interval,
+                    listen=not no_listen,
+                    keep_published=keep,
+                )
+                if once:
+                    total = 0
+                    while count := runner.run_once():
+                        total += count
+                    click.echo(f"Relayed {total} events.")
+                    return
+                stop = threading.Event()
 
-            def on_signal(signum: int, frame: FrameType | None) -> None:
-                stop.set()
+                def on_signal(signum: int, frame: FrameType | None) -> None:
+                    stop.set()
 
-            previous = {
-                sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
-            }
-            try:
-                click.echo(f"Relaying {table} to {transport_spec}; Ctrl-C to stop.", err=True)
-                runner.run(stop)
-            finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
+                previous = {
+                    sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
+                }
+                try:
+                    click.echo(f"Relaying {table} to {transport_spec}; Ctrl-C to stop.", err=True)
+                    runner.run(stop)
+                finally:
+                    for sig, handler in previous.items():
+                        signal.signal(sig, handler)
 
     return relay
 
