@@ -9,11 +9,8 @@ markup, no terminal escape sequences, no import or lookup driven by it.
 
 from __future__ import annotations
 
-import importlib
 import json
-import os
 import re
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
@@ -24,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from tidings._cli_imports import load_attribute
 from tidings.deadletter import _redact, open_store
 from tidings.errors import TidingsError
 from tidings.ports import DeadLetter, DeadLetterStore, Replayer
@@ -138,22 +136,7 @@ def _print_letter(console: Console, letter: DeadLetter) -> None:
 
 def _load_replayer(spec: str) -> Replayer:
     """Import ``module:attribute`` named on the operator's command line; return the Replayer."""
-    module_name, _, attribute = spec.partition(":")
-    if not module_name or not attribute:
-        msg = f"--app takes module:attribute, e.g. myproject.wiring:transport, not {spec!r}"
-        raise click.UsageError(msg)
-    if os.getcwd() not in sys.path:
-        sys.path.append(os.getcwd())  # after installed packages, so nothing there is shadowed
-    try:
-        target: object = importlib.import_module(module_name)
-        for part in attribute.split("."):
-            target = getattr(target, part)
-    except ImportError as exc:
-        msg = f"cannot import {module_name!r} for --app ({exc}): is it on PYTHONPATH?"
-        raise click.ClickException(msg) from exc
-    except Exception as exc:  # the module may raise anything
-        msg = f"loading --app {spec} failed: {type(exc).__name__}: {exc}"
-        raise click.ClickException(msg) from exc
+    target = load_attribute(spec, "--app", "myproject.wiring:transport")
     if not isinstance(target, Replayer):
         msg = (
             f"--app {spec} is a {type(target).__name__}, not a Replayer: point it at an object "

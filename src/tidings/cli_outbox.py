@@ -22,10 +22,7 @@ module does it, or name more with ``--import``.
 
 from __future__ import annotations
 
-import importlib
-import os
 import signal
-import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -40,6 +37,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from tidings._cli_imports import import_module, load_attribute
 from tidings.bus import EventBus
 from tidings.errors import TidingsError
 from tidings.events import DomainEvent
@@ -58,19 +56,6 @@ _DB_HELP = (
 )
 
 
-def _import(name: str, what: str) -> Any:
-    if os.getcwd() not in sys.path:
-        sys.path.append(os.getcwd())  # after installed packages, so nothing there is shadowed
-    try:
-        return importlib.import_module(name)
-    except ImportError as exc:
-        msg = f"cannot import {name!r} for {what} ({exc}): is it on PYTHONPATH?"
-        raise click.ClickException(msg) from exc
-    except Exception as exc:  # the module may raise anything
-        msg = f"importing {name} for {what} failed: {type(exc).__name__}: {exc}"
-        raise click.ClickException(msg) from exc
-
-
 def _publisher(spec: str) -> Publish:
     """Turn ``--transport`` into the relay's publish callable."""
     if spec == "memory://":
@@ -80,19 +65,13 @@ def _publisher(spec: str) -> Publish:
         transport = _broker_transport(spec)
         bus = EventBus(transport=transport)
         return _Closing(lambda events: bus.publish(*events), transport.close)
-    module_name, _, attribute = spec.partition(":")
-    if not module_name or not attribute or "/" in spec:
+    if "/" in spec:
         msg = (
             "--transport takes redis://..., celery+redis://..., celery+amqp://..., memory:// "
             f"or module:attribute (your EventBus, Transport or publish function), not {spec!r}"
         )
         raise click.UsageError(msg)
-    target: Any = _import(module_name, "--transport")
-    for part in attribute.split("."):
-        try:
-            target = getattr(target, part)
-        except AttributeError as exc:
-            raise click.ClickException(f"--transport {spec}: {exc}") from exc
+    target: Any = load_attribute(spec, "--transport", "myproject.wiring:bus")
     if isinstance(target, EventBus):
         bus = target
         return lambda events: bus.publish(*events)
@@ -255,7 +234,7 @@ def make_relay_command() -> click.Command:
         run against PostgreSQL or MariaDB; SQLite takes one. Stops cleanly on SIGINT/SIGTERM.
         """
         for module in imports:
-            _import(module, "--import")
+            import_module(module, "--import")
         publish = _publisher(transport_spec)
         with ExitStack() as cleanup:
             if isinstance(publish, _Closing):

@@ -8,14 +8,12 @@ imported, and it comes from the command line, never from a message.
 
 from __future__ import annotations
 
-import importlib
 import logging
-import os
-import sys
 from urllib.parse import urlsplit
 
 import click
 
+from tidings._cli_imports import load_attribute
 from tidings.bus import EventBus
 from tidings.errors import TidingsError
 
@@ -24,22 +22,7 @@ __all__ = ["make_worker_command"]
 
 def _load_bus(spec: str) -> EventBus:
     """Import ``module:attribute`` and return the EventBus it names."""
-    module_name, _, attribute = spec.partition(":")
-    if not module_name or not attribute:
-        msg = f"--app takes module:attribute, e.g. myproject.wiring:bus, not {spec!r}"
-        raise click.UsageError(msg)
-    if os.getcwd() not in sys.path:
-        sys.path.append(os.getcwd())  # after installed packages, so nothing there is shadowed
-    try:
-        target: object = importlib.import_module(module_name)
-        for part in attribute.split("."):
-            target = getattr(target, part)
-    except ImportError as exc:
-        msg = f"cannot import {module_name!r} for --app ({exc}): is it on PYTHONPATH?"
-        raise click.ClickException(msg) from exc
-    except Exception as exc:  # the module may raise anything
-        msg = f"loading --app {spec} failed: {type(exc).__name__}: {exc}"
-        raise click.ClickException(msg) from exc
+    target = load_attribute(spec, "--app", "myproject.wiring:bus")
     if not isinstance(target, EventBus):
         msg = f"--app {spec} is a {type(target).__name__}, not an EventBus: point it at your bus"
         raise click.ClickException(msg)
