@@ -155,17 +155,9 @@ class Outbox:
             sqlalchemy.exc.IntegrityError: an event id is already in the outbox.
         """
         connection = target.connection() if isinstance(target, orm.Session) else target
-        dialect = connection.dialect.name
-        check_dialect(dialect)
-        rows = self.rows(events, partition_key)
-        if not rows:
-            return
-        for row in rows:
-            row["created_at"] = utcnow(dialect)
-        if dialect == "postgresql":
-            connection.execute(self._insert_notify, rows).close()
-        else:
-            connection.execute(self._insert, rows)
+        insert = self._insert_for(connection.dialect.name, events, partition_key)
+        if insert is not None:
+            connection.execute(*insert).close()
 
     async def add_async(
         self, target: Any, *events: DomainEvent, partition_key: str | None = None
@@ -181,17 +173,24 @@ class Outbox:
         if not isinstance(target, AsyncConnection):
             msg = f"add_async takes an AsyncSession or AsyncConnection, not {type(target).__name__}"
             raise UsageError(msg)
-        dialect = target.dialect.name
+        insert = self._insert_for(target.dialect.name, events, partition_key)
+        if insert is not None:
+            await target.execute(*insert)
+
+    def _insert_for(
+        self, dialect: str, events: Iterable[DomainEvent], partition_key: str | None
+    ) -> tuple[sa.Executable, list[dict[str, Any]]] | None:
+        """The statement and rows that store ``events`` (``None`` for no events).
+
+        On PostgreSQL the insert also notifies listening relays, in the same round trip.
+        """
         check_dialect(dialect)
         rows = self.rows(events, partition_key)
         if not rows:
-            return
+            return None
         for row in rows:
             row["created_at"] = utcnow(dialect)
-        if dialect == "postgresql":
-            await target.execute(self._insert_notify, rows)
-        else:
-            await target.execute(self._insert, rows)
+        return (self._insert_notify if dialect == "postgresql" else self._insert), rows
 
     def status(self, engine: sa.Engine, *, partitions: int = 20) -> OutboxStatus:
         """Report pending rows, the oldest one's age and the ``partitions`` keys furthest behind."""
