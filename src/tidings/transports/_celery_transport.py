@@ -107,9 +107,6 @@ class CeleryTransport:
         self.retry = RetryPolicy() if retry is None else retry
         self.batch_size = batch_size
         self.max_worker_losses = max_worker_losses
-        # Worker deaths per message body, counted in the worker's main process (bounded).
-        self._losses: dict[str, int] = {}
-        self._losses_lock = threading.Lock()
         self._dispatcher: Dispatcher | None = None
         self._deliver: Task | None = None
         self._deliver_batch: Task | None = None
@@ -137,6 +134,9 @@ class CeleryTransport:
             retry=self.retry,
             transport=self.name,
         )
+        # Worker-side customisations of Celery, which need Celery itself.
+        from tidings.transports import _celery_consumer  # noqa: PLC0415
+
         options: dict[str, Any] = {
             "bind": True,
             "acks_late": True,
@@ -146,7 +146,7 @@ class CeleryTransport:
             "max_retries": None,
             # Celery requeues a message whose worker process died (reject_on_worker_lost),
             # without counting: this request class counts and dead-letters a poison pill.
-            "Request": _worker_lost_request(self),
+            "Request": _celery_consumer.delivery_request(_celery_consumer.WorkerLosses(self)),
         }
         # Plain functions, so that Celery binds the task instance as their first argument.
         transport = self
@@ -164,8 +164,6 @@ class CeleryTransport:
         install_context_propagation(self.app)
         # Messages Celery cannot decode or route would only be logged and dropped: make the
         # worker's consumer dead-letter them first.
-        from tidings.transports import _celery_consumer  # noqa: PLC0415 - needs celery
-
         _celery_consumer.dead_letter_stores[id(self.app)] = self.dead_letters
         ours = "tidings.transports._celery_consumer:DeadLetteringConsumer"
         current = self.app.conf.worker_consumer
@@ -270,85 +268,10 @@ class CeleryTransport:
 
     # -- working ----------------------------------------------------------------------------
 
-    def _worker_lost(self, request: Any, exc: BaseException) -> bool:
-        """Handle a message whose worker process died; ``False`` lets Celery requeue it.
-
-        Runs in the worker's main process. A batch is split into single messages at once, so
-        that one poison event does not take the others down with it; a single message is
-        dead-lettered at its ``max_worker_losses``-th death. Until the dead letter is stored
-        (or the split sent), the message is not acknowledged.
-        """
-        deliver = self._deliver
-        if deliver is None:  # pragma: no cover - tasks exist once bound
-            return False
-        queue = (request.delivery_info or {}).get("routing_key") or self.queue
-        args, kwargs = tuple(request.args or ()), dict(request.kwargs or {})
-        try:
-            if request.name == DELIVER_BATCH:
-                bodies = args[0] if len(args) == 1 and isinstance(args[0], list) else [args]
-                for body in bodies:
-                    deliver.apply_async(args=(body,), queue=queue)
-                log.error("a worker died on a batch of %d events; sent one by one", len(bodies))
-            else:
-                body, handler, _ = _one_arguments(args, kwargs)
-                text = body if isinstance(body, str) else repr(body)
-                with self._losses_lock:
-                    losses = self._losses.pop(text, 0) + 1
-                    if losses < self.max_worker_losses:
-                        self._losses[text] = losses
-                        while len(self._losses) > 10_000:
-                            del self._losses[next(iter(self._losses))]
-                        return False
-                letter = self._lost_letter(request, text, handler, losses, exc)
-                self.dead_letters.add(letter)
-                log.error(
-                    "the worker died %d times on a delivery of %s; dead-lettered as %s",
-                    losses,
-                    letter.event_id,
-                    letter.id,
-                )
-        except Exception:
-            log.exception("could not settle a delivery whose worker died; requeueing it")
-            return False
-        request.acknowledge()
-        return True
-
-    def _lost_letter(
-        self,
-        request: Any,
-        text: str,
-        handler: str | None,
-        losses: int,
-        exc: BaseException,
-    ) -> DeadLetter:
-        try:
-            event: DomainEvent | None = self.codec.decode(text.encode())
-        except Exception:  # noqa: BLE001 - the letter is worth more than the decoding
-            event = None
-        return DeadLetter(
-            body=text.encode(),
-            reason=(
-                f"WorkerLostError: the worker process died {losses} times handling this "
-                f"message ({exc}); dead-lettered so that it stops crashing workers"
-            ),
-            traceback="",
-            attempts=losses,
-            handler=handler,
-            event_type=None if event is None else event.event_type,
-            event_id=None if event is None else event.event_id,
-            headers={
-                str(key): str(value)
-                for key, value in (getattr(request, "request_dict", None) or {}).items()
-                if isinstance(value, str | int | float)
-            },
-            transport=self.name,
-            destination=(request.delivery_info or {}).get("routing_key") or self.queue,
-        )
-
     # The task functions take anything, so that a malformed task message reaches the
     # dispatcher (and the dead-letter store) instead of failing inside Celery and vanishing.
     def _run_one(self, task: Task, *args: Any, **kwargs: Any) -> None:
-        body, handler, attempt = _one_arguments(args, kwargs)
+        body, handler, attempt = one_arguments(args, kwargs)
         self._run(task, [body], handler, attempt)
 
     def _run_batch(self, task: Task, *args: Any, **kwargs: Any) -> None:
@@ -397,26 +320,7 @@ class CeleryTransport:
             raise task.retry(exc=exc, countdown=min(60, 2**retries)) from exc
 
 
-def _worker_lost_request(transport: CeleryTransport) -> type[Any]:
-    """A Celery request class that hands worker deaths to ``transport`` before requeueing."""
-    from celery.exceptions import WorkerLostError  # noqa: PLC0415 - needs celery
-    from celery.worker.request import Request  # noqa: PLC0415
-    from celery.worker.state import task_ready  # noqa: PLC0415
-
-    class DeliveryRequest(Request):  # type: ignore[misc]
-        def on_failure(
-            self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
-        ) -> None:
-            exc = getattr(exc_info.exception, "exc", exc_info.exception)
-            if isinstance(exc, WorkerLostError) and transport._worker_lost(self, exc):
-                task_ready(self)
-                return
-            super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
-
-    return DeliveryRequest
-
-
-def _one_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, str | None, int]:
+def one_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, str | None, int]:
     """Read ``(body, handler=None, attempt=1)``; anything else becomes an undecodable body."""
     try:
         body, handler, attempt = (*args, None, 1)[:3] if len(args) <= 3 else (args, None, 1)
