@@ -1,0 +1,220 @@
+"""``CorrelationMiddleware``: one correlation id (and tenant) bound for each ASGI request.
+
+A pure ASGI middleware: it works with FastAPI, Starlette or any ASGI app and imports nothing
+outside the standard library. For each HTTP or websocket connection it takes the correlation id
+from the request header (``X-Correlation-ID``, else ``X-Request-ID``), replaces an invalid one,
+mints one when absent, resolves the tenant, and binds both with
+:class:`~tidings.event_context` around the whole downstream call, so sync views (run in a
+thread pool that copies the context), async views and streaming bodies all see them, and
+concurrent requests never see each other's. The id is echoed on the HTTP response::
+
+    app.add_middleware(CorrelationMiddleware, tenant=tenant_from_header("X-Tenant-ID"))
+
+To use :func:`tenant_from_user`, place this middleware *inside* the authentication middleware,
+which sets ``scope["user"]`` (in Starlette, add it before ``AuthenticationMiddleware``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import re
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
+from typing import Any, Final
+
+from tidings.context import event_context
+
+__all__ = [
+    "CorrelationMiddleware",
+    "TenantResolver",
+    "is_valid_id",
+    "tenant_from_header",
+    "tenant_from_subdomain",
+    "tenant_from_user",
+]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+TenantResolver = Callable[[Scope], "str | Awaitable[str | None] | None"]
+"""Returns the tenant of a connection from its ASGI scope, or ``None``; may be ``async``."""
+
+logger = logging.getLogger(__name__)
+
+_ID_CHARS: Final = re.compile(r"[A-Za-z0-9._:-]+")
+_UNSAFE_CHAR: Final = re.compile(r"[^A-Za-z0-9._:-]")
+_EXCERPT_LENGTH: Final = 16
+
+
+def is_valid_id(value: str) -> bool:
+    """Return whether ``value`` is non-empty and made only of ``A-Z a-z 0-9 . _ : -``."""
+    return _ID_CHARS.fullmatch(value) is not None
+
+
+def _excerpt(value: str) -> str:
+    # A rejected id is attacker-controlled: log only a short prefix, unsafe characters masked.
+    return _UNSAFE_CHAR.sub("?", value[:_EXCERPT_LENGTH])
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers") or ():
+        if bytes(key).lower() == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+class CorrelationMiddleware:
+    """Bind a correlation id and tenant for each HTTP and websocket connection; echo the id.
+
+    The id is the value of the first of ``header``, then ``fallback_headers``, present on the
+    request. It is kept if it has 1 to ``max_length`` characters and ``validate`` accepts it
+    (default :func:`is_valid_id`); otherwise it is replaced by a fresh uuid4 and a warning is
+    logged with its length and a masked 16-character excerpt, never the raw value. With no
+    such header a uuid4 is minted. ``tenant`` (see :data:`TenantResolver`) gives the tenant id;
+    without one the tenant is ``None``. Both are bound, with ``causation_id=None``, for the
+    whole downstream call, streaming bodies included. With ``echo``, the id is added under
+    ``header`` to the HTTP response, unless the app already set that header. Websockets are
+    bound but not echoed; ``lifespan`` and other scope types pass through untouched.
+    Exceptions from the app or the resolver propagate unchanged. Safe for concurrent
+    connections: it holds no per-request state.
+
+    Raises:
+        ValueError: ``max_length`` is below 1 or a header name is empty or not ASCII.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        header: str = "X-Correlation-ID",
+        fallback_headers: Iterable[str] = ("X-Request-ID",),
+        validate: Callable[[str], bool] = is_valid_id,
+        max_length: int = 128,
+        tenant: TenantResolver | None = None,
+        echo: bool = True,
+    ) -> None:
+        if max_length < 1:
+            msg = f"CorrelationMiddleware(max_length={max_length}) must be at least 1"
+            raise ValueError(msg)
+        names = (header, *fallback_headers)
+        for name in names:
+            if not name or not name.isascii():
+                msg = f"CorrelationMiddleware header name {name!r} must be non-empty ASCII"
+                raise ValueError(msg)
+        self.app = app
+        self.header = header
+        self.validate = validate
+        self.max_length = max_length
+        self.tenant = tenant
+        self.echo = echo
+        self._names = tuple(name.lower().encode("ascii") for name in names)
+        self._echo_name = header.lower().encode("ascii")
+
+    def _correlation_id(self, scope: Scope) -> str:
+        for name in self._names:
+            value = _header(scope, name)
+            if value is None:
+                continue
+            if len(value) <= self.max_length and self.validate(value):
+                return value
+            replacement = str(uuid.uuid4())
+            logger.warning(
+                "rejected the correlation id in header %s (length %d, excerpt %r); using %s",
+                name.decode("ascii"),
+                len(value),
+                _excerpt(value),
+                replacement,
+            )
+            return replacement
+        return str(uuid.uuid4())
+
+    async def _tenant_id(self, scope: Scope) -> str | None:
+        if self.tenant is None:
+            return None
+        result = self.tenant(scope)
+        if inspect.isawaitable(result):
+            return await result
+        return result
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Handle one ASGI connection with its correlation id and tenant bound."""
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        correlation_id = self._correlation_id(scope)
+        tenant_id = await self._tenant_id(scope)
+        if self.echo and scope["type"] == "http":
+            send = self._echoing(send, correlation_id.encode("latin-1"))
+        with event_context(correlation_id=correlation_id, tenant_id=tenant_id, causation_id=None):
+            await self.app(scope, receive, send)
+
+    def _echoing(self, send: Send, value: bytes) -> Send:
+        name = self._echo_name
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers") or ())
+                if not any(bytes(key).lower() == name for key, _ in headers):
+                    message = {**message, "headers": [*headers, (name, value)]}
+            await send(message)
+
+        return send_with_id
+
+
+def tenant_from_header(name: str = "X-Tenant-ID") -> TenantResolver:
+    """Return a resolver that reads the tenant from request header ``name``.
+
+    A missing value, or one :func:`is_valid_id` rejects (or over 128 characters), gives
+    ``None``: a header is client input and must not reach the logs unchecked. Use it only
+    where a trusted proxy sets the header or the tenant is checked against the user.
+    """
+    key = name.lower().encode("ascii")
+
+    def resolve(scope: Scope) -> str | None:
+        value = _header(scope, key)
+        if value is None or len(value) > 128 or not is_valid_id(value):
+            return None
+        return value
+
+    return resolve
+
+
+def tenant_from_subdomain(base_domain: str) -> TenantResolver:
+    """Return a resolver that takes the tenant from the host: ``acme.example.com`` -> ``acme``.
+
+    The tenant is the single DNS label directly in front of ``base_domain`` in the ``Host``
+    header (port ignored, case folded). The bare base domain, a host outside it, or more than
+    one label in front of it (``a.b.example.com``) gives ``None``.
+    """
+    suffix = "." + base_domain.lower().strip(".")
+
+    def resolve(scope: Scope) -> str | None:
+        host = (_header(scope, b"host") or "").rsplit(":", 1)[0].lower().rstrip(".")
+        if not host.endswith(suffix):
+            return None
+        label = host[: -len(suffix)]
+        if not label or "." in label or not is_valid_id(label):
+            return None
+        return label
+
+    return resolve
+
+
+def tenant_from_user(attribute: str = "tenant_id") -> TenantResolver:
+    """Return a resolver that reads ``attribute`` of ``scope["user"]`` (set by auth middleware).
+
+    Works with an object (``getattr``) or a mapping (``[attribute]``); no user, or no such
+    attribute, or a ``None`` value gives ``None``; any other value is converted with ``str``.
+    """
+
+    def resolve(scope: Scope) -> str | None:
+        user = scope.get("user")
+        if user is None:
+            return None
+        found = user.get(attribute) if isinstance(user, Mapping) else getattr(user, attribute, None)
+        return None if found is None else str(found)
+
+    return resolve
