@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import inspect
 import logging
-import re
-import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
-from typing import Any, Final
+from typing import Any
 
 from tidings.context import event_context
+from tidings.integrations._correlation import choose_id, is_valid_id
 
 __all__ = [
     "CorrelationMiddleware",
@@ -43,20 +42,6 @@ TenantResolver = Callable[[Scope], "str | Awaitable[str | None] | None"]
 """Returns the tenant of a connection from its ASGI scope, or ``None``; may be ``async``."""
 
 logger = logging.getLogger(__name__)
-
-_ID_CHARS: Final = re.compile(r"[A-Za-z0-9._:-]+")
-_UNSAFE_CHAR: Final = re.compile(r"[^A-Za-z0-9._:-]")
-_EXCERPT_LENGTH: Final = 16
-
-
-def is_valid_id(value: str) -> bool:
-    """Return whether ``value`` is non-empty and made only of ``A-Z a-z 0-9 . _ : -``."""
-    return _ID_CHARS.fullmatch(value) is not None
-
-
-def _excerpt(value: str) -> str:
-    # A rejected id is attacker-controlled: log only a short prefix, unsafe characters masked.
-    return _UNSAFE_CHAR.sub("?", value[:_EXCERPT_LENGTH])
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -114,22 +99,12 @@ class CorrelationMiddleware:
         self._echo_name = header.lower().encode("ascii")
 
     def _correlation_id(self, scope: Scope) -> str:
-        for name in self._names:
-            value = _header(scope, name)
-            if value is None:
-                continue
-            if len(value) <= self.max_length and self.validate(value):
-                return value
-            replacement = str(uuid.uuid4())
-            logger.warning(
-                "rejected the correlation id in header %s (length %d, excerpt %r); using %s",
-                name.decode("ascii"),
-                len(value),
-                _excerpt(value),
-                replacement,
-            )
-            return replacement
-        return str(uuid.uuid4())
+        return choose_id(
+            ((name.decode("ascii"), _header(scope, name)) for name in self._names),
+            validate=self.validate,
+            max_length=self.max_length,
+            logger=logger,
+        )
 
     async def _tenant_id(self, scope: Scope) -> str | None:
         if self.tenant is None:
