@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from tidings.codec import Codec
-from tidings.errors import EventDecodeError
+from tidings.errors import EventDecodeError, UsageError
 from tidings.events import DomainEvent
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "decode_batch",
     "default_partition_key",
     "in_key_order",
+    "row_key",
 ]
 
 EVENT_ID_LENGTH = 64
@@ -41,6 +42,29 @@ def default_partition_key(event: DomainEvent) -> str:
     """
     aggregate_id = getattr(event, "aggregate_id", None)
     return type(event).event_type if aggregate_id is None else str(aggregate_id)
+
+
+def row_key(
+    event: object, key: str | None, key_of: Callable[[DomainEvent], str], caller: str
+) -> str:
+    """Check that ``event`` fits an outbox row and return its partition key.
+
+    ``key`` overrides ``key_of(event)``. ``caller`` names the API in the error message.
+
+    Raises:
+        UsageError: not a ``DomainEvent``, or a key or event id longer than its column.
+    """
+    if not isinstance(event, DomainEvent):
+        msg = f"{caller} takes DomainEvent instances, not {type(event).__name__}"
+        raise UsageError(msg)
+    key = key_of(event) if key is None else key
+    if len(key) > KEY_LENGTH or len(event.event_id) > EVENT_ID_LENGTH:
+        msg = (
+            f"the outbox keeps partition keys up to {KEY_LENGTH} and event ids up to "
+            f"{EVENT_ID_LENGTH} characters: shorten {key[:40]!r} / {event.event_id[:40]!r}"
+        )
+        raise UsageError(msg)
+    return key
 
 
 @dataclass(frozen=True, slots=True)

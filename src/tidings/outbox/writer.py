@@ -10,10 +10,8 @@ from typing import Any
 from tidings.codec import Codec, default_codec
 from tidings.errors import UsageError
 from tidings.events import DomainEvent
-from tidings.outbox._common import default_partition_key
+from tidings.outbox._common import default_partition_key, row_key
 from tidings.outbox._table import (
-    EVENT_ID_LENGTH,
-    KEY_LENGTH,
     as_utc,
     check_dialect,
     orm,
@@ -116,16 +114,7 @@ class Outbox:
         """
         rows = []
         for event in events:
-            if not isinstance(event, DomainEvent):
-                msg = f"Outbox.add takes DomainEvent instances, not {type(event).__name__}"
-                raise UsageError(msg)
-            key = self.partition_key(event) if partition_key is None else partition_key
-            if len(key) > KEY_LENGTH or len(event.event_id) > EVENT_ID_LENGTH:
-                msg = (
-                    f"the outbox keeps partition keys up to {KEY_LENGTH} and event ids up to "
-                    f"{EVENT_ID_LENGTH} characters: shorten {key[:40]!r} / {event.event_id[:40]!r}"
-                )
-                raise UsageError(msg)
+            key = row_key(event, partition_key, self.partition_key, "Outbox.add")
             rows.append(
                 {
                     "event_id": event.event_id,

@@ -52,7 +52,7 @@ from tidings.bus import EventBus
 from tidings.codec import encode
 from tidings.errors import UsageError
 from tidings.events import DomainEvent
-from tidings.outbox._common import EVENT_ID_LENGTH, KEY_LENGTH, default_partition_key
+from tidings.outbox._common import default_partition_key, row_key
 
 if TYPE_CHECKING:
     from tidings.integrations.django.relay import Backoff, Relay
@@ -70,16 +70,7 @@ def _rows(events: Sequence[DomainEvent], partition_key: str | None) -> list[Any]
     now = timezone.now()
     rows = []
     for event in events:
-        if not isinstance(event, DomainEvent):
-            msg = f"publish takes DomainEvent instances, not {type(event).__name__}"
-            raise UsageError(msg)
-        key = default_partition_key(event) if partition_key is None else partition_key
-        if len(key) > KEY_LENGTH or len(event.event_id) > EVENT_ID_LENGTH:
-            msg = (
-                f"the outbox keeps partition keys up to {KEY_LENGTH} and event ids up to "
-                f"{EVENT_ID_LENGTH} characters: shorten {key[:40]!r} / {event.event_id[:40]!r}"
-            )
-            raise UsageError(msg)
+        key = row_key(event, partition_key, default_partition_key, "publish")
         rows.append(
             OutboxEvent(
                 event_id=event.event_id,
