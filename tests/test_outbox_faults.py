@@ -12,6 +12,7 @@ commits from one thread).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -183,7 +184,7 @@ def stream_ids(client: redis.Redis, stream: str) -> list[str]:
     start = "-"
     while True:
         page = client.xrange(stream, start, "+", count=2000)
-        ids.extend(fields[b"tidings_event_id"].decode() for _, fields in page)
+        ids.extend(json.loads(fields[b"envelope"])["id"] for _, fields in page)
         if len(page) < 2000:
             return ids
         start = "(" + page[-1][0].decode()

@@ -16,8 +16,9 @@ import asyncio
 import contextvars
 import logging
 import traceback
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from types import MappingProxyType
+from typing import NamedTuple
 
 from tidings.bus import EventBus, Handler
 from tidings.codec import Codec, default_codec
@@ -27,16 +28,19 @@ from tidings.events import DomainEvent
 from tidings.ports import BatchInbox, Claim, DeadLetter, DeadLetterStore, Inbox
 from tidings.retry import RetryPolicy
 
-__all__ = ["Dispatcher", "Outcome", "Received", "Redelivery"]
+__all__ = ["Dispatcher", "Outcome", "Prepared", "Received", "Redelivery", "Settle"]
+
+Settle = Callable[[Sequence[Claim], Sequence[Claim]], None]
+"""Settles a batch's inbox claims: (done, failed), as :meth:`~tidings.ports.BatchInbox.settle`."""
 
 log = logging.getLogger("tidings.worker")
 
 _TRACEBACK_LIMIT = 8000
+_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 
 
-@dataclass(frozen=True, slots=True)
-class Received:
-    """One message as a transport received it.
+class Received(NamedTuple):
+    """One message as a transport received it (immutable; a named tuple, cheap to make).
 
     Attributes:
         body: the envelope bytes.
@@ -47,26 +51,24 @@ class Received:
     """
 
     body: bytes
-    headers: Mapping[str, str] = field(default_factory=dict)
+    headers: Mapping[str, str] = _NO_HEADERS
     destination: str = ""
     handler: str | None = None
     attempt: int = 1
 
 
-@dataclass(frozen=True, slots=True)
-class Redelivery:
+class Redelivery(NamedTuple):
     """A handler to try again: the transport sends ``body`` to ``handler`` after ``delay`` s."""
 
     body: bytes
     handler: str
     attempt: int
     delay: float
-    headers: Mapping[str, str] = field(default_factory=dict)
+    headers: Mapping[str, str] = _NO_HEADERS
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What became of one received message.
+class Outcome(NamedTuple):
+    """What became of one received message (immutable; a named tuple).
 
     Attributes:
         event: the decoded event, or ``None`` when the message could not be decoded.
@@ -118,7 +120,9 @@ class Dispatcher:
         """Deliver one message to its handlers; see the module docstring for the rules."""
         return self.dispatch_many([received])[0]
 
-    def dispatch_many(self, messages: Sequence[Received]) -> list[Outcome]:
+    def dispatch_many(
+        self, messages: Sequence[Received], *, settle: Settle | None = None
+    ) -> list[Outcome]:
         """Deliver several messages, one :class:`Outcome` each, in order.
 
         With an inbox that has the :class:`~tidings.ports.BatchInbox` capability and several
@@ -126,6 +130,24 @@ class Dispatcher:
         after the last handler; a worker crash in between repeats the effects of the handlers
         that had finished (at least once, per batch). Otherwise each pair passes the inbox's
         ``guard`` on its own and is marked done as soon as its handler returns.
+
+        ``settle``, when given, is called with the batch's (done, failed) claims *instead of*
+        the inbox's ``settle``: the caller then settles them itself (before acknowledging the
+        messages), say in the same round trip as its acknowledgement.
+        """
+        prepared = self.prepare(messages)
+        claims = None
+        if prepared.pairs:
+            assert isinstance(self.inbox, BatchInbox)  # noqa: S101 - pairs only for one
+            claims = self.inbox.claim_many(prepared.pairs)
+        return self.complete(prepared, claims, settle=settle)
+
+    def prepare(self, messages: Sequence[Received]) -> Prepared:
+        """Decode several messages and find their handlers: the first half of ``dispatch_many``.
+
+        Undecodable messages are dead-lettered now. The result's ``pairs`` are what a caller
+        claims itself (in the same round trip as other work of its own) and hands to
+        :meth:`complete`; they are empty when the inbox claims one pair at a time.
         """
         outcomes: list[Outcome | None] = []
         work: list[tuple[Received, DomainEvent, tuple[Handler, ...]]] = []
@@ -136,20 +158,34 @@ class Dispatcher:
             else:
                 outcomes.append(None)
                 work.append((received, *found))
-        inbox = self.inbox
-        batch = None
         # One event's handlers pass the inbox one by one, each marked done as it returns, so a
         # crash in a later handler repeats none of the earlier ones. Claiming in bulk pays off
         # for several events; a crash then repeats the effects of the batch's finished handlers.
-        if isinstance(inbox, BatchInbox) and len(work) > 1:
+        pairs: list[tuple[str, str]] = []
+        if isinstance(self.inbox, BatchInbox) and len(work) > 1:
             pairs = [(h.name, event.event_id) for _, event, handlers in work for h in handlers]
-            batch = _Batch(iter(inbox.claim_many(pairs)))
+        return Prepared(outcomes, work, pairs)
+
+    def complete(
+        self,
+        prepared: Prepared,
+        claims: Sequence[Claim] | None,
+        *,
+        settle: Settle | None = None,
+    ) -> list[Outcome]:
+        """Run the handlers of a :meth:`prepare`-d batch: the second half of ``dispatch_many``.
+
+        ``claims`` answer ``prepared.pairs`` in order (``None`` when there are none); see
+        :meth:`dispatch_many` for ``settle``.
+        """
+        inbox = self.inbox
+        batch = None if claims is None else _Batch(iter(claims))
         try:
-            handled = iter([self._handle(r, e, hs, batch) for r, e, hs in work])
+            handled = iter([self._handle(r, e, hs, batch) for r, e, hs in prepared.work])
         finally:
             if batch is not None and isinstance(inbox, BatchInbox) and (batch.done or batch.failed):
-                inbox.settle(batch.done, batch.failed)
-        return [outcome if outcome is not None else next(handled) for outcome in outcomes]
+                (inbox.settle if settle is None else settle)(batch.done, batch.failed)
+        return [o if o is not None else next(handled) for o in prepared.outcomes]
 
     def _resolve(self, received: Received) -> tuple[DomainEvent, tuple[Handler, ...]] | Outcome:
         """Decode the message and find its handlers, or dead-letter it."""
@@ -293,6 +329,21 @@ class Dispatcher:
         )
         self.dead_letters.add(letter)  # raises if the store is down: then nothing is acked
         return letter
+
+
+class Prepared(NamedTuple):
+    """Messages decoded and matched to their handlers by :meth:`Dispatcher.prepare`.
+
+    Attributes:
+        outcomes: per message, its outcome when it was settled already (dead-lettered), else
+            ``None``.
+        work: per decodable message, the message, its event and the handlers to run.
+        pairs: the (handler name, event id) pairs to claim in bulk; empty for none.
+    """
+
+    outcomes: list[Outcome | None]
+    work: list[tuple[Received, DomainEvent, tuple[Handler, ...]]]
+    pairs: list[tuple[str, str]]
 
 
 class _Batch:

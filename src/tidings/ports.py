@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from tidings._ids import new_event_id, utc_now_iso
 
@@ -62,9 +62,8 @@ class Inbox(Protocol):
         ...
 
 
-@dataclass(frozen=True, slots=True)
-class Claim:
-    """A batch inbox's answer for one (handler, event id).
+class Claim(NamedTuple):
+    """A batch inbox's answer for one (handler, event id) (immutable; a named tuple).
 
     Attributes:
         handler: the handler name.

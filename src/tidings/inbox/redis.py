@@ -17,6 +17,7 @@ import logging
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any, Protocol
 
 try:
     import redis
@@ -27,7 +28,7 @@ except ImportError as exc:
 from tidings.errors import InboxBusyError
 from tidings.ports import Claim
 
-__all__ = ["RedisInbox"]
+__all__ = ["CommandQueue", "RedisInbox"]
 
 log = logging.getLogger("tidings.inbox")
 
@@ -69,17 +70,19 @@ return out
 
 # Settle: the first ARGV[4] keys are done (marked over our claim or over nothing), the rest
 # failed (released if still ours). Returns how many done keys had lapsed to someone else.
+# A done key costs one call: SET ... GET marks it and says what it held; in the rare case that
+# was another worker's claim, the claim is put back (with a full lease: it can only be longer
+# than what was left of it), so that a done mark never lands on someone else's live claim.
 _SETTLE = """
 local done, lapsed = tonumber(ARGV[4]), 0
 for i, key in ipairs(KEYS) do
-  local held = redis.call('GET', key)
   if i <= done then
-    if held == ARGV[1] or not held then
-      redis.call('SET', key, ARGV[2], 'PX', ARGV[3])
-    elseif held ~= ARGV[2] then
+    local held = redis.call('SET', key, ARGV[2], 'PX', ARGV[3], 'GET')
+    if held and held ~= ARGV[1] and held ~= ARGV[2] then
+      redis.call('SET', key, held, 'PX', ARGV[5])
       lapsed = lapsed + 1
     end
-  elseif held == ARGV[1] then
+  elseif redis.call('GET', key) == ARGV[1] then
     redis.call('DEL', key)
   end
 end
@@ -91,6 +94,17 @@ _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+
+class CommandQueue(Protocol):
+    """Where :meth:`RedisInbox.claim_on` and :meth:`RedisInbox.settle_on` queue a command.
+
+    A redis-py pipeline is one; so is any batch of commands its owner sends in one round trip
+    and whose replies it hands back in order.
+    """
+
+    def eval(self, script: str, numkeys: int, *keys_and_args: Any) -> Any:
+        """Queue ``EVAL script numkeys keys... args...``."""
 
 
 class RedisInbox:
@@ -133,8 +147,6 @@ class RedisInbox:
         self._claim = client.register_script(_CLAIM)
         self._mark = client.register_script(_MARK)
         self._release = client.register_script(_RELEASE)
-        self._claim_many = client.register_script(_CLAIM_MANY)
-        self._settle = client.register_script(_SETTLE)
 
     def key(self, handler: str, event_id: str) -> str:
         """Return the Redis key of (handler, event_id): ``{prefix}:{handler}:{event_id}``."""
@@ -191,32 +203,88 @@ class RedisInbox:
         """
         if not pairs:
             return []
+        with self.client.pipeline(transaction=False) as pipe:
+            token = self.claim_on(pipe, pairs)
+            (answers,) = pipe.execute()
+        return self.claimed(pairs, answers, token)
+
+    def claim_on(self, queue: CommandQueue, pairs: Sequence[tuple[str, str]]) -> str:
+        """Queue what :meth:`claim_many` does on ``queue``, bound for this inbox's Redis.
+
+        For a caller that claims in the same round trip as commands of its own (the Redis
+        Streams consumer reads its next batch so). Returns the claims' token: pass it, with
+        the one reply, to :meth:`claimed`.
+        """
         token = uuid.uuid4().hex
-        keys = [self.key(handler, event_id) for handler, event_id in pairs]
-        answers = self._claim_many(keys=keys, args=[token, self._lease_ms, _DONE])
+        keys = [f"{self.prefix}:{handler}:{event_id}" for handler, event_id in pairs]
+        # EVAL, not EVALSHA: a pipeline cannot load a script a restarted Redis lost.
+        queue.eval(_CLAIM_MANY, len(keys), *keys, token, self._lease_ms, _DONE)
+        return token
+
+    def claimed(self, pairs: Sequence[tuple[str, str]], reply: object, token: str) -> list[Claim]:
+        """Turn the reply to :meth:`claim_on` into one :class:`~tidings.ports.Claim` per pair.
+
+        Raises:
+            redis.RedisError: the reply is an error (nothing was claimed).
+        """
+        if isinstance(reply, Exception):
+            raise reply
+        assert isinstance(reply, list)  # noqa: S101 - the script answers a list
         claims = []
-        for (handler, event_id), answer in zip(pairs, answers, strict=True):
+        for (handler, event_id), answer in zip(pairs, reply, strict=True):
             status = int(answer)
             retry_after = None if status >= 0 else max(-1 - status, 1) / 1000
             claims.append(Claim(handler, event_id, status == 1, retry_after, token))
         return claims
 
     def settle(self, done: Sequence[Claim], failed: Sequence[Claim]) -> None:
-        """Mark ``done`` claims done and release ``failed`` ones, in one script call."""
-        for token in {claim.token for claim in (*done, *failed)}:
+        """Mark ``done`` claims done and release ``failed`` ones, in one round trip."""
+        with self.client.pipeline(transaction=False) as pipe:
+            if self.settle_on(pipe, done, failed):
+                self.settled(pipe.execute())
+
+    def settle_on(self, queue: CommandQueue, done: Sequence[Claim], failed: Sequence[Claim]) -> int:
+        """Queue what :meth:`settle` does on ``queue``, bound for this inbox's Redis.
+
+        For a caller that settles in the same round trip as its own commands (the Redis
+        Streams consumer acknowledges its batch so). Returns how many commands were queued:
+        pass their replies, in order, to :meth:`settled`.
+        """
+        tokens = {claim.token for claim in (*done, *failed)}
+        for token in tokens:
             mine_done = [c for c in done if c.token == token]
             mine_failed = [c for c in failed if c.token == token]
             keys = [self.key(c.handler, c.event_id) for c in (*mine_done, *mine_failed)]
-            lapsed = int(
-                self._settle(keys=keys, args=[token, _DONE, self._keep_ms, len(mine_done)])
+            # EVAL, not EVALSHA: a pipeline cannot load a script a restarted Redis lost.
+            queue.eval(
+                _SETTLE,
+                len(keys),
+                *keys,
+                token,
+                _DONE,
+                self._keep_ms,
+                len(mine_done),
+                self._lease_ms,
             )
-            if lapsed:
-                log.warning(
-                    "%d inbox claim(s) lapsed to another worker before their handlers finished "
-                    "(lease %.1f s); that worker may repeat the effect: raise RedisInbox(lease=)",
-                    lapsed,
-                    self.lease,
-                )
+        return len(tokens)
+
+    def settled(self, replies: Sequence[object]) -> None:
+        """Report claims that lapsed to another worker, from the replies of :meth:`settle_on`.
+
+        Raises:
+            redis.RedisError: a reply is an error (the claims then expire after ``lease``).
+        """
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        lapsed = sum(int(reply) for reply in replies)  # type: ignore[call-overload]
+        if lapsed:
+            log.warning(
+                "%d inbox claim(s) lapsed to another worker before their handlers finished "
+                "(lease %.1f s); that worker may repeat the effect: raise RedisInbox(lease=)",
+                lapsed,
+                self.lease,
+            )
 
     def is_done(self, handler: str, event_id: str) -> bool:
         """Whether (handler, event_id) is marked done (and its marker has not expired)."""

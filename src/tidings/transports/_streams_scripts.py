@@ -1,5 +1,6 @@
 """The Lua scripts of the Redis Streams transport: each decision is one atomic step in Redis.
 
+- :data:`PUBLISH` adds the entries of one ``publish`` call (one round trip, nothing between).
 - :data:`MOVE_DUE` moves redeliveries that fell due from the service's retry sorted set into its
   redelivery stream (``ZREM`` and ``XADD`` in one step, so a redelivery is never lost nor
   doubled between the two), and answers with the score of the next one.
@@ -22,7 +23,22 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["MOVE_DUE", "SAFE_TRIM"]
+__all__ = ["MOVE_DUE", "PUBLISH", "PUBLISH_CHUNK", "SAFE_TRIM"]
+
+PUBLISH_CHUNK: Final = 1000
+"""Most entries one :data:`PUBLISH` call adds, so that one call never holds Redis for long."""
+
+# KEYS[i] the stream of entry i; ARGV holds, per entry, how many field/value values follow,
+# then those values. Returns how many entries were added.
+PUBLISH: Final = """
+local at = 1
+for _, key in ipairs(KEYS) do
+  local n = tonumber(ARGV[at])
+  redis.call('XADD', key, '*', unpack(ARGV, at + 1, at + n))
+  at = at + n + 1
+end
+return #KEYS
+"""
 
 # KEYS[1] retry zset, KEYS[2] redelivery stream; ARGV[1] now (s), ARGV[2] most to move.
 # Each member is a JSON array of the entry's field/value pairs. Returns {moved, next score}.

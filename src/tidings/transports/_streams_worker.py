@@ -21,17 +21,20 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Final
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 import redis
 
-from tidings.delivery import Dispatcher, Outcome, Received
-from tidings.ports import DeadLetter
+from tidings.delivery import Dispatcher, Outcome, Prepared, Received
+from tidings.errors import EventDecodeError
+from tidings.inbox.redis import RedisInbox
+from tidings.ports import BatchInbox, Claim, DeadLetter
+from tidings.transports._streams_link import Commands, Entry, Link, entries_of, read_command, text
 from tidings.transports._streams_partitions import Leases
-from tidings.transports._streams_scripts import MOVE_DUE
 
 if TYPE_CHECKING:
+    from tidings.events import DomainEvent
     from tidings.transports.redis_streams import RedisStreamsTransport
 
 __all__ = ["ATTEMPT", "ENVELOPE", "GROUP", "HANDLER", "StreamConsumer", "Streams"]
@@ -49,10 +52,16 @@ ENTRY_ID: Final = "tidings_stream_id"
 DELIVERIES: Final = "tidings_deliveries"
 _RETRY_ID: Final = "tidings_retry_id"
 _LOCAL: Final = (HANDLER, ATTEMPT, GROUP, ENTRY_ID, _RETRY_ID)
+_ENVELOPE_KEY: Final = ENVELOPE.encode()
 _BACKOFF_FIRST, _BACKOFF_MAX = 0.1, 5.0
 
-Entry = tuple[str, str, dict[bytes, bytes]]
-"""(stream, entry id, fields) as read."""
+
+class _Ready(NamedTuple):
+    """A batch claimed in the inbox, its handlers not yet run."""
+
+    entries: list[Entry]
+    prepared: Prepared
+    claims: list[Claim] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,17 +107,28 @@ class StreamConsumer:
         self.transport, self.dispatcher, self.streams = transport, dispatcher, streams
         self.name, self.stop = name, stop
         self.redis: Any = transport.client  # redis-py's stream replies are loosely typed
-        self._move_due = transport.client.register_script(MOVE_DUE)
         self._idle_ms = max(1, round(transport.claim_idle * 1000))
         self.leases: Leases | None = None
         self._ordered = frozenset(streams.ordered)
         self._recovering = False  # the batch being handled was read from the pending entries
+        self.link = Link(
+            transport.client,
+            transport.inbox,
+            group=streams.group,
+            retry=streams.retry,
+            redeliver=streams.redeliver,
+            count=transport.count,
+        )
+        # The read-ahead pipeline (see _step): a batch claimed and ready for its handlers, and
+        # the batch read after it.
+        self._ready: _Ready | None = None
+        self._next: list[Entry] = []
         if streams.ordered:
             base = f"{transport.stream_prefix}:{streams.group}"
             self.leases = Leases(self.redis, base, streams.group, name, transport.claim_idle)
 
     def run(self) -> None:
-        """Consume until ``stop`` is set; finish and acknowledge the current batch first."""
+        """Consume until ``stop`` is set; finish and acknowledge the batches in hand first."""
         delay, ready = _BACKOFF_FIRST, False
         next_claim = next_trim = time.monotonic()
         while not self.stop.is_set():
@@ -118,7 +138,6 @@ class StreamConsumer:
                     ready = True
                 if self.leases is not None:
                     self.leases.refresh(self.streams.ordered)
-                wait_ms = self._move_due_retries()
                 now = time.monotonic()
                 if now >= next_claim:
                     self._reclaim()
@@ -127,11 +146,11 @@ class StreamConsumer:
                     for stream in self.streams.read:
                         self.transport.trim(stream)
                     next_trim = now + self.transport.trim_interval
-                entries = self._read(wait_ms)
-                if entries:
-                    self._handle(entries)
+                self._turn()
                 delay = _BACKOFF_FIRST
             except Exception as exc:  # nothing may end the loop but stop
+                # What was read stays pending (reclaimed after claim_idle; claims expire).
+                self._ready, self._next = None, []
                 if self.leases is not None:  # what was read may be pending still: read it again
                     self.leases.unread.update(self.leases.held)
                 if isinstance(exc, redis.ResponseError) and "NOGROUP" in str(exc):
@@ -144,6 +163,23 @@ class StreamConsumer:
                 delay = min(_BACKOFF_MAX, delay * 2)
         self._leave()
 
+    def _leave(self) -> None:
+        """Handle the batches in hand, settle and acknowledge, then deregister (best effort)."""
+        try:
+            while self._ready is not None or self._next:  # stopping: nothing more is read
+                self._step()
+            self._exchange(None)
+        except redis.RedisError as exc:
+            log.warning(
+                "consumer %s stopped before acknowledging %d entries (%r); they will be "
+                "reclaimed, and their inbox markers skip the handlers that already ran",
+                self.name,
+                len(self.link.acks),
+                exc,
+            )
+        self.link.close()
+        self._deregister()
+
     # -- the steps ---------------------------------------------------------------------------
 
     def _ensure_groups(self) -> None:
@@ -154,54 +190,115 @@ class StreamConsumer:
                 if "BUSYGROUP" not in str(exc):
                     raise
 
-    def _move_due_retries(self) -> int:
-        """Move due redeliveries to the redelivery stream; return ms until the next is due."""
-        keys = [self.streams.retry, self.streams.redeliver]
-        _, following = self._move_due(keys=keys, args=[time.time(), self.transport.count])
-        block = self.transport.block_ms
-        if following in (b"", ""):
-            return block
-        return max(1, min(block, round((float(following) - time.time()) * 1000)))
+    def _turn(self) -> None:
+        """Handle what there is to handle, or wait for entries."""
+        if self.leases is not None:  # ordered partitions: one batch at a time, no read-ahead
+            entries = self._read_ordered()
+            if entries:
+                self._handle(entries)
+        elif self._ready is None and not self._next:
+            self._next = self._exchange(self._new_entries(), self.link.wait_ms(self._block_ms))
+        else:
+            self._step()
 
-    def _read(self, wait_ms: int) -> list[Entry]:
-        leases = self.leases
-        if leases is not None and leases.unread:
-            # A partition just taken over (or after an error): its pending entries come first.
-            reply = self.redis.xreadgroup(
-                self.streams.group,
-                self.name,
-                dict.fromkeys(sorted(leases.unread), "0"),
-                count=self.transport.count,
+    @property
+    def _block_ms(self) -> int:
+        return self.transport.block_ms
+
+    def _step(self) -> None:
+        """One step of the read-ahead pipeline: Redis and this thread work at the same time.
+
+        Sent first, without waiting: what is owed (the last batch's settling, then its
+        acknowledgement) and a read of the batch after next. Then, while Redis works on that,
+        the next batch is decoded and its inbox claims are sent; then, while Redis works on
+        those, the ready batch's handlers run. Then the replies are read: the next batch is
+        claimed and becomes the ready one; the batch read becomes the next one. Nothing is read
+        once ``stop`` is set, so that the batches in hand run out.
+        """
+        ready, entries = self._ready, self._next
+        self._ready, self._next = None, []
+        link, inbox = self.link, self.transport.inbox
+        first = Commands()
+        owed = link.pay(first)
+        reading = not self.stop.is_set()
+        if reading:
+            count = self.transport.count
+            first.append(
+                read_command(self.streams.group, self.name, self._new_entries(), count, None)
             )
-            entries = [
-                (_text(stream), _text(entry_id), fields)
-                for stream, found in reply or ()
-                for entry_id, fields in found
-            ]
+        link.send(first)
+        claims: list[Claim] | None = None
+        token, claiming = "", False
+        try:
+            prepared = self.dispatcher.prepare([self._received(*e) for e in entries])
+            if prepared.pairs and link.inline:
+                assert isinstance(inbox, RedisInbox)  # noqa: S101 - inline
+                second = Commands()
+                token = inbox.claim_on(second, prepared.pairs)
+                link.send(second)
+                claiming = True
+            elif prepared.pairs:
+                assert isinstance(inbox, BatchInbox)  # noqa: S101 - pairs only for one
+                claims = inbox.claim_many(prepared.pairs)
+            if ready is not None:
+                self._complete(ready)
+        except BaseException:
+            link.drop()  # replies are on their way: the connection cannot be used again
+            link.default(owed)
+            raise
+        replies = link.receive(len(first))
+        claimed = link.receive(1)[0] if claiming else None
+        link.paid(owed, replies)
+        if claiming:
+            assert isinstance(inbox, RedisInbox)  # noqa: S101 - inline
+            claims = inbox.claimed(prepared.pairs, claimed, token)
+        if entries:
+            self._ready = _Ready(entries, prepared, claims)
+        if reading:
+            self._next = entries_of(replies[-1])
+
+    def _complete(self, ready: _Ready) -> None:
+        outcomes = self.dispatcher.complete(
+            ready.prepared, ready.claims, settle=self.link.settle_later
+        )
+        self._schedule(outcomes)
+        self.link.ack_later(ready.entries)
+
+    def _read_ordered(self) -> list[Entry]:
+        """The next batch with partitions: a taken-over partition's pending entries first."""
+        leases = self.leases
+        assert leases is not None  # noqa: S101 - only called with partitions
+        if leases.unread:
+            entries = self._exchange(dict.fromkeys(sorted(leases.unread), "0"))
             leases.unread &= {stream for stream, _, _ in entries}
             self._recovering = bool(entries)
             if entries:
-                return [(s, i, {} if f is None else f) for s, i, f in entries]
+                return entries
         self._recovering = False
-        streams = (*self.streams.shared, *sorted(leases.held if leases else ()))
-        reply = self.redis.xreadgroup(
-            self.streams.group,
-            self.name,
-            dict.fromkeys(streams, ">"),
-            count=self.transport.count,
-            block=wait_ms,
-        )
-        return [
-            (_text(stream), _text(entry_id), fields)
-            for stream, entries in reply or ()
-            for entry_id, fields in entries
-            if fields is not None
-        ]
+        return self._exchange(self._new_entries(), self.link.wait_ms(self._block_ms))
+
+    def _new_entries(self) -> dict[str, str]:
+        """What a read of new entries asks for: every stream this consumer reads, from ``>``."""
+        held = sorted(self.leases.held) if self.leases is not None else ()
+        return dict.fromkeys((*self.streams.shared, *held), ">")
+
+    def _exchange(self, streams: dict[str, str] | None, block: int | None = None) -> list[Entry]:
+        """Pay what is owed and read ``streams`` (waiting up to ``block`` ms), in one round trip."""
+        commands = Commands()
+        owed = self.link.pay(commands)
+        if streams is not None:
+            count = self.transport.count
+            commands.append(read_command(self.streams.group, self.name, streams, count, block))
+        replies = self.link.round_trip(commands)
+        self.link.paid(owed, replies)
+        return entries_of(replies[-1]) if streams is not None else []
 
     def _handle(self, entries: Sequence[Entry], crashes: int = 0) -> None:
-        """Dispatch a batch, store its redeliveries, then acknowledge every entry of it.
+        """Dispatch a batch and store its redeliveries; settle and acknowledge it later.
 
-        Entries of ordered partitions are handled apart, one by one: see :meth:`_handle_ordered`.
+        For reclaimed entries and with partitions (the read-ahead pipeline handles the rest,
+        see :meth:`_step`). Entries of ordered partitions are handled apart, one by one: see
+        :meth:`_handle_ordered`.
         """
         if self.leases is not None:
             ordered = [e for e in entries if e[0] in self._ordered]
@@ -213,11 +310,11 @@ class StreamConsumer:
         messages = [self._received(*e) for e in entries]
         if crashes:
             messages = [
-                replace(m, headers={**m.headers, DELIVERIES: str(crashes)}) for m in messages
+                m._replace(headers={**m.headers, DELIVERIES: str(crashes)}) for m in messages
             ]
-        outcomes = self.dispatcher.dispatch_many(messages)
+        outcomes = self.dispatcher.dispatch_many(messages, settle=self.link.settle_later)
         self._schedule(outcomes)
-        self._ack([(stream, entry_id) for stream, entry_id, _ in entries])
+        self.link.ack_later(entries)
 
     def _handle_ordered(self, entries: Sequence[Entry]) -> None:
         """Handle partition entries in order, each retried in place until done or dead-lettered.
@@ -278,14 +375,17 @@ class StreamConsumer:
                 return False
 
     def _received(self, stream: str, entry_id: str, fields: dict[bytes, bytes]) -> Received:
-        headers = {_text(k): _text(v) for k, v in fields.items() if k != ENVELOPE.encode()}
+        body = fields.get(_ENVELOPE_KEY, b"")
+        if len(fields) == 1 and body:  # the usual entry: nothing but the envelope
+            headers = {ENTRY_ID: entry_id, GROUP: self.streams.group}
+            return Received(body, headers, stream)
+        headers = {text(k): text(v) for k, v in fields.items() if k != _ENVELOPE_KEY}
         headers[ENTRY_ID], headers[GROUP] = entry_id, self.streams.group
         handler, attempt = None, 1
         # Only the service's own stream may aim a delivery at one handler.
         if stream == self.streams.redeliver and headers.get(HANDLER):
             handler = headers[HANDLER]
             attempt = int(headers[ATTEMPT]) if headers.get(ATTEMPT, "").isdigit() else 1
-        body = fields.get(ENVELOPE.encode(), b"")
         return Received(body, headers, stream, handler, max(1, attempt))
 
     def _schedule(self, outcomes: Sequence[Outcome]) -> None:
@@ -305,15 +405,7 @@ class StreamConsumer:
                     self.streams.retry, {json.dumps(fields, ensure_ascii=False): now + again.delay}
                 )
             pipe.execute()
-
-    def _ack(self, entries: Sequence[tuple[str, str]]) -> None:
-        by_stream: dict[str, list[str]] = {}
-        for stream, entry_id in entries:
-            by_stream.setdefault(stream, []).append(entry_id)
-        with self.redis.pipeline(transaction=False) as pipe:
-            for stream, ids in by_stream.items():
-                pipe.xack(stream, self.streams.group, *ids)
-            pipe.execute()
+        self.link.retry_due(now + min(again.delay for again in retries))
 
     def _reclaim(self) -> None:
         """Take over entries idle longer than ``claim_idle``, one at a time.
@@ -338,11 +430,11 @@ class StreamConsumer:
                 )
                 cursor = reply[0]
                 for entry_id in reply[2] if len(reply) > 2 else ():
-                    self._report_lost(stream, _text(entry_id))
+                    self._report_lost(stream, text(entry_id))
                 for entry_id, fields in reply[1]:
                     if fields is not None:
-                        self._take_over((stream, _text(entry_id), fields))
-                if _text(cursor) == "0-0":
+                        self._take_over((stream, text(entry_id), fields))
+                if text(cursor) == "0-0":
                     break
 
     def _take_over(self, entry: Entry) -> None:
@@ -360,6 +452,11 @@ class StreamConsumer:
     def _dead_letter_overdelivered(self, entry: Entry, times: int) -> None:
         received = self._received(*entry)
         headers = dict(received.headers)
+        event: DomainEvent | None
+        try:
+            event = self.transport.codec.decode(received.body)
+        except EventDecodeError:
+            event = None
         letter = DeadLetter(
             body=received.body,
             reason=(
@@ -369,8 +466,8 @@ class StreamConsumer:
             ),
             attempts=times - 1,
             handler=received.handler,
-            event_type=headers.get("tidings_event_type"),
-            event_id=headers.get("tidings_event_id"),
+            event_type=None if event is None else event.event_type,
+            event_id=None if event is None else event.event_id,
             headers=headers,
             transport=self.transport.name,
             destination=entry[0],
@@ -379,7 +476,7 @@ class StreamConsumer:
         log.error(
             "dead-lettered over-delivered entry %s of %s as %s", entry[1], entry[0], letter.id
         )
-        self._ack([(entry[0], entry[1])])
+        self.link.ack_later([entry])
 
     def _report_lost(self, stream: str, entry_id: str) -> None:
         """An entry was deleted (trimmed) while pending: its event may be lost; say so loudly."""
@@ -399,18 +496,14 @@ class StreamConsumer:
         )
         self.transport.dead_letters.add(letter)
 
-    def _leave(self) -> None:
+    def _deregister(self) -> None:
         """Remove this consumer from its groups when it holds nothing pending (best effort)."""
         try:
             if self.leases is not None:
                 self.leases.release_all()
             for stream in self.streams.read:
                 for consumer in self.redis.xinfo_consumers(stream, self.streams.group):
-                    if _text(consumer["name"]) == self.name and not consumer["pending"]:
+                    if text(consumer["name"]) == self.name and not consumer["pending"]:
                         self.redis.xgroup_delconsumer(stream, self.streams.group, self.name)
         except redis.RedisError as exc:
             log.info("consumer %s left without deregistering (%r)", self.name, exc)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value

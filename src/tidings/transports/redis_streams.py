@@ -1,11 +1,17 @@
 """``RedisStreamsTransport``: events as Redis stream entries, consumed by groups, once in effect.
 
 **Layout.** Each event goes to one stream, ``{stream_prefix}:{route(event class)}``; by default
-the route is the event type, so there is a stream per type. An entry's fields are ``envelope``
-(the CloudEvents JSON bytes, see :mod:`tidings.codec`) and, for logging and routing only,
-``tidings_event_type``, ``tidings_event_id``, ``tidings_correlation_id``,
-``tidings_causation_id`` and ``tidings_tenant_id`` (when set). Workers never trust the headers:
-the envelope is decoded and validated.
+the route is the event type, so there is a stream per type. An entry has one field,
+``envelope``: the CloudEvents JSON bytes (see :mod:`tidings.codec`), which carry the type, the id
+and the context ids, readable as they are in ``redis-cli``. With ``entry_headers=True`` entries
+also carry them as fields of their own, for tools that filter on fields: ``tidings_event_type``,
+``tidings_event_id``, ``tidings_correlation_id``, ``tidings_causation_id`` and
+``tidings_tenant_id`` (when set). They cost about a quarter of the publishing throughput, and
+workers never trust them: the envelope is decoded and validated.
+
+**Publishing** sends a whole ``publish`` call to Redis as one script call (up to
+:data:`~tidings.transports._streams_scripts.PUBLISH_CHUNK` entries each): one round trip, and the
+entries of one call are added without any other client's entry in between.
 
 **Services and workers.** Every consuming service has one consumer group per stream, named
 after the service, so each service receives every event, and the workers of a service share the
@@ -89,7 +95,7 @@ from tidings.ports import DeadLetter, DeadLetterStore, Inbox
 from tidings.retry import RetryPolicy
 from tidings.transports._streams_partitions import partition_of
 from tidings.transports._streams_run import run_consumers, run_until_signalled
-from tidings.transports._streams_scripts import SAFE_TRIM
+from tidings.transports._streams_scripts import PUBLISH, PUBLISH_CHUNK, SAFE_TRIM
 from tidings.transports._streams_worker import (
     ATTEMPT,
     ENVELOPE,
@@ -137,6 +143,8 @@ class RedisStreamsTransport:
             docstring): each topic is split into this many partition streams.
         partition_key: event → key (its ``str`` is hashed), or the name of the event attribute
             holding it (an aggregate id, say); required with ``partitions``.
+        entry_headers: also write the event's type, id and context ids as entry fields of their
+            own (see "Layout" in the module docstring).
 
     Thread-safe for publishing. Creating it contacts nothing; ``EventBus(transport=...)`` binds
     it, and :meth:`run` (or ``tidings worker``) consumes.
@@ -163,6 +171,7 @@ class RedisStreamsTransport:
         trim_interval: float = 10.0,
         partitions: int | None = None,
         partition_key: PartitionKey | str | None = None,
+        entry_headers: bool = False,
     ) -> None:
         problems = []
         if not service or ":" in service:
@@ -198,9 +207,11 @@ class RedisStreamsTransport:
         self.partition_key: PartitionKey | None = (
             operator.attrgetter(partition_key) if isinstance(partition_key, str) else partition_key
         )
+        self.entry_headers = entry_headers
         self._bus: EventBus | None = None
         self._dispatcher: Dispatcher | None = None
         self._trim = client.register_script(SAFE_TRIM)
+        self._publish = client.register_script(PUBLISH)
 
     # -- wiring -----------------------------------------------------------------------------
 
@@ -263,27 +274,36 @@ class RedisStreamsTransport:
     # -- publishing -------------------------------------------------------------------------
 
     def send(self, events: Sequence[DomainEvent]) -> None:
-        """Encode every event first (nothing is sent if one fails), then XADD each, pipelined.
+        """Encode every event first (nothing is sent if one fails), then add them all.
+
+        Each chunk of up to ``PUBLISH_CHUNK`` entries is added by one script call: one round
+        trip, no other client's entry in between.
 
         Raises:
             EventEncodeError: an event cannot be encoded; nothing was sent.
-            PublishError: Redis refused or could not be reached; entries before the failing
-                one may have been added (send again: the inbox makes duplicates harmless).
+            PublishError: Redis refused or could not be reached; earlier chunks, and entries
+                before a failing one, may have been added (send again: the inbox makes
+                duplicates harmless).
         """
-        entries = [(self.stream_of(event), _fields(self.codec, event)) for event in events]
-        if not entries:
-            return
+        entries = [(self.stream_of(event), self._entry(event)) for event in events]
         try:
-            with self.client.pipeline(transaction=False) as pipe:
-                for stream, fields in entries:
-                    pipe.xadd(stream, fields)  # type: ignore[arg-type]
-                pipe.execute()
+            for first in range(0, len(entries), PUBLISH_CHUNK):
+                chunk = entries[first : first + PUBLISH_CHUNK]
+                args = [value for _, entry in chunk for value in entry]
+                self._publish(keys=[stream for stream, _ in chunk], args=args)
         except redis.RedisError as exc:
             msg = (
                 f"Redis did not accept all of {len(entries)} event(s) ({exc!r}); send them "
                 "again: handlers' inboxes make the ones already added harmless"
             )
             raise PublishError(msg) from exc
+
+    def _entry(self, event: DomainEvent) -> tuple[bytes | str | int, ...]:
+        """The :data:`PUBLISH` arguments of one entry: its field count, then its fields."""
+        if not self.entry_headers:
+            return (2, ENVELOPE, self.codec.encode(event))
+        headers = _headers(event)
+        return (len(headers) + 2, ENVELOPE, self.codec.encode(event), *headers)
 
     def replay(self, letter: DeadLetter) -> None:
         """Send a dead letter back to the service that dead-lettered it, and to no other.
@@ -344,14 +364,11 @@ class RedisStreamsTransport:
         run_until_signalled(lambda stop: self.run(stop, concurrency=concurrency))
 
 
-def _fields(codec: Codec, event: DomainEvent) -> dict[str, bytes | str]:
-    fields: dict[str, bytes | str] = {
-        ENVELOPE: codec.encode(event),
-        "tidings_event_type": event.event_type,
-        "tidings_event_id": event.event_id,
-    }
+def _headers(event: DomainEvent) -> list[str]:
+    """The event's type, id and context ids as entry fields (``entry_headers=True``)."""
+    fields = ["tidings_event_type", event.event_type, "tidings_event_id", event.event_id]
     for name in ("correlation_id", "causation_id", "tenant_id"):
         value = getattr(event, name)
         if value is not None:
-            fields[f"tidings_{name}"] = value
+            fields += (f"tidings_{name}", value)
     return fields
