@@ -4,6 +4,7 @@ import json
 import pytest
 from celery import Celery
 from tests.apps import celery_shop
+from tests.conftest import require_server
 from tests.workers import celery_worker, wait_until
 
 from tidings import EventBus, UsageError, event_context
@@ -176,6 +177,17 @@ def test_envelope_travels_as_json_string_argument(shop):
     assert envelope["data"]["parcel_id"] == "inspect"
 
 
+def test_an_event_sent_outside_any_context_carries_its_own_ids_in_the_headers(shop):
+    """An event published with no context bound (as the relay does) stamps its ids on the task."""
+    _, bus, _transport, client, name = shop
+    with event_context(correlation_id="req-7", tenant_id="acme"):
+        event = celery_shop.ParcelBooked(parcel_id="relayed")
+    bus.publish(event)
+    headers = json.loads(client.lindex(name, 0))["headers"]
+    assert headers["tidings_correlation_id"] == "req-7"
+    assert headers["tidings_tenant_id"] == "acme"
+
+
 @pytest.mark.parametrize(
     ("body", "content_type"),
     [
@@ -219,3 +231,18 @@ def test_an_app_with_its_own_worker_consumer_is_warned_and_kept(redis_url):
     with pytest.warns(UserWarning, match="worker_consumer"):
         EventBus(transport=CeleryTransport(app, dead_letters=MemoryDeadLetterStore()))
     assert app.conf.worker_consumer == "myapp.workers:Consumer"
+
+
+def test_an_event_sent_before_any_worker_waits_in_its_declared_queue_on_rabbitmq(unique_name):
+    """On RabbitMQ the transport declares its queue, so an event sent before any worker is kept."""
+    app = Celery("t", broker=require_server("rabbitmq"))
+    transport = CeleryTransport(app, queue=unique_name, dead_letters=MemoryDeadLetterStore())
+    EventBus(transport=transport).publish(celery_shop.ParcelBooked(parcel_id="early"))
+    transport.close()
+    with app.connection_for_write() as connection:
+        channel = connection.default_channel
+        try:
+            _, waiting, _ = channel.queue_declare(queue=unique_name, passive=True)
+        finally:
+            channel.queue_delete(unique_name)
+    assert waiting == 1

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from tidings.codec import Codec, default_codec
+from tidings.context import EventContext, bind, reset
 from tidings.delivery import Dispatcher, Received
 from tidings.errors import PublishError, UsageError
 from tidings.events import DomainEvent
@@ -144,6 +145,9 @@ class CeleryTransport:
             "serializer": "json",
             "ignore_result": True,
             "max_retries": None,
+            # The app's own tasks: not offered to every other app of the process, whose own
+            # transport registers its own (Celery would warn of duplicate task names).
+            "shared": False,
             # Celery requeues a message whose worker process died (reject_on_worker_lost),
             # without counting: this request class counts and dead-letters a poison pill.
             "Request": _celery_consumer.delivery_request(_celery_consumer.WorkerLosses(self)),
@@ -224,23 +228,16 @@ class CeleryTransport:
             raise UsageError(msg)
         bodies = [self.codec.encode(event).decode() for event in events]
         with self._send_lock:
-            if self._producer is None:
-                # Publisher confirms on AMQP: a publish waits for the broker's ack and raises on
-                # a nack, so send() returns only once the broker accepted every message.
-                self._connection = self.app.connection_for_write(
-                    transport_options={"confirm_publish": True}
-                )
-                self._producer = self.app.amqp.Producer(self._connection)
-            producer = self._producer
             try:
+                producer = self._producer or self._open_producer()
                 for queue in self.publish_to:
                     if len(bodies) == 1:
-                        self._deliver.apply_async(args=(bodies[0],), queue=queue, producer=producer)
+                        self._send_one(events[0], bodies[0], queue, producer)
                         continue
                     for start in range(0, len(bodies), self.batch_size):
                         chunk = bodies[start : start + self.batch_size]
                         self._deliver_batch.apply_async(
-                            args=(chunk,), queue=queue, producer=producer
+                            args=(chunk,), queue=queue, producer=producer, declare=[]
                         )
             except Exception as exc:
                 msg = (
@@ -248,6 +245,38 @@ class CeleryTransport:
                     "them again: handlers' inboxes make the ones already sent harmless"
                 )
                 raise PublishError(msg) from exc
+
+    def _send_one(self, event: DomainEvent, body: str, queue: str, producer: Any) -> None:
+        """Send one event's message, its headers carrying the event's own context ids.
+
+        So that Celery's log lines about the message, in a worker, carry them even when it was
+        sent with no context bound (by the outbox relay, say).
+        """
+        assert self._deliver is not None  # noqa: S101 - checked by send
+        token = bind(EventContext(event.correlation_id, event.causation_id, event.tenant_id))
+        try:
+            self._deliver.apply_async(args=(body,), queue=queue, producer=producer, declare=[])
+        finally:
+            reset(token)
+
+    def _open_producer(self) -> Any:
+        """Connect for publishing and declare the queues (under the send lock).
+
+        Publisher confirms on AMQP: a publish waits for the broker's ack and raises on a nack,
+        so ``send`` returns only once the broker accepted every message. The queues are
+        declared once here rather than with every message (Celery's default, a third of the
+        cost of a publish), so that a message sent before any worker started is kept.
+        """
+        connection = self.app.connection_for_write(transport_options={"confirm_publish": True})
+        try:
+            producer = self.app.amqp.Producer(connection)
+            for queue in self.publish_to:
+                producer.maybe_declare(self.app.amqp.queues[queue])
+        except BaseException:
+            connection.release()
+            raise
+        self._connection, self._producer = connection, producer
+        return producer
 
     def replay(self, letter: DeadLetter) -> None:
         """Send a dead letter back to its queue, to its handler only when it names one."""
