@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from tidings import _tracing
 from tidings.context import EventContext, _current
 from tidings.errors import DuplicateHandlerError, HandlerFailedError, UsageError
 from tidings.events import DomainEvent
@@ -170,12 +171,27 @@ class EventBus:
         :class:`~tidings.ports.Transport`); workers run the handlers. Without one, every
         handler of every event runs now, in this thread, in order, each with the event's
         context bound; a failing handler does not stop the others, nor the following events.
+        With tracing installed (:mod:`tidings.integrations.otel`) this runs in a publish span.
 
         Raises:
             HandlerFailedError: (inline) after all handlers ran, grouping their exceptions.
             UsageError: (inline) an event has an ``async`` handler; use :meth:`apublish`
                 (checked before any handler runs).
         """
+        hooks = _tracing.hooks
+        if hooks is None:
+            self._publish(events, None)
+            return
+        with hooks.publish(events, self._system(), None):
+            self._publish(events, hooks)
+
+    def _system(self) -> str:
+        """The ``messaging.system`` of this bus's spans: its transport's name, or ``tidings``."""
+        return "tidings" if self.transport is None else self.transport.name
+
+    def _publish(
+        self, events: tuple[DomainEvent, ...], hooks: _tracing.TracingHooks | None
+    ) -> None:
         if self.transport is not None:
             self.transport.send(self._checked(events))
             return
@@ -193,7 +209,11 @@ class EventBus:
             try:
                 for handler in handlers:
                     try:
-                        handler.func(event)
+                        if hooks is None:
+                            handler.func(event)
+                        else:
+                            with _handle_span(hooks, handler, event):
+                                handler.func(event)
                     except Exception as exc:  # noqa: BLE001 - collected, raised as a group
                         failures.append(_noted(exc, handler, event))
             finally:
@@ -210,6 +230,16 @@ class EventBus:
         Raises:
             HandlerFailedError: after all handlers ran, grouping every exception they raised.
         """
+        hooks = _tracing.hooks
+        if hooks is None:
+            await self._apublish(events, None)
+            return
+        with hooks.publish(events, self._system(), None):
+            await self._apublish(events, hooks)
+
+    async def _apublish(
+        self, events: tuple[DomainEvent, ...], hooks: _tracing.TracingHooks | None
+    ) -> None:
         if self.transport is not None:
             await asyncio.to_thread(self.transport.send, self._checked(events))
             return
@@ -219,9 +249,15 @@ class EventBus:
             try:
                 for handler in handlers:
                     try:
-                        result = handler.func(event)
-                        if handler.is_async:
-                            await _awaited(result)
+                        if hooks is None:
+                            result = handler.func(event)
+                            if handler.is_async:
+                                await _awaited(result)
+                        else:
+                            with _handle_span(hooks, handler, event):
+                                result = handler.func(event)
+                                if handler.is_async:
+                                    await _awaited(result)
                     except Exception as exc:  # noqa: BLE001 - collected, raised as a group
                         failures.append(_noted(exc, handler, event))
             finally:
@@ -246,6 +282,20 @@ class EventBus:
 
 async def _awaited(result: Awaitable[Any]) -> None:
     await result
+
+
+def _handle_span(
+    hooks: _tracing.TracingHooks, handler: Handler, event: DomainEvent
+) -> _tracing.HandleSpan:
+    """The span of an inline handler run: a child of the publish (or relay) span."""
+    return hooks.handle(
+        handler.name,
+        event,
+        body=None,
+        system="tidings",
+        destination=type(event).event_type,
+        attempt=1,
+    )
 
 
 def _noted(exc: Exception, handler: Handler, event: DomainEvent) -> Exception:

@@ -1,8 +1,9 @@
 """The ``tidings`` command: ``demo``, ``dlq``, ``relay``, ``outbox status`` and ``worker``.
 
 It needs the ``cli`` extra (click and rich). Without it, :func:`main` prints one line naming
-the extra to install and exits with status 2. Importing this module only defines things; click,
-rich and the demo's event types are imported when the command runs.
+the extra to install and exits with status 2; ``demo`` also needs the ``demo`` extra (FastAPI,
+uvicorn, httpx) and says so. Importing this module only defines things; click, rich and the
+demo's event types are imported when the command runs.
 """
 
 from __future__ import annotations
@@ -37,40 +38,85 @@ def make_cli() -> click.Group:
 
     @tidings.command()
     @click.option(
-        "--orders",
+        "--requests",
         type=click.IntRange(min=1),
-        default=200,
+        default=300,
         show_default=True,
-        help="Orders to place, one request each.",
+        help="Orders to place, one HTTP request each.",
     )
     @click.option(
-        "--tenants",
+        "--broker",
+        metavar="URL",
+        help="Run the handlers in Celery worker processes on this broker "
+        "(redis://host:6379/0 or amqp://user:pass@host//). Default: worker threads.",
+    )
+    @click.option(
+        "--db",
+        metavar="URL",
+        help="The shop's database (postgresql://user@host/db, or any SQLAlchemy URL). "
+        "Default: a SQLite file in a temporary directory.",
+    )
+    @click.option(
+        "--workers",
         type=click.IntRange(min=1),
-        default=2,
+        help="Worker threads, or Celery worker processes with --broker.  [default: 4 or 2]",
+    )
+    @click.option(
+        "--concurrency",
+        type=click.IntRange(min=1),
+        default=16,
         show_default=True,
-        help="Tenants the orders are spread over.",
+        help="Requests in flight at once.",
     )
     @click.option(
         "--seed",
         type=int,
         default=0,
         show_default=True,
-        help="Seed of the shop's data: the same seed places the same orders.",
+        help="Same seed, same orders and the same handler failures.",
     )
-    @click.option("--quiet", is_flag=True, help="Print the summary only.")
-    def demo(orders: int, tenants: int, seed: int, quiet: bool) -> None:
-        """Run a small shop on the embedded default and trace one request through it.
+    @click.option(
+        "--timeout",
+        type=click.FloatRange(min=1),
+        default=120.0,
+        show_default=True,
+        help="Seconds to wait for every event to be handled before giving up.",
+    )
+    def demo(  # noqa: PLR0917 - click passes every option
+        requests: int,
+        broker: str | None,
+        db: str | None,
+        workers: int | None,
+        concurrency: int,
+        seed: int,
+        timeout: float,
+    ) -> None:
+        """Run a small shop end to end and trace one request through it.
 
-        Orders and their events commit together in a SQLite outbox; the relay publishes them
-        to the in-process event bus, whose handlers raise follow-up events.
-
-        Exits 1 if the run does not reconcile (an order not confirmed exactly once, or an
-        event whose causation chain does not lead back to its request).
+        A FastAPI app takes concurrent orders for two tenants, each request with its own
+        correlation id; orders and their events commit together (outbox); the relay publishes
+        them; handlers send a fake email, update a read model, raise a follow-up event, and
+        one fails now and then (retries, a dead letter). Ends with a summary, one request's
+        trace, and a reconciliation: exits 1 if an event was not handled once per handler.
         """
-        from tidings.demo import print_report, run_demo  # noqa: PLC0415 - registers shop.*
+        from tidings.demo import DemoOptions, print_report, run_demo  # noqa: PLC0415
 
-        result = run_demo(orders=orders, tenants=tenants, seed=seed)
-        print_report(result, rich.console.Console(), quiet=quiet)
+        console = rich.console.Console()
+        options = DemoOptions(
+            requests=requests,
+            seed=seed,
+            broker=broker,
+            db=db,
+            workers=workers or (2 if broker else 4),
+            concurrency=concurrency,
+            timeout=timeout,
+        )
+        try:
+            result = run_demo(options, console=console)
+        except (ImportError, RuntimeError, TimeoutError) as exc:
+            console.print(f"[bold red]tidings demo failed[/]: {exc}", highlight=False)
+            raise SystemExit(1) from None
+        print_report(result, console)
         if result.problems:
             raise SystemExit(1)
 

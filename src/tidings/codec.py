@@ -27,6 +27,7 @@ from typing import Any, Final, TypeVar, Union
 
 import msgspec
 
+from tidings import _tracing
 from tidings._wire import BASE_FIELDS, CONTENT_TYPE, SPEC_VERSION, ClassPlan, Incoming, Outgoing
 from tidings.errors import (
     EventDecodeError,
@@ -223,9 +224,14 @@ class Codec:
     def encode(self, event: DomainEvent, *, traceparent: str | None = None) -> bytes:
         """Return the event as CloudEvents JSON bytes.
 
+        With no ``traceparent`` given and tracing installed (:mod:`tidings.integrations.otel`),
+        the envelope carries the current span's.
+
         Raises:
             EventEncodeError: a field value has no JSON form.
         """
+        if traceparent is None and _tracing.hooks is not None:
+            traceparent = _tracing.hooks.traceparent(event)
         cls = event.__class__
         plan = self._plans.get(cls) or self._plan(cls)
         if plan.float_fields:

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import NamedTuple
 
+from tidings import _tracing
 from tidings.bus import EventBus, Handler
 from tidings.codec import Codec, default_codec
 from tidings.context import EventContext, _current
@@ -219,14 +220,19 @@ class Dispatcher:
         retries: list[Redelivery] = []
         dead: list[DeadLetter] = []
         attempt = received.attempt if received.handler is not None else 1
+        hooks = _tracing.hooks
+        span = _tracing.NO_SPAN
         token = _current.set(EventContext(event.correlation_id, event.event_id, event.tenant_id))
         try:
             for handler in handlers:
+                if hooks is not None:
+                    span = self._span(hooks, handler, event, received, attempt)
                 try:
                     fresh = self._run(handler, event, batch)
                 except InboxBusyError as busy:
                     # Not a failure of the handler: someone else is running it. Look again
                     # once their claim would have expired; the attempt does not count.
+                    span.busy(busy.retry_after)
                     retries.append(
                         Redelivery(
                             received.body, handler.name, attempt, busy.retry_after, received.headers
@@ -245,6 +251,7 @@ class Dispatcher:
                             delay,
                             exc,
                         )
+                        span.failed(exc, retry_in=delay)
                         retries.append(
                             Redelivery(
                                 received.body, handler.name, attempt + 1, delay, received.headers
@@ -261,12 +268,33 @@ class Dispatcher:
                             attempt,
                             letter.id,
                         )
+                        span.failed(exc, dead_letter=letter.id)
                         dead.append(letter)
                 else:
+                    span.done(fresh)
                     (handled if fresh else duplicates).append(handler.name)
         finally:
+            span.end()  # idempotent: ends a span left open by an error propagating
             _current.reset(token)
         return Outcome(event, tuple(handled), tuple(duplicates), tuple(retries), tuple(dead))
+
+    def _span(
+        self,
+        hooks: _tracing.TracingHooks,
+        handler: Handler,
+        event: DomainEvent,
+        received: Received,
+        attempt: int,
+    ) -> _tracing.HandleSpan:
+        """Start the span of one handler run, a child of the envelope's ``traceparent``."""
+        return hooks.handle(
+            handler.name,
+            event,
+            body=received.body,
+            system=self.transport or "tidings",
+            destination=received.destination or type(event).event_type,
+            attempt=attempt,
+        )
 
     def _run(self, handler: Handler, event: DomainEvent, batch: _Batch | None) -> bool:
         """Run one handler behind the inbox; return False when the inbox skipped it."""

@@ -1,42 +1,32 @@
-"""``tidings demo``: a small shop on the embedded default, an in-process :class:`EventBus`.
+"""``tidings demo``: a small shop, from the HTTP request to the handlers and back.
 
-Each request places an order inside ``event_context(correlation_id=..., tenant_id=...)``.
-Handlers reserve stock and capture the payment, confirm the order once both are done, send a
-(fake, in-memory) email and project sales per tenant. Every event crosses the wire format once
-(``encode`` then ``decode``) before its handlers see it, and every log line is recorded with the
-context it was written in. The run is then reconciled: every order confirmed exactly once, every
-causation chain leading back to its request's ``OrderPlaced``, with correlation, tenant and order
-ids unchanged along it.
+A FastAPI app (served by uvicorn in a thread, behind ``CorrelationMiddleware``) takes a few
+hundred concurrent orders for two tenants, each request with its own correlation id. The view
+writes the order and its ``OrderPlaced`` in one transaction (the outbox); the relay publishes
+them; handlers send a (fake) email, update a read model, raise a follow-up event and, one of
+them, fail now and then to show retries and a dead letter. Handlers run in worker threads
+(the embedded default: SQLite, no server) or in Celery worker processes (``broker``). Every
+step is journaled with its context, so the run ends with a summary, one request's full trace
+in causal order, and a reconciliation: every committed event handled once per handler.
 
-Importing this module registers the ``shop.*`` event types in the default registry; only the CLI
-imports it.
+Importing this package registers the ``shop.*`` event types in the default registry; only the
+CLI and the demo's worker import it.
 """
 
-from tidings.demo.events import (
-    EmailSent,
-    OrderConfirmed,
-    OrderLine,
-    OrderPlaced,
-    PaymentCaptured,
-    PaymentMethod,
-    StockReserved,
-)
+from tidings.demo.events import OrderLine, OrderPlaced, StockReserved
+from tidings.demo.journal import Entry
 from tidings.demo.report import print_report
-from tidings.demo.shop import DemoResult, LogLine, TenantSales, causal_order, reconcile, run_demo
+from tidings.demo.run import DemoOptions, run_demo
+from tidings.demo.summary import DemoResult, TraceLine
 
 __all__ = [
+    "DemoOptions",
     "DemoResult",
-    "EmailSent",
-    "LogLine",
-    "OrderConfirmed",
+    "Entry",
     "OrderLine",
     "OrderPlaced",
-    "PaymentCaptured",
-    "PaymentMethod",
     "StockReserved",
-    "TenantSales",
-    "causal_order",
+    "TraceLine",
     "print_report",
-    "reconcile",
     "run_demo",
 ]

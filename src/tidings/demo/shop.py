@@ -1,44 +1,45 @@
-"""The shop itself: requests, handlers, the run and its reconciliation.
+"""The shop: its tables, what a request does, and the handlers, in every mode alike.
 
-The embedded default: each request writes its order and its ``OrderPlaced`` event in one
-SQLite transaction (the transactional outbox), and the relay then publishes committed events to
-the in-process bus, where handlers react inline and raise follow-up events.
+A request writes its order and its ``OrderPlaced`` event in one transaction (the outbox).
+Handlers of ``OrderPlaced``: a (fake) confirmation email, the sales read model, stock
+reservation (which raises the follow-up ``StockReserved``) and loyalty points, a handler that
+fails now and then, by a plan drawn from the seed, to show retries and a dead letter.
+``StockReserved`` has one handler, which books a pickup. Every handler run, failure and log
+line is journaled (:mod:`tidings.demo.journal`) with its context.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-import time
-import uuid
-from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import sqlalchemy as sa
-from sqlalchemy.pool import StaticPool
 
-from tidings import DomainEvent, EventBus, EventContext, event_context
-from tidings.codec import decode, encode
+from tidings.bus import EventBus
 from tidings.context import current_context
+from tidings.demo.events import OrderLine, OrderPlaced, StockReserved
+from tidings.demo.journal import Journal, record
+from tidings.events import DomainEvent
+from tidings.outbox import Outbox
+from tidings.retry import RetryPolicy
 
-if TYPE_CHECKING:
-    from rich.console import Console
-
-
-from tidings.demo.events import (
-    EmailSent,
-    OrderConfirmed,
-    OrderLine,
-    OrderPlaced,
-    PaymentCaptured,
-    PaymentMethod,
-    StockReserved,
-)
-from tidings.demo.report import print_report
-from tidings.outbox import Outbox, Relay
+__all__ = [
+    "ALWAYS",
+    "CATALOGUE",
+    "HANDLERS",
+    "RETRY",
+    "TENANTS",
+    "LoyaltyUnavailableError",
+    "Shop",
+    "event_entry",
+    "make_engine",
+    "planned_failures",
+]
 
 CATALOGUE: Final = {
     "TEA-SENCHA-100G": Decimal("8.90"),
@@ -47,356 +48,244 @@ CATALOGUE: Final = {
     "KETTLE-1L": Decimal("39.95"),
     "FILTERS-100": Decimal("3.20"),
 }
-TENANT_NAMES: Final = ("acme", "globex", "initech", "umbrella", "hooli", "stark")
-INITIAL_STOCK: Final = 20
-RESTOCK: Final = 50
+TENANTS: Final = ("acme", "globex")
+RETRY: Final = RetryPolicy(max_attempts=3, initial_delay=0.05, max_delay=0.2)
+"""Every handler's policy: three tries in all, 50 ms then 100 ms apart (20 % jitter)."""
+
+ALWAYS: Final = 1_000_000
+"""What :func:`planned_failures` returns for an order the loyalty handler never gets through."""
+
+HANDLERS: Final = {
+    OrderPlaced.event_type: (
+        "notifications.send_confirmation",
+        "reporting.project_sales",
+        "inventory.reserve_stock",
+        "loyalty.award_points",
+    ),
+    StockReserved.event_type: ("shipping.book_pickup",),
+}
+"""The handlers of each event type: what reconciliation expects to run once per event."""
 
 log = logging.getLogger("tidings.demo")
 
 
-@dataclass(frozen=True)
-class TenantSales:
-    """The sales read model of one tenant: confirmed orders and their revenue."""
-
-    orders: int = 0
-    revenue: Decimal = Decimal("0.00")
+class LoyaltyUnavailableError(Exception):
+    """The (simulated) loyalty service did not answer."""
 
 
-@dataclass(frozen=True)
-class LogLine:
-    """One log record with the context that was bound when it was written."""
+def planned_failures(seed: int, order_id: str) -> int:
+    """Return how many times ``loyalty.award_points`` fails on an order before it succeeds.
 
-    context: EventContext
-    level: str
-    logger: str
-    message: str
+    One order in 97 (numbers 13, 110, 207, ...) fails every attempt and ends as a dead
+    letter; of the others about one in nine fails once or twice (drawn from ``seed``), and is
+    then retried into success.
+    """
+    number = int(order_id.rsplit("-", 1)[-1])
+    if number % 97 == 13:
+        return ALWAYS
+    draw = random.Random(f"{seed}:{order_id}").random()  # noqa: S311 - a demo's dice
+    return 2 if draw < 0.03 else 1 if draw < 0.12 else 0
 
 
-@dataclass(frozen=True)
-class DemoResult:
-    """What one demo run did, for the report and for tests.
+def make_engine(url: str) -> sa.Engine:
+    """Create an engine for ``url``; ``postgresql://`` uses psycopg 3.
 
-    Attributes:
-        requests: orders placed, one request each.
-        placed: orders placed per tenant.
-        sales: the sales read model per tenant after the run.
-        published: events published per ``event_type``.
-        handler_runs: handler invocations per handler name.
-        emails_sent: emails in the fake mailer.
-        wire_bytes: total size of every encoded event.
-        journal: every event published, in publication order (a pre-order of each request's
-            causation tree, as the bus runs handlers inline).
-        traced_correlation_id: the request followed in the report.
-        traced: its events in causal order (parents before children, siblings by publication).
-        traced_log: its log lines, in the order they were written.
-        sample_wire: the encoded ``OrderPlaced`` of the traced request.
-        problems: what :func:`reconcile` found wrong; empty when the run reconciles.
-        seconds: wall-clock time of the run.
-        outbox_rows: events the requests committed to the outbox with their orders.
-        relayed: events the relay published from the outbox to the bus.
+    SQLite files get a 30 s busy timeout and write-ahead logging, so the web thread, the relay
+    and the workers (threads or processes) can share one file.
+    """
+    if url.startswith(("postgresql://", "postgres://")):
+        url = "postgresql+psycopg://" + url.split("://", 1)[1]
+    if not url.startswith("sqlite"):
+        return sa.create_engine(url)
+    engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+    @sa.event.listens_for(engine, "connect")
+    def _wal(connection: Any, _record: Any) -> None:
+        cursor = connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    return engine
+
+
+def event_entry(kind: str, event: DomainEvent) -> Any:
+    """Return a journal entry of ``kind`` about ``event``, with the event's own ids."""
+    return record(
+        kind,
+        event_id=event.event_id,
+        causation_id=event.causation_id,
+        event_type=event.event_type,
+        correlation_id=event.correlation_id,
+        tenant_id=event.tenant_id,
+        detail=str(getattr(event, "order_id", "")),
+    )
+
+
+@dataclass
+class Shop:
+    """The shop's database, journal and handlers; the same in the web process and workers.
+
+    Args:
+        engine: the database of orders, the outbox and the sales read model.
+        journal: where everything is recorded.
+        seed: decides which orders the loyalty handler fails on (:func:`planned_failures`).
+        prefix: the first part of the shop's table names, so runs do not collide.
     """
 
-    requests: int
-    placed: Mapping[str, int]
-    sales: Mapping[str, TenantSales]
-    published: Mapping[str, int]
-    handler_runs: Mapping[str, int]
-    emails_sent: int
-    wire_bytes: int
-    journal: tuple[DomainEvent, ...]
-    traced_correlation_id: str
-    traced: tuple[DomainEvent, ...]
-    traced_log: tuple[LogLine, ...]
-    sample_wire: bytes
-    problems: tuple[str, ...]
-    seconds: float
-    outbox_rows: int = 0
-    relayed: int = 0
+    engine: sa.Engine
+    journal: Journal
+    seed: int = 0
+    prefix: str = "demo"
 
-
-class _ContextLog(logging.Handler):
-    """Keeps every record with the tidings context current when it was logged."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.lines: list[LogLine] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        line = LogLine(current_context(), record.levelname, record.name, record.getMessage())
-        self.lines.append(line)
-
-
-class _Shop:
-    """The shop's services wired to one bus. Single-threaded, as the demo drives it."""
-
-    def __init__(self, tenants: Sequence[str], rng: random.Random) -> None:
-        self.rng = rng
-        self.bus = EventBus()
-        self.journal: list[DomainEvent] = []
-        self.published: Counter[str] = Counter()
-        self.handler_runs: Counter[str] = Counter()
-        self.wire: dict[str, bytes] = {}
-        self.stock = {(t, sku): INITIAL_STOCK for t in tenants for sku in CATALOGUE}
-        self.open_orders: dict[str, tuple[OrderPlaced, set[str]]] = {}
-        self.mailbox: list[tuple[str, str]] = []
-        self.sales = {t: TenantSales() for t in tenants}
-        self.placed = Counter(dict.fromkeys(tenants, 0))
-        self.customers = {
-            t: [(self._uuid(), f"c{n}@{t}.example") for n in range(12)] for t in tenants
-        }
-        # The embedded default: an in-memory SQLite database holds the orders and the outbox;
-        # the relay publishes what the requests committed.
-        self.engine = sa.create_engine("sqlite://", poolclass=StaticPool)
-        metadata = sa.MetaData()
+    def __post_init__(self) -> None:
+        self.metadata = sa.MetaData()
         self.orders = sa.Table(
-            "orders",
-            metadata,
+            f"{self.prefix}_orders",
+            self.metadata,
             sa.Column("order_id", sa.String(32), primary_key=True),
-            sa.Column("tenant_id", sa.String(64)),
-            sa.Column("total", sa.String(32)),
+            sa.Column("tenant_id", sa.String(64), nullable=False),
+            sa.Column("email", sa.String(200), nullable=False),
+            sa.Column("total_cents", sa.Integer, nullable=False),
         )
-        self.outbox = Outbox(metadata)
-        metadata.create_all(self.engine)
-        self.relay = Relay(self.engine, self.outbox, self.send_all, listen=False)
-        self.outbox_rows = 0
-        self.relayed = 0
-        # Subscription order is run order: the journal first sees every event before its
-        # handlers raise more, so it holds each causation tree parents first.
-        handlers: list[tuple[str, Callable[[Any], None], tuple[type[DomainEvent], ...]]] = [
-            ("audit.journal", self.journal.append, (DomainEvent,)),
-            ("checkout.open", self.open_order, (OrderPlaced,)),
-            ("inventory.reserve_stock", self.reserve_stock, (OrderPlaced,)),
-            ("payments.capture", self.capture_payment, (OrderPlaced,)),
-            ("checkout.confirm", self.confirm_when_ready, (StockReserved, PaymentCaptured)),
-            ("notifications.send_confirmation", self.send_confirmation, (OrderConfirmed,)),
-            ("reporting.project_sales", self.project_sales, (OrderConfirmed,)),
-        ]
-        for name, func, types in handlers:
-            self.bus.add_handler(self._counted(name, func), *types, name=name)
+        self.sales = sa.Table(
+            f"{self.prefix}_tenant_sales",
+            self.metadata,
+            sa.Column("tenant_id", sa.String(64), primary_key=True),
+            sa.Column("orders", sa.Integer, nullable=False),
+            sa.Column("revenue_cents", sa.Integer, nullable=False),
+        )
+        self.outbox = Outbox(self.metadata, table_name=f"{self.prefix}_outbox")
+        self.bus: EventBus | None = None
 
-    def _counted(self, name: str, func: Callable[[Any], None]) -> Callable[[Any], None]:
+    def create_tables(self, tenants: Sequence[str]) -> None:
+        """Create the tables and an empty read-model row per tenant."""
+        self.metadata.create_all(self.engine)
+        with self.engine.begin() as connection:
+            connection.execute(
+                self.sales.insert(),
+                [{"tenant_id": t, "orders": 0, "revenue_cents": 0} for t in tenants],
+            )
+
+    def drop_tables(self) -> None:
+        """Drop the shop's tables."""
+        self.metadata.drop_all(self.engine)
+
+    # -- the request --------------------------------------------------------------------------
+
+    def place_order(
+        self, order_id: str, email: str, items: Sequence[tuple[str, int]]
+    ) -> OrderPlaced:
+        """Write the order and its ``OrderPlaced`` in one transaction, in the bound context.
+
+        Raises:
+            KeyError: an unknown SKU.
+        """
+        lines = tuple(OrderLine(sku, qty, CATALOGUE[sku]) for sku, qty in items)
+        total = sum((line.unit_price * line.quantity for line in lines), Decimal("0.00"))
+        tenant = current_context().tenant_id or ""
+        log.getChild("web").info("POST /orders: %s places %s for %s EUR", email, order_id, total)
+        event = OrderPlaced(order_id, email, lines, total)
+        with self.engine.begin() as connection:
+            cents = int(total * 100)
+            connection.execute(
+                self.orders.insert().values(
+                    order_id=order_id, tenant_id=tenant, email=email, total_cents=cents
+                )
+            )
+            self.outbox.add(connection, event)
+        self.journal.add(event_entry("committed", event))
+        return event
+
+    # -- the handlers -------------------------------------------------------------------------
+
+    def subscribe(self, bus: EventBus) -> None:
+        """Subscribe the shop's handlers to ``bus``, each journaling its runs and failures."""
+        self.bus = bus
+        handlers: list[tuple[str, Callable[[Any], None], type[DomainEvent]]] = [
+            ("notifications.send_confirmation", self.send_confirmation, OrderPlaced),
+            ("reporting.project_sales", self.project_sales, OrderPlaced),
+            ("inventory.reserve_stock", self.reserve_stock, OrderPlaced),
+            ("loyalty.award_points", self.award_points, OrderPlaced),
+            ("shipping.book_pickup", self.book_pickup, StockReserved),
+        ]
+        for name, func, event_type in handlers:
+            bus.add_handler(self._journaled(name, func), event_type, name=name, retry=RETRY)
+
+    def _journaled(self, name: str, func: Callable[[Any], None]) -> Callable[[Any], None]:
+        journal = self.journal
+
         def run(event: Any) -> None:
-            self.handler_runs[name] += 1
-            func(event)
+            try:
+                func(event)
+            except Exception as exc:
+                journal.add(record("failed", name=name, detail=f"{type(exc).__name__}: {exc}"))
+                raise
+            journal.add(record("handled", name=name, event_type=event.event_type))
 
         return run
 
-    def _uuid(self) -> uuid.UUID:
-        return uuid.UUID(int=self.rng.getrandbits(128), version=4)
-
-    def send(self, event: DomainEvent) -> None:
-        """Put ``event`` on the wire and back, then publish what arrived."""
-        wire = encode(event)
-        arrived = decode(wire, type(event))
-        if arrived != event:
-            msg = f"the wire changed {event!r} into {arrived!r}"
-            raise RuntimeError(msg)
-        self.wire[arrived.event_id] = wire
-        self.published[type(arrived).event_type] += 1
-        self.bus.publish(arrived)
-
-    def send_all(self, events: Sequence[DomainEvent]) -> None:
-        """The relay's publish: every committed event goes to the bus (through the wire)."""
-        self.relayed += len(events)
-        for event in events:
-            self.send(event)
-
-    def place_order(self, number: int) -> None:
-        """One request: its own correlation id, a tenant, no causation (it is a root).
-
-        The order and its event commit together; the relay publishes the event afterwards.
-        """
-        tenant = self.rng.choice(sorted(self.sales))
-        customer = self.rng.choice(self.customers[tenant])
-        self.placed[tenant] += 1
-        with event_context(correlation_id=str(uuid.uuid4()), tenant_id=tenant, causation_id=None):
-            skus = self.rng.sample(sorted(CATALOGUE), k=self.rng.randint(1, 3))
-            lines = tuple(OrderLine(sku, self.rng.randint(1, 3), CATALOGUE[sku]) for sku in skus)
-            total = sum((line.unit_price * line.quantity for line in lines), Decimal("0.00"))
-            order_id = f"ord-{number:05d}"
-            log.getChild("web").info(
-                "POST /orders: %s places %s for %s EUR", customer[1], order_id, total
-            )
-            with self.engine.begin() as connection:
-                connection.execute(
-                    self.orders.insert().values(
-                        order_id=order_id, tenant_id=tenant, total=str(total)
-                    )
-                )
-                self.outbox.add(
-                    connection, OrderPlaced(order_id, customer[0], customer[1], lines, total)
-                )
-            self.outbox_rows += 1
-        self.relay.run_once()
-
-    def open_order(self, order: OrderPlaced) -> None:
-        self.open_orders[order.order_id] = (order, set())
-
-    def reserve_stock(self, order: OrderPlaced) -> None:
-        for line in order.lines:
-            key = (order.tenant_id or "", line.sku)
-            if self.stock[key] < line.quantity:
-                self.stock[key] += RESTOCK
-                log.getChild("inventory").info("restocked %s with %d units", line.sku, RESTOCK)
-            self.stock[key] -= line.quantity
-        log.getChild("inventory").info(
-            "reserved %d line(s) for %s", len(order.lines), order.order_id
-        )
-        self.send(StockReserved(order.order_id, self._uuid(), order.lines, "main"))
-
-    def capture_payment(self, order: OrderPlaced) -> None:
-        method = self.rng.choice(list(PaymentMethod))
-        log.getChild("payments").info(
-            "captured %s EUR by %s for %s", order.total, method, order.order_id
-        )
-        self.send(PaymentCaptured(order.order_id, self._uuid(), order.total, "EUR", method))
-
-    def confirm_when_ready(self, event: StockReserved | PaymentCaptured) -> None:
-        entry = self.open_orders.get(event.order_id)
-        if entry is None:
-            log.getChild("checkout").warning(
-                "%s: %s is not open, ignored", event.event_type, event.order_id
-            )
-            return
-        order, done = entry
-        done.add(event.event_type)
-        if len(done) < 2:
-            return
-        del self.open_orders[event.order_id]
-        log.getChild("checkout").info("confirmed %s", order.order_id)
-        self.send(
-            OrderConfirmed(order.order_id, order.customer_id, order.email, order.total, "EUR")
-        )
-
-    def send_confirmation(self, event: OrderConfirmed) -> None:
-        subject = f"Your order {event.order_id} is confirmed"
-        self.mailbox.append((event.email, subject))
+    def send_confirmation(self, event: OrderPlaced) -> None:
+        """The fake mailer: nothing leaves the machine, the log says what would have."""
+        subject = f"Your order {event.order_id} ({event.total} {event.currency})"
         log.getChild("mailer").info("mailed %s: %r", event.email, subject)
-        self.send(EmailSent(event.order_id, event.email, subject, self._uuid()))
 
-    def project_sales(self, event: OrderConfirmed) -> None:
-        tenant = event.tenant_id or ""
-        before = self.sales[tenant]
-        self.sales[tenant] = TenantSales(before.orders + 1, before.revenue + event.total)
+    def project_sales(self, event: OrderPlaced) -> None:
+        """Add the order to its tenant's row of the sales read model."""
+        update = (
+            self.sales.update()
+            .where(self.sales.c.tenant_id == (event.tenant_id or ""))
+            .values(
+                orders=self.sales.c.orders + 1,
+                revenue_cents=self.sales.c.revenue_cents + int(event.total * 100),
+            )
+        )
+        with self._effects() as connection:
+            connection.execute(update)
+        log.getChild("reporting").info("sales of %s += %s EUR", event.tenant_id, event.total)
 
+    def _effects(self) -> AbstractContextManager[sa.Connection]:
+        """The inbox's transaction when it is a SQL inbox on this database, else a new one.
 
-def causal_order(events: Sequence[DomainEvent]) -> list[tuple[int, DomainEvent]]:
-    """Return ``(depth, event)`` pairs, parents before children, siblings in the given order.
+        In the inbox's transaction the read model and the inbox row commit together: the
+        effect happens exactly once, whatever is redelivered.
+        """
+        try:
+            from tidings.inbox.sql import current_connection  # noqa: PLC0415
 
-    Roots are events whose ``causation_id`` is ``None`` or names no event in ``events``.
-    """
-    ids = {e.event_id for e in events}
-    children: dict[str | None, list[DomainEvent]] = {}
-    for event in events:
-        parent = event.causation_id if event.causation_id in ids else None
-        children.setdefault(parent, []).append(event)
-    ordered: list[tuple[int, DomainEvent]] = []
-    stack = [(0, e) for e in reversed(children.get(None, []))]
-    while stack:
-        depth, event = stack.pop()
-        ordered.append((depth, event))
-        stack.extend((depth + 1, c) for c in reversed(children.get(event.event_id, [])))
-    return ordered
+            connection = current_connection()
+        except LookupError:  # not inside a SqlInbox guard
+            return self.engine.begin()
+        if connection.engine.url != self.engine.url:
+            return self.engine.begin()
+        return nullcontext(connection)
 
+    def reserve_stock(self, event: OrderPlaced) -> None:
+        """Reserve the order's units and raise ``StockReserved`` (caused by ``event``)."""
+        units = sum(line.quantity for line in event.lines)
+        warehouse = "north" if len(event.order_id) % 2 else "south"
+        log.getChild("inventory").info("reserved %d unit(s) for %s", units, event.order_id)
+        follow_up = StockReserved(event.order_id, warehouse, units)
+        if self.bus is None:  # pragma: no cover - subscribe() sets it
+            msg = "Shop.subscribe(bus) must run before handlers"
+            raise RuntimeError(msg)
+        self.bus.publish(follow_up)
+        self.journal.add(event_entry("published", follow_up))
 
-def reconcile(journal: Sequence[DomainEvent], sales: Mapping[str, TenantSales]) -> tuple[str, ...]:
-    """Return every inconsistency found in a run's journal and read model (empty: all good).
+    def award_points(self, event: OrderPlaced) -> None:
+        """Award loyalty points; fails as :func:`planned_failures` says, like a flaky service."""
+        failed = self.journal.failures("loyalty.award_points", event.event_id)
+        planned = planned_failures(self.seed, event.order_id)
+        if planned == ALWAYS:
+            msg = f"loyalty service has no account for {event.email}"
+            raise LoyaltyUnavailableError(msg)
+        if failed < planned:
+            msg = f"loyalty service timed out for {event.order_id} (attempt {failed + 1})"
+            raise LoyaltyUnavailableError(msg)
+        log.getChild("loyalty").info("awarded %d points on %s", int(event.total), event.order_id)
 
-    Checks that each request has its own correlation id, every order is confirmed exactly
-    once, every event's causation chain leads to an ``OrderPlaced`` whose ``causation_id`` is
-    ``None`` with the same correlation, tenant and order ids all along, and that each tenant's
-    sales equal the orders it placed.
-    """
-    problems: list[str] = []
-    by_id = {e.event_id: e for e in journal}
-    roots = [e for e in journal if isinstance(e, OrderPlaced)]
-    if len({r.correlation_id for r in roots}) != len(roots):
-        problems.append("two requests share a correlation id")
-    confirmed = Counter(e.order_id for e in journal if isinstance(e, OrderConfirmed))
-    for root in roots:
-        if confirmed.pop(root.order_id, 0) != 1:
-            problems.append(f"{root.order_id} was not confirmed exactly once")
-    problems.extend(f"{order} confirmed but never placed" for order in confirmed)
-    for event in journal:
-        node = event
-        while node.causation_id is not None:
-            parent = by_id.get(node.causation_id)
-            if parent is None:
-                problems.append(f"{event.event_id}: cause {node.causation_id} is unknown")
-                break
-            same = ("correlation_id", "tenant_id", "order_id")
-            if any(getattr(parent, a, None) != getattr(node, a, None) for a in same):
-                problems.append(f"{event.event_id}: ids change between {parent.event_id} and it")
-            node = parent
-        if not isinstance(node, OrderPlaced):
-            problems.append(f"{event.event_id}: its chain starts at a {node.event_type}")
-    for tenant, sold in sales.items():
-        own = [r for r in roots if r.tenant_id == tenant]
-        revenue = sum((r.total for r in own), Decimal("0.00"))
-        if (sold.orders, sold.revenue) != (len(own), revenue):
-            problems.append(f"tenant {tenant}: read model {sold} != {len(own)} orders, {revenue}")
-    return tuple(problems)
-
-
-def run_demo(
-    orders: int = 200, tenants: int = 2, seed: int | None = 0, console: Console | None = None
-) -> DemoResult:
-    """Run the shop for ``orders`` requests spread over ``tenants`` tenants; return the result.
-
-    The same ``seed`` gives the same orders, customers, tenants and totals (ids of events and
-    requests are always fresh); ``None`` seeds from the operating system. With a ``console``,
-    the report is printed to it (see :func:`print_report`). Single-threaded; the default
-    registry gains the ``shop.*`` types when this module is imported.
-
-    Raises:
-        ValueError: ``orders`` or ``tenants`` is below 1.
-    """
-    if orders < 1 or tenants < 1:
-        msg = f"the demo needs at least one order and one tenant, not {orders} and {tenants}"
-        raise ValueError(msg)
-    started = time.perf_counter()
-    rng = random.Random(seed)  # noqa: S311 - demo data, not secrets
-    names = [TENANT_NAMES[i] if i < len(TENANT_NAMES) else f"tenant-{i}" for i in range(tenants)]
-    shop, recorder, level = _Shop(names, rng), _ContextLog(), log.level
-    log.addHandler(recorder)
-    log.setLevel(logging.INFO)
-    try:
-        for number in range(1, orders + 1):
-            shop.place_order(number)
-    finally:
-        log.removeHandler(recorder)
-        log.setLevel(level)
-    journal = tuple(shop.journal)
-    traced_id = journal[0].correlation_id
-    traced = tuple(
-        e for _, e in causal_order([e for e in journal if e.correlation_id == traced_id])
-    )
-    result = DemoResult(
-        requests=orders,
-        placed=dict(shop.placed),
-        sales=dict(shop.sales),
-        published=dict(shop.published),
-        handler_runs=dict(shop.handler_runs),
-        emails_sent=len(shop.mailbox),
-        wire_bytes=sum(len(w) for w in shop.wire.values()),
-        journal=journal,
-        traced_correlation_id=traced_id,
-        traced=traced,
-        traced_log=tuple(
-            line for line in recorder.lines if line.context.correlation_id == traced_id
-        ),
-        sample_wire=shop.wire[journal[0].event_id],
-        problems=reconcile(journal, shop.sales)
-        + (
-            ()
-            if shop.relayed == shop.outbox_rows == orders
-            else (f"{shop.outbox_rows} events committed to the outbox, {shop.relayed} relayed",)
-        ),
-        seconds=time.perf_counter() - started,
-        outbox_rows=shop.outbox_rows,
-        relayed=shop.relayed,
-    )
-    shop.engine.dispose()
-    if console is not None:
-        print_report(result, console)
-    return result
+    def book_pickup(self, event: StockReserved) -> None:
+        """Book the carrier's pickup at the warehouse."""
+        log.getChild("shipping").info(
+            "pickup of %d unit(s) booked at %s for %s", event.units, event.warehouse, event.order_id
+        )

@@ -13,7 +13,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
+from tidings import _tracing
 from tidings.codec import Codec
+from tidings.context import EventContext, bind, reset
 from tidings.errors import EventDecodeError, UsageError
 from tidings.events import DomainEvent
 
@@ -120,12 +122,15 @@ def in_key_order(rows: Sequence[R], first_outside: dict[str, int]) -> list[R]:
 
 
 def decode_batch(
-    rows: Sequence[ClaimedRow], codec: Codec
+    rows: Sequence[ClaimedRow],
+    codec: Codec,
+    traceparents: list[str | None] | None = None,
 ) -> tuple[list[DomainEvent], list[int], list[int]]:
     """Decode claimed rows into (events, their ids, ids of undecodable rows).
 
     An undecodable row is logged; it and the later rows of its key are left out, so the key
-    waits until the row can be decoded (an event class registered, say).
+    waits until the row can be decoded (an event class registered, say). With
+    ``traceparents`` given, the ``traceparent`` of each decoded row is appended to it.
     """
     events: list[DomainEvent] = []
     ids: list[int] = []
@@ -135,7 +140,12 @@ def decode_batch(
         if row.partition_key in stuck:
             continue
         try:
-            events.append(codec.decode(row.payload))
+            if traceparents is None:
+                events.append(codec.decode(row.payload))
+            else:
+                envelope = codec.read(row.payload)
+                events.append(envelope.event)
+                traceparents.append(envelope.traceparent)
         except EventDecodeError as exc:
             log.error(
                 "outbox row %s (key %r) cannot be decoded; it and the later rows of its key "
@@ -149,3 +159,28 @@ def decode_batch(
             continue
         ids.append(row.id)
     return events, ids, bad
+
+
+def relay_batch(
+    publish: Callable[[Sequence[DomainEvent]], None],
+    events: Sequence[DomainEvent],
+    traceparents: Sequence[str | None] | None,
+    destination: str,
+) -> None:
+    """Publish one relayed batch, then log each of its events at DEBUG in its own context.
+
+    With tracing installed, ``publish`` runs inside the events' relay spans (``traceparents``
+    are the stored envelopes'). Each log line ("relayed <type> <id>") is written with the
+    event's correlation and tenant ids bound, its id as the causation id, so that a log filter
+    such as :class:`~tidings.integrations.logging.ContextFilter` ties it to the request.
+    """
+    stored = [None] * len(events) if traceparents is None else traceparents
+    _tracing.relayed(publish, events, stored, destination)
+    if not log.isEnabledFor(logging.DEBUG):
+        return
+    for event in events:
+        token = bind(EventContext(event.correlation_id, event.event_id, event.tenant_id))
+        try:
+            log.debug("relayed %s %s from %s", event.event_type, event.event_id, destination)
+        finally:
+            reset(token)

@@ -39,9 +39,10 @@ from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
+from tidings import _tracing
 from tidings.bus import EventBus
 from tidings.events import DomainEvent
-from tidings.outbox._common import Backoff, decode_batch, in_key_order
+from tidings.outbox._common import Backoff, decode_batch, in_key_order, relay_batch
 from tidings.outbox._table import check_dialect, sa, utcnow
 from tidings.outbox._table import postgresql as pg
 from tidings.outbox.writer import Outbox
@@ -191,11 +192,12 @@ class Relay:
                 if not rows:
                     return 0
                 rows = self._in_order(connection, rows)
-                events, ids, failed = self._decoded(rows)
+                traceparents: list[str | None] | None = None if _tracing.hooks is None else []
+                events, ids, failed = self._decoded(rows, traceparents)
                 if not events:
                     return 0
                 try:
-                    self.publish(events)
+                    relay_batch(self.publish, events, traceparents, self.outbox.channel)
                 except BaseException:
                     failed.extend(ids)
                     raise
@@ -241,8 +243,10 @@ class Relay:
         first_outside: dict[str, int] = dict(found.all())
         return in_key_order(rows, first_outside)
 
-    def _decoded(self, rows: Sequence[Any]) -> tuple[list[DomainEvent], list[int], list[int]]:
-        return decode_batch(rows, self.outbox.codec)
+    def _decoded(
+        self, rows: Sequence[Any], traceparents: list[str | None] | None
+    ) -> tuple[list[DomainEvent], list[int], list[int]]:
+        return decode_batch(rows, self.outbox.codec, traceparents)
 
     def _mark(self, connection: sa.Connection, ids: list[int]) -> None:
         table = self.outbox.table

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from tidings import _tracing
 from tidings.codec import Codec, default_codec
 from tidings.errors import UsageError
 from tidings.events import DomainEvent
@@ -137,16 +138,18 @@ class Outbox:
 
         Nothing is committed here; a rollback of that transaction leaves no row. Events keep
         their order (ids ascend in argument order). ``partition_key`` overrides the outbox's
-        key function for these events.
+        key function for these events. With tracing installed, each row's envelope carries
+        the ``traceparent`` of a publish span around this call, the relay's parent.
 
         Raises:
             EventEncodeError, UsageError: see :meth:`rows`; nothing is written then.
             sqlalchemy.exc.IntegrityError: an event id is already in the outbox.
         """
-        connection = target.connection() if isinstance(target, orm.Session) else target
-        insert = self._insert_for(connection.dialect.name, events, partition_key)
-        if insert is not None:
-            connection.execute(*insert).close()
+        with _tracing.publishing(events, "tidings", self.channel):
+            connection = target.connection() if isinstance(target, orm.Session) else target
+            insert = self._insert_for(connection.dialect.name, events, partition_key)
+            if insert is not None:
+                connection.execute(*insert).close()
 
     async def add_async(
         self, target: Any, *events: DomainEvent, partition_key: str | None = None
@@ -162,9 +165,10 @@ class Outbox:
         if not isinstance(target, AsyncConnection):
             msg = f"add_async takes an AsyncSession or AsyncConnection, not {type(target).__name__}"
             raise UsageError(msg)
-        insert = self._insert_for(target.dialect.name, events, partition_key)
-        if insert is not None:
-            await target.execute(*insert)
+        with _tracing.publishing(events, "tidings", self.channel):
+            insert = self._insert_for(target.dialect.name, events, partition_key)
+            if insert is not None:
+                await target.execute(*insert)
 
     def _insert_for(
         self, dialect: str, events: Iterable[DomainEvent], partition_key: str | None

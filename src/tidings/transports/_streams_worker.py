@@ -1,15 +1,19 @@
 """One consumer of the Redis Streams transport: read, dispatch, acknowledge, reclaim, retry.
 
 The rules of delivery (decode, inbox, handler, retry policy, dead letters) live in
-:class:`~tidings.delivery.Dispatcher`; this module only moves entries: it reads a batch, hands
-it to ``dispatch_many``, stores the redeliveries the dispatcher asks for, then acknowledges the
-batch. Anything that fails before the acknowledgement (Redis, the inbox, the dead-letter store)
-leaves the batch pending, and it is reclaimed after ``claim_idle``. Redis errors never end the
-loop: it waits with bounded exponential backoff (0.1 s doubling to 5 s, with jitter) and goes on.
+:class:`~tidings.delivery.Dispatcher`; this module only moves entries. A consumer works as a
+pipeline of batches (see :meth:`StreamConsumer._step`): while the handlers of one batch run, Redis
+already settles and acknowledges the batch before it, claims the next batch's inbox pairs and
+reads the batch after that, all sent in one go on the consumer's own connection (see
+:mod:`tidings.transports._streams_link`). A batch is acknowledged only after its handlers ran
+(or were scheduled for a retry, or dead-lettered) and its inbox claims were settled. Anything
+that fails before the acknowledgement (Redis, the inbox, the dead-letter store) leaves the
+batch pending, and it is reclaimed after ``claim_idle``. Redis errors never end the loop: it
+waits with bounded exponential backoff (0.1 s doubling to 5 s, with jitter) and goes on.
 
-With ``partitions``, the consumer also holds partition leases (see
-:mod:`tidings.transports._streams_partitions`) and handles the entries of its partitions one by
-one, retrying a failed handler in place, and acknowledging each only while its lease holds.
+With ``partitions``, the consumer reads one batch at a time instead, holds partition leases
+(see :mod:`tidings.transports._streams_partitions`), handles the entries of its partitions one
+by one, retrying a failed handler in place, and acknowledges each only while its lease holds.
 """
 
 from __future__ import annotations

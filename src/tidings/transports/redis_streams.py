@@ -21,11 +21,19 @@ stream (id ``0``), so events published before a service's first worker started a
 **At least once, effect once.** A worker reads up to ``count`` entries at once
 (``XREADGROUP ... BLOCK block_ms``), hands them to the :class:`~tidings.delivery.Dispatcher`
 (decode → inbox → handler, with retries and dead letters: the same rules as the Celery
-transport), and acknowledges them in one pipelined ``XACK`` only after the dispatcher returned,
-that is after every handler succeeded, was scheduled for a retry, or was dead-lettered. A worker
+transport), and acknowledges them with ``XACK`` only after every handler succeeded, was
+scheduled for a retry, or was dead-lettered, and the batch's inbox claims were settled. A worker
 that dies keeps its entries pending; after ``claim_idle`` seconds any worker of the service
 reclaims them (``XAUTOCLAIM``). An entry delivered more than ``max_deliveries`` times (its
 handler kills the worker, say) is dead-lettered and acknowledged.
+
+**One round trip per batch.** While a batch's handlers run, Redis works on what the consumer
+sent just before, in one go: the previous batch's settling and acknowledgement, the next
+batch's inbox claims and a read of the batch after it (which waits in the consumer, pending,
+meanwhile). So a worker holds up to two batches besides the one running; on stop it handles
+them before it leaves. This needs an inbox on the transport's own Redis client (the
+:class:`~tidings.inbox.redis.RedisInbox` built on the same ``client``); any other inbox makes its
+own calls, in their own round trips.
 
 **Retries.** A failed handler is tried again alone: the redelivery (envelope, handler, attempt)
 waits in the sorted set ``{stream_prefix}:{service}:retry``, scored by its due time, and when due

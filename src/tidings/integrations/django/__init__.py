@@ -48,6 +48,7 @@ except ImportError as exc:
     msg = "tidings.integrations.django needs Django: pip install 'tidings[django]'"
     raise ImportError(msg) from exc
 
+from tidings import _tracing
 from tidings.bus import EventBus
 from tidings.codec import encode
 from tidings.errors import UsageError
@@ -114,11 +115,11 @@ def publish(
             "weaker direct mode"
         )
         raise UsageError(msg)
-    rows = _rows(events, partition_key)
-    if not rows:
-        return
-    OutboxEvent.objects.using(alias).bulk_create(rows)
-    if connection.vendor == "postgresql":
+    with _tracing.publishing(events, "tidings", _CHANNEL):
+        rows = _rows(events, partition_key)
+        if rows:
+            OutboxEvent.objects.using(alias).bulk_create(rows)
+    if rows and connection.vendor == "postgresql":
         with connection.cursor() as cursor:
             cursor.execute("SELECT pg_notify(%s, '')", [_CHANNEL])
 

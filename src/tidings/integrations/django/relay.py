@@ -33,11 +33,12 @@ from django.db import DEFAULT_DB_ALIAS, connections, router, transaction
 from django.db.models import F, Min
 from django.utils import timezone
 
+from tidings import _tracing
 from tidings.bus import EventBus
 from tidings.codec import Codec, default_codec
 from tidings.events import DomainEvent
 from tidings.integrations.django.models import OutboxEvent
-from tidings.outbox._common import Backoff, decode_batch, in_key_order
+from tidings.outbox._common import Backoff, decode_batch, in_key_order, relay_batch
 
 __all__ = ["Backoff", "Publish", "Relay"]
 
@@ -118,11 +119,12 @@ class Relay:
                 if not claimed:
                     return 0
                 rows = self._in_order(claimed)
-                events, ids, failed = decode_batch(rows, self.codec)
+                traceparents: list[str | None] | None = None if _tracing.hooks is None else []
+                events, ids, failed = decode_batch(rows, self.codec, traceparents)
                 if not events:
                     return 0
                 try:
-                    self.publish(events)
+                    relay_batch(self.publish, events, traceparents, OutboxEvent._meta.db_table)
                 except BaseException:
                     failed.extend(ids)
                     raise
