@@ -24,6 +24,7 @@ from tests.apps.streams_faults import Deadly, Step, Stuck, make_bus
 from tests.streams_harness import TIDINGS, SupervisedWorker
 from tests.workers import ROOT, stop, wait_until
 
+from tidings import event_context
 from tidings.cli import make_cli
 from tidings.deadletter.redis import RedisDeadLetterStore
 from tidings.errors import PublishError
@@ -125,6 +126,36 @@ def test_each_service_receives_every_event_once(client: redis.Redis, unique_name
     for service in ("billing", "shipping"):
         seen = effects(client, unique_name, service)
         assert sorted(seen) == sorted(wanted), f"{service} repeated or missed an effect"
+
+
+def test_entries_hold_the_envelope_alone_or_readable_headers_when_asked(
+    client: redis.Redis, unique_name: str
+) -> None:
+    """An entry is the envelope alone, or with entry_headers also its ids; both are handled."""
+    _, worker = make_bus(client, unique_name, service="billing")
+    plain, lean = make_bus(client, unique_name, service="lean")
+    labelled, _ = make_bus(client, unique_name, service="labelled", entry_headers=True)
+    with event_context(correlation_id="req-9", tenant_id="acme"):
+        first, second = Step(seq=1), Step(seq=2)
+    plain.publish(first)
+    labelled.publish(second)
+    entries = client.xrange(lean.stream(Step))
+    assert [sorted(fields) for _, fields in entries] == [
+        [b"envelope"],
+        sorted([b"envelope", b"tidings_event_type", b"tidings_event_id",
+                b"tidings_correlation_id", b"tidings_tenant_id"]),
+    ]  # fmt: skip
+    assert entries[1][1][b"tidings_event_id"] == second.event_id.encode()
+    assert entries[1][1][b"tidings_correlation_id"] == b"req-9"
+    with consuming(worker):
+        wait_until(
+            lambda: (
+                sorted(effects(client, unique_name, "billing"))
+                == sorted([first.event_id, second.event_id])
+            ),
+            timeout=DEADLINE,
+            what="both entries handled",
+        )
 
 
 @pytest.mark.integration

@@ -230,12 +230,11 @@ class RedisInbox:
         if isinstance(reply, Exception):
             raise reply
         assert isinstance(reply, list)  # noqa: S101 - the script answers a list
-        claims = []
-        for (handler, event_id), answer in zip(pairs, reply, strict=True):
-            status = int(answer)
-            retry_after = None if status >= 0 else max(-1 - status, 1) / 1000
-            claims.append(Claim(handler, event_id, status == 1, retry_after, token))
-        return claims
+        # Per pair: 1 = claimed now, 0 = already done, -1 - PTTL = held by someone else.
+        return [
+            Claim(handler, event_id, status == 1, _retry_after(status), token)
+            for (handler, event_id), status in zip(pairs, reply, strict=True)
+        ]
 
     def settle(self, done: Sequence[Claim], failed: Sequence[Claim]) -> None:
         """Mark ``done`` claims done and release ``failed`` ones, in one round trip."""
@@ -300,3 +299,8 @@ class RedisInbox:
             return
         if not released:
             log.warning("inbox claim %s had expired before its handler failed", key)
+
+
+def _retry_after(status: int) -> float | None:
+    """Seconds until a busy pair's claim lapses (from its claim status), else ``None``."""
+    return None if status >= 0 else max(-1 - status, 1) / 1000

@@ -23,14 +23,23 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["MOVE_DUE", "PUBLISH", "PUBLISH_CHUNK", "SAFE_TRIM"]
+__all__ = ["MOVE_DUE", "PUBLISH", "PUBLISH_CHUNK", "PUBLISH_FIELDS", "SAFE_TRIM"]
 
 PUBLISH_CHUNK: Final = 1000
 """Most entries one :data:`PUBLISH` call adds, so that one call never holds Redis for long."""
 
-# KEYS[i] the stream of entry i; ARGV holds, per entry, how many field/value values follow,
-# then those values. Returns how many entries were added.
+# KEYS[i] the stream of entry i, ARGV[i] its envelope (an entry's one field). Returns how many
+# entries were added.
 PUBLISH: Final = """
+for i, key in ipairs(KEYS) do
+  redis.call('XADD', key, '*', 'envelope', ARGV[i])
+end
+return #KEYS
+"""
+
+# As PUBLISH, for entries with fields of their own: ARGV holds, per entry, how many field/value
+# values follow, then those values.
+PUBLISH_FIELDS: Final = """
 local at = 1
 for _, key in ipairs(KEYS) do
   local n = tonumber(ARGV[at])

@@ -201,7 +201,11 @@ class StreamConsumer:
             if entries:
                 self._handle(entries)
         elif self._ready is None and not self._next:
-            self._next = self._exchange(self._new_entries(), self.link.wait_ms(self._block_ms))
+            entries = self._exchange(self._new_entries(), self.link.wait_ms(self._block_ms))
+            if len(entries) > self.transport.count // 10:  # a stream in full flow: pipelined
+                self._next = entries
+            elif entries:  # a trickle: handled at once, a round trip sooner than pipelined
+                self._handle(entries)
         else:
             self._step()
 
@@ -300,8 +304,9 @@ class StreamConsumer:
     def _handle(self, entries: Sequence[Entry], crashes: int = 0) -> None:
         """Dispatch a batch and store its redeliveries; settle and acknowledge it later.
 
-        For reclaimed entries and with partitions (the read-ahead pipeline handles the rest,
-        see :meth:`_step`). Entries of ordered partitions are handled apart, one by one: see
+        For a trickle of entries (a few read after a wait: the read-ahead pipeline of
+        :meth:`_step` would make them wait a round trip longer), for reclaimed entries, and
+        with partitions. Entries of ordered partitions are handled apart, one by one: see
         :meth:`_handle_ordered`.
         """
         if self.leases is not None:

@@ -103,7 +103,7 @@ from tidings.ports import DeadLetter, DeadLetterStore, Inbox
 from tidings.retry import RetryPolicy
 from tidings.transports._streams_partitions import partition_of
 from tidings.transports._streams_run import run_consumers, run_until_signalled
-from tidings.transports._streams_scripts import PUBLISH, PUBLISH_CHUNK, SAFE_TRIM
+from tidings.transports._streams_scripts import PUBLISH, PUBLISH_CHUNK, PUBLISH_FIELDS, SAFE_TRIM
 from tidings.transports._streams_worker import (
     ATTEMPT,
     ENVELOPE,
@@ -219,7 +219,7 @@ class RedisStreamsTransport:
         self._bus: EventBus | None = None
         self._dispatcher: Dispatcher | None = None
         self._trim = client.register_script(SAFE_TRIM)
-        self._publish = client.register_script(PUBLISH)
+        self._publish = client.register_script(PUBLISH_FIELDS if entry_headers else PUBLISH)
 
     # -- wiring -----------------------------------------------------------------------------
 
@@ -307,9 +307,9 @@ class RedisStreamsTransport:
             raise PublishError(msg) from exc
 
     def _entry(self, event: DomainEvent) -> tuple[bytes | str | int, ...]:
-        """The :data:`PUBLISH` arguments of one entry: its field count, then its fields."""
+        """The publishing script's arguments for one entry (see ``_streams_scripts``)."""
         if not self.entry_headers:
-            return (2, ENVELOPE, self.codec.encode(event))
+            return (self.codec.encode(event),)
         headers = _headers(event)
         return (len(headers) + 2, ENVELOPE, self.codec.encode(event), *headers)
 
