@@ -134,6 +134,21 @@ class TestRedisInbox(InboxConformance):
         finally:
             client.close()
 
+    def test_a_guard_after_its_connection_was_closed_reconnects(self):
+        """An inbox connection closed by the server fails one claim, then is replaced."""
+        inbox = self.make_inbox()
+        with inbox.guard("h", "e1"):
+            pass
+        own_id = inbox._own().call("CLIENT", "ID")  # the connection guard keeps for this thread
+        self.client.client_kill_filter(_id=own_id)
+        with pytest.raises(redis.ConnectionError), inbox.guard("h", "e2"):
+            pass
+        with inbox.guard("h", "e3") as fresh:
+            assert fresh
+        assert inbox.is_done("h", "e1")
+        assert inbox.is_done("h", "e3")
+        assert not inbox.is_done("h", "e2")
+
     def test_refuses_non_positive_durations(self):
         """A lease or keep of zero or less is refused with the values in the message."""
         with pytest.raises(ValueError, match="lease=0"):

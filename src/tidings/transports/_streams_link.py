@@ -8,9 +8,9 @@ acknowledged, and both before the next read; a crash before leaves the batch pen
 reclaimed (its inbox markers then skip the handlers that ran, once they are settled, or the
 claims expire after the inbox's lease).
 
-Commands are sent on the consumer's own connection and their replies read later (see
-:meth:`Link.send` and :meth:`Link.receive`), so that the consumer can handle one batch while
-Redis works on the next one's claims and read.
+Commands are sent on the consumer's own connection (:attr:`Link.connection`) and their replies
+read later, so that the consumer can handle one batch while Redis works on the next one's
+claims and read.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 
 import redis
 
+from tidings._redis import OwnConnection
 from tidings.inbox.redis import RedisInbox
 from tidings.ports import BatchInbox, Claim, Inbox
 from tidings.transports._streams_scripts import MOVE_DUE
@@ -87,7 +88,7 @@ class Link:
         self.settlements: list[Settlement] = []
         self.acks: list[tuple[str, str]] = []
         self.due_at: float | None = time.time()  # when the next redelivery falls due
-        self._connection: Any = None
+        self.connection = OwnConnection(client)
 
     # -- what is owed ------------------------------------------------------------------------
 
@@ -173,55 +174,6 @@ class Link:
         if self.due_at is None:
             return block_ms
         return max(1, min(block_ms, round((self.due_at - time.time()) * 1000)))
-
-    # -- the connection ----------------------------------------------------------------------
-
-    def send(self, commands: Commands) -> None:
-        """Send ``commands`` at once; their replies are read, in order, by :meth:`receive`."""
-        if self._connection is None:
-            self._connection = self.client.connection_pool.get_connection()
-        try:
-            self._connection.send_packed_command(self._connection.pack_commands(commands))
-        except BaseException:
-            self.drop()
-            raise
-
-    def receive(self, n: int) -> list[Any]:
-        """Read the next ``n`` replies; an error reply is returned, not raised.
-
-        Raises:
-            redis.ConnectionError, redis.TimeoutError: the connection failed (it is dropped:
-                the replies of everything sent on it are lost).
-        """
-        replies: list[Any] = []
-        try:
-            for _ in range(n):
-                try:
-                    replies.append(self._connection.read_response())
-                except redis.ResponseError as exc:  # the reply was read whole: go on
-                    replies.append(exc)
-        except BaseException:
-            self.drop()
-            raise
-        return replies
-
-    def round_trip(self, commands: Commands) -> list[Any]:
-        """Send ``commands`` and return their replies."""
-        self.send(commands)
-        return self.receive(len(commands))
-
-    def drop(self) -> None:
-        """Close the connection (after an error); the next :meth:`send` opens another."""
-        connection, self._connection = self._connection, None
-        if connection is not None:
-            connection.disconnect()
-            self.client.connection_pool.release(connection)
-
-    def close(self) -> None:
-        """Give the connection back to the pool."""
-        connection, self._connection = self._connection, None
-        if connection is not None:
-            self.client.connection_pool.release(connection)
 
 
 def read_command(

@@ -181,7 +181,7 @@ class StreamConsumer:
                 len(self.link.acks),
                 exc,
             )
-        self.link.close()
+        self.link.connection.close()
         self._deregister()
 
     # -- the steps ---------------------------------------------------------------------------
@@ -234,7 +234,7 @@ class StreamConsumer:
             first.append(
                 read_command(self.streams.group, self.name, self._new_entries(), count, None)
             )
-        link.send(first)
+        link.connection.send(first)
         claims: list[Claim] | None = None
         token, claiming = "", False
         try:
@@ -243,7 +243,7 @@ class StreamConsumer:
                 assert isinstance(inbox, RedisInbox)  # noqa: S101 - inline
                 second = Commands()
                 token = inbox.claim_on(second, prepared.pairs)
-                link.send(second)
+                link.connection.send(second)
                 claiming = True
             elif prepared.pairs:
                 assert isinstance(inbox, BatchInbox)  # noqa: S101 - pairs only for one
@@ -251,11 +251,11 @@ class StreamConsumer:
             if ready is not None:
                 self._complete(ready)
         except BaseException:
-            link.drop()  # replies are on their way: the connection cannot be used again
+            link.connection.drop()  # replies are on their way: it cannot be used again
             link.default(owed)
             raise
-        replies = link.receive(len(first))
-        claimed = link.receive(1)[0] if claiming else None
+        replies = link.connection.receive(len(first))
+        claimed = link.connection.receive(1)[0] if claiming else None
         link.paid(owed, replies)
         if claiming:
             assert isinstance(inbox, RedisInbox)  # noqa: S101 - inline
@@ -297,7 +297,7 @@ class StreamConsumer:
         if streams is not None:
             count = self.transport.count
             commands.append(read_command(self.streams.group, self.name, streams, count, block))
-        replies = self.link.round_trip(commands)
+        replies = self.link.connection.round_trip(commands)
         self.link.paid(owed, replies)
         return entries_of(replies[-1]) if streams is not None else []
 
