@@ -201,17 +201,14 @@ class StreamConsumer:
             if entries:
                 self._handle(entries)
         elif self._ready is None and not self._next:
-            entries = self._exchange(self._new_entries(), self.link.wait_ms(self._block_ms))
+            wait_ms = self.link.wait_ms(self.transport.block_ms)
+            entries = self._exchange(self._new_entries(), wait_ms)
             if len(entries) > self.transport.count // 10:  # a stream in full flow: pipelined
                 self._next = entries
             elif entries:  # a trickle: handled at once, a round trip sooner than pipelined
                 self._handle(entries)
         else:
             self._step()
-
-    @property
-    def _block_ms(self) -> int:
-        return self.transport.block_ms
 
     def _step(self) -> None:
         """One step of the read-ahead pipeline: Redis and this thread work at the same time.
@@ -234,10 +231,10 @@ class StreamConsumer:
             first.append(
                 read_command(self.streams.group, self.name, self._new_entries(), count, None)
             )
-        link.connection.send(first)
         claims: list[Claim] | None = None
         token, claiming = "", False
         try:
+            link.connection.send(first)
             prepared = self.dispatcher.prepare([self._received(*e) for e in entries])
             if prepared.pairs and link.inline:
                 assert isinstance(inbox, RedisInbox)  # noqa: S101 - inline
@@ -250,12 +247,12 @@ class StreamConsumer:
                 claims = inbox.claim_many(prepared.pairs)
             if ready is not None:
                 self._complete(ready)
+            replies = link.connection.receive(len(first))
+            claimed = link.connection.receive(1)[0] if claiming else None
         except BaseException:
-            link.connection.drop()  # replies are on their way: it cannot be used again
-            link.default(owed)
+            link.connection.drop()  # replies may be on their way: it cannot be used again
+            link.default(owed)  # paid again later: settling and acknowledging are idempotent
             raise
-        replies = link.connection.receive(len(first))
-        claimed = link.connection.receive(1)[0] if claiming else None
         link.paid(owed, replies)
         if claiming:
             assert isinstance(inbox, RedisInbox)  # noqa: S101 - inline
@@ -283,7 +280,7 @@ class StreamConsumer:
             if entries:
                 return entries
         self._recovering = False
-        return self._exchange(self._new_entries(), self.link.wait_ms(self._block_ms))
+        return self._exchange(self._new_entries(), self.link.wait_ms(self.transport.block_ms))
 
     def _new_entries(self) -> dict[str, str]:
         """What a read of new entries asks for: every stream this consumer reads, from ``>``."""
@@ -297,7 +294,11 @@ class StreamConsumer:
         if streams is not None:
             count = self.transport.count
             commands.append(read_command(self.streams.group, self.name, streams, count, block))
-        replies = self.link.connection.round_trip(commands)
+        try:
+            replies = self.link.connection.round_trip(commands)
+        except BaseException:
+            self.link.default(owed)
+            raise
         self.link.paid(owed, replies)
         return entries_of(replies[-1]) if streams is not None else []
 
