@@ -18,7 +18,7 @@ import logging
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import MappingProxyType
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from tidings import _tracing
 from tidings.bus import EventBus, Handler
@@ -29,7 +29,15 @@ from tidings.events import DomainEvent
 from tidings.ports import BatchInbox, Claim, DeadLetter, DeadLetterStore, Inbox
 from tidings.retry import RetryPolicy
 
-__all__ = ["Dispatcher", "Outcome", "Prepared", "Received", "Redelivery", "Settle"]
+__all__ = [
+    "DeliveringTransport",
+    "Dispatcher",
+    "Outcome",
+    "Prepared",
+    "Received",
+    "Redelivery",
+    "Settle",
+]
 
 Settle = Callable[[Sequence[Claim], Sequence[Claim]], None]
 """Settles a batch's inbox claims: (done, failed), as :meth:`~tidings.ports.BatchInbox.settle`."""
@@ -86,6 +94,16 @@ class Outcome(NamedTuple):
     dead: tuple[DeadLetter, ...] = ()
 
 
+class DeliveringTransport(Protocol):
+    """What :meth:`Dispatcher.serving` reads from a transport: how its workers deliver."""
+
+    name: str
+    dead_letters: DeadLetterStore
+    inbox: Inbox | None
+    codec: Codec
+    retry: RetryPolicy
+
+
 class Dispatcher:
     """Runs received messages through the bus's handlers, once in effect, with retries.
 
@@ -116,6 +134,18 @@ class Dispatcher:
         self.codec = default_codec if codec is None else codec
         self.retry = RetryPolicy() if retry is None else retry
         self.transport = transport
+
+    @classmethod
+    def serving(cls, bus: EventBus, transport: DeliveringTransport) -> Dispatcher:
+        """The dispatcher a transport's workers use: its store, inbox, codec, policy and name."""
+        return cls(
+            bus,
+            dead_letters=transport.dead_letters,
+            inbox=transport.inbox,
+            codec=transport.codec,
+            retry=transport.retry,
+            transport=transport.name,
+        )
 
     def dispatch(self, received: Received) -> Outcome:
         """Deliver one message to its handlers; see the module docstring for the rules."""

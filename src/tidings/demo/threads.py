@@ -66,7 +66,7 @@ class ThreadedTransport:
             raise ValueError(msg)
         self.dead_letters = dead_letters
         self.inbox = inbox
-        self.retry = retry
+        self.retry = RetryPolicy() if retry is None else retry
         self.workers = workers
         self.codec = default_codec if codec is None else codec
         self._dispatcher: Dispatcher | None = None
@@ -84,14 +84,7 @@ class ThreadedTransport:
         if self._dispatcher is not None:
             msg = "a ThreadedTransport serves one EventBus"
             raise UsageError(msg)
-        self._dispatcher = Dispatcher(
-            bus,
-            dead_letters=self.dead_letters,
-            inbox=self.inbox,
-            codec=self.codec,
-            retry=self.retry,
-            transport=self.name,
-        )
+        self._dispatcher = Dispatcher.serving(bus, self)
 
     def subscribed(self, handler: Handler) -> None:
         """Accept any handler: a delay of any length can wait in the timer heap."""

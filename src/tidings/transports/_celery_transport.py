@@ -127,14 +127,7 @@ class CeleryTransport:
             raise UsageError(msg)
         self._check_accept_content()
         self._check_delay(self.retry, "the transport's default retry policy")
-        self._dispatcher = Dispatcher(
-            bus,
-            dead_letters=self.dead_letters,
-            inbox=self.inbox,
-            codec=self.codec,
-            retry=self.retry,
-            transport=self.name,
-        )
+        self._dispatcher = Dispatcher.serving(bus, self)
         # Worker-side customisations of Celery, which need Celery itself.
         from tidings.transports import _celery_consumer  # noqa: PLC0415
 

@@ -229,14 +229,7 @@ class RedisStreamsTransport:
             msg = "a RedisStreamsTransport serves one EventBus; make one transport per bus"
             raise UsageError(msg)
         self._bus = bus
-        self._dispatcher = Dispatcher(
-            bus,
-            dead_letters=self.dead_letters,
-            inbox=self.inbox,
-            codec=self.codec,
-            retry=self.retry,
-            transport=self.name,
-        )
+        self._dispatcher = Dispatcher.serving(bus, self)
 
     def subscribed(self, handler: Handler) -> None:
         """Accept any handler: retries wait in Redis, so no delay is too long for the broker."""
