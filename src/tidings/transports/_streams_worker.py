@@ -24,7 +24,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
@@ -58,6 +58,36 @@ _RETRY_ID: Final = "tidings_retry_id"
 _LOCAL: Final = (HANDLER, ATTEMPT, GROUP, ENTRY_ID, _RETRY_ID)
 _ENVELOPE_KEY: Final = ENVELOPE.encode()
 _BACKOFF_FIRST, _BACKOFF_MAX = 0.1, 5.0
+
+
+class _EntryHeaders(Mapping[str, str]):
+    """An entry's fields but the envelope, with its id and group, as text: decoded when read.
+
+    Workers read headers only to dead-letter or redeliver an entry (they never trust them for
+    anything else), so the common entry never pays for decoding them.
+    """
+
+    __slots__ = ("_decoded", "_entry_id", "_fields", "_group")
+
+    def __init__(self, fields: dict[bytes, bytes], entry_id: str, group: str) -> None:
+        self._fields, self._entry_id, self._group = fields, entry_id, group
+        self._decoded: dict[str, str] | None = None
+
+    def _all(self) -> dict[str, str]:
+        if self._decoded is None:
+            found = {text(k): text(v) for k, v in self._fields.items() if k != _ENVELOPE_KEY}
+            found[ENTRY_ID], found[GROUP] = self._entry_id, self._group
+            self._decoded = found
+        return self._decoded
+
+    def __getitem__(self, key: str) -> str:
+        return self._all()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
 
 
 class _Ready(NamedTuple):
@@ -387,16 +417,13 @@ class StreamConsumer:
     def _received(self, stream: str, entry_id: str, fields: dict[bytes, bytes]) -> Received:
         body = fields.get(_ENVELOPE_KEY, b"")
         if len(fields) == 1 and body:  # the usual entry: nothing but the envelope
-            headers = {ENTRY_ID: entry_id, GROUP: self.streams.group}
-            return Received(body, headers, stream)
-        headers = {text(k): text(v) for k, v in fields.items() if k != _ENVELOPE_KEY}
-        headers[ENTRY_ID], headers[GROUP] = entry_id, self.streams.group
-        handler, attempt = None, 1
+            return Received(body, {ENTRY_ID: entry_id, GROUP: self.streams.group}, stream)
+        headers = _EntryHeaders(fields, entry_id, self.streams.group)
         # Only the service's own stream may aim a delivery at one handler.
-        if stream == self.streams.redeliver and headers.get(HANDLER):
-            handler = headers[HANDLER]
-            attempt = int(headers[ATTEMPT]) if headers.get(ATTEMPT, "").isdigit() else 1
-        return Received(body, headers, stream, handler, max(1, attempt))
+        if stream != self.streams.redeliver or not headers.get(HANDLER):
+            return Received(body, headers, stream)
+        attempt = int(headers[ATTEMPT]) if headers.get(ATTEMPT, "").isdigit() else 1
+        return Received(body, headers, stream, headers[HANDLER], max(1, attempt))
 
     def _schedule(self, outcomes: Sequence[Outcome]) -> None:
         retries = [again for outcome in outcomes for again in outcome.retries]
