@@ -226,7 +226,7 @@ class RedisInbox:
         the one reply, to :meth:`claimed`.
         """
         token = uuid.uuid4().hex
-        keys = [f"{self.prefix}:{handler}:{event_id}" for handler, event_id in pairs]
+        keys = [self.key(handler, event_id) for handler, event_id in pairs]
         # EVAL, not EVALSHA: a pipeline cannot load a script a restarted Redis lost.
         queue.eval(_CLAIM_MANY, len(keys), *keys, token, self._lease_ms, _DONE)
         return token
@@ -277,7 +277,7 @@ class RedisInbox:
             )
         return len(tokens)
 
-    def settled(self, replies: Sequence[object]) -> None:
+    def settled(self, replies: Sequence[Any]) -> None:
         """Report claims that lapsed to another worker, from the replies of :meth:`settle_on`.
 
         Raises:
@@ -286,7 +286,7 @@ class RedisInbox:
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
-        lapsed = sum(int(reply) for reply in replies)  # type: ignore[call-overload]
+        lapsed = sum(int(reply) for reply in replies)
         if lapsed:
             log.warning(
                 "%d inbox claim(s) lapsed to another worker before their handlers finished "
