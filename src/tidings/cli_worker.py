@@ -63,11 +63,12 @@ def make_worker_command() -> click.Command:
         show_default=True,
     )
     def worker(app: str, transport_url: str | None, concurrency: int, loglevel: str) -> None:
-        """Consume the bus's streams until SIGTERM or SIGINT, then finish the batch and exit.
+        """Consume the bus's streams until SIGTERM or SIGINT, then finish what it holds and exit.
 
-        Each consumer reads a batch, runs the handlers (inbox, retries, dead letters), and
-        acknowledges it; on a stop signal every consumer finishes and acknowledges its current
-        batch first. Redis being down is waited out with bounded backoff.
+        Each consumer reads batches, runs the handlers (inbox, retries, dead letters), and
+        acknowledges each batch after; on a stop signal every consumer reads no more, handles
+        and acknowledges the batches it holds, then exits. Redis being down is waited out with
+        bounded backoff.
         """
         from tidings.transports.redis_streams import (  # noqa: PLC0415 - needs redis-py
             RedisStreamsTransport,

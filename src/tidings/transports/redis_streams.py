@@ -343,7 +343,8 @@ class RedisStreamsTransport:
         """Consume with ``concurrency`` consumer threads until ``stop`` is set.
 
         Each thread is a consumer of the service's group on every stream of :meth:`streams`;
-        on stop each finishes and acknowledges its current batch. Redis being unreachable
+        on stop each reads no more, and handles and acknowledges the batches it holds (up to
+        two: see "One round trip per batch" in the module docstring). Redis being unreachable
         never ends the run: consumers retry with bounded exponential backoff.
 
         Raises:
