@@ -15,11 +15,11 @@ from tidings.cli import main, make_cli
 from tidings.demo import DemoOptions, DemoResult, OrderPlaced, StockReserved, run_demo
 from tidings.demo import summary as demo_summary
 from tidings.demo.shop import ALWAYS, HANDLERS, RETRY, make_engine, planned_failures
-from tidings.demo.threads import ThreadedTransport
 from tidings.demo.web import Answer
 from tidings.memory import MemoryDeadLetterStore, MemoryInbox
 from tidings.ports import DeadLetter
 from tidings.testing.workers import wait_until
+from tidings.transports.memory import MemoryBroker, MemoryTransport
 
 REQUESTS = 60
 RUNS_PER_ORDER = 5
@@ -195,10 +195,12 @@ def test_postgresql_urls_use_psycopg():
     assert (engine.dialect.name, engine.dialect.driver) == ("postgresql", "psycopg")
 
 
-def test_threaded_transport_retries_then_dead_letters_and_goes_idle():
+def test_memory_transport_retries_then_dead_letters_and_goes_idle():
     """A handler that always fails runs max_attempts times, is dead-lettered; the pool idles."""
     letters = MemoryDeadLetterStore()
-    transport = ThreadedTransport(dead_letters=letters, inbox=MemoryInbox(), retry=RETRY, workers=2)
+    transport = MemoryTransport(
+        dead_letters=letters, inbox=MemoryInbox(), retry=RETRY, workers=2, broker=MemoryBroker()
+    )
     bus = EventBus(transport=transport)
     attempts: list[str] = []
 

@@ -18,9 +18,9 @@ from typing import Protocol
 from tidings.bus import EventBus
 from tidings.demo.journal import CountingInbox, Journal, MemoryJournal
 from tidings.demo.shop import RETRY, TENANTS, Shop, make_engine
-from tidings.demo.threads import ThreadedTransport
 from tidings.memory import MemoryDeadLetterStore, MemoryInbox
 from tidings.ports import DeadLetterStore
+from tidings.transports.memory import MemoryBroker, MemoryTransport
 
 __all__ = ["CeleryMode", "EmbeddedMode", "Mode", "redacted"]
 
@@ -57,17 +57,19 @@ class Mode(Protocol):
 
 
 class EmbeddedMode:
-    """Handlers in worker threads of this process (:class:`ThreadedTransport`), memory inbox."""
+    """Handlers in worker threads of this process (:class:`MemoryTransport`), memory inbox."""
 
     def __init__(self, db: str, prefix: str, seed: int, workers: int) -> None:
         self.journal: Journal = MemoryJournal()
         self.shop = Shop(make_engine(db), self.journal, seed=seed, prefix=prefix)
         self.dead_letters: DeadLetterStore = MemoryDeadLetterStore()
-        self.transport = ThreadedTransport(
+        self.transport = MemoryTransport(
             dead_letters=self.dead_letters,
+            queue=prefix,
             inbox=CountingInbox(MemoryInbox(), self.journal),
             retry=RETRY,
             workers=workers,
+            broker=MemoryBroker(),  # the run's own queues
         )
         self.bus = EventBus(transport=self.transport)
         self.shop.subscribe(self.bus)
