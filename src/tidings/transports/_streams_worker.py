@@ -203,7 +203,7 @@ class StreamConsumer:
             while self._ready is not None or self._next:  # stopping: nothing more is read
                 self._step()
             self._exchange(None)
-        except redis.RedisError as exc:
+        except Exception as exc:  # noqa: BLE001 - leaving: what is not acknowledged is reclaimed
             log.warning(
                 "consumer %s stopped before acknowledging %d entries (%r); they will be "
                 "reclaimed, and their inbox markers skip the handlers that already ran",
