@@ -139,7 +139,7 @@ class TestRedisInbox(InboxConformance):
         inbox = self.make_inbox()
         with inbox.guard("h", "e1"):
             pass
-        own_id = inbox._own().call("CLIENT", "ID")  # the connection guard keeps for this thread
+        own_id = inbox._call("CLIENT", "ID")  # the one connection the inbox keeps so far
         self.client.client_kill_filter(_id=own_id)
         with pytest.raises(redis.ConnectionError), inbox.guard("h", "e2"):
             pass
@@ -148,6 +148,16 @@ class TestRedisInbox(InboxConformance):
         assert inbox.is_done("h", "e1")
         assert inbox.is_done("h", "e3")
         assert not inbox.is_done("h", "e2")
+
+    def test_short_lived_threads_share_the_kept_connections(self):
+        """Guards from threads that each run once leave one kept connection, not one each."""
+        inbox = self.make_inbox()
+        for n in range(20):
+            thread = threading.Thread(target=attempt, args=(inbox, "h", f"e{n}"))
+            thread.start()
+            thread.join()
+        assert len(inbox._idle) == 1
+        assert all(inbox.is_done("h", f"e{n}") for n in range(20))
 
     def test_refuses_non_positive_durations(self):
         """A lease or keep of zero or less is refused with the values in the message."""

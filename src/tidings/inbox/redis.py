@@ -113,8 +113,8 @@ class RedisInbox:
     """An :class:`~tidings.ports.Inbox` in Redis: effects outside Redis happen at least once.
 
     Args:
-        client: a redis-py client; its connection pool lends the connections (each thread
-            that guards keeps one of them, see below).
+        client: a redis-py client; its connection pool lends the connections (some of which
+            the instance keeps, see below).
         prefix: the first part of every key, to keep applications apart.
         lease: seconds a claim lasts; a worker that dies holding one blocks the pair this long.
             Choose it longer than the slowest handler: past it another worker may run the
@@ -126,9 +126,10 @@ class RedisInbox:
     raises :class:`~tidings.errors.InboxBusyError` whose ``retry_after`` is the claim's
     remaining lease. Nothing is retried here: a Redis error while claiming propagates (deliver
     again later); a Redis error while marking done propagates too, and the claim then expires
-    after ``lease``. Thread-safe and process-safe: every decision is one atomic Lua script, and
-    each thread that calls :meth:`guard` sends its two commands on a connection of its own, kept
-    from the client's pool (a third of the CPU of a client call; a forked child takes its own).
+    after ``lease``. Thread-safe and process-safe: every decision is one atomic Lua script.
+    :meth:`guard` sends its two commands on connections the instance keeps from the client's
+    pool, lent to one call at a time (a third of the CPU of a client call; no more connections
+    than calls in flight, whatever the threads or greenlets; a forked child opens its own).
     Creating an instance does not contact Redis.
     """
 
@@ -149,15 +150,24 @@ class RedisInbox:
         self.keep = keep
         self._lease_ms = max(1, round(lease * 1000))
         self._keep_ms = max(1, round(keep * 1000))
-        self._local = threading.local()
+        # Kept connections, lent to one call at a time: never more than the calls in flight.
+        self._idle: list[OwnConnection] = []
+        self._idle_lock = threading.Lock()
         self._release = client.register_script(_RELEASE)
 
-    def _own(self) -> OwnConnection:
-        """This thread's own connection, for :meth:`guard` (a third of a client call's CPU)."""
-        own: OwnConnection | None = getattr(self._local, "connection", None)
-        if own is None:
-            own = self._local.connection = OwnConnection(self.client)
-        return own
+    def _call(self, *command: Any) -> Any:
+        """Send one command on a kept connection (a third of a client call's CPU).
+
+        Raises:
+            redis.RedisError: the reply is an error, or the connection failed.
+        """
+        with self._idle_lock:
+            own = self._idle.pop() if self._idle else OwnConnection(self.client)
+        try:
+            return own.call(*command)
+        finally:
+            with self._idle_lock:
+                self._idle.append(own)
 
     def key(self, handler: str, event_id: str) -> str:
         """Return the Redis key of (handler, event_id): ``{prefix}:{handler}:{event_id}``."""
@@ -173,8 +183,7 @@ class RedisInbox:
         """
         key = self.key(handler, event_id)
         token = uuid.uuid4().hex  # never equal to _DONE
-        own = self._own()
-        status, pttl = own.call("EVAL", _CLAIM, 1, key, token, self._lease_ms, _DONE)
+        status, pttl = self._call("EVAL", _CLAIM, 1, key, token, self._lease_ms, _DONE)
         if status == 0:
             yield False
             return
@@ -191,7 +200,7 @@ class RedisInbox:
         except BaseException:
             self._give_back(key, token)
             raise
-        outcome = own.call("EVAL", _MARK, 1, key, token, _DONE, self._keep_ms)
+        outcome = self._call("EVAL", _MARK, 1, key, token, _DONE, self._keep_ms)
         if outcome != 1:
             log.warning(
                 "%s on event %s outlived its %.1f s inbox lease (%s); raise RedisInbox(lease=)",
