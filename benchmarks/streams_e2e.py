@@ -15,15 +15,12 @@ through one worker process and samples its resident set size.
 
 from __future__ import annotations
 
-import os
 import statistics
-import subprocess
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -31,28 +28,11 @@ import redis
 from benchmarks.apps.streams_bench import LATENCY, MARKER, StreamPing, make, raw_stream
 from benchmarks.harness import Row
 from tidings.codec import default_codec
-from tidings.testing.workers import stop, wait_until
+from tidings.testing.workers import running, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 TIDINGS = str(Path(sys.executable).parent / "tidings")
 CHUNK = 100
-
-
-@contextmanager
-def _process(command: list[str], env: Mapping[str, str]) -> Iterator[subprocess.Popen[bytes]]:
-    """Run ``command`` from the project root in its own session for the block, then stop it."""
-    process = subprocess.Popen(  # noqa: S603 - our own command line
-        command,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        yield process
-    finally:
-        stop(process)
 
 
 def _worker() -> list[str]:
@@ -152,8 +132,8 @@ def rows(*, quick: bool = False) -> list[Row]:  # noqa: PLR0915 - one scenario, 
     base_latency: list[float] = []
     try:
         with (
-            _process(_worker(), env),
-            _process([sys.executable, "-m", "benchmarks.apps.streams_bench"], env),
+            running(_worker(), env, cwd=ROOT),
+            running([sys.executable, "-m", "benchmarks.apps.streams_bench"], env, cwd=ROOT),
         ):
             # Warm up both consumers (their groups start at id 0: nothing sent now is missed).
             bus.publish(StreamPing(marker=True))
@@ -217,7 +197,7 @@ def memory_rows(*, quick: bool = False) -> list[Row]:
     samples: list[int] = []
     began = time.perf_counter()
     try:
-        with _process(_worker(), env) as worker:
+        with running(_worker(), env, cwd=ROOT) as worker:
             bus.publish(StreamPing(marker=True))
             _pop(client, f"{name}:done", 60, "the tidings worker to start")
             idle = wait_until(lambda: _rss_kb(worker.pid), timeout=5, what="the worker's RSS")

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
-__all__ = ["celery_worker", "stop", "wait_until"]
+__all__ = ["celery_worker", "running", "stop", "wait_until"]
 
 T = TypeVar("T")
 
@@ -35,27 +35,16 @@ def wait_until(condition: Callable[[], T], *, timeout: float = 30.0, what: str =
 
 
 @contextmanager
-def celery_worker(
-    app: str,
-    queue: str,
-    env: Mapping[str, str],
-    *,
-    pool: str = "solo",
-    concurrency: int = 1,
-    cwd: Path | None = None,
+def running(
+    command: list[str], env: Mapping[str, str], *, cwd: Path | None = None
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """Run ``celery -A app worker -Q queue`` as a child process for the block, then stop it.
+    """Run ``command`` as a child process for the block, then :func:`stop` it.
 
-    The child runs in its own process group (so :func:`stop` reaches its pool children too),
-    with ``cwd`` (default: the current directory) on its ``PYTHONPATH`` and ``env`` added to
-    the environment. Its output is discarded.
+    The child runs in its own process group (so :func:`stop` reaches its own children too),
+    with ``cwd`` (default: the current directory) as its directory and on its ``PYTHONPATH``,
+    and ``env`` added to the environment. Its output is discarded.
     """
     directory = Path.cwd() if cwd is None else cwd
-    command = [
-        sys.executable, "-m", "celery", "-A", app, "worker", "-Q", queue,
-        f"--pool={pool}", f"--concurrency={concurrency}", "--without-heartbeat",
-        "--without-gossip", "--without-mingle", "--loglevel=WARNING", "-n", f"{queue}@%h",
-    ]  # fmt: skip
     process = subprocess.Popen(  # noqa: S603 - our own command line
         command,
         cwd=directory,
@@ -68,6 +57,26 @@ def celery_worker(
         yield process
     finally:
         stop(process)
+
+
+@contextmanager
+def celery_worker(
+    app: str,
+    queue: str,
+    env: Mapping[str, str],
+    *,
+    pool: str = "solo",
+    concurrency: int = 1,
+    cwd: Path | None = None,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``celery -A app worker -Q queue`` for the block, as :func:`running` runs commands."""
+    command = [
+        sys.executable, "-m", "celery", "-A", app, "worker", "-Q", queue,
+        f"--pool={pool}", f"--concurrency={concurrency}", "--without-heartbeat",
+        "--without-gossip", "--without-mingle", "--loglevel=WARNING", "-n", f"{queue}@%h",
+    ]  # fmt: skip
+    with running(command, env, cwd=cwd) as process:
+        yield process
 
 
 def stop(process: subprocess.Popen[bytes], *, grace: float = 10.0) -> None:
