@@ -117,7 +117,7 @@ class Link:
                     inbox.settle(*settlements[0])
                     settlements.pop(0)
             except BaseException:
-                self.default(Owed(0, settlements, 0, acks, 0))
+                self._owe(settlements, acks)
                 raise
         first = len(commands)
         commands.eval(MOVE_DUE, 2, self.retry, self.redeliver, time.time(), self.count)
@@ -157,13 +157,17 @@ class Link:
         for reply in replies[at : at + owed.acked]:
             # A vanished group (Redis lost its data) has nothing left to acknowledge.
             if isinstance(reply, Exception) and "NOGROUP" not in str(reply):
-                self.acks = owed.acks + self.acks
+                self._owe([], owed.acks)
                 raise reply
 
     def default(self, owed: Owed) -> None:
         """Owe again what ``owed`` paid (its round trip failed; paying twice is harmless)."""
-        self.settlements = owed.settlements + self.settlements
-        self.acks = owed.acks + self.acks
+        self._owe(owed.settlements, owed.acks)
+
+    def _owe(self, settlements: list[Settlement], acks: list[tuple[str, str]]) -> None:
+        """Put ``settlements`` and ``acks`` back ahead of what is owed since."""
+        self.settlements = settlements + self.settlements
+        self.acks = acks + self.acks
 
     def retry_due(self, due_at: float) -> None:
         """Note a redelivery falling due at ``due_at`` (epoch seconds)."""
