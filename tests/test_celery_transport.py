@@ -1,5 +1,6 @@
 import base64
 import json
+from types import SimpleNamespace
 
 import pytest
 from celery import Celery
@@ -10,6 +11,8 @@ from tests.workers import celery_worker, wait_until
 from tidings import EventBus, UsageError, event_context
 from tidings.memory import MemoryDeadLetterStore
 from tidings.retry import RetryPolicy
+from tidings.transports._celery_consumer import DeadLetteringConsumer
+from tidings.transports._celery_transport import reuse_redis_clients
 from tidings.transports.celery import CeleryTransport
 
 pytestmark = pytest.mark.integration
@@ -246,3 +249,42 @@ def test_an_event_sent_before_any_worker_waits_in_its_declared_queue_on_rabbitmq
         finally:
             channel.queue_delete(unique_name)
     assert waiting == 1
+
+
+def test_publishing_reuses_one_redis_client_on_its_channel(shop):
+    """The transport's Redis channel hands out one client for its commands, and still publishes."""
+    _, bus, transport, client, name = shop
+    bus.publish(celery_shop.ParcelBooked(parcel_id="one"))
+    channel = transport._producer.channel
+    first = channel._create_client()
+    bus.publish(celery_shop.ParcelBooked(parcel_id="two"))
+    assert channel._create_client() is first
+    assert channel._create_client(asynchronous=True) is not first  # kombu's other pool
+    assert client.llen(name) == 2
+
+
+def test_client_reuse_leaves_other_channels_alone():
+    """A channel that is not kombu's Redis channel keeps its own way of making clients."""
+
+    class Channel:
+        def _create_client(self, asynchronous=False):
+            return object()
+
+    channel = Channel()
+    reuse_redis_clients(channel)
+    assert channel._create_client() is not channel._create_client()
+
+
+def test_the_worker_consumer_serves_its_redis_channel_before_its_loop_starts(redis_url):
+    """The consumer's loop arguments are Celery's, its task channel reusing one Redis client."""
+    app = Celery("t", broker=redis_url)
+    with app.connection_for_read() as connection:
+        channel = connection.default_channel
+        consumer = DeadLetteringConsumer.__new__(DeadLetteringConsumer)
+        consumer.app = SimpleNamespace(clock="clock")
+        consumer.connection, consumer.blueprint, consumer.hub = connection, "bp", "hub"
+        consumer.qos, consumer.amqheartbeat, consumer.amqheartbeat_rate = "qos", None, 2.0
+        consumer.task_consumer = SimpleNamespace(channel=channel)
+        args = consumer.loop_args()
+        assert args[:3] == (consumer, connection, consumer.task_consumer)
+        assert channel._create_client() is channel._create_client()

@@ -110,6 +110,28 @@ class TestRedisInbox(InboxConformance):
         assert "had expired before its handler failed" in caplog.text
         assert late.is_done("h", "e")  # the taker's done mark was not deleted
 
+    def test_a_mark_redis_refuses_is_logged_at_the_connection_next_use(self, caplog):
+        """A done mark refused by Redis is reported when its reply is read, and nothing raises."""
+        inbox = self.make_inbox()
+        key = inbox.key("h", "e")
+        with caplog.at_level(logging.ERROR, "tidings.inbox"):
+            with inbox.guard("h", "e"):
+                self.client.delete(key)
+                self.client.hset(key, "not", "a claim")  # the mark script's GET now fails
+            assert not inbox.is_done("h", "another")  # reads the reply the mark got
+        assert "could not mark h done on event e" in caplog.text
+
+    def test_a_mark_is_seen_by_the_next_guard_of_any_instance(self, redis_url):
+        """Once a guard returned, a guard of another instance or client sees the pair done."""
+        first = self.make_inbox()
+        other = RedisInbox(redis.Redis.from_url(redis_url), prefix=self.prefix)
+        for n in range(50):
+            with first.guard("h", f"seen-{n}") as fresh:
+                assert fresh
+            with other.guard("h", f"seen-{n}") as fresh:
+                assert not fresh
+        other.client.close()
+
     def test_busy_retry_after_is_the_remaining_lease(self):
         """retry_after is the holder's remaining lease, or the lease for a claim without TTL."""
         inbox = RedisInbox(self.client, prefix=self.prefix, lease=30)

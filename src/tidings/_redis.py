@@ -10,7 +10,8 @@ modules that need redis-py.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
@@ -33,10 +34,13 @@ class OwnConnection:
         self.client = client
         self._connection: Any = None
         self._pid = 0
+        # Callbacks of commands sent by send_later whose replies are still unread, in order.
+        self._later: deque[Callable[[Any], None]] = deque()
 
     def send(self, commands: Sequence[tuple[Any, ...]]) -> None:
         """Send ``commands`` at once; their replies wait for :meth:`receive`."""
         if self._connection is None or self._pid != os.getpid():
+            self._later.clear()  # owed on a connection this process no longer has
             self._connection, self._pid = self.client.connection_pool.get_connection(), os.getpid()
         try:
             self._connection.send_packed_command(self._connection.pack_commands(commands))
@@ -44,8 +48,26 @@ class OwnConnection:
             self.drop()
             raise
 
+    def send_later(self, command: tuple[Any, ...], on_reply: Callable[[Any], None]) -> None:
+        """Send ``command`` now, and hand its reply to ``on_reply`` when it is read.
+
+        The reply is read by the next :meth:`receive` (before that call's own replies) or by
+        :meth:`collect`; an error reply reaches ``on_reply`` as its exception. If the
+        connection fails first, ``on_reply`` is never called: the command reached the server,
+        or the connection broke before it did.
+        """
+        self.send([command])
+        self._later.append(on_reply)
+
+    def collect(self) -> None:
+        """Read the replies of everything sent by :meth:`send_later` so far."""
+        if self._later:
+            self.receive(0)
+
     def receive(self, n: int) -> list[Any]:
         """Read the next ``n`` replies; an error reply is returned as its exception.
+
+        Replies owed to :meth:`send_later` come first and go to their callbacks.
 
         Raises:
             redis.ConnectionError, redis.TimeoutError: the connection failed (it is dropped:
@@ -53,6 +75,12 @@ class OwnConnection:
         """
         replies: list[Any] = []
         try:
+            while self._later:
+                try:
+                    reply = self._connection.read_response()
+                except redis.ResponseError as exc:
+                    reply = exc
+                self._later.popleft()(reply)
             for _ in range(n):
                 try:
                     replies.append(self._connection.read_response())
@@ -82,12 +110,15 @@ class OwnConnection:
     def drop(self) -> None:
         """Close the connection (after an error); the next :meth:`send` takes another."""
         connection, self._connection = self._connection, None
+        self._later.clear()
         if connection is not None and self._pid == os.getpid():
             connection.disconnect()
             self.client.connection_pool.release(connection)
 
     def close(self) -> None:
-        """Give the connection back to the pool."""
+        """Read the replies still owed, then give the connection back to the pool."""
+        if self._connection is not None and self._pid == os.getpid():
+            self.collect()
         connection, self._connection = self._connection, None
         if connection is not None and self._pid == os.getpid():
             self.client.connection_pool.release(connection)

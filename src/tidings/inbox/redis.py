@@ -13,8 +13,11 @@ handler name should not contain ``:`` (names derived by :class:`~tidings.EventBu
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -125,8 +128,13 @@ class RedisInbox:
     Contract (see :class:`~tidings.ports.Inbox`): a second guard of a pair that is claimed
     raises :class:`~tidings.errors.InboxBusyError` whose ``retry_after`` is the claim's
     remaining lease. Nothing is retried here: a Redis error while claiming propagates (deliver
-    again later); a Redis error while marking done propagates too, and the claim then expires
-    after ``lease``. Thread-safe and process-safe: every decision is one atomic Lua script.
+    again later). The done mark is sent before :meth:`guard` returns, and its reply is read on
+    that connection's next use rather than waited for (a round trip less per event; a later
+    :meth:`is_done` of the same instance sees it): a connection that fails while sending it
+    raises, a mark Redis refuses is logged as an error, and either way the claim then expires
+    after ``lease``. A handler that ran for half its lease or more waits for its mark's reply,
+    to warn at once if the claim lapsed. Thread-safe and process-safe: every decision is one
+    atomic Lua script.
     :meth:`guard` sends its two commands on connections the instance keeps from the client's
     pool, lent to one call at a time (a third of the CPU of a client call; no more connections
     than calls in flight, whatever the threads or greenlets; a forked child opens its own).
@@ -155,19 +163,25 @@ class RedisInbox:
         self._idle_lock = threading.Lock()
         self._release = client.register_script(_RELEASE)
 
+    @contextmanager
+    def _lent(self) -> Iterator[OwnConnection]:
+        """Lend a kept connection to one call (a new one when every kept one is lent)."""
+        with self._idle_lock:
+            own = self._idle.pop() if self._idle else OwnConnection(self.client)
+        try:
+            yield own
+        finally:
+            with self._idle_lock:
+                self._idle.append(own)
+
     def _call(self, *command: Any) -> Any:
         """Send one command on a kept connection (a third of a client call's CPU).
 
         Raises:
             redis.RedisError: the reply is an error, or the connection failed.
         """
-        with self._idle_lock:
-            own = self._idle.pop() if self._idle else OwnConnection(self.client)
-        try:
+        with self._lent() as own:
             return own.call(*command)
-        finally:
-            with self._idle_lock:
-                self._idle.append(own)
 
     def key(self, handler: str, event_id: str) -> str:
         """Return the Redis key of (handler, event_id): ``{prefix}:{handler}:{event_id}``."""
@@ -195,24 +209,46 @@ class RedisInbox:
                 f"deliver it again in {retry_after:.1f} s"
             )
             raise InboxBusyError(msg, retry_after=retry_after)
+        started = time.monotonic()
         try:
             yield True
         except BaseException:
             self._give_back(key, token)
             raise
-        outcome = self._call("EVAL", _MARK, 1, key, token, _DONE, self._keep_ms)
-        if outcome != 1:
-            log.warning(
-                "%s on event %s outlived its %.1f s inbox lease (%s); raise RedisInbox(lease=)",
+        mark = ("EVAL", _MARK, 1, key, token, _DONE, self._keep_ms)
+        report = functools.partial(self._report_mark, handler, event_id)
+        if time.monotonic() - started < self.lease / 2:
+            # The claim is surely still ours: send the mark now, read its reply on the
+            # connection's next use (a round trip less to wait for, per event).
+            with self._lent() as own:
+                own.send_later(mark, report)
+        else:
+            # The claim may have lapsed: wait for the verdict, to warn now.
+            report(self._call(*mark))
+
+    def _report_mark(self, handler: str, event_id: str, outcome: Any) -> None:
+        """Log what a done mark found, unless it found its own claim."""
+        if outcome == 1:
+            return
+        if isinstance(outcome, Exception):
+            log.error(
+                "could not mark %s done on event %s (%r); its claim expires after the lease",
                 handler,
                 event_id,
-                self.lease,
-                {
-                    0: "another worker holds the claim now and may repeat the effect; left alone",
-                    2: "nobody took the claim over; marked done",
-                    3: "another worker ran the effect again and marked it done",
-                }.get(outcome, f"unexpected mark outcome {outcome}"),
+                outcome,
             )
+            return
+        log.warning(
+            "%s on event %s outlived its %.1f s inbox lease (%s); raise RedisInbox(lease=)",
+            handler,
+            event_id,
+            self.lease,
+            {
+                0: "another worker holds the claim now and may repeat the effect; left alone",
+                2: "nobody took the claim over; marked done",
+                3: "another worker ran the effect again and marked it done",
+            }.get(outcome, f"unexpected mark outcome {outcome}"),
+        )
 
     def claim_many(self, pairs: Sequence[tuple[str, str]]) -> list[Claim]:
         """Claim many pairs in one script call (:class:`~tidings.ports.BatchInbox`).
@@ -305,7 +341,21 @@ class RedisInbox:
             )
 
     def is_done(self, handler: str, event_id: str) -> bool:
-        """Whether (handler, event_id) is marked done (and its marker has not expired)."""
+        """Whether (handler, event_id) is marked done (and its marker has not expired).
+
+        Sees every mark of guards of this instance that returned before the call.
+        """
+        # Marks whose replies are unread have reached Redis but may not be processed yet:
+        # read those replies first (a lent connection's borrower reads them itself).
+        with self._idle_lock:
+            kept, self._idle = self._idle, []
+        try:
+            for own in kept:
+                with contextlib.suppress(redis.RedisError):  # the GET below is the answer
+                    own.collect()
+        finally:
+            with self._idle_lock:
+                self._idle.extend(kept)
         value = self.client.get(self.key(handler, event_id))
         return value in (_DONE, _DONE.encode())
 

@@ -26,7 +26,7 @@ from celery.worker.state import task_ready
 
 from tidings.events import DomainEvent
 from tidings.ports import DeadLetter
-from tidings.transports._celery_transport import DELIVER_BATCH, one_arguments
+from tidings.transports._celery_transport import DELIVER_BATCH, one_arguments, reuse_redis_clients
 
 if TYPE_CHECKING:
     from tidings.transports._celery_transport import CeleryTransport
@@ -41,6 +41,12 @@ dead_letter_stores: dict[int, Any] = {}
 
 class DeadLetteringConsumer(Consumer):  # type: ignore[misc]
     """Celery's consumer, storing undecodable and unknown messages as dead letters first."""
+
+    def loop_args(self) -> tuple[Any, ...]:
+        """Start the consumer's loop, its Redis channel reusing one client for its commands."""
+        if self.task_consumer is not None:
+            reuse_redis_clients(self.task_consumer.channel)
+        return super().loop_args()  # type: ignore[no-any-return]
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:
         """Dead-letter a message whose body cannot be decoded (garbage, pickle), then ack it."""
