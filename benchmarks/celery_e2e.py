@@ -1,9 +1,13 @@
-"""End to end over Celery and Redis: publish → handler done, with a real worker process.
+"""End to end over Celery and Redis: publish → handler done, with real worker processes.
 
-tidings (inbox on, no-op handler) against a plain Celery task per event sent with
-``apply_async`` (no idempotency), on one worker (prefork, one child) of the same app, on the same
-queue, measured in alternating rounds. Throughput counts from the first publish until a marker
-event, sent last, has been handled. Latency is publish → handler start on an idle worker.
+tidings (inbox on, no-op handler, one prefork worker with one child) against the baseline: a
+plain Celery task per event sent with ``apply_async`` (no idempotency), handled by a stock Celery
+worker with the same settings (:mod:`benchmarks.apps.celery_plain`). Both workers run for the
+whole measurement, each on its own queue (the idle one blocked in its read), and the rounds
+alternate. tidings' worker also serves the plain task: a third, informational figure runs it
+there, showing what tidings' worker does for every task it runs. Throughput counts from the
+first publish until a marker event, sent last, has been handled. Latency is publish → handler
+start on an idle worker.
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ ROOT = Path(__file__).resolve().parent.parent
 def rows(*, quick: bool = False) -> list[Row]:  # noqa: PLR0915 - one scenario, told in order
     """Measure and return the Celery rows."""
     name = f"bench_{uuid.uuid4().hex[:8]}"
+    stock = f"{name}_stock"
     _, bus, transport, plain, client = make(name, name)
     env = {"BENCH_QUEUE": name, "BENCH_PREFIX": name}
+    stock_env = {"BENCH_PLAIN_QUEUE": stock, "BENCH_PREFIX": name}
     rounds = 1 if quick else 3
     batched_n, single_n, latency_n = (2000, 300, 30) if quick else (20000, 2000, 200)
 
@@ -51,13 +57,13 @@ def rows(*, quick: bool = False) -> list[Row]:  # noqa: PLR0915 - one scenario, 
 
         return single_n / drain(send)
 
-    def plain_tasks() -> float:
+    def plain_tasks(queue: str) -> float:
         events = [Ping(order_id=f"o-{i}", sequence=i) for i in range(single_n)]
 
         def send() -> None:
             for event in events:
-                plain.apply_async(args=(event.to_dict(),), queue=name)
-            plain.apply_async(args=({"marker": True},), queue=name)
+                plain.apply_async(args=(event.to_dict(),), queue=queue)
+            plain.apply_async(args=({"marker": True},), queue=queue)
 
         return single_n / drain(send)
 
@@ -80,17 +86,33 @@ def rows(*, quick: bool = False) -> list[Row]:  # noqa: PLR0915 - one scenario, 
         bus.publish(Ping(order_id=key, latency=True))
 
     def send_plain(key: str) -> None:
-        plain.apply_async(args=({"order_id": key, "latency": True},), queue=name)
+        plain.apply_async(args=({"order_id": key, "latency": True},), queue=stock)
 
-    results: dict[str, list[float]] = {"batched": [], "single": [], "plain": []}
-    with celery_worker(
-        "benchmarks.apps.celery_bench", name, env, pool="prefork", concurrency=1, cwd=ROOT
+    results: dict[str, list[float]] = {"batched": [], "single": [], "plain": [], "shared": []}
+    with (
+        celery_worker(
+            "benchmarks.apps.celery_bench", name, env, pool="prefork", concurrency=1, cwd=ROOT
+        ),
+        celery_worker(
+            "benchmarks.apps.celery_plain",
+            stock,
+            stock_env,
+            pool="prefork",
+            concurrency=1,
+            cwd=ROOT,
+        ),
     ):
-        wait_until(lambda: drain(lambda: bus.publish(Ping(marker=True))), timeout=60)  # warm up
+        # Warm both up: the first message of each worker is handled.
+        wait_until(lambda: drain(lambda: bus.publish(Ping(marker=True))), timeout=60)
+        wait_until(
+            lambda: drain(lambda: plain.apply_async(args=({"marker": True},), queue=stock)),
+            timeout=60,
+        )
         for _ in range(rounds):
             results["batched"].append(tidings_batched())
             results["single"].append(tidings_single())
-            results["plain"].append(plain_tasks())
+            results["plain"].append(plain_tasks(stock))
+            results["shared"].append(plain_tasks(name))
         ours_latency = latencies(send_tidings)
         plain_latency = latencies(send_plain)
     for key in client.scan_iter(f"{name}*"):
@@ -101,6 +123,7 @@ def rows(*, quick: bool = False) -> list[Row]:  # noqa: PLR0915 - one scenario, 
     batched = statistics.median(results["batched"])
     single = statistics.median(results["single"])
     base = statistics.median(results["plain"])
+    shared = statistics.median(results["shared"])
 
     def pct(values: list[float], q: float) -> float:
         ordered = sorted(values)
@@ -113,6 +136,10 @@ def rows(*, quick: bool = False) -> list[Row]:  # noqa: PLR0915 - one scenario, 
             "events/s", round(batched / base, 2), 20, batched / base >= 20),
         Row("celery e2e: single-event publish vs plain task per event", round(single),
             round(base), "events/s", round(single / base, 2), 1, single / base >= 1),
+        Row("celery e2e: single-event publish vs plain task on tidings' worker", round(single),
+            round(shared), "events/s", round(single / shared, 2), None, None),
+        Row("celery e2e: plain task on tidings' worker vs on a stock worker", round(shared),
+            round(base), "events/s", round(shared / base, 2), None, None),
         Row("celery latency p50: publish → handler start", round(p50), round(b50), "µs",
             round(b50 / p50, 2), None, None),
         Row("celery latency p99: publish → handler start", round(p99), round(b99), "µs",

@@ -4,6 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 from celery import Celery
+from celery._state import _task_stack
 from tests.apps import celery_shop
 from tests.conftest import require_server
 from tests.workers import celery_worker, wait_until
@@ -12,7 +13,7 @@ from tidings import EventBus, UsageError, event_context
 from tidings.memory import MemoryDeadLetterStore
 from tidings.retry import RetryPolicy
 from tidings.transports._celery_consumer import DeadLetteringConsumer
-from tidings.transports._celery_transport import reuse_redis_clients
+from tidings.transports._celery_redis import reuse_redis_clients
 from tidings.transports.celery import CeleryTransport
 
 pytestmark = pytest.mark.integration
@@ -288,3 +289,44 @@ def test_the_worker_consumer_serves_its_redis_channel_before_its_loop_starts(red
         args = consumer.loop_args()
         assert args[:3] == (consumer, connection, consumer.task_consumer)
         assert channel._create_client() is channel._create_client()
+
+
+def test_a_published_message_is_the_task_message_apply_async_would_send(shop):
+    """An event's message names its task, queue and event, ignores results, and has no parent."""
+    _, bus, _transport, client, name = shop
+    event = celery_shop.ParcelBooked(parcel_id="shape")
+    bus.publish(event)
+    message = json.loads(client.lindex(name, 0))
+    headers = message["headers"]
+    assert headers["task"] == "tidings.deliver"
+    assert headers["argsrepr"] == f"<celery_shop.parcel_booked {event.event_id}>"
+    assert headers["ignore_result"] is True
+    assert headers["parent_id"] is None
+    assert headers["root_id"] == headers["id"] == message["properties"]["correlation_id"]
+    assert message["properties"]["delivery_info"]["routing_key"] == name
+
+
+def test_an_event_published_from_inside_a_task_names_that_task_as_its_parent(shop):
+    """Published while a task runs, an event's message carries the task's id and root id."""
+    _app, bus, transport, client, name = shop
+    running = transport._deliver
+    running.push_request(id="task-1", root_id="root-1", called_directly=False)
+    _task_stack.push(running)
+    try:
+        bus.publish(celery_shop.ParcelBooked(parcel_id="follow-up"))
+    finally:
+        _task_stack.pop()
+        running.pop_request()
+    headers = json.loads(client.lindex(name, 0))["headers"]
+    assert (headers["parent_id"], headers["root_id"]) == ("task-1", "root-1")
+
+
+def test_an_eager_app_handles_a_published_event_in_the_publishing_process(shop):
+    """With task_always_eager, publish runs the handlers at once, as Celery runs eager tasks."""
+    app, bus, _transport, client, name = shop
+    app.conf.task_always_eager = True
+    with event_context(correlation_id="corr-eager"):
+        event = celery_shop.ParcelBooked(parcel_id="eager")
+        bus.publish(event)
+    assert effects(client, name) == [[event.event_id, "corr-eager", "None", event.event_id]]
+    assert client.llen(name) == 0

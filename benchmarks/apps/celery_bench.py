@@ -1,7 +1,8 @@
-"""The Celery benchmark's worker side: tidings' transport and a plain Celery task, side by side.
+"""The Celery benchmark's tidings side: the transport, and the plain task beside it.
 
-``BENCH_QUEUE`` and ``BENCH_PREFIX`` (Redis keys) come from the environment; the worker serves
-both the tidings tasks and the plain baseline task on that queue.
+``BENCH_QUEUE`` and ``BENCH_PREFIX`` (Redis keys) come from the environment. This module's worker
+serves the tidings tasks and the plain task on that queue; the baseline itself runs on a stock
+Celery worker (:mod:`benchmarks.apps.celery_plain`).
 """
 
 from __future__ import annotations
@@ -14,12 +15,11 @@ from typing import Any, ClassVar
 import redis
 from celery import Celery
 
+from benchmarks.apps.celery_plain import REDIS_URL, celery_app, plain_task
 from tidings import DomainEvent, EventBus, register_event
 from tidings.deadletter.redis import RedisDeadLetterStore
 from tidings.inbox.redis import RedisInbox
 from tidings.transports.celery import CeleryTransport
-
-REDIS_URL = os.environ.get("TIDINGS_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 @register_event
@@ -37,13 +37,7 @@ class Ping(DomainEvent):
 def make(queue: str, prefix: str) -> tuple[Celery, EventBus, CeleryTransport, Any, redis.Redis]:
     """Build the app, the tidings bus (no-op handler, inbox on) and the plain task."""
     client = redis.Redis.from_url(REDIS_URL)
-    app = Celery("bench", broker=REDIS_URL)
-    app.conf.update(
-        task_default_queue=queue,
-        broker_connection_retry_on_startup=True,
-        worker_hijack_root_logger=False,
-        worker_prefetch_multiplier=16,
-    )
+    app = celery_app(queue)
     transport = CeleryTransport(
         app,
         queue=queue,
@@ -59,14 +53,7 @@ def make(queue: str, prefix: str) -> tuple[Celery, EventBus, CeleryTransport, An
         if event.marker:
             client.set(f"{prefix}:done", "1")
 
-    @app.task(name="bench.plain", ignore_result=True, acks_late=True)
-    def plain(data: dict[str, Any]) -> None:
-        if data.get("latency"):
-            client.rpush(f"{prefix}:started", f"{data['order_id']}|{time.time()}")
-        if data.get("marker"):
-            client.set(f"{prefix}:done", "1")
-
-    return app, bus, transport, plain, client
+    return app, bus, transport, plain_task(app, client, prefix), client
 
 
 if os.environ.get("BENCH_QUEUE"):

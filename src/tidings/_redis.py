@@ -2,9 +2,9 @@
 
 redis-py's client spends more CPU on each command's bookkeeping (pool, retry, callbacks) than
 on the command itself: a client call costs about three times a command sent on a connection
-held for good. The inbox and the stream consumers, which send a few commands per event, hold
-one connection each (per thread) and use it through :class:`OwnConnection`. Imported only by
-modules that need redis-py.
+held for good. The inbox, the stream consumers and the Celery worker's acknowledgements, which
+send a few commands per event, hold connections of their own and use them through
+:class:`OwnConnection`. Imported only by modules that need redis-py.
 """
 
 from __future__ import annotations
@@ -17,6 +17,10 @@ from typing import Any
 import redis
 
 __all__ = ["OwnConnection"]
+
+
+OnReplies = Callable[[list[Any] | Exception], None]
+"""Gets the replies of commands sent by :meth:`OwnConnection.send_later`, or what lost them."""
 
 
 class OwnConnection:
@@ -34,8 +38,8 @@ class OwnConnection:
         self.client = client
         self._connection: Any = None
         self._pid = 0
-        # Callbacks of commands sent by send_later whose replies are still unread, in order.
-        self._later: deque[Callable[[Any], None]] = deque()
+        # Commands sent by send_later whose replies are unread, in order: (count, callback).
+        self._later: deque[tuple[int, OnReplies]] = deque()
 
     def send(self, commands: Sequence[tuple[Any, ...]]) -> None:
         """Send ``commands`` at once; their replies wait for :meth:`receive`."""
@@ -44,20 +48,23 @@ class OwnConnection:
             self._connection, self._pid = self.client.connection_pool.get_connection(), os.getpid()
         try:
             self._connection.send_packed_command(self._connection.pack_commands(commands))
-        except BaseException:
-            self.drop()
+        except BaseException as exc:
+            self.drop(exc)
             raise
 
-    def send_later(self, command: tuple[Any, ...], on_reply: Callable[[Any], None]) -> None:
-        """Send ``command`` now, and hand its reply to ``on_reply`` when it is read.
+    def send_later(self, commands: Sequence[tuple[Any, ...]], on_replies: OnReplies) -> None:
+        """Send ``commands`` now; ``on_replies`` gets their replies when they are read.
 
-        The reply is read by the next :meth:`receive` (before that call's own replies) or by
-        :meth:`collect`; an error reply reaches ``on_reply`` as its exception. If the
-        connection fails first, ``on_reply`` is never called: the command reached the server,
-        or the connection broke before it did.
+        They are read by the next :meth:`receive` (before that call's own replies) or by
+        :meth:`collect`, and handed over as a list (an error reply as its exception). If the
+        connection fails before they are read, ``on_replies`` gets that failure instead: the
+        commands may or may not have been applied. ``on_replies`` must not raise.
+
+        Raises:
+            redis.ConnectionError, redis.TimeoutError: sending failed (nothing was registered).
         """
-        self.send([command])
-        self._later.append(on_reply)
+        self.send(commands)
+        self._later.append((len(commands), on_replies))
 
     def collect(self) -> None:
         """Read the replies of everything sent by :meth:`send_later` so far."""
@@ -73,22 +80,24 @@ class OwnConnection:
             redis.ConnectionError, redis.TimeoutError: the connection failed (it is dropped:
                 the replies of everything sent on it are lost).
         """
-        replies: list[Any] = []
         try:
             while self._later:
-                try:
-                    reply = self._connection.read_response()
-                except redis.ResponseError as exc:
-                    reply = exc
-                self._later.popleft()(reply)
-            for _ in range(n):
-                try:
-                    replies.append(self._connection.read_response())
-                except redis.ResponseError as exc:  # the reply was read whole: go on
-                    replies.append(exc)
-        except BaseException:
-            self.drop()
+                count, on_replies = self._later[0]
+                replies = self._read(count)
+                self._later.popleft()
+                on_replies(replies)
+            return self._read(n)
+        except BaseException as exc:
+            self.drop(exc)
             raise
+
+    def _read(self, n: int) -> list[Any]:
+        replies: list[Any] = []
+        for _ in range(n):
+            try:
+                replies.append(self._connection.read_response())
+            except redis.ResponseError as exc:  # the reply was read whole: go on
+                replies.append(exc)
         return replies
 
     def round_trip(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
@@ -107,13 +116,20 @@ class OwnConnection:
             raise reply
         return reply
 
-    def drop(self) -> None:
-        """Close the connection (after an error); the next :meth:`send` takes another."""
+    def drop(self, error: BaseException | None = None) -> None:
+        """Close the connection (after an error); the next :meth:`send` takes another.
+
+        The callbacks of replies still owed get ``error`` (or a ``redis.ConnectionError``).
+        """
         connection, self._connection = self._connection, None
-        self._later.clear()
-        if connection is not None and self._pid == os.getpid():
-            connection.disconnect()
-            self.client.connection_pool.release(connection)
+        owed, self._later = self._later, deque()
+        if connection is None or self._pid != os.getpid():
+            return
+        connection.disconnect()
+        self.client.connection_pool.release(connection)
+        lost = error if isinstance(error, Exception) else redis.ConnectionError("dropped")
+        for _, on_replies in owed:
+            on_replies(lost)
 
     def close(self) -> None:
         """Read the replies still owed, then give the connection back to the pool."""

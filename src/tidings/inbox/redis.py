@@ -18,7 +18,6 @@ import functools
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol
@@ -29,6 +28,7 @@ except ImportError as exc:
     msg = "tidings.inbox.redis needs redis-py: pip install 'tidings[redis]'"
     raise ImportError(msg) from exc
 
+from tidings._ids import new_event_id
 from tidings._redis import OwnConnection
 from tidings.errors import InboxBusyError
 from tidings.ports import Claim
@@ -196,7 +196,7 @@ class RedisInbox:
             redis.RedisError: Redis could not be reached or refused the script.
         """
         key = self.key(handler, event_id)
-        token = uuid.uuid4().hex  # never equal to _DONE
+        token = new_event_id()  # never equal to _DONE
         status, pttl = self._call("EVAL", _CLAIM, 1, key, token, self._lease_ms, _DONE)
         if status == 0:
             yield False
@@ -216,15 +216,20 @@ class RedisInbox:
             self._give_back(key, token)
             raise
         mark = ("EVAL", _MARK, 1, key, token, _DONE, self._keep_ms)
-        report = functools.partial(self._report_mark, handler, event_id)
         if time.monotonic() - started < self.lease / 2:
             # The claim is surely still ours: send the mark now, read its reply on the
             # connection's next use (a round trip less to wait for, per event).
             with self._lent() as own:
-                own.send_later(mark, report)
+                own.send_later([mark], functools.partial(self._marked, handler, event_id))
         else:
             # The claim may have lapsed: wait for the verdict, to warn now.
-            report(self._call(*mark))
+            self._report_mark(handler, event_id, self._call(*mark))
+
+    def _marked(self, handler: str, event_id: str, replies: list[Any] | Exception) -> None:
+        """Report the reply to a mark sent earlier, or the failure that lost it."""
+        self._report_mark(
+            handler, event_id, replies if isinstance(replies, Exception) else replies[0]
+        )
 
     def _report_mark(self, handler: str, event_id: str, outcome: Any) -> None:
         """Log what a done mark found, unless it found its own claim."""
@@ -232,7 +237,8 @@ class RedisInbox:
             return
         if isinstance(outcome, Exception):
             log.error(
-                "could not mark %s done on event %s (%r); its claim expires after the lease",
+                "%s on event %s may not be marked done (%r); if not, its claim expires after "
+                "the lease",
                 handler,
                 event_id,
                 outcome,
@@ -270,7 +276,7 @@ class RedisInbox:
         Streams consumer reads its next batch so). Returns the claims' token: pass it, with
         the one reply, to :meth:`claimed`.
         """
-        token = uuid.uuid4().hex
+        token = new_event_id()
         keys = [self.key(handler, event_id) for handler, event_id in pairs]
         # EVAL, not EVALSHA: a pipeline cannot load a script a restarted Redis lost.
         queue.eval(_CLAIM_MANY, len(keys), *keys, token, self._lease_ms, _DONE)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
 import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,7 @@ from tidings.errors import PublishError, UsageError
 from tidings.events import DomainEvent
 from tidings.ports import DeadLetter, DeadLetterStore, Inbox
 from tidings.retry import RetryPolicy
+from tidings.transports._celery_redis import reuse_redis_clients
 
 if TYPE_CHECKING:
     from celery import Celery, Task
@@ -230,12 +232,8 @@ class CeleryTransport:
                         continue
                     for start in range(0, len(bodies), self.batch_size):
                         chunk = bodies[start : start + self.batch_size]
-                        self._deliver_batch.apply_async(
-                            args=(chunk,),
-                            argsrepr=f"<{len(chunk)} events>",
-                            queue=queue,
-                            producer=producer,
-                            declare=[],
+                        self._send_task(
+                            self._deliver_batch, (chunk,), f"<{len(chunk)} events>", queue, producer
                         )
             except Exception as exc:
                 msg = (
@@ -253,16 +251,48 @@ class CeleryTransport:
         assert self._deliver is not None  # noqa: S101 - checked by send
         token = bind(EventContext(event.correlation_id, event.causation_id, event.tenant_id))
         try:
-            self._deliver.apply_async(
-                args=(body,),
-                # What Celery's logs and monitors show of the message: the envelope is in it.
-                argsrepr=f"<{event.event_type} {event.event_id}>",
-                queue=queue,
-                producer=producer,
-                declare=[],
+            self._send_task(
+                self._deliver, (body,), f"<{event.event_type} {event.event_id}>", queue, producer
             )
         finally:
             reset(token)
+
+    def _send_task(
+        self, task: Task, args: tuple[Any, ...], argsrepr: str, queue: str, producer: Any
+    ) -> None:
+        """Send one task message on the transport's producer: what ``apply_async`` would send.
+
+        ``apply_async`` also merges options, routes and makes a result object that tidings'
+        tasks never use, a quarter of the CPU of a single-event publish. This builds the same
+        protocol 2 message (with the parent and root ids of the task it is sent from) and hands
+        it to Celery's own sender, which sends the publish signals and applies the app's
+        publish retry policy. An eager app (``task_always_eager``), or one on task protocol 1,
+        takes ``apply_async``. ``argsrepr`` is what Celery's logs and monitors show of the
+        arguments (the envelope is in them).
+        """
+        app = self.app
+        conf = app.conf
+        if conf.task_always_eager or conf.task_protocol != 2:
+            task.apply_async(
+                args=args, argsrepr=argsrepr, queue=queue, producer=producer, declare=[]
+            )
+            return
+        parent = app.current_worker_task
+        request = None if parent is None else parent.request
+        message = app.amqp.create_task_message(
+            str(uuid.uuid4()),
+            task.name,
+            args,
+            {},
+            argsrepr=argsrepr,
+            ignore_result=True,
+            root_id=None if request is None else (request.root_id or request.id),
+            parent_id=None if request is None else request.id,
+            create_sent_event=conf.task_send_sent_event,
+        )
+        app.amqp.send_task_message(
+            producer, task.name, message, queue=queue, declare=[], serializer="json"
+        )
 
     def _open_producer(self) -> Any:
         """Connect for publishing and declare the queues (under the send lock).
@@ -352,34 +382,6 @@ class CeleryTransport:
             log.exception("could not finish a delivery; it will be tried again")
             retries = request.retries or 0
             raise task.retry(exc=exc, countdown=min(60, 2**retries)) from exc
-
-
-def reuse_redis_clients(channel: Any) -> None:
-    """Make a kombu Redis channel reuse one redis-py client instead of making one per command.
-
-    kombu's Redis channel builds a new ``redis.Redis`` (on the same connection pool) for every
-    command it sends outside its event loop: every publish, every acknowledgement. A client
-    holds no connection of its own, only the pool and its reply callbacks, and building one
-    costs about as much CPU as the round trip it is for (a quarter of a single-event publish).
-    Reusing one per pool is the same thing, cheaper. Channels of other transports, and a
-    channel already served, are left alone; a channel kombu replaces after a connection error
-    is served again by the next call.
-    """
-    create = getattr(channel, "_create_client", None)
-    if create is None or getattr(create, "reuses", False):
-        return
-    if type(channel).__module__ != "kombu.transport.redis":
-        return
-    made: dict[bool, Any] = {}
-
-    def reused(asynchronous: bool = False) -> Any:  # kombu calls it so
-        client = made.get(asynchronous)
-        if client is None:
-            client = made[asynchronous] = create(asynchronous=asynchronous)
-        return client
-
-    reused.reuses = True  # type: ignore[attr-defined]
-    channel._create_client = reused  # the one hook kombu's channel offers
 
 
 def one_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, str | None, int]:
