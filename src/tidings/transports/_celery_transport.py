@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import logging
 import threading
-import uuid
 import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from tidings._ids import new_event_id
 from tidings.codec import Codec, default_codec
 from tidings.context import EventContext, bind, reset
 from tidings.delivery import Dispatcher, Received
@@ -280,7 +280,7 @@ class CeleryTransport:
         parent = app.current_worker_task
         request = None if parent is None else parent.request
         message = app.amqp.create_task_message(
-            str(uuid.uuid4()),
+            new_event_id(),  # a uuid4 string, as Celery makes its task ids
             task.name,
             args,
             {},
