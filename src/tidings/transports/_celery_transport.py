@@ -74,8 +74,11 @@ class CeleryTransport:
             worker; then it is dead-lettered instead of crashing workers for ever. A batch
             message whose worker died is split into one message per event first.
 
-    ``EventBus(transport=CeleryTransport(app, ...))`` registers the two tasks on ``app`` and
-    installs context propagation for all of the app's tasks; nothing happens before that.
+    ``EventBus(transport=CeleryTransport(app, ...))`` registers the two tasks on ``app``,
+    installs context propagation for all of the app's tasks and sets the app's
+    ``worker_consumer``: a consumer that dead-letters what Celery cannot decode and, on a Redis
+    broker, records and acknowledges deliveries without waiting for each reply (every task of
+    the worker gains; :mod:`tidings.transports._celery_redis`). Nothing happens before that.
     Thread-safe for publishing.
     """
 
