@@ -130,7 +130,7 @@ class RedisInbox:
     remaining lease. Nothing is retried here: a Redis error while claiming propagates (deliver
     again later). The done mark is sent before :meth:`guard` returns, and its reply is read on
     that connection's next use rather than waited for (a round trip less per event; a later
-    :meth:`is_done` of the same instance sees it): a connection that fails while sending it
+    :meth:`is_done` in the same thread sees it): a connection that fails while sending it
     raises, a mark Redis refuses is logged as an error, and either way the claim then expires
     after ``lease``. A handler that ran for half its lease or more waits for its mark's reply,
     to warn at once if the claim lapsed. Thread-safe and process-safe: every decision is one
@@ -349,7 +349,8 @@ class RedisInbox:
     def is_done(self, handler: str, event_id: str) -> bool:
         """Whether (handler, event_id) is marked done (and its marker has not expired).
 
-        Sees every mark of guards of this instance that returned before the call.
+        Reads the replies owed on the instance's idle connections first, so that a guard's
+        mark, in the same thread, is seen once the guard returned.
         """
         # Marks whose replies are unread have reached Redis but may not be processed yet:
         # read those replies first (a lent connection's borrower reads them itself).
