@@ -330,3 +330,23 @@ def test_an_eager_app_handles_a_published_event_in_the_publishing_process(shop):
         bus.publish(event)
     assert effects(client, name) == [[event.event_id, "corr-eager", "None", event.event_id]]
     assert client.llen(name) == 0
+
+
+def _unacked_on(client, queue):
+    """Delivery tags kombu's unacknowledged index holds for messages of ``queue``."""
+    return [
+        tag for tag, record in client.hgetall("unacked").items() if json.loads(record)[2] == queue
+    ]
+
+
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+def test_every_delivery_is_acknowledged_whatever_the_pool(shop, pool):
+    """With four processes or threads, each event is handled once and no delivery stays unacked."""
+    _, bus, _transport, client, name = shop
+    events = [celery_shop.ParcelBooked(parcel_id=f"p-{n}") for n in range(200)]
+    with celery_worker("tests.apps.celery_shop", name, worker_env(name), pool=pool, concurrency=4):
+        for event in events:
+            bus.publish(event)
+        wait_until(lambda: len(effects(client, name)) >= len(events), what="every effect")
+        wait_until(lambda: not _unacked_on(client, name), what="every acknowledgement")
+    assert sorted(e[0] for e in effects(client, name)) == sorted(e.event_id for e in events)
