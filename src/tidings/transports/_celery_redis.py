@@ -41,7 +41,7 @@ _KOMBU_REDIS = "kombu.transport.redis"
 
 
 def _is_plain_kombu_redis(channel: Any) -> bool:
-    """Whether ``channel`` is kombu's Redis channel, keys unprefixed (kombu's client not needed)."""
+    """Whether ``channel`` is kombu's own Redis channel, with keys as named (no prefix)."""
     return type(channel).__module__ == _KOMBU_REDIS and not getattr(channel, "global_keyprefix", "")
 
 
