@@ -368,15 +368,11 @@ class CeleryTransport:
             for body in bodies
         ]
         try:
-            # A busy inbox asks for a look after the other claim's lease, which nothing bounds
-            # by the visibility timeout: look sooner rather than have the broker copy it.
-            timeout = self._visibility_timeout()
-            longest = None if timeout is None else timeout * 0.9
             for outcome in dispatcher.dispatch_many(messages):
                 for again in outcome.retries:
                     deliver.apply_async(
                         args=(again.body.decode(), again.handler, again.attempt),
-                        countdown=again.delay if longest is None else min(again.delay, longest),
+                        countdown=self._countdown(again.delay),
                         queue=queue,
                     )
         except Exception as exc:
@@ -385,6 +381,15 @@ class CeleryTransport:
             log.exception("could not finish a delivery; it will be tried again")
             retries = request.retries or 0
             raise task.retry(exc=exc, countdown=min(60, 2**retries)) from exc
+
+    def _countdown(self, delay: float) -> float:
+        """A retry's countdown: its delay, below the broker's visibility timeout.
+
+        A busy inbox asks for a look after the other claim's lease, which nothing bounds by
+        the visibility timeout: look sooner rather than have the broker copy the message.
+        """
+        timeout = self._visibility_timeout()
+        return delay if timeout is None else min(delay, timeout * 0.9)
 
 
 def one_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, str | None, int]:
