@@ -131,13 +131,12 @@ class _Writes:
         self._virtual.ack(self.qos, delivery_tag)
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
-        """Reject as kombu does: a requeue reads the index (after what is owed); else remove."""
+        """Reject as kombu does: a requeue reads the index (after what is owed); else an ack."""
         if requeue:
             self.settle()
             self._kombu_reject(delivery_tag, requeue=True)
             return
-        self._remove(delivery_tag)
-        self._virtual.ack(self.qos, delivery_tag)  # kombu's own reject ends so
+        self.ack(delivery_tag)  # kombu's own reject without requeue does what ack does
 
     def settle(self) -> None:
         """Read the replies owed, so that every write sent so far has been applied.
