@@ -22,7 +22,8 @@ from rich.table import Table
 from rich.text import Text
 
 from tidings._cli_imports import load_attribute
-from tidings.deadletter import _redact, open_store
+from tidings._untrusted import redact_url
+from tidings.deadletter import open_store
 from tidings.errors import TidingsError
 from tidings.ports import DeadLetter, DeadLetterStore, Replayer
 
@@ -85,7 +86,7 @@ def _opened(url: str | None, name: str | None) -> Iterator[DeadLetterStore]:
     except (click.ClickException, click.exceptions.Exit, click.Abort):
         raise
     except Exception as exc:  # an operator needs the cause, not a traceback
-        msg = f"the dead-letter store at {_redact(url)} failed: {type(exc).__name__}: {exc}"
+        msg = f"the dead-letter store at {redact_url(url)} failed: {type(exc).__name__}: {exc}"
         raise click.ClickException(msg) from exc
     finally:
         close = getattr(store, "close", None)

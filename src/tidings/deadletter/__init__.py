@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
+from tidings._untrusted import redact_url
 from tidings.errors import TidingsError
 from tidings.ports import DeadLetterStore
 
@@ -58,7 +59,7 @@ def open_store(url: str, *, name: str | None = None) -> DeadLetterStore:
 
         return MemoryDeadLetterStore()
     if not scheme:
-        msg = f"{_redact(url)!r} is not a dead-letter store URL: use one like {_EXAMPLES}"
+        msg = f"{redact_url(url)!r} is not a dead-letter store URL: use one like {_EXAMPLES}"
         raise DeadLetterStoreURLError(msg)
     return _open_sql(url, scheme, name)
 
@@ -90,12 +91,3 @@ def _open_sql(url: str, scheme: str, name: str | None) -> DeadLetterStore:
         fix = fix or "install the driver the URL names"
         msg = f"the {scheme}:// dead-letter store needs a database driver ({exc.name}): {fix}"
         raise ImportError(msg, name=exc.name) from exc
-
-
-def _redact(url: str) -> str:
-    """Return ``url`` with any password replaced by ``***``, for messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()

@@ -1,0 +1,86 @@
+"""Reading what came from outside: strict counters, log-safe text, redacted URLs.
+
+Anyone who can write to a queue or a stream controls a message's headers and fields, so
+nothing read from them is trusted: counters are ASCII digits of bounded length and value,
+text bound for a log line has its control characters escaped and its length capped, and URLs
+(which carry passwords) are redacted before they are printed anywhere.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+__all__ = ["MAX_COUNTER", "log_safe", "parse_counter", "redact_url"]
+
+MAX_COUNTER: Final = 1_000_000
+"""The largest attempt or delivery counter read from a message; anything above is nonsense."""
+
+_COUNTER_DIGITS: Final = len(str(MAX_COUNTER))
+_DIGITS: Final = re.compile(r"[0-9]+")
+_UNSAFE: Final = re.compile(
+    r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
+)
+_SECRET_KEYS: Final = frozenset({"password", "passwd", "pwd", "secret", "token", "sslpassword"})
+
+
+def parse_counter(value: object) -> int | None:
+    """Return the counter ``value`` spells, or ``None`` when it is not a sane counter.
+
+    A sane counter is an ``int`` (not a ``bool``) or a ``str``/``bytes`` of ASCII digits only,
+    at most as many digits as :data:`MAX_COUNTER`, with a value from 0 to :data:`MAX_COUNTER`.
+    ``"²"``, ``"-1"``, ``" 3"``, ``"1e9"`` and five thousand digits are all ``None``: the
+    caller treats the message as one whose counters are nonsense (dead-letters it). Constant
+    time whatever the input's length.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value if 0 <= value <= MAX_COUNTER else None
+    if isinstance(value, bytes | bytearray):
+        value = value.decode("ascii", "replace") if len(value) <= _COUNTER_DIGITS else None
+    # str.isdigit() takes "²" and other scripts' digits: only ASCII digits match here.
+    if not isinstance(value, str) or len(value) > _COUNTER_DIGITS or not _DIGITS.fullmatch(value):
+        return None
+    number = int(value)
+    return number if number <= MAX_COUNTER else None
+
+
+def log_safe(value: object, limit: int = 200) -> str:
+    """Return ``value`` as text fit for one log line: escaped, and cut at ``limit`` characters.
+
+    Control characters (CR, LF, ESC…), line and paragraph separators, bidi overrides and lone
+    surrogates are written as escapes, so a value from a message can neither forge a log line
+    nor drive a terminal. Longer text is cut and ends with ``…(N chars)``.
+    """
+    text = value if isinstance(value, str) else repr(value)
+    cut = len(text) > limit
+    if cut:
+        text = text[:limit]
+    text = _UNSAFE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+    return f"{text}…({len(value) if isinstance(value, str) else 'more'} chars)" if cut else text
+
+
+def redact_url(url: str) -> str:
+    """Return ``url`` with its password, and any secret-looking query parameter, as ``***``.
+
+    ``redis://:s3cret@host/0`` → ``redis://:***@host/0``;
+    ``postgresql://app@db/x?password=s3cret`` → ``...?password=***``. A string that does not
+    parse as a URL is returned with everything before an ``@`` replaced, to be safe.
+    """
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return "***@" + url.rsplit("@", 1)[1] if "@" in url else url
+    if password is not None:
+        userinfo, _, host = parts.netloc.rpartition("@")
+        user = userinfo.split(":", 1)[0]
+        parts = parts._replace(netloc=f"{user}:***@{host}")
+    if parts.query:
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        if any(key.lower() in _SECRET_KEYS for key, _ in pairs):
+            query = urlencode(
+                [(k, "***" if k.lower() in _SECRET_KEYS else v) for k, v in pairs], safe="*:/"
+            )
+            parts = parts._replace(query=query)
+    return parts.geturl()
