@@ -6,7 +6,7 @@ no signal handlers.
 """
 
 from tidings.bus import EventBus, Handler
-from tidings.codec import Codec, Envelope, Limits, decode, encode, read
+from tidings.codec import Codec, Envelope, Limits, decimal_bounds, decode, encode, read
 from tidings.context import EventContext, current_context, event_context
 from tidings.errors import (
     DuplicateEventTypeError,
@@ -54,6 +54,7 @@ __all__ = [
     "UsageError",
     "__version__",
     "current_context",
+    "decimal_bounds",
     "decode",
     "default_registry",
     "encode",

@@ -6,14 +6,19 @@ Private to the codec; see :mod:`tidings.codec` for the format itself.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import types
 import typing
+from collections.abc import Callable, Mapping
 from dataclasses import MISSING
-from typing import Any, Final, Literal, NotRequired, TypedDict
+from decimal import Decimal
+from typing import Annotated, Any, Final, Literal, NotRequired, TypedDict
 
 import msgspec
 
 from tidings._ids import utc_now_iso
+from tidings._untrusted import log_safe
 from tidings.errors import EventDecodeError, EventDefinitionError, EventEncodeError
 from tidings.events import DomainEvent, _correlation_id
 
@@ -21,6 +26,34 @@ CONTENT_TYPE: Final = "application/json"
 SPEC_VERSION: Final = "1.0"
 BASE_FIELDS: Final = ("event_id", "correlation_id", "occurred_at", "tenant_id", "causation_id")
 """Fields of :class:`DomainEvent` itself; on the wire they are envelope attributes."""
+
+MAX_DECIMAL_EXPONENT: Final = 6144
+"""The largest adjusted exponent (either sign) a Decimal field takes by default: decimal128's.
+
+``Decimal("1e999999999")`` is legal JSON and a few bytes long, but formatting it in fixed
+point builds a gigabyte string; NaN and infinities compare and sum in surprising ways. Both are
+refused unless a field opts in with :func:`decimal_bounds`.
+"""
+
+_DECIMAL_BOUNDS_KEY: Final = "tidings.decimal_bounds"
+
+# Envelope attributes are checked for length by the parser itself (in C), and for their
+# characters after it (printable ASCII only): they reach log lines and broker headers.
+ID_LIMIT: Final = 256
+"""The longest id, correlation id, causation id or tenant id an envelope may carry."""
+TIME_LIMIT: Final = 64
+"""The longest ``time`` an envelope may carry."""
+_LIMITS: Final = {
+    "id": ID_LIMIT,
+    "correlationid": ID_LIMIT,
+    "causationid": ID_LIMIT,
+    "tenantid": ID_LIMIT,
+    "time": TIME_LIMIT,
+    "source": 1024,
+    "traceparent": 512,
+}
+_Id = Annotated[str, msgspec.Meta(max_length=ID_LIMIT)]
+_Short = Annotated[str, msgspec.Meta(max_length=TIME_LIMIT)]
 
 
 class Outgoing(msgspec.Struct, omit_defaults=True, gc=False):
@@ -39,18 +72,90 @@ class Outgoing(msgspec.Struct, omit_defaults=True, gc=False):
 
 
 class Incoming(msgspec.Struct):
-    type: str
-    specversion: str
-    id: str
-    source: str = ""
-    time: str | None = None
-    datacontenttype: str = CONTENT_TYPE
-    dataversion: str = "1"
-    correlationid: str | None = None
-    causationid: str | None = None
-    tenantid: str | None = None
-    traceparent: str | None = None
+    type: Annotated[str, msgspec.Meta(max_length=200)]
+    specversion: _Short
+    id: Annotated[str, msgspec.Meta(min_length=1, max_length=ID_LIMIT)]
+    source: Annotated[str, msgspec.Meta(max_length=_LIMITS["source"])] = ""
+    time: _Short | None = None
+    datacontenttype: Annotated[str, msgspec.Meta(max_length=256)] = CONTENT_TYPE
+    dataversion: _Short = "1"
+    correlationid: _Id | None = None
+    causationid: _Id | None = None
+    tenantid: _Id | None = None
+    traceparent: Annotated[str, msgspec.Meta(max_length=_LIMITS["traceparent"])] | None = None
     data: msgspec.Raw = msgspec.Raw(b"{}")
+
+
+def is_plain(payload: bytes) -> bool:
+    """Whether every string in this JSON holds printable ASCII only, by three scans in C.
+
+    ASCII with no backslash (so no escape) and no DEL: the parser refuses raw control
+    characters, so nothing else can reach a string.
+    """
+    return payload.isascii() and 92 not in payload and 127 not in payload
+
+
+def decimal_bounds(
+    *, allow_non_finite: bool = False, max_exponent: int = MAX_DECIMAL_EXPONENT
+) -> Mapping[str, Any]:
+    """Field metadata loosening the codec's Decimal checks for one field of an event.
+
+    By default a ``Decimal`` anywhere in an event (a field, or inside a list, dict or nested
+    dataclass) must be finite with an adjusted exponent within ±:data:`MAX_DECIMAL_EXPONENT`,
+    on encode and on decode. A field that needs more says so::
+
+        rate: Decimal = field(default=Decimal(0), metadata=decimal_bounds(allow_non_finite=True))
+
+    Args:
+        allow_non_finite: accept NaN, sNaN and the infinities in this field.
+        max_exponent: the largest adjusted exponent (either sign) accepted in this field.
+
+    Returns:
+        A mapping to pass as (or merge into) ``dataclasses.field(metadata=...)``.
+    """
+    if max_exponent < 0:
+        msg = "decimal_bounds(max_exponent=...) must be >= 0"
+        raise ValueError(msg)
+    return {_DECIMAL_BOUNDS_KEY: (allow_non_finite, max_exponent)}
+
+
+def check_attributes(incoming: Any) -> None:
+    """Refuse envelope attributes holding anything but printable ASCII (lengths: the parser).
+
+    The codec calls this only for payloads that are not plain (see :func:`is_plain`).
+
+    Raises:
+        EventDecodeError: naming the attribute.
+    """
+    for name in _LIMITS:
+        value = getattr(incoming, name)
+        if value is not None and not (value.isascii() and value.isprintable()):
+            msg = (
+                f"envelope attribute {name!r} holds characters other than printable ASCII "
+                f"({log_safe(value, 64)}); ids, source and time are plain text"
+            )
+            raise EventDecodeError(msg, field=name)
+
+
+def refuse_unreadable(envelope: dict[str, Any]) -> None:
+    """Refuse to send an envelope whose attributes decoding would refuse (see ``_LIMITS``).
+
+    Raises:
+        EventEncodeError: naming the attribute, its length or its characters.
+    """
+    for name, limit in _LIMITS.items():
+        value = envelope.get(name)
+        if value is None:
+            continue
+        if not (len(value) <= limit and value.isascii() and value.isprintable()) or (
+            name == "id" and not value
+        ):
+            msg = (
+                f"cannot encode {envelope['type']!r}: envelope attribute {name!r} must be "
+                f"printable ASCII of 1 to {limit} characters, not {log_safe(value, 64)!r} "
+                f"({len(value)} characters); validate ids and tenants where they come in"
+            )
+            raise EventEncodeError(msg)
 
 
 INCOMING_FIELDS: Final = [
@@ -66,6 +171,7 @@ class ClassPlan:
     __slots__ = (
         "cls",
         "data_type",
+        "decimal_fields",
         "defaults",
         "envelope_type",
         "event_type",
@@ -74,6 +180,7 @@ class ClassPlan:
         "own",
         "post_init",
         "slotted",
+        "value_checks",
         "version",
     )
 
@@ -132,21 +239,70 @@ class ClassPlan:
             raise EventDefinitionError(msg) from exc
         # Fields whose declared type can hold a float: only those are checked for NaN and
         # infinity on encode (JSON has no such numbers, and msgspec would write null).
-        self.float_fields = tuple(f.name for f in own if _may_hold_float(hints[f.name]))
+        self.float_fields: tuple[str, ...] = tuple(
+            f.name for f in own if _may_hold(hints[f.name], _FLOATS)
+        )
+        # Fields that can hold a Decimal, with their bounds: checked on encode and on decode.
+        # (name, whether it is a plain Decimal field, allow non-finite, largest exponent)
+        self.decimal_fields = tuple(
+            (
+                f.name,
+                _is_plain_decimal(hints[f.name]),
+                *f.metadata.get(_DECIMAL_BOUNDS_KEY, (False, MAX_DECIMAL_EXPONENT)),
+            )
+            for f in own
+            if _may_hold(hints[f.name], _DECIMALS)
+        )
+        self.value_checks = bool(self.float_fields or self.decimal_fields)
         self.post_init = getattr(cls, "__post_init__", None)
         # Instances without __slots__ anywhere keep all fields in one __dict__, set in one step.
         self.slotted = any("__slots__" in c.__dict__ for c in cls.__mro__[:-1])
 
     def refuse_non_finite(self, event: DomainEvent) -> None:
-        """Raise :class:`EventEncodeError` if a float in the event is NaN or infinite."""
+        """Raise :class:`EventEncodeError` for a NaN or infinite float, or an unbounded Decimal."""
         for name in self.float_fields:
-            path = _non_finite(getattr(event, name), name)
+            try:
+                path = _first(getattr(event, name), name, _non_finite_float)
+            except RecursionError as exc:
+                msg = f"cannot encode {self.event_type!r}: field {name!r} nests too deeply"
+                raise EventEncodeError(msg) from exc
             if path is not None:
                 msg = (
                     f"cannot encode {self.event_type!r}: field {path!r} is NaN or infinite, "
-                    "which JSON cannot carry; use None or a Decimal for such values"
+                    "which JSON cannot carry; use None for such values"
                 )
                 raise EventEncodeError(msg)
+        if self.decimal_fields:
+            self.refuse_unbounded_decimals(event.__getattribute__, decoding=False)
+
+    def refuse_unbounded_decimals(self, value_of: Callable[[str], Any], *, decoding: bool) -> None:
+        """Raise for a Decimal out of its field's bounds (fields read through ``value_of``).
+
+        Raises:
+            EventDecodeError: when ``decoding``, naming the field.
+            EventEncodeError: otherwise.
+        """
+        for name, plain, allow_non_finite, max_exponent in self.decimal_fields:
+            value = value_of(name)
+            if plain:  # the common case, checked without a walk
+                if type(value) is not Decimal or _decimal_ok(value, allow_non_finite, max_exponent):
+                    continue
+                path: str | None = name
+            else:
+                path = _first(
+                    value, name, functools.partial(_decimal_bad, allow_non_finite, max_exponent)
+                )
+                if path is None:
+                    continue
+            msg = (
+                f"cannot {'decode' if decoding else 'encode'} {self.event_type!r}: field "
+                f"{path!r} holds a Decimal that is NaN, infinite or beyond ±{max_exponent} in "
+                "exponent; allow it with field(metadata=decimal_bounds(...)) if such values "
+                "are legitimate"
+            )
+            if decoding:
+                raise EventDecodeError(msg, field=path)
+            raise EventEncodeError(msg)
 
     def build(self, incoming: Any, data: dict[str, Any]) -> DomainEvent:
         """Make the event from envelope attributes and parsed data, without running factories."""
@@ -169,25 +325,37 @@ class ClassPlan:
                 object.__setattr__(obj, name, value)
         else:
             object.__setattr__(obj, "__dict__", attrs)
+        if self.decimal_fields:
+            self.refuse_unbounded_decimals(attrs.__getitem__, decoding=True)
         if self.post_init is not None:
             try:
                 self.post_init(obj)
-            except (ValueError, TypeError) as exc:
-                msg = f"{self.cls.event_type!r} rejected its own data: {exc}"
+            except Exception as exc:  # whatever the user's own check raises is a refusal
+                msg = (
+                    f"{self.cls.event_type!r} rejected its own data: "
+                    f"{type(exc).__name__}: {log_safe(str(exc))}"
+                )
                 raise EventDecodeError(msg) from exc
         return obj
 
 
-def _may_hold_float(annotation: Any) -> bool:
+_FLOATS: Final = (msgspec.inspect.FloatType, msgspec.inspect.AnyType)
+# Not Any: a value decoded as Any is never a Decimal, and a Decimal sent into an Any field
+# arrives as a string.
+_DECIMALS: Final = (msgspec.inspect.DecimalType,)
+
+
+def _may_hold(annotation: Any, kinds: tuple[type, ...]) -> bool:
+    """Whether a value of this annotation can hold, somewhere inside, one of ``kinds``."""
     try:
         info = msgspec.inspect.type_info(annotation)
     except (TypeError, ValueError):  # pragma: no cover - the plan's decoder reports these
         return True
-    return _type_may_hold_float(info, set())
+    return _type_may_hold(info, kinds, set())
 
 
-def _type_may_hold_float(info: Any, seen: set[int]) -> bool:
-    if isinstance(info, msgspec.inspect.FloatType | msgspec.inspect.AnyType):
+def _type_may_hold(info: Any, kinds: tuple[type, ...], seen: set[int]) -> bool:
+    if isinstance(info, kinds):
         return True
     if id(info) in seen:
         return False
@@ -196,15 +364,37 @@ def _type_may_hold_float(info: Any, seen: set[int]) -> bool:
         items = value if isinstance(value, tuple) else (value,)
         for item in items:
             inner = item.type if isinstance(item, msgspec.inspect.Field) else item
-            if isinstance(inner, msgspec.inspect.Type) and _type_may_hold_float(inner, seen):
+            if isinstance(inner, msgspec.inspect.Type) and _type_may_hold(inner, kinds, seen):
                 return True
     return False
 
 
-def _non_finite(value: Any, path: str) -> str | None:
-    """Return the path of the first NaN or infinite float inside ``value``, else ``None``."""
-    if isinstance(value, float):
-        return None if math.isfinite(value) else path
+def _is_plain_decimal(annotation: Any) -> bool:
+    """Whether the annotation is ``Decimal`` or ``Decimal | None``: no walk needed."""
+    return annotation is Decimal or (
+        typing.get_origin(annotation) in (typing.Union, types.UnionType)
+        and set(typing.get_args(annotation)) <= {Decimal, type(None)}
+    )
+
+
+def _decimal_ok(value: Decimal, allow_non_finite: bool, max_exponent: int) -> bool:
+    if value.is_finite():
+        return -max_exponent <= value.adjusted() <= max_exponent
+    return allow_non_finite
+
+
+def _decimal_bad(allow_non_finite: bool, max_exponent: int, value: object) -> bool:
+    return isinstance(value, Decimal) and not _decimal_ok(value, allow_non_finite, max_exponent)
+
+
+def _non_finite_float(value: object) -> bool:
+    return isinstance(value, float) and not math.isfinite(value)
+
+
+def _first(value: Any, path: str, bad: Callable[[object], bool]) -> str | None:
+    """Return the path of the first value inside ``value`` that ``bad`` flags, else ``None``."""
+    if bad(value):
+        return path
     if isinstance(value, dict):
         items: Any = ((f"{path}.{key}", item) for key, item in value.items())
     elif isinstance(value, list | tuple | set | frozenset):
@@ -214,7 +404,7 @@ def _non_finite(value: Any, path: str) -> str | None:
     else:
         return None
     for inner_path, item in items:
-        found = _non_finite(item, inner_path)
+        found = _first(item, inner_path, bad)
         if found is not None:
             return found
     return None

@@ -28,7 +28,22 @@ from typing import Any, Final, TypeVar, Union
 import msgspec
 
 from tidings import _tracing
-from tidings._wire import BASE_FIELDS, CONTENT_TYPE, SPEC_VERSION, ClassPlan, Incoming, Outgoing
+from tidings._untrusted import log_safe
+from tidings._wire import (
+    BASE_FIELDS,
+    CONTENT_TYPE,
+    ID_LIMIT,
+    MAX_DECIMAL_EXPONENT,
+    SPEC_VERSION,
+    TIME_LIMIT,
+    ClassPlan,
+    Incoming,
+    Outgoing,
+    check_attributes,
+    decimal_bounds,
+    is_plain,
+    refuse_unreadable,
+)
 from tidings.errors import (
     EventDecodeError,
     EventDefinitionError,
@@ -42,9 +57,11 @@ from tidings.registry import EventRegistry, default_registry
 __all__ = [
     "BASE_FIELDS",
     "CONTENT_TYPE",
+    "MAX_DECIMAL_EXPONENT",
     "Codec",
     "Envelope",
     "Limits",
+    "decimal_bounds",
     "decode",
     "encode",
     "event_from_dict",
@@ -91,8 +108,8 @@ class Envelope:
     dataversion: int
 
 
-_AT_PATH: Final = re.compile(r" - at `\$((?:\.[^`]*|\[[^`]*)*)`$")
-_MISSING: Final = re.compile(r"missing required field `([^`]+)`")
+_AT: Final = " - at `$"
+_MISSING: Final = "Object missing required field `"
 _encoder: Final = msgspec.json.Encoder()
 _encode: Final = _encoder.encode
 _json_decoder: Final = msgspec.json.Decoder()
@@ -103,20 +120,26 @@ _dict_decoder: Final = msgspec.json.Decoder(dict[str, Any])
 def _validation_error(
     event_type: str, exc: msgspec.ValidationError, prefix: str
 ) -> EventDecodeError:
+    # msgspec writes "<what is wrong> - at `$<path>`"; <what is wrong> may quote the input
+    # (an enum value, say), so it is split with plain string operations (no pattern that the
+    # input could make backtrack) and made safe for a log line before it goes anywhere.
     text = str(exc)
     field: str | None = None
-    at = _AT_PATH.search(text)
-    if at:
-        path = at.group(1)
+    at = text.rfind(_AT)
+    if at >= 0 and text.endswith("`"):
+        path = text[at + len(_AT) : -1]
         if path.startswith(prefix):
             path = path[len(prefix) :]
         field = path.lstrip(".") or None
-        text = text[: at.start()]
-    missing = _MISSING.search(text)
-    if missing:
-        field = f"{field}.{missing.group(1)}" if field else missing.group(1)
-    where = f"field {field!r}: " if field else ""
-    msg = f"cannot decode {event_type!r}: {where}{text}; fix the producer or add an upcaster"
+        text = text[:at]
+    if text.startswith(_MISSING) and text.endswith("`"):
+        missing = text[len(_MISSING) : -1]
+        field = f"{field}.{missing}" if field else missing
+    where = f"field {log_safe(field, 200)!r}: " if field else ""
+    msg = (
+        f"cannot decode {event_type!r}: {where}{log_safe(text, 300)}; fix the producer or add "
+        "an upcaster"
+    )
     return EventDecodeError(msg, field=field)
 
 
@@ -147,7 +170,9 @@ def _check_content_type(content_type: str) -> None:
         raise EventDecodeError(msg, field="datacontenttype")
 
 
-_STRINGS: Final = re.compile(rb'"(?:[^"\\]|\\.)*"')
+# A JSON string, or an unterminated one up to the end: every match attempt succeeds (possessive,
+# so nothing backtracks), which keeps the substitution linear in the payload whatever it holds.
+_STRINGS: Final = re.compile(rb'"(?:[^"\\]|\\.)*+(?:"|\\?\Z)', re.DOTALL)
 _NOT_BRACKETS: Final = bytes(c for c in range(256) if c not in b"[]{}")
 _NOT_OPENERS: Final = bytes(c for c in range(256) if c not in b"[{")
 _UNIFY_BRACKETS: Final = bytes.maketrans(b"{}", b"[]")
@@ -159,7 +184,25 @@ def _decode_nothing(payload: bytes) -> Any:
 
 
 def _malformed(exc: Exception) -> EventDecodeError:
-    return EventDecodeError(f"payload is not valid JSON: {exc}")
+    return EventDecodeError(f"payload is not valid JSON: {log_safe(str(exc))}")
+
+
+def _type_of(payload: object) -> str | None:
+    """The ``type`` a payload claims, if it parses as an envelope at all (for error messages)."""
+    try:
+        return str(_incoming_decoder.decode(payload).type)  # type: ignore[arg-type]
+    except Exception:  # noqa: BLE001 - naming the type is a courtesy
+        return None
+
+
+def _refused(event_type: str | None, exc: Exception) -> EventDecodeError:
+    """The decode failure for an exception the codec did not raise itself (a user's check)."""
+    which = "the event" if event_type is None else repr(log_safe(event_type, 200))
+    msg = (
+        f"cannot decode {which}: building it raised {type(exc).__name__}: "
+        f"{log_safe(str(exc))}; fix the producer, or the event class's own checks"
+    )
+    return EventDecodeError(msg)
 
 
 class Codec:
@@ -234,7 +277,7 @@ class Codec:
             traceparent = _tracing.hooks.traceparent(event)
         cls = event.__class__
         plan = self._plans.get(cls) or self._plan(cls)
-        if plan.float_fields:
+        if plan.value_checks:
             plan.refuse_non_finite(event)
         if plan.slotted:
             data = {name: getattr(event, name) for name in plan.own}
@@ -243,7 +286,7 @@ class Codec:
             del data["event_id"], data["correlation_id"], data["occurred_at"]
             del data["tenant_id"], data["causation_id"]
         try:
-            return _encode(
+            payload = _encode(
                 Outgoing(
                     plan.event_type,
                     SPEC_VERSION,
@@ -262,6 +305,20 @@ class Codec:
         except (TypeError, ValueError, OverflowError) as exc:
             msg = f"cannot encode {cls.event_type!r}: {exc}; use JSON-friendly field types"
             raise EventEncodeError(msg) from exc
+        except RecursionError as exc:
+            msg = f"cannot encode {cls.event_type!r}: its values nest too deeply for JSON"
+            raise EventEncodeError(msg) from exc
+        # What decoding would refuse is refused here, at the producer (is_plain, inlined).
+        if (
+            not (payload.isascii() and 92 not in payload and 127 not in payload)
+            or len(event.event_id) > ID_LIMIT
+            or len(event.correlation_id) > ID_LIMIT
+            or len(event.occurred_at) > TIME_LIMIT
+            or (event.tenant_id is not None and len(event.tenant_id) > ID_LIMIT)
+            or (event.causation_id is not None and len(event.causation_id) > ID_LIMIT)
+        ):
+            refuse_unreadable(_json_decoder.decode(payload))
+        return payload
 
     def to_envelope(self, event: DomainEvent, *, traceparent: str | None = None) -> dict[str, Any]:
         """Return the envelope as a dict of plain JSON types (what :meth:`encode` serialises)."""
@@ -305,36 +362,46 @@ class Codec:
         return self.decode(payload, expected)
 
     def _decode(self, payload: Any, expected: type[DomainEvent]) -> tuple[Any, DomainEvent]:
-        if type(payload) is not bytes:
-            payload = self._as_bytes(payload)
-        if len(payload) > self._max_bytes:
-            raise self._too_large(len(payload))
-        # Fewer openers than the limit cannot nest deeper than it: one C pass decides most.
-        max_depth = self._max_depth
-        if len(payload.translate(None, _NOT_OPENERS)) > max_depth and _too_deep(payload, max_depth):
-            msg = (
-                f"payload nests deeper than {max_depth} levels; refused before "
-                "parsing (raise Limits.max_depth if such events are legitimate)"
-            )
-            raise PayloadTooDeepError(msg)
-        # Fast path: one pass, straight into the registered class's own shape (tidings writes
-        # "type" first, so the parser knows the shape from the first key).
+        # Whatever goes wrong in here is the message's fault (a user's __post_init__ or an
+        # upcaster raising KeyError, say): it leaves as an EventDecodeError, never as anything
+        # a worker would retry.
         try:
-            fast: Any = (self._fast_decode or self._build_fast_decoder())(payload)
-        except msgspec.ValidationError:
-            pass  # unknown type, alias, old version or a bad field: the long way says which
-        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-            raise _malformed(exc) from exc
-        except RecursionError as exc:
-            raise self._too_deep_for_parser() from exc
-        else:
-            plan = fast.plan
-            if expected is DomainEvent or issubclass(plan.cls, expected):
-                return fast, plan.build(fast, fast.data)
-        try:
+            if type(payload) is not bytes:
+                payload = self._as_bytes(payload)
+            if len(payload) > self._max_bytes:
+                raise self._too_large(len(payload))
+            # Fewer openers than the limit cannot nest deeper than it: one C pass decides most.
+            max_depth = self._max_depth
+            if len(payload.translate(None, _NOT_OPENERS)) > max_depth and _too_deep(
+                payload, max_depth
+            ):
+                msg = (
+                    f"payload nests deeper than {max_depth} levels; refused before "
+                    "parsing (raise Limits.max_depth if such events are legitimate)"
+                )
+                raise PayloadTooDeepError(msg)
+            # Fast path: one pass, straight into the registered class's own shape (tidings
+            # writes "type" first, so the parser knows the shape from the first key).
+            try:
+                fast: Any = (self._fast_decode or self._build_fast_decoder())(payload)
+            except msgspec.ValidationError:
+                pass  # unknown type, alias, old version or a bad field: the long way says which
+            except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+                raise _malformed(exc) from exc
+            else:
+                plan = fast.plan
+                if expected is DomainEvent or issubclass(plan.cls, expected):
+                    # (is_plain, inlined: most payloads need no look at each attribute)
+                    if not (payload.isascii() and 92 not in payload and 127 not in payload):
+                        check_attributes(fast)
+                    return fast, plan.build(fast, fast.data)
             return self._decode_slowly(payload, expected)
+        except EventDecodeError:
+            raise
         except RecursionError as exc:
             raise self._too_deep_for_parser() from exc
+        except Exception as exc:  # every failure here is a refusal (see above)
+            raise _refused(_type_of(payload), exc) from exc
 
     def _too_deep_for_parser(self) -> PayloadTooDeepError:
         msg = (
@@ -346,6 +413,7 @@ class Codec:
     def _decode_slowly(
         self, payload: bytes, expected: type[DomainEvent]
     ) -> tuple[Any, DomainEvent]:
+        """Decode through the generic envelope: aliases, old versions, precise errors."""
         try:
             incoming = _incoming_decoder.decode(payload)
         except msgspec.ValidationError as exc:
@@ -353,6 +421,8 @@ class Codec:
             raise EventDecodeError(msg, field=_validation_error("envelope", exc, "").field) from exc
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             raise _malformed(exc) from exc
+        if not is_plain(payload):
+            check_attributes(incoming)
         if incoming.specversion != SPEC_VERSION:
             msg = f"specversion {incoming.specversion!r} is not supported; tidings reads '1.0'"
             raise EventDecodeError(msg, field="specversion")
@@ -426,9 +496,17 @@ class Codec:
             msg = f"event_type must be a string, not {type(event_type).__name__}"
             raise EventDecodeError(msg, field="event_type")
         try:
-            return msgspec.convert(dict(data), cls, str_keys=True)  # type: ignore[return-value]
+            event: T = msgspec.convert(dict(data), cls, str_keys=True)  # type: ignore[assignment]
         except msgspec.ValidationError as exc:
             raise _validation_error(cls.event_type, exc, "") from exc
+        except RecursionError as exc:
+            raise self._too_deep_for_parser() from exc
+        except Exception as exc:  # every failure here is a refusal (see above)
+            raise _refused(cls.event_type, exc) from exc
+        plan = self._plan(cls)
+        if plan.decimal_fields:
+            plan.refuse_unbounded_decimals(event.__getattribute__, decoding=True)
+        return event
 
 
 default_codec: Final = Codec()

@@ -21,6 +21,7 @@ from types import MappingProxyType
 from typing import NamedTuple, Protocol
 
 from tidings import _tracing
+from tidings._untrusted import log_safe
 from tidings.bus import EventBus, Handler
 from tidings.codec import Codec, default_codec
 from tidings.context import EventContext, _current
@@ -224,13 +225,17 @@ class Dispatcher:
             event: DomainEvent = self.codec.decode(received.body)
         except EventDecodeError as exc:
             letter = self._dead_letter(received, exc, attempts=0, handler=received.handler)
-            log.error("dead-lettered an undecodable message %s: %s", letter.id, letter.reason)
+            log.error(
+                "dead-lettered an undecodable message %s: %s", letter.id, log_safe(letter.reason)
+            )
             return Outcome(None, dead=(letter,))
         if received.handler is None:
             return event, self.bus.handlers_for(type(event))
         target = self.bus.handler(received.handler)
         if target is None:
-            missing = LookupError(f"no handler named {received.handler!r} in this worker")
+            missing = LookupError(
+                f"no handler named {log_safe(received.handler, 200)!r} in this worker"
+            )
             letter = self._dead_letter(
                 received, missing, attempts=received.attempt, handler=received.handler, event=event
             )
@@ -273,13 +278,13 @@ class Dispatcher:
                     if policy.should_retry(exc, attempt):
                         delay = policy.delay(attempt)
                         log.warning(
-                            "handler %s failed on %s (attempt %d of %d), retrying in %.1f s: %r",
+                            "handler %s failed on %s (attempt %d of %d), retrying in %.1f s: %s",
                             handler.name,
                             event.event_id,
                             attempt,
                             policy.max_attempts,
                             delay,
-                            exc,
+                            log_safe(repr(exc), 500),
                         )
                         span.failed(exc, retry_in=delay)
                         retries.append(

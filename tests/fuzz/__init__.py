@@ -1,0 +1,1 @@
+"""Fuzz targets (atheris), run by tests/test_codec_atheris.py under make test-slow."""
