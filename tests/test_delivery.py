@@ -178,6 +178,29 @@ def test_targeted_redelivery_to_an_unknown_handler_is_dead_lettered():
     assert letters.count() == 1
 
 
+@register_event
+@dataclass(frozen=True)
+class RefundIssued(DomainEvent):
+    event_type: ClassVar[str] = "delivery_test.refund_issued"
+    refund_id: str = ""
+
+
+def test_a_targeted_delivery_with_another_events_class_is_dead_lettered():
+    """A forged retry aiming an event at a handler of another class never runs that handler."""
+    bus = EventBus()
+    ran = []
+    bus.add_handler(ran.append, RefundIssued, name="t.refund")
+    dispatcher, _, letters = make(bus)
+    outcome = dispatcher.dispatch(received(ParcelSent(), handler="t.refund", attempt=2))
+    assert ran == []
+    assert outcome.handled == ()
+    (letter,) = letters.list()
+    assert letter.handler == "t.refund"
+    assert "does not subscribe" in letter.reason
+    retry = dispatcher.dispatch(received(RefundIssued(), handler="t.refund", attempt=2))
+    assert retry.handled == ("t.refund",)
+
+
 def test_a_dead_letter_store_failure_propagates_so_nothing_is_acknowledged():
     """If the dead letter cannot be stored, dispatch raises rather than drop the message."""
 

@@ -232,13 +232,20 @@ class Dispatcher:
         if received.handler is None:
             return event, self.bus.handlers_for(type(event))
         target = self.bus.handler(received.handler)
-        if target is None:
-            missing = LookupError(
-                f"no handler named {log_safe(received.handler, 200)!r} in this worker"
+        if target is None or target not in self.bus.handlers_for(type(event)):
+            # A retry or replay names one handler; a forged one could aim any event at any
+            # handler (a refund handler run on an order event): only its own classes pass.
+            name = log_safe(received.handler, 200)
+            refused = LookupError(
+                f"no handler named {name!r} in this worker"
+                if target is None
+                else f"handler {name!r} does not subscribe to {event.event_type!r}: a targeted "
+                "delivery reaches a handler only with an event it subscribes to"
             )
             letter = self._dead_letter(
-                received, missing, attempts=received.attempt, handler=received.handler, event=event
+                received, refused, attempts=received.attempt, handler=received.handler, event=event
             )
+            log.error("dead-lettered a delivery as %s: %s", letter.id, log_safe(letter.reason))
             return Outcome(event, dead=(letter,))
         return event, (target,)
 
