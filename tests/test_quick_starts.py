@@ -4,7 +4,11 @@ Each quick start section of README.md is read in document order: a Python block 
 line is ``# file: PATH`` becomes that file of a fresh project (``# add to: PATH`` appends to
 it), and each line of a ``sh`` block is run the way a user runs it, in a terminal of its own
 where it keeps running (``celery``, ``uvicorn``, ``runserver``, ``tidings_relay``); ``curl``
-becomes the same request sent with httpx. Three kinds of change keep tests apart and fast,
+becomes the same request sent with httpx. ``pip install`` runs as written, in a fresh virtual
+environment per quick start, with ``tidings[...]`` taken from a wheel built from this checkout
+(so a dependency the extras forget fails here, as it would for a user); the environments are
+cached under ``.venv/quick-starts`` by the wheel's hash and the line, so only a change of either
+pays the install again. Three kinds of change keep tests apart and fast,
 and only these: the queue (``QUEUE = "shop"`` and ``-Q shop``) gets a name of the test's own;
 the web server a free port (and ``runserver`` ``--noreload``); the worker options that start it
 faster, the relay a shorter poll interval. Redis is the test server (``REDIS_URL``, which the
@@ -13,9 +17,11 @@ files read).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -38,7 +44,52 @@ WAIT = 60.0  # seconds for the worker's log lines: every process starts meanwhil
 FILE_MARKER = re.compile(r"# (file|add to): (\S+)\n")
 BLOCK = re.compile(r"```(python|sh)\n(.*?)```", flags=re.DOTALL)
 LONG_RUNNING = ("celery", "uvicorn", "runserver", "tidings_relay")
-UNSET = ("DJANGO_SETTINGS_MODULE", "PYTHONPATH")  # a user's shell has neither set for this
+UNSET = ("DJANGO_SETTINGS_MODULE", "PYTHONPATH", "VIRTUAL_ENV")  # a user's shell has none
+VENVS = ROOT / ".venv" / "quick-starts"
+TIDINGS_REQUIREMENT = re.compile(r"^tidings(\[[a-z0-9,-]+\])?$")
+
+
+@pytest.fixture(scope="session")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A wheel built from this checkout, as a user's ``pip install`` would get it."""
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run(  # noqa: S603 - pip, building our own project
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(out), str(ROOT)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    (built,) = out.glob("tidings-*.whl")
+    return built
+
+
+def user_venv(wheel: Path, requirements: list[str]) -> Path:
+    """A virtual environment holding exactly ``pip install REQUIREMENTS``, tidings from ``wheel``.
+
+    Cached by the wheel's content and the requirements; a half-made one is never reused.
+    """
+    resolved = []
+    for requirement in requirements:
+        match = TIDINGS_REQUIREMENT.match(requirement)
+        resolved.append(f"{wheel}{match.group(1) or ''}" if match else requirement)
+    key = hashlib.sha256(wheel.read_bytes() + "\0".join(requirements).encode()).hexdigest()[:16]
+    venv = VENVS / key
+    python = venv / "bin" / "python"
+    if (venv / ".complete").exists():
+        return python
+    shutil.rmtree(venv, ignore_errors=True)
+    VENVS.mkdir(parents=True, exist_ok=True)
+    for old in VENVS.iterdir():  # environments of older wheels
+        shutil.rmtree(old, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)  # noqa: S603
+    subprocess.run(  # noqa: S603 - the README's own pip line
+        [str(python), "-m", "pip", "install", "--quiet", *resolved],
+        check=True,
+        capture_output=True,
+        timeout=900,
+    )
+    (venv / ".complete").touch()
+    return python
 
 
 def section(title: str) -> str:
@@ -57,6 +108,8 @@ class Project:
     env: dict[str, str]
     queue: str
     port: int
+    wheel: Path
+    python: str = ""
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def write(self, block: str) -> None:
@@ -78,16 +131,18 @@ class Project:
             return None
         name, *args = argv
         if name == "pip":
-            assert args[0] == "install"  # the test's environment has the packages already
+            assert args[0] == "install", line
+            self.python = str(user_venv(self.wheel, args[1:]))
             return None
         if name == "curl":
             return self.curl(args)
+        assert self.python, "a quick start's first command is its pip install"
         if name == "django-admin":
-            command = [sys.executable, "-m", "django", *args]
+            command = [self.python, "-m", "django", *args]
         elif name == "python" and args[:1] == ["manage.py"]:
-            command = [sys.executable, *args]
+            command = [self.python, *args]
         elif name in ("celery", "uvicorn"):
-            command = [sys.executable, "-m", name, *args]
+            command = [self.python, "-m", name, *args]
         else:
             pytest.fail(f"the quick start test does not know how to run {line!r}")
         if not any(word in command for word in LONG_RUNNING):
@@ -171,11 +226,11 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def project(redis_url: str, unique_name: str, tmp_path: Path) -> Iterator[Project]:
+def project(redis_url: str, unique_name: str, tmp_path: Path, wheel: Path) -> Iterator[Project]:
     """An empty project folder whose processes use the test Redis and are stopped afterwards."""
     env = {key: value for key, value in os.environ.items() if key not in UNSET}
     env.update(REDIS_URL=redis_url, PYTHONUNBUFFERED="1")
-    scene = Project(tmp_path, env, unique_name, free_port())
+    scene = Project(tmp_path, env, unique_name, free_port(), wheel)
     try:
         yield scene
     finally:
