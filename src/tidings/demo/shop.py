@@ -20,6 +20,7 @@ from typing import Any, Final
 
 import sqlalchemy as sa
 
+from tidings._sql import create_engine
 from tidings.bus import EventBus
 from tidings.context import current_context
 from tidings.demo.events import OrderLine, OrderPlaced, StockReserved
@@ -88,16 +89,14 @@ def planned_failures(seed: int, order_id: str) -> int:
 
 
 def make_engine(url: str) -> sa.Engine:
-    """Create an engine for ``url``; ``postgresql://`` uses psycopg 3.
+    """Create an engine for ``url``; ``postgres(ql)://`` uses psycopg 3 (:mod:`tidings._sql`).
 
     SQLite files get a 30 s busy timeout and write-ahead logging, so the web thread, the relay
     and the workers (threads or processes) can share one file.
     """
-    if url.startswith(("postgresql://", "postgres://")):
-        url = "postgresql+psycopg://" + url.split("://", 1)[1]
     if not url.startswith("sqlite"):
-        return sa.create_engine(url)
-    engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        return create_engine(url)
+    engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
     @sa.event.listens_for(engine, "connect")
     def _wal(connection: Any, _record: Any) -> None:
