@@ -89,10 +89,12 @@ def test_relay_and_status_explain_missing_or_bad_options(tmp_path):
 
 
 @pytest.mark.integration
-def test_relay_publishes_to_redis_streams_given_a_broker_url(tmp_path, redis_client, unique_name):
+def test_relay_publishes_to_redis_streams_given_a_broker_url(
+    tmp_path, redis_url, redis_client, unique_name
+):
     """`--transport redis://...?prefix=P` relays rows onto the streams workers read."""
     url = _outbox(tmp_path, Probe(aggregate_id="a"), Probe(aggregate_id="b"))
-    transport = f"redis://127.0.0.1:6379/0?prefix={unique_name}"
+    transport = f"{redis_url}?prefix={unique_name}"  # the test server, whatever its database
     try:
         result = CliRunner().invoke(
             make_cli(), ["relay", "--db", url, "--transport", transport, "--once"]
@@ -108,11 +110,11 @@ def test_relay_publishes_to_redis_streams_given_a_broker_url(tmp_path, redis_cli
 
 @pytest.mark.integration
 def test_relay_publishes_celery_messages_given_a_celery_broker_url(
-    tmp_path, redis_client, unique_name
+    tmp_path, redis_url, redis_client, unique_name
 ):
     """`--transport celery+redis://...?queues=Q` relays rows as tidings task messages on Q."""
     url = _outbox(tmp_path, Probe(aggregate_id="a"))
-    transport = f"celery+redis://127.0.0.1:6379/0?queues={unique_name}"
+    transport = f"celery+{redis_url}?queues={unique_name}"
     try:
         result = CliRunner().invoke(
             make_cli(), ["relay", "--db", url, "--transport", transport, "--once"]
