@@ -398,13 +398,19 @@ def test_task_sent_from_a_handler_has_the_event_as_cause(
 
 
 @pytest.mark.integration
-def test_task_sent_without_context_sees_none(worker: Worker, unique_name: str) -> None:
-    """A task sent with no context bound sees no ids."""
+def test_task_sent_without_context_gets_a_correlation_id_of_its_own(
+    worker: Worker, unique_name: str
+) -> None:
+    """A task sent with no context bound (as beat sends) runs with a fresh correlation id only."""
     assert current_context() == EventContext()
     key = worker.key(unique_name)
     worker.tasks.record.delay(key, "bare")
-    [entry] = worker.records(key, 1)
-    assert seen(entry) == EventContext()
+    worker.tasks.record.delay(key, "bare too")
+    first, second = worker.records(key, 2)
+    for entry in (first, second):
+        assert entry["correlation_id"]
+        assert (entry["causation_id"], entry["tenant_id"]) == (None, None)
+    assert first["correlation_id"] != second["correlation_id"]
 
 
 @pytest.mark.integration
@@ -424,7 +430,27 @@ def test_no_tenant_leaks_into_the_next_task_of_the_process(
     labels = [entry["label"] for entry in entries]
     assert labels == ["succeeded", "failed", "retried", "retried", "after"]
     assert [seen(entry) for entry in entries[:4]] == [ids] * 4
-    assert seen(entries[4]) == EventContext()
+    after = seen(entries[4])
+    assert (after.causation_id, after.tenant_id) == (None, None)
+    assert after.correlation_id not in (None, ids.correlation_id)
+
+
+@pytest.mark.integration
+def test_hostile_context_headers_are_not_bound(worker: Worker, unique_name: str) -> None:
+    """Header values with CR/LF, escapes or excess length never become the task's context."""
+    key = worker.key(unique_name)
+    worker.tasks.record.apply_async(
+        (key, "hostile"),
+        headers={
+            CORRELATION_HEADER: "c-1\r\nINFO forged line",
+            TENANT_HEADER: "t" * 300,
+            CAUSATION_HEADER: "\x1b[31mred",
+        },
+    )
+    [entry] = worker.records(key, 1)
+    assert (entry["causation_id"], entry["tenant_id"]) == (None, None)
+    assert entry["correlation_id"]
+    assert "\n" not in entry["correlation_id"]
 
 
 @pytest.mark.integration
@@ -639,6 +665,33 @@ def test_eager_task_binds_the_headers_it_is_given(installed_app: Any, ids: Event
         assert installed_app.see.apply(headers=flat).get() == EventContext("c-flat", None, "t-flat")
         assert installed_app.see.apply(headers=nested).get() == EventContext(None, "cause-nested")
         assert current_context() == ids
+
+
+def _prerun_context(task: Any, headers: dict[str, Any] | None = None) -> EventContext:
+    """The context ``task_prerun`` binds for a published (not eager) run of ``task``."""
+    task.push_request(id="published", is_eager=False, headers=headers or {})
+    try:
+        celery.signals.task_prerun.send(sender=task, task_id="published", task=task)
+        try:
+            return current_context()
+        finally:
+            celery.signals.task_postrun.send(sender=task, task_id="published", task=task)
+    finally:
+        task.pop_request()
+
+
+def test_minting_for_tasks_without_ids_can_be_turned_off(installed_app: Any) -> None:
+    """``mint_correlation_id=False`` runs a task that carries no ids with none."""
+    minted = _prerun_context(installed_app.see)
+    assert minted.correlation_id is not None
+    assert (minted.causation_id, minted.tenant_id) == (None, None)
+    install_context_propagation(installed_app, mint_correlation_id=False)
+    assert _prerun_context(installed_app.see) == EventContext()
+    install_context_propagation(installed_app)  # a later call without the option keeps it
+    assert _prerun_context(installed_app.see) == EventContext()
+    carried = _prerun_context(installed_app.see, {TENANT_HEADER: "acme"})
+    assert carried == EventContext(tenant_id="acme")
+    assert current_context() == EventContext()
 
 
 def test_context_is_restored_after_failure_and_retry(installed_app: Any, ids: EventContext) -> None:

@@ -12,7 +12,7 @@ import re
 from typing import Final
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-__all__ = ["MAX_COUNTER", "log_safe", "parse_counter", "redact_url"]
+__all__ = ["MAX_COUNTER", "log_safe", "parse_counter", "plain_id", "redact_url"]
 
 MAX_COUNTER: Final = 1_000_000
 """The largest attempt or delivery counter read from a message; anything above is nonsense."""
@@ -43,6 +43,17 @@ def parse_counter(value: object) -> int | None:
         return None
     number = int(value)
     return number if number <= MAX_COUNTER else None
+
+
+def plain_id(value: object, limit: int = 256) -> str | None:
+    """Return ``value`` if it is an id fit to carry: printable ASCII, 1 to ``limit`` characters.
+
+    The rule the codec applies to envelope ids, for ids read from anywhere else (message
+    headers, say); anything else is ``None``, and the caller treats the id as absent.
+    """
+    if isinstance(value, str) and 0 < len(value) <= limit and value.isascii():
+        return value if value.isprintable() else None
+    return None
 
 
 def log_safe(value: object, limit: int = 200) -> str:

@@ -26,9 +26,13 @@ Celery only when that function is called.
   into the headers of the message being sent, never replacing a header the caller set. A task
   sent with no context bound carries none of the three headers.
 - ``task_prerun`` binds, for the run of a task of this app, exactly the ids its message
-  carries: none carried means none bound, so nothing stale from an earlier task in the same
-  worker process can show through. A task run eagerly (``apply()``, ``task_always_eager``)
-  was not published: it keeps the caller's context unless its ``headers`` say otherwise.
+  carries, so nothing stale from an earlier task in the same worker process can show through.
+  A task whose message carries none (sent by Celery beat, a management command, a shell) gets
+  a fresh correlation id of its own at its start, so the events and tasks it starts share one
+  (``mint_correlation_id=False`` binds nothing instead). Header values come from the message:
+  only printable ASCII ids of up to 256 characters are taken, anything else counts as absent.
+  A task run eagerly (``apply()``, ``task_always_eager``) was not published: it keeps the
+  caller's context unless its ``headers`` say otherwise.
 - ``task_postrun``, which Celery sends after a success, a failure, a ``retry()`` and a
   rejection alike, restores the context that was current before the task.
 
@@ -53,6 +57,8 @@ import threading
 import weakref
 from typing import TYPE_CHECKING, Any, Final
 
+from tidings._ids import new_event_id
+from tidings._untrusted import plain_id
 from tidings.context import EMPTY, EventContext, bind, current_context, reset
 from tidings.transports._celery_transport import CeleryTransport
 
@@ -80,15 +86,24 @@ _HEADERS: Final = (CORRELATION_HEADER, CAUSATION_HEADER, TENANT_HEADER)
 _BINDING_ATTRIBUTE: Final = "_tidings_context_binding"
 _UID: Final = "tidings.transports.celery."
 
-_installed: weakref.WeakSet[Any] = weakref.WeakSet()
+# App -> whether a task that carries no ids gets a minted correlation id.
+_installed: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 _install_lock = threading.Lock()
 
 
-def install_context_propagation(app: celery.Celery) -> None:
+def install_context_propagation(
+    app: celery.Celery, *, mint_correlation_id: bool | None = None
+) -> None:
     """Make every task of ``app`` run with the context of the code that sent it.
 
-    Call once, where the app is created; calling again for the same app changes nothing.
-    Thread-safe. The app is held weakly: an app that is garbage collected stops counting.
+    Call once, where the app is created; calling again for the same app changes only
+    ``mint_correlation_id``, when given. Thread-safe. The app is held weakly: an app that is garbage
+    collected stops counting.
+
+    Args:
+        app: the Celery app.
+        mint_correlation_id: a task whose message carries no ids (Celery beat, a shell) runs
+            with a fresh correlation id of its own (the default); ``False`` runs it with none.
 
     Raises:
         ImportError: Celery is not installed (``pip install 'tidings[celery]'``).
@@ -96,6 +111,8 @@ def install_context_propagation(app: celery.Celery) -> None:
     signals = _celery_signals()
     with _install_lock:
         if app in _installed:
+            if mint_correlation_id is not None:
+                _installed[app] = mint_correlation_id
             return
         # One connection per process (dispatch_uid), however many apps install; the receivers
         # tell the apps apart. Module functions never die, so Celery need not hold them weakly.
@@ -104,7 +121,7 @@ def install_context_propagation(app: celery.Celery) -> None:
         )
         signals.task_prerun.connect(_bind_for_task, weak=False, dispatch_uid=_UID + "prerun")
         signals.task_postrun.connect(_restore_after_task, weak=False, dispatch_uid=_UID + "postrun")
-        _installed.add(app)
+        _installed[app] = mint_correlation_id is not False
 
 
 def _celery_signals() -> Any:
@@ -134,14 +151,20 @@ def _stamp_headers(headers: dict[str, Any] | None = None, **_: Any) -> None:
 def _bind_for_task(sender: Any = None, task: Any = None, **_: Any) -> None:
     """``task_prerun``: bind the ids the message carries, for a task of an installed app."""
     task = sender if task is None else task
-    if task is None or getattr(task, "app", None) not in _installed:
+    app = getattr(task, "app", None)
+    mint = None if app is None else _installed.get(app)
+    if mint is None:
         return
     request = task.request
     context = _carried_context(request)
     if context is None:
-        # A published task carrying no ids runs with none, whatever an earlier task left;
-        # an eager one was never published, so the caller's context is its publisher's.
-        context = current_context() if getattr(request, "is_eager", False) else EMPTY
+        # A published task carrying no ids runs with none of an earlier task's, a fresh
+        # correlation id of its own if so configured; an eager one was never published, so
+        # the caller's context is its publisher's.
+        if getattr(request, "is_eager", False):
+            context = current_context()
+        else:
+            context = EventContext(correlation_id=new_event_id()) if mint else EMPTY
     setattr(request, _BINDING_ATTRIBUTE, bind(context))
 
 
@@ -162,7 +185,7 @@ def _carried_context(request: Any) -> EventContext | None:
     ``request.headers``; a message converted from protocol 1 and an eager run may have them
     under ``request.headers`` only, or nested one level deeper under ``headers`` (the shape
     some Celery versions give ``apply_async(headers=...)``). Values come from the message, so
-    only strings are taken.
+    only ids fit to carry are taken (:func:`tidings._untrusted.plain_id`).
     """
     sources: list[Any] = [vars(request)]
     headers = getattr(request, "headers", None)
@@ -173,8 +196,8 @@ def _carried_context(request: Any) -> EventContext | None:
     found: dict[str, str] = {}
     for name in _HEADERS:
         for source in sources:
-            value = source.get(name)
-            if isinstance(value, str):
+            value = plain_id(source.get(name))
+            if value is not None:
                 found[name] = value
                 break
     if not found:
