@@ -8,6 +8,8 @@ causation = the event's id), so any event it creates is linked to the one it han
 from __future__ import annotations
 
 import asyncio
+import importlib
+import importlib.util
 import inspect
 import threading
 from collections.abc import Awaitable, Callable, Iterable
@@ -148,6 +150,50 @@ class EventBus:
             self._handlers = {**self._handlers, handler.name: handler}
             self._routes = {}
         return handler
+
+    def autodiscover(self, *packages: str, module: str = "handlers") -> tuple[str, ...]:
+        """Import the modules that subscribe this bus's handlers, so none is forgotten.
+
+        For each name in ``packages``: a package's ``module`` submodule (``shop.handlers``
+        for ``"shop"``) is imported if it exists, and a plain module (or a package without
+        one) is imported itself. The names come from your code, never from a message. A
+        worker that forgot to import the module subscribing a handler would dead-letter
+        that handler's events as having no handler here: call this in the composition root
+        that the web process and the workers both import.
+
+        Returns:
+            The modules imported, in order.
+
+        Raises:
+            ImportError: a name in ``packages`` cannot be imported, or the module found
+                raises while it is imported (the error is the module's own).
+        """
+        imported = []
+        for name in packages:
+            found = importlib.import_module(name)
+            if hasattr(found, "__path__"):  # a package: look for its handlers module
+                target = f"{name}.{module}"
+                if importlib.util.find_spec(target) is not None:
+                    importlib.import_module(target)
+                    imported.append(target)
+                    continue
+            imported.append(name)
+        return tuple(imported)
+
+    def describe(self) -> str:
+        """The handler table, one line per handler: its name, then the classes it receives.
+
+        Workers log it once at start-up (as Celery lists its tasks), so an operator sees what
+        a process serves.
+        """
+        if not self._handlers:
+            return "no handlers subscribed"
+        rows = [
+            f"  {h.name} <- {', '.join(t.event_type for t in h.event_types)}"
+            + (" (async)" if h.is_async else "")
+            for h in self._handlers.values()
+        ]
+        return "handlers:\n" + "\n".join(rows)
 
     def handler(self, name: str) -> Handler | None:
         """Return the handler subscribed under ``name``, or ``None``."""
