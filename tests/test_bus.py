@@ -10,6 +10,7 @@ from tidings import (
     DuplicateHandlerError,
     EventBus,
     HandlerFailedError,
+    PublishError,
     TidingsError,
     UsageError,
     current_context,
@@ -319,3 +320,57 @@ def test_subscribing_while_other_threads_publish_is_safe():
     assert not thread.is_alive()
     assert errors == []
     assert len(bus.handlers_for(ItemAdded)) == 2000
+
+
+class HungTransport:
+    """A transport whose broker accepts the send and never answers (until released)."""
+
+    name = "hung"
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.sending = threading.Event()
+
+    def bind(self, bus: EventBus) -> None:
+        pass
+
+    def subscribed(self, handler: object) -> None:
+        pass
+
+    def send(self, events: object) -> None:
+        self.sending.set()
+        self.release.wait(30)
+
+    def close(self) -> None:
+        self.release.set()
+
+
+def test_apublish_to_a_hung_broker_raises_within_the_timeout_and_never_blocks_the_loop():
+    """``apublish`` raises PublishError after ``publish_timeout``; the loop keeps running."""
+    transport = HungTransport()
+    bus = EventBus(transport, publish_timeout=0.3)
+    ticks = []
+
+    async def scenario() -> None:
+        async def heartbeat() -> None:
+            while True:
+                ticks.append(asyncio.get_running_loop().time())
+                await asyncio.sleep(0.01)
+
+        beating = asyncio.create_task(heartbeat())
+        try:
+            with pytest.raises(PublishError, match=r"within 0\.3 s"):
+                await bus.apublish(ItemAdded(sku="a"))
+        finally:
+            beating.cancel()
+            transport.close()  # lets the loop's executor shut down at the end of the run
+
+    asyncio.run(scenario())
+    assert transport.sending.is_set()
+    assert len(ticks) >= 3, "the event loop waited on the broker"
+
+
+def test_publish_timeout_must_be_positive():
+    """A zero or negative timeout is a configuration error, said at once."""
+    with pytest.raises(ValueError, match="publish_timeout"):
+        EventBus(publish_timeout=0)

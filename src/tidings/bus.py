@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from tidings import _tracing
 from tidings.context import EventContext, _current
-from tidings.errors import DuplicateHandlerError, HandlerFailedError, UsageError
+from tidings.errors import DuplicateHandlerError, HandlerFailedError, PublishError, UsageError
 from tidings.events import DomainEvent
 from tidings.retry import RetryPolicy
 
@@ -75,7 +75,14 @@ class EventBus:
     order; a handler subscribed to ``DomainEvent`` receives every event.
     """
 
-    def __init__(self, transport: Transport | None = None) -> None:
+    def __init__(
+        self, transport: Transport | None = None, *, publish_timeout: float | None = 10.0
+    ) -> None:
+        if publish_timeout is not None and publish_timeout <= 0:
+            msg = "publish_timeout must be a positive number of seconds, or None for no limit"
+            raise ValueError(msg)
+        self.publish_timeout = publish_timeout
+        """How long :meth:`apublish` waits for the transport before raising ``PublishError``."""
         self._handlers: dict[str, Handler] = {}
         self._routes: dict[type[DomainEvent], tuple[Handler, ...]] = {}
         self._lock = threading.Lock()
@@ -271,10 +278,15 @@ class EventBus:
         """Like :meth:`publish`, awaiting ``async`` handlers; sync ones run inline.
 
         Handlers run one after another in subscription order, never concurrently, so their
-        effects keep the order of the events.
+        effects keep the order of the events. With a transport, the send runs in a worker
+        thread, so the event loop (every other request of an async web app) never waits on the
+        broker; if the broker has not accepted the events within ``publish_timeout`` seconds
+        (10 by default) this raises. The send may still complete after that: send again, the
+        handlers' inboxes make a duplicate harmless.
 
         Raises:
             HandlerFailedError: after all handlers ran, grouping every exception they raised.
+            PublishError: the transport failed, or did not finish within ``publish_timeout``.
         """
         hooks = _tracing.hooks
         if hooks is None:
@@ -287,7 +299,16 @@ class EventBus:
         self, events: tuple[DomainEvent, ...], hooks: _tracing.TracingHooks | None
     ) -> None:
         if self.transport is not None:
-            await asyncio.to_thread(self.transport.send, self._checked(events))
+            sending = asyncio.to_thread(self.transport.send, self._checked(events))
+            try:
+                await asyncio.wait_for(sending, self.publish_timeout)
+            except TimeoutError as exc:
+                msg = (
+                    f"the broker did not accept {len(events)} event(s) within "
+                    f"{self.publish_timeout} s (EventBus(publish_timeout=...)); send them again: "
+                    "handlers' inboxes make the ones that arrive twice harmless"
+                )
+                raise PublishError(msg) from exc
             return
         failures: list[Exception] = []
         for event, handlers in self._route(events):
