@@ -14,7 +14,8 @@ is its oldest pending entry (``XPENDING`` summary) if it has one, else the entry
 last-delivered id; the stream is trimmed (``XTRIM MINID``, exact) below the smallest of these,
 and below the ``maxlen``-th newest entry, whichever is older, so that at least ``maxlen``
 entries stay for late readers. It costs what it removes (a stream within ``maxlen`` costs one
-``XLEN``), at most :data:`TRIM_MOST` entries a call. A stream with no group at all is never trimmed (nobody has read it yet).
+``XLEN``), at most :data:`TRIM_MOST` entries a call. A stream with no group at all is never
+trimmed (nobody has read it yet).
 Publishing never trims (no ``MAXLEN`` on ``XADD``): producers cannot know what is pending. The
 script runs atomically, so no group can read or acknowledge in between. What it cannot protect
 is a group created afterwards: it starts at the oldest entry still there. Should an entry
