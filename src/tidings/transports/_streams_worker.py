@@ -91,8 +91,12 @@ class _EntryHeaders(Mapping[str, str]):
 
     def _all(self) -> dict[str, str]:
         if self._decoded is None:
-            found = {text(k): text(v) for k, v in self._fields.items() if k != _ENVELOPE_KEY}
-            found[ENTRY_ID], found[GROUP] = self._entry_id, self._group
+            # The entry's id and group first (a store keeps the first headers of a letter), and
+            # never overridden by a field of the same name.
+            found = {ENTRY_ID: self._entry_id, GROUP: self._group}
+            for k, v in self._fields.items():
+                if k != _ENVELOPE_KEY and (key := text(k)) not in (ENTRY_ID, GROUP):
+                    found[key] = text(v)
             self._decoded = found
         return self._decoded
 
