@@ -492,3 +492,27 @@ def test_running_worker_never_trims_what_a_slow_group_has_not_read(
         )
     unread = client.xreadgroup("slow", "c", {stream: ">"}, count=100)[0][1]
     assert len(unread) == 6, "the worker trimmed entries the slow group had not read"
+
+
+@pytest.mark.integration
+def test_a_claim_held_for_ever_ends_as_a_dead_letter(
+    client: redis.Redis, unique_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Busy-inbox redeliveries are bounded: past MAX_BUSY in a row the delivery is dead-lettered."""
+    from tidings.transports import _streams_worker  # noqa: PLC0415
+
+    monkeypatch.setattr(_streams_worker, "MAX_BUSY", 2)
+    publisher, transport = make_bus(client, unique_name, service="orders")
+    event = Step()
+    assert transport.inbox is not None
+    client.set(transport.inbox.key("orders.record", event.event_id), "a claim without expiry")  # type: ignore[attr-defined]
+    publisher.publish(event)
+    with consuming(transport):
+        (letter,) = wait_until(
+            lambda: letters(client, unique_name), timeout=DEADLINE, what="the busy dead letter"
+        )
+        wait_until(lambda: pending(client, transport) == 0, timeout=DEADLINE, what="the acks")
+    assert letter.reason.startswith("RedeliveryLimitExceeded"), letter.reason
+    assert letter.handler == "orders.record"
+    assert letter.event_id == event.event_id
+    assert client.zcard(transport.streams().retry) == 0

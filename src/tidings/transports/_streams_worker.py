@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Final, NamedTuple
 import redis
 
 from tidings._untrusted import log_safe, parse_counter
-from tidings.delivery import Dispatcher, Outcome, Prepared, Received
+from tidings.delivery import Dispatcher, Outcome, Prepared, Received, Redelivery
 from tidings.inbox.redis import RedisInbox
 from tidings.ports import BatchInbox, Claim, DeadLetter
 from tidings.transports._streams_link import Commands, Entry, Link, entries_of, read_command, text
@@ -57,8 +57,13 @@ ENTRY_ID: Final = "tidings_stream_id"
 # reclaimed (a handler waiting on a crashed worker's inbox claim, say) carries them, so that a
 # poison event cannot reset its delivery count by becoming a new entry.
 DELIVERIES: Final = "tidings_deliveries"
+# Redeliveries in a row of one handler's delivery because the inbox found the event busy (being
+# handled elsewhere): those keep their attempt number, so they are counted here, and bounded.
+BUSY: Final = "tidings_busy"
+MAX_BUSY: Final = 100
+"""Most redeliveries in a row of one handler's delivery for a busy inbox; then a dead letter."""
 _RETRY_ID: Final = "tidings_retry_id"
-_COUNTERS: Final = (ATTEMPT.encode(), DELIVERIES.encode())
+_COUNTERS: Final = (ATTEMPT.encode(), DELIVERIES.encode(), BUSY.encode())
 # What a redelivery carries besides the envelope, handler, attempt and its own id: the fields
 # tidings defines, each cut at _CARRIED_LENGTH characters. Nothing else of an entry is copied,
 # so that an entry with thousands of fields (or huge ones) makes an ordinary redelivery.
@@ -498,7 +503,21 @@ class StreamConsumer:
         return good
 
     def _schedule(self, outcomes: Sequence[Outcome]) -> None:
-        retries = [again for outcome in outcomes for again in outcome.retries]
+        """Store the outcomes' redeliveries in the retry set; dead-letter the endless ones.
+
+        A redelivery for a failure has the next attempt number, bounded by the handler's
+        policy. One for a busy inbox keeps its attempt number; those are counted (``BUSY``)
+        and past :data:`MAX_BUSY` in a row the delivery is dead-lettered instead, so that no
+        retry path is unbounded (a claim someone wrote without expiry would be busy for ever).
+        """
+        retries: list[Redelivery] = []
+        for outcome in outcomes:
+            for again in outcome.retries:
+                busy = self._busy_count(again)
+                if busy > MAX_BUSY:
+                    self._dead_letter_busy(again, outcome, busy)
+                else:
+                    retries.append(again._replace(headers={**again.headers, BUSY: str(busy)}))
         if not retries:
             return
         now = time.time()
@@ -507,6 +526,8 @@ class StreamConsumer:
                 fields = [ENVELOPE, again.body.decode("utf-8", "replace")]
                 fields += [HANDLER, again.handler, ATTEMPT, str(again.attempt)]
                 fields += [_RETRY_ID, uuid.uuid4().hex]
+                if again.headers[BUSY] != "0":
+                    fields += [BUSY, again.headers[BUSY]]
                 for key in _CARRIED:  # only these, and cut: see _CARRIED
                     value = again.headers.get(key)
                     if value:
@@ -516,6 +537,42 @@ class StreamConsumer:
                 )
             pipe.execute()
         self.link.retry_due(now + min(again.delay for again in retries))
+
+    @staticmethod
+    def _busy_count(again: Redelivery) -> int:
+        """How many busy redeliveries in a row ``again`` makes (0: it is for a failure)."""
+        headers = again.headers
+        aimed = headers.get(HANDLER) == again.handler
+        attempt = (parse_counter(headers.get(ATTEMPT, "1")) or 1) if aimed else 1
+        if again.attempt != attempt:
+            return 0
+        return (parse_counter(headers.get(BUSY, "0")) or 0) + 1 if aimed else 1
+
+    def _dead_letter_busy(self, again: Redelivery, outcome: Outcome, busy: int) -> None:
+        """Dead-letter a delivery the inbox found busy ``busy`` times in a row."""
+        event = outcome.event
+        letter = DeadLetter(
+            body=again.body,
+            reason=(
+                f"RedeliveryLimitExceeded: the inbox found {again.handler} busy on this event "
+                f"{busy} times in a row (MAX_BUSY={MAX_BUSY}); is a claim held for ever?"
+            ),
+            attempts=again.attempt,
+            handler=again.handler,
+            event_type=None if event is None else event.event_type,
+            event_id=None if event is None else event.event_id,
+            headers=dict(again.headers),
+            transport=self.transport.name,
+            destination=self.streams.redeliver,
+        )
+        self.transport.dead_letters.add(letter)
+        log.error(
+            "dead-lettered %s's delivery of %s as %s: busy %d times in a row",
+            log_safe(again.handler),
+            log_safe(letter.event_id),
+            letter.id,
+            busy,
+        )
 
     def _reclaim(self) -> None:
         """Take over entries idle longer than ``claim_idle``, one at a time.
