@@ -13,7 +13,7 @@ from tidings.deadletter.redis import RedisDeadLetterStore
 from tidings.deadletter.sql import SqlDeadLetterStore, dead_letters_table
 from tidings.errors import UsageError
 from tidings.memory import MemoryDeadLetterStore
-from tidings.ports import DeadLetterStore
+from tidings.ports import DeadLetter, DeadLetterStore
 from tidings.testing.deadletter import DeadLetterStoreConformance, sample_letter
 
 
@@ -179,3 +179,119 @@ def test_sql_table_name_taken_by_another_table_is_refused():
     sa.Table("tidings_dead_letters", metadata, sa.Column("id", sa.Integer, primary_key=True))
     with pytest.raises(ValueError, match="pick another name"):
         dead_letters_table(metadata)
+
+
+@pytest.fixture
+def redis_prefix(redis_url: str, unique_name: str) -> Iterator[tuple[redis.Redis, str]]:
+    """A client and a key prefix of the test's own, deleted afterwards."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        yield client, unique_name
+    finally:
+        keys = list(client.scan_iter(match=f"{unique_name}:*"))
+        if keys:
+            client.delete(*keys)
+        client.close()
+
+
+@pytest.mark.integration
+def test_redis_store_keeps_at_most_max_letters_oldest_going_first(redis_prefix):
+    """Past max_letters, each add removes the oldest letters: the newest max_letters stay."""
+    client, prefix = redis_prefix
+    store = RedisDeadLetterStore(client, prefix=prefix, max_letters=5)
+    letters = [sample_letter(reason=f"E: {n}") for n in range(12)]
+    for letter in letters:
+        store.add(letter)
+    assert store.count() == 5
+    assert [got.id for got in store.list()] == [letter.id for letter in reversed(letters[-5:])]
+    assert store.get(letters[0].id) is None
+    assert not client.exists(f"{prefix}:letter:{letters[0].id}"), "the hash was left behind"
+
+
+@pytest.mark.integration
+def test_redis_store_forgets_letters_older_than_max_age(redis_prefix):
+    """Letters older than max_age go at the next add (or trim); younger ones stay."""
+    client, prefix = redis_prefix
+    old = sample_letter(reason="E: old")
+    RedisDeadLetterStore(client, prefix=prefix).add(old)
+    client.zadd(f"{prefix}:index", {old.id: 1000.0})  # written long ago
+    store = RedisDeadLetterStore(client, prefix=prefix, max_age=3600)
+    young = sample_letter(reason="E: young")
+    store.add(young)
+    assert [got.id for got in store.list()] == [young.id]
+    assert not client.exists(f"{prefix}:letter:{old.id}")
+    client.zadd(f"{prefix}:index", {young.id: 1000.0})
+    assert store.trim() == 1
+    assert store.count() == 0
+
+
+@pytest.mark.integration
+def test_redis_store_retention_defaults_and_url_options(redis_url, unique_name):
+    """The defaults are 14 days and 100,000 letters; the store URL can change or turn them off."""
+    store = RedisDeadLetterStore.from_url(redis_url, prefix=unique_name)
+    assert (store.max_age, store.max_letters, store.max_body_bytes) == (
+        14 * 24 * 3600,
+        100_000,
+        1024 * 1024,
+    )
+    store.close()
+    url = f"{redis_url}?max_age=60&max_letters=none&max_body_bytes=100&socket_timeout=5"
+    store = open_store(url, name=unique_name)
+    assert isinstance(store, RedisDeadLetterStore)
+    assert (store.max_age, store.max_letters, store.max_body_bytes) == (60.0, None, 100)
+    store.close()
+    with pytest.raises(ValueError, match="positive"):
+        RedisDeadLetterStore.from_url(f"{redis_url}?max_letters=0")
+
+
+def _cut_letter() -> DeadLetter:
+    headers = {f"h{n}": "v" for n in range(5000)}
+    headers["long"] = "x" * 100_000
+    return sample_letter(
+        body=b"\x00\xff" * (1024 * 1024),
+        reason="E: " + "r" * 100_000,
+        traceback="t" * 100_000 + "END",
+        event_id="i" * 1_000_000,
+        headers=headers,
+    )
+
+
+def _assert_cut(got: DeadLetter | None) -> None:
+    assert got is not None
+    assert got.body == (b"\x00\xff" * (1024 * 1024))[: 1024 * 1024]
+    assert len(got.reason) < 10_000
+    assert "cut by the store" in got.reason
+    assert "body from 2097152 to 1048576 bytes" in got.reason
+    assert got.traceback.endswith("END")
+    assert len(got.traceback) <= 16_001
+    assert got.event_id is not None
+    assert len(got.event_id) == 1024
+    assert len(got.headers) == 64
+    assert all(len(k) <= 1024 and len(v) <= 1024 for k, v in got.headers.items())
+
+
+@pytest.mark.integration
+def test_redis_store_cuts_over_long_letters_instead_of_refusing_them(redis_prefix):
+    """A 2 MiB body, 5000 headers and a 1 MB event id are stored cut, the cut noted."""
+    client, prefix = redis_prefix
+    store = RedisDeadLetterStore(client, prefix=prefix)
+    letter = _cut_letter()
+    store.add(letter)
+    _assert_cut(store.get(letter.id))
+
+
+@pytest.mark.parametrize("server", ["sqlite", "postgresql"])
+def test_sql_store_cuts_over_long_letters_instead_of_refusing_them(server, tmp_path, unique_name):
+    """The SQL store cuts an over-long letter as the Redis store does, and notes it."""
+    url = f"sqlite:///{tmp_path / 'dead.db'}" if server == "sqlite" else require_server(server)
+    for store in _sql_store(url, unique_name):
+        letter = _cut_letter()
+        store.add(letter)
+        _assert_cut(store.get(letter.id))
+        small = sample_letter(body=b"x" * 100)
+        bounded = SqlDeadLetterStore(store._engine, table_name=unique_name, max_body_bytes=10)
+        bounded.add(small)
+        got = store.get(small.id)
+        assert got is not None
+        assert got.body == b"x" * 10
+        assert got.reason.endswith("[cut by the store: body from 100 to 10 bytes]")

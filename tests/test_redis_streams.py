@@ -457,3 +457,62 @@ def test_worker_command_refuses_what_it_cannot_run() -> None:
     assert "not an EventBus" in result.output
     result = runner.invoke(make_cli(), ["worker", "--app", "tidings.testing.transport:nothing"])
     assert result.exit_code == 1
+
+
+def test_streams_are_trimmed_by_default() -> None:
+    """The default transport trims to DEFAULT_MAXLEN (100,000) entries beyond what groups need."""
+    from tidings.memory import MemoryDeadLetterStore  # noqa: PLC0415
+    from tidings.transports.redis_streams import DEFAULT_MAXLEN  # noqa: PLC0415
+
+    transport = RedisStreamsTransport(
+        redis.Redis(), service="orders", dead_letters=MemoryDeadLetterStore()
+    )
+    assert transport.maxlen == DEFAULT_MAXLEN == 100_000
+
+
+@pytest.mark.integration
+def test_running_worker_never_trims_what_a_slow_group_has_not_read(
+    client: redis.Redis, unique_name: str
+) -> None:
+    """A worker trimming as it runs keeps every entry a slow group has not read yet."""
+    publisher, transport = make_bus(
+        client, unique_name, service="orders", maxlen=3, trim_interval=0.05
+    )
+    stream = transport.stream(Step)
+    client.xgroup_create(stream, "slow", id="0", mkstream=True)
+    events = [Step(seq=n) for n in range(10)]
+    publisher.publish(*events)
+    read = client.xreadgroup("slow", "c", {stream: ">"}, count=4)[0][1]
+    client.xack(stream, "slow", *(entry_id for entry_id, _ in read))
+    with consuming(transport):
+        wait_until(
+            lambda: len(effects(client, unique_name, "orders")) == 10 and client.xlen(stream) == 6,
+            timeout=DEADLINE,
+            what="the worker to handle everything and trim what the slow group read",
+        )
+    unread = client.xreadgroup("slow", "c", {stream: ">"}, count=100)[0][1]
+    assert len(unread) == 6, "the worker trimmed entries the slow group had not read"
+
+
+@pytest.mark.integration
+def test_a_claim_held_for_ever_ends_as_a_dead_letter(
+    client: redis.Redis, unique_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Busy-inbox redeliveries are bounded: past MAX_BUSY in a row the delivery is dead-lettered."""
+    from tidings.transports import _streams_worker  # noqa: PLC0415
+
+    monkeypatch.setattr(_streams_worker, "MAX_BUSY", 2)
+    publisher, transport = make_bus(client, unique_name, service="orders")
+    event = Step()
+    assert transport.inbox is not None
+    client.set(transport.inbox.key("orders.record", event.event_id), "a claim without expiry")  # type: ignore[attr-defined]
+    publisher.publish(event)
+    with consuming(transport):
+        (letter,) = wait_until(
+            lambda: letters(client, unique_name), timeout=DEADLINE, what="the busy dead letter"
+        )
+        wait_until(lambda: pending(client, transport) == 0, timeout=DEADLINE, what="the acks")
+    assert letter.reason.startswith("RedeliveryLimitExceeded"), letter.reason
+    assert letter.handler == "orders.record"
+    assert letter.event_id == event.event_id
+    assert client.zcard(transport.streams().retry) == 0

@@ -1,4 +1,4 @@
-"""The ``tidings`` command: ``demo``, ``dlq``, ``relay``, ``outbox status`` and ``worker``.
+"""The ``tidings`` command: ``demo``, ``dlq``, ``relay``, ``outbox``, ``inbox`` and ``worker``.
 
 It needs the ``cli`` extra (click and rich). Without it, :func:`main` prints one line naming
 the extra to install and exits with status 2; ``demo`` also needs the ``demo`` extra (FastAPI,
@@ -122,6 +122,7 @@ def make_cli() -> click.Group:
 
     # The other commands live in modules of their own, which import click as this one does.
     from tidings.cli_dlq import make_dlq_group  # noqa: PLC0415
+    from tidings.cli_inbox import make_inbox_group  # noqa: PLC0415
     from tidings.cli_outbox import make_outbox_group, make_relay_command  # noqa: PLC0415
     from tidings.cli_worker import make_worker_command  # noqa: PLC0415
 
@@ -129,6 +130,7 @@ def make_cli() -> click.Group:
         make_dlq_group(),
         make_relay_command(),
         make_outbox_group(),
+        make_inbox_group(),
         make_worker_command(),
     ):
         tidings.add_command(command)

@@ -66,7 +66,12 @@ class RetryPolicy:
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait before the attempt after ``attempt`` (which failed)."""
-        base = min(self.max_delay, self.initial_delay * self.multiplier ** (attempt - 1))
+        # Bounded before it is computed: a float power of a large attempt would overflow.
+        try:
+            grown = self.initial_delay * self.multiplier ** max(0, min(attempt - 1, 10_000))
+        except OverflowError:
+            grown = self.max_delay
+        base = min(self.max_delay, grown)
         return base * (1 - self.jitter * random.random())  # noqa: S311 - spreading, not secrecy
 
 

@@ -47,6 +47,14 @@ class Deadly(DomainEvent):
     event_type: ClassVar[str] = "faults.deadly"
 
 
+@register_event
+@dataclass(frozen=True)
+class Flaky(DomainEvent):
+    """An event whose handler fails on its first attempt and records it on the second."""
+
+    event_type: ClassVar[str] = "faults.flaky"
+
+
 def make_bus(
     client: redis.Redis, prefix: str, *, service: str, **options: Any
 ) -> tuple[EventBus, RedisStreamsTransport]:
@@ -78,7 +86,14 @@ def make_bus(
     def deadly(_event: Deadly) -> None:
         os._exit(70)
 
+    def flaky(event: Flaky) -> None:
+        if client.incr(f"{prefix}:tries:{event.event_id}") == 1:
+            msg = "fails on its first attempt"
+            raise RuntimeError(msg)
+        client.rpush(effects, f"flaky:{event.event_id}")
+
     bus.add_handler(record, Step, Stuck, name=f"{service}.record")
+    bus.add_handler(flaky, Flaky, name=f"{service}.flaky")
     bus.add_handler(stuck, Stuck, name=f"{service}.stuck")
     bus.add_handler(deadly, Deadly, name=f"{service}.deadly")
     return bus, transport

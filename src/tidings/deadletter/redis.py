@@ -13,6 +13,15 @@ durable as the server makes it: with ``appendonly yes`` and ``appendfsync always
 ``add`` survives a server crash; with ``everysec`` up to a second of letters may be lost.
 On Redis Cluster, put the prefix in a hash tag (``prefix="{tidings:dlq}"``) so that both keys
 live in one slot, as a transaction needs.
+
+**Bounded.** ``add`` cuts an over-long letter rather than refuse it (the body to
+``max_body_bytes``, 1 MiB by default; reason, traceback, text fields and headers to the bounds
+of :mod:`tidings.deadletter._bounds`), saying so in its reason. And letters are kept for
+``max_age`` seconds (default 14 days) and at most ``max_letters`` of them (default 100,000):
+each ``add`` looks, in its own transaction, for letters past either bound and removes up to
+:data:`TRIM_BATCH` of the oldest in one more round trip (only when there are some), so the store
+keeps pace with any rate of adds; :meth:`RedisDeadLetterStore.trim` removes all of them at once.
+``None`` turns a bound off.
 """
 
 from __future__ import annotations
@@ -21,8 +30,10 @@ import json
 import threading
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Final, cast
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from tidings.deadletter._bounds import MAX_BODY_BYTES, bounded_letter
 from tidings.errors import UsageError
 from tidings.ports import DeadLetter
 
@@ -30,9 +41,19 @@ if TYPE_CHECKING:
     from redis import Redis
     from redis.typing import EncodableT
 
-__all__ = ["RedisDeadLetterStore"]
+__all__ = ["MAX_AGE", "MAX_LETTERS", "TRIM_BATCH", "RedisDeadLetterStore"]
+
+MAX_AGE: Final = 14 * 24 * 3600.0
+"""Default retention of a letter, in seconds: 14 days."""
+
+MAX_LETTERS: Final = 100_000
+"""Default most letters kept; past it the oldest go first."""
+
+TRIM_BATCH: Final = 100
+"""Most letters one ``add`` removes for the retention."""
 
 _PURGE_BATCH = 1000
+_URL_OPTIONS: Final = ("max_age", "max_letters", "max_body_bytes")
 _OPTIONAL = ("handler", "event_type", "event_id")
 _TEXT = ("id", "failed_at", "reason", "traceback", "transport", "destination", *_OPTIONAL)
 
@@ -54,9 +75,38 @@ class RedisDeadLetterStore:
     because a body need not be text: one that decodes is refused with
     :class:`~tidings.errors.UsageError`. A client passed in stays the caller's to close;
     :meth:`close` closes only a client made by :meth:`from_url`.
+
+    Args:
+        client: a redis-py client returning bytes.
+        prefix: the first part of every key.
+        max_body_bytes: longest body kept; a longer one is cut (see the module docstring).
+        max_age: seconds a letter is kept (``None``: for ever).
+        max_letters: most letters kept, the oldest removed first (``None``: no bound).
+
+    Raises:
+        UsageError: the client decodes responses.
+        ValueError: a bound is not positive.
     """
 
-    def __init__(self, client: Redis, *, prefix: str = "tidings:dlq") -> None:
+    def __init__(
+        self,
+        client: Redis,
+        *,
+        prefix: str = "tidings:dlq",
+        max_body_bytes: int = MAX_BODY_BYTES,
+        max_age: float | None = MAX_AGE,
+        max_letters: int | None = MAX_LETTERS,
+    ) -> None:
+        if (
+            max_body_bytes < 1
+            or (max_age is not None and not max_age > 0)
+            or (max_letters is not None and max_letters < 1)
+        ):
+            msg = (
+                "max_body_bytes, max_age and max_letters must be positive (or None for no "
+                f"retention), not {max_body_bytes!r}, {max_age!r}, {max_letters!r}"
+            )
+            raise ValueError(msg)
         pool = getattr(client, "connection_pool", None)
         if getattr(pool, "connection_kwargs", {}).get("decode_responses", False):
             msg = (
@@ -70,20 +120,45 @@ class RedisDeadLetterStore:
         self._owns_client = False
         self._clock_lock = threading.Lock()
         self._last_score = 0.0
+        self.max_body_bytes = max_body_bytes
+        self.max_age = max_age
+        self.max_letters = max_letters
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = "tidings:dlq") -> RedisDeadLetterStore:
         """Return a store on a new client for ``url`` (``redis://`` or ``rediss://``).
 
+        The query options ``max_age`` (seconds, or ``none``), ``max_letters`` (or ``none``) and
+        ``max_body_bytes`` set the store's bounds (``redis://host/0?max_age=86400``); the
+        other options go to redis-py.
+
         Raises:
             ImportError: redis-py is missing; the message names the extra to install.
+            ValueError: an option is not a positive number (or ``none``).
         """
         try:
             import redis  # noqa: PLC0415 - optional extra, imported when a Redis store is made
         except ImportError as exc:
             msg = "the Redis dead-letter store needs redis-py: pip install 'tidings[redis]'"
             raise ImportError(msg, name=exc.name) from exc
-        store = cls(redis.Redis.from_url(url), prefix=prefix)
+        parts = urlsplit(url)
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        ours = {k: v for k, v in pairs if k in _URL_OPTIONS}
+        rest = urlencode([(k, v) for k, v in pairs if k not in _URL_OPTIONS])
+        options: dict[str, Any] = {}
+        try:
+            if "max_age" in ours:
+                options["max_age"] = None if ours["max_age"] == "none" else float(ours["max_age"])
+            if "max_letters" in ours:
+                value = ours["max_letters"]
+                options["max_letters"] = None if value == "none" else int(value)
+            if "max_body_bytes" in ours:
+                options["max_body_bytes"] = int(ours["max_body_bytes"])
+        except ValueError:
+            msg = f"dead-letter store options must be positive numbers or none, not {ours}"
+            raise ValueError(msg) from None
+        client = redis.Redis.from_url(urlunsplit(parts._replace(query=rest)))
+        store = cls(client, prefix=prefix, **options)
         store._owns_client = True
         return store
 
@@ -102,7 +177,13 @@ class RedisDeadLetterStore:
             return self._last_score
 
     def add(self, letter: DeadLetter) -> None:
-        """Store ``letter`` (replacing one with the same id) in one transaction."""
+        """Store ``letter`` (replacing one with the same id) in one transaction.
+
+        Refuses nothing: an over-long letter is cut, as the module docstring says, and the cut
+        noted in its reason. Then removes up to :data:`TRIM_BATCH` letters past the retention,
+        oldest first, in one more round trip (only when there are any).
+        """
+        letter = bounded_letter(letter, self.max_body_bytes)
         fields: dict[EncodableT, EncodableT] = {
             name: _encode(value) for name in _TEXT if (value := getattr(letter, name)) is not None
         }
@@ -112,11 +193,52 @@ class RedisDeadLetterStore:
         # storing their text beats losing the letter.
         fields["headers"] = json.dumps(letter.headers, default=str).encode("ascii")
         key = self._key(letter.id)
+        score = self._score()
         with self._client.pipeline(transaction=True) as pipe:
             pipe.delete(key)
             pipe.hset(key, mapping=fields)
-            pipe.zadd(self._index, {letter.id: self._score()})
-            pipe.execute()
+            pipe.zadd(self._index, {letter.id: score})
+            self._find_expired(pipe, score)
+            replies = pipe.execute()
+        expired = self._expired(replies[3:])
+        if expired:
+            self._remove_ids(expired)
+
+    def trim(self) -> int:
+        """Remove every letter past the retention (age, then count); return how many went."""
+        removed = 0
+        while True:
+            with self._client.pipeline(transaction=False) as pipe:
+                self._find_expired(pipe, time.time())
+                expired = self._expired(pipe.execute())
+            if not expired:
+                return removed
+            removed += self._remove_ids(expired)
+
+    def _find_expired(self, pipe: Any, now: float) -> None:
+        """Queue the two lookups :meth:`_expired` reads: stale letters, and how many there are."""
+        cutoff = "-inf" if self.max_age is None else f"({now - self.max_age!r}"
+        pipe.zrangebyscore(self._index, "-inf", cutoff, start=0, num=TRIM_BATCH)
+        pipe.zcard(self._index)
+
+    def _expired(self, replies: list[Any]) -> list[bytes]:
+        """Up to :data:`TRIM_BATCH` ids past the retention, from :meth:`_find_expired`'s replies."""
+        stale, total = cast("list[bytes]", replies[0]), int(replies[1])
+        if self.max_age is None:
+            stale = []
+        excess = 0 if self.max_letters is None else total - self.max_letters
+        if excess <= len(stale):
+            return stale
+        oldest = self._client.zrange(self._index, 0, min(excess, TRIM_BATCH) - 1)
+        return cast("list[bytes]", oldest)
+
+    def _remove_ids(self, ids: list[bytes]) -> int:
+        """Delete these letters (hash and index entry) in one transaction; return how many."""
+        with self._client.pipeline(transaction=True) as pipe:
+            pipe.delete(*(self._key(_decode(letter_id)) for letter_id in ids))
+            pipe.zrem(self._index, *ids)
+            _, removed = pipe.execute()
+        return int(removed)
 
     def get(self, letter_id: str) -> DeadLetter | None:
         """Return the dead letter with this id, or ``None``."""

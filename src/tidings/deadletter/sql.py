@@ -19,6 +19,7 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
+from tidings.deadletter._bounds import MAX_BODY_BYTES, bounded_letter
 from tidings.ports import DeadLetter
 
 try:
@@ -101,6 +102,13 @@ class SqlDeadLetterStore:
     characters (a UUID, as :class:`~tidings.ports.DeadLetter` makes them). Thread-safe and
     process-safe (the engine's pool gives each call its own connection). An engine passed in
     stays the caller's; :meth:`close` disposes only one made by :meth:`from_url`.
+
+    ``add`` refuses nothing for its size: the body is cut to ``max_body_bytes`` (1 MiB by
+    default), and reason, traceback, text fields and headers to the bounds of
+    :mod:`tidings.deadletter._bounds`, each cut noted at the end of the reason.
+
+    Raises:
+        ValueError: ``max_body_bytes`` is below 1.
     """
 
     def __init__(
@@ -109,7 +117,12 @@ class SqlDeadLetterStore:
         *,
         table_name: str = "tidings_dead_letters",
         metadata: sa.MetaData | None = None,
+        max_body_bytes: int = MAX_BODY_BYTES,
     ) -> None:
+        if max_body_bytes < 1:
+            msg = f"max_body_bytes must be >= 1, not {max_body_bytes}"
+            raise ValueError(msg)
+        self.max_body_bytes = max_body_bytes
         self._engine = engine
         self.metadata = metadata if metadata is not None else sa.MetaData()
         self.table = dead_letters_table(self.metadata, table_name)
@@ -129,6 +142,8 @@ class SqlDeadLetterStore:
     def add(self, letter: DeadLetter) -> None:
         """Store ``letter``, replacing one with the same id; committed when this returns.
 
+        An over-long letter is cut, not refused (see the class docstring).
+
         Raises:
             ValueError: ``letter.failed_at`` is not an ISO-8601 timestamp.
         """
@@ -137,6 +152,7 @@ class SqlDeadLetterStore:
         except ValueError as exc:
             msg = f"failed_at must be an ISO-8601 timestamp, not {letter.failed_at!r}"
             raise ValueError(msg) from exc
+        letter = bounded_letter(letter, self.max_body_bytes)
         if failed_at.tzinfo is None:
             failed_at = failed_at.replace(tzinfo=UTC)
         row = {

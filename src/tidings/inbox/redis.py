@@ -9,6 +9,9 @@ once instead.
 
 Keys are ``{prefix}:{handler}:{event_id}``, readable in ``redis-cli``; nothing is escaped, so a
 handler name should not contain ``:`` (names derived by :class:`~tidings.EventBus` never do).
+A handler name or event id longer than 128 characters is not embedded: its SHA-256 is, marked
+``~sha256~`` (see :mod:`tidings.inbox._keys`), so that an event id from a message cannot make a
+key of its size. Shorter ones keep the key they always had.
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ except ImportError as exc:
 
 from tidings._ids import new_event_id
 from tidings._redis import OwnConnection
+from tidings._untrusted import log_safe
 from tidings.errors import InboxBusyError
+from tidings.inbox._keys import bounded
 from tidings.ports import Claim
 
 __all__ = ["CommandQueue", "RedisInbox"]
@@ -184,8 +189,12 @@ class RedisInbox:
             return own.call(*command)
 
     def key(self, handler: str, event_id: str) -> str:
-        """Return the Redis key of (handler, event_id): ``{prefix}:{handler}:{event_id}``."""
-        return f"{self.prefix}:{handler}:{event_id}"
+        """Return the Redis key of (handler, event_id): ``{prefix}:{handler}:{event_id}``.
+
+        Either part longer than 128 characters is replaced by its marked SHA-256 (see the
+        module docstring): a key never embeds an unbounded value.
+        """
+        return f"{self.prefix}:{bounded(handler)}:{bounded(event_id)}"
 
     @contextmanager
     def guard(self, handler: str, event_id: str) -> Iterator[bool]:
@@ -205,8 +214,8 @@ class RedisInbox:
             # PTTL is 0 in the claim's last millisecond, -1 for a key set without expiry.
             retry_after = max(pttl, 1) / 1000 if pttl >= 0 else self.lease
             msg = (
-                f"{handler} is already handling event {event_id} in another worker; "
-                f"deliver it again in {retry_after:.1f} s"
+                f"{log_safe(handler)} is already handling event {log_safe(event_id)} in another "
+                f"worker; deliver it again in {retry_after:.1f} s"
             )
             raise InboxBusyError(msg, retry_after=retry_after)
         started = time.monotonic()
@@ -239,15 +248,15 @@ class RedisInbox:
             log.error(
                 "%s on event %s may not be marked done (%r); if not, its claim expires after "
                 "the lease",
-                handler,
-                event_id,
-                outcome,
+                log_safe(handler),
+                log_safe(event_id),
+                log_safe(outcome),
             )
             return
         log.warning(
             "%s on event %s outlived its %.1f s inbox lease (%s); raise RedisInbox(lease=)",
-            handler,
-            event_id,
+            log_safe(handler),
+            log_safe(event_id),
             self.lease,
             {
                 0: "another worker holds the claim now and may repeat the effect; left alone",
@@ -371,10 +380,14 @@ class RedisInbox:
         try:
             released = int(self._release(keys=[key], args=[token]))
         except redis.RedisError as exc:
-            log.warning("could not release inbox claim %s (%r); it expires by itself", key, exc)
+            log.warning(
+                "could not release inbox claim %s (%s); it expires by itself",
+                log_safe(key),
+                log_safe(exc),
+            )
             return
         if not released:
-            log.warning("inbox claim %s had expired before its handler failed", key)
+            log.warning("inbox claim %s had expired before its handler failed", log_safe(key))
 
 
 def _retry_after(status: int) -> float | None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 try:
     import sqlalchemy as sa
@@ -31,12 +31,16 @@ except ImportError as exc:
     msg = "tidings.inbox.sql needs SQLAlchemy: pip install 'tidings[sql]'"
     raise ImportError(msg) from exc
 
+from tidings._untrusted import log_safe
 from tidings.errors import InboxBusyError, TidingsError
+from tidings.inbox._keys import MAX_EMBEDDED, bounded
 
 __all__ = ["NotInGuardError", "SqlInbox", "current_connection", "inbox_table"]
 
 HANDLER_LENGTH = 200
 EVENT_ID_LENGTH = 64
+PRUNE_BATCH = 1000
+"""Rows :meth:`SqlInbox.prune` deletes per transaction."""
 
 _connection: ContextVar[sa.Connection] = ContextVar("tidings_inbox_connection")
 
@@ -73,7 +77,9 @@ def inbox_table(metadata: sa.MetaData, name: str = "tidings_inbox") -> sa.Table:
     """Define the inbox table on ``metadata`` (for Alembic autogenerate) and return it.
 
     Columns: ``handler`` (200 chars) and ``event_id`` (64 chars), together the primary key, and
-    ``processed_at``, when the effect was claimed (UTC; committed with the effect).
+    ``processed_at``, when the effect was claimed (UTC; committed with the effect). A handler
+    name longer than 128 characters, or an event id longer than 64, is stored as its marked
+    SHA-256 (``~sha256~`` and hex digits, see :mod:`tidings.inbox._keys`), which fits.
     """
     return sa.Table(
         name,
@@ -124,19 +130,14 @@ class SqlInbox:
         While the block runs, :func:`current_connection` returns the guard's connection. The
         transaction commits when the block ends normally and rolls back when it raises.
 
+        A handler name or event id too long for its column is claimed by its marked SHA-256
+        (see :func:`inbox_table`), never truncated into a collision nor refused.
+
         Raises:
             InboxBusyError: the database gave up waiting for another worker's claim.
-            ValueError: ``handler`` or ``event_id`` is longer than its column.
         """
-        for what, value, limit in (
-            ("handler name", handler, HANDLER_LENGTH),
-            ("event id", event_id, EVENT_ID_LENGTH),
-        ):
-            if len(value) > limit:
-                shown = value[:60]
-                msg = f"the inbox keeps at most {limit} characters of {what}: shorten {shown!r}…"
-                raise ValueError(msg)
-        row = {"handler": handler, "event_id": event_id, "processed_at": datetime.now(UTC)}
+        handler_key, event_key = _keys(handler, event_id)
+        row = {"handler": handler_key, "event_id": event_key, "processed_at": datetime.now(UTC)}
         with self.engine.begin() as connection:
             try:
                 fresh = connection.execute(self._insert, row).rowcount == 1
@@ -144,8 +145,8 @@ class SqlInbox:
                 if not _is_busy(self.engine.dialect.name, exc):
                     raise
                 msg = (
-                    f"{handler} is already handling event {event_id} in another worker and the "
-                    "database gave up waiting; deliver it again later"
+                    f"{log_safe(handler)} is already handling event {log_safe(event_id)} in "
+                    "another worker and the database gave up waiting; deliver it again later"
                 )
                 raise InboxBusyError(msg, retry_after=1.0) from exc
             token = _connection.set(connection)
@@ -156,21 +157,54 @@ class SqlInbox:
 
     def is_done(self, handler: str, event_id: str) -> bool:
         """Whether (handler, event_id) took effect (its row is committed)."""
+        handler_key, event_key = _keys(handler, event_id)
         query = sa.select(sa.func.count()).where(
-            self.table.c.handler == handler, self.table.c.event_id == event_id
+            self.table.c.handler == handler_key, self.table.c.event_id == event_key
         )
         with self.engine.connect() as connection:
             return bool(connection.execute(query).scalar_one())
 
-    def prune(self, before: datetime) -> int:
-        """Delete rows processed before ``before`` (tz-aware); return how many went.
+    def prune(self, before: datetime | timedelta, *, batch_size: int = PRUNE_BATCH) -> int:
+        """Delete rows processed before ``before``; return how many went.
 
-        A redelivery of a pruned pair runs its effect again: keep rows longer than the broker
-        may redeliver.
+        ``before`` is a tz-aware instant, or a ``timedelta``: rows older than that (processed
+        before now minus it). Every row is a done effect (a claim commits with its effect), so
+        nothing in progress is touched. Rows go in batches of ``batch_size``, one short
+        transaction each, so that pruning a large table never holds long locks; rows committed
+        meanwhile with an older ``processed_at`` may survive this call. A redelivery of a
+        pruned pair runs its effect again: keep rows longer than the broker may redeliver.
+
+        Raises:
+            ValueError: ``batch_size`` is below 1, or ``before`` is a negative ``timedelta``.
         """
-        statement = sa.delete(self.table).where(self.table.c.processed_at < before)
-        with self.engine.begin() as connection:
-            return connection.execute(statement).rowcount
+        if batch_size < 1:
+            msg = f"batch_size must be >= 1, not {batch_size}"
+            raise ValueError(msg)
+        if isinstance(before, timedelta):
+            if before < timedelta(0):
+                msg = f"a retention must not be negative, not {before}"
+                raise ValueError(msg)
+            before = datetime.now(UTC) - before
+        c = self.table.c
+        older = c.processed_at < before
+        pick = sa.select(c.handler, c.event_id).where(older).limit(batch_size)
+        pruned = 0
+        while True:
+            with self.engine.begin() as connection:
+                keys = [tuple(row) for row in connection.execute(pick)]
+                if not keys:
+                    return pruned
+                statement = sa.delete(self.table).where(
+                    older, sa.tuple_(c.handler, c.event_id).in_(keys)
+                )
+                pruned += connection.execute(statement).rowcount
+            if len(keys) < batch_size:
+                return pruned
+
+
+def _keys(handler: str, event_id: str) -> tuple[str, str]:
+    """The (handler, event_id) column values of a pair: hashed when too long to fit."""
+    return bounded(handler, MAX_EMBEDDED), bounded(event_id, EVENT_ID_LENGTH)
 
 
 def _insert_ignoring_duplicates(dialect: str, table: sa.Table) -> sa.Insert:
@@ -184,7 +218,7 @@ def _insert_ignoring_duplicates(dialect: str, table: sa.Table) -> sa.Insert:
     elif dialect == "sqlite":
         statement = sqlite.insert(table).on_conflict_do_nothing()
     elif dialect in ("mysql", "mariadb"):
-        # Safe here because guard() checks lengths first: IGNORE would otherwise truncate.
+        # Safe here because guard() bounds lengths first: IGNORE would otherwise truncate.
         statement = mysql.insert(table).prefix_with("IGNORE")
     else:
         msg = f"SqlInbox supports PostgreSQL, MariaDB/MySQL and SQLite, not {dialect!r}"

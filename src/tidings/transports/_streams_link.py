@@ -25,7 +25,7 @@ import redis
 from tidings._redis import OwnConnection
 from tidings.inbox.redis import RedisInbox
 from tidings.ports import BatchInbox, Claim, Inbox
-from tidings.transports._streams_scripts import MOVE_DUE
+from tidings.transports._streams_scripts import MOVE_DUE, MOVE_LONGEST, MOVE_MOST_VALUES
 
 __all__ = ["Commands", "Link", "Owed"]
 
@@ -65,6 +65,7 @@ class Link:
             with the inbox's own calls.
         group: the consumer group, for acknowledgements.
         retry, redeliver: the service's retry set and redelivery stream (see ``MOVE_DUE``).
+        unmovable: the list where the mover puts retry members it cannot move.
         count: most redeliveries moved at once.
 
     Not thread-safe: one per consumer thread.
@@ -78,10 +79,14 @@ class Link:
         group: str,
         retry: str,
         redeliver: str,
+        unmovable: str,
         count: int,
     ) -> None:
         self.client, self.inbox, self.group = client, inbox, group
         self.retry, self.redeliver, self.count = retry, redeliver, count
+        self.unmovable = unmovable
+        # Set when the mover put members aside: the consumer dead-letters them.
+        self.unmovable_waiting = True
         self.inline = (
             isinstance(inbox, RedisInbox) and inbox.client.connection_pool is client.connection_pool
         )
@@ -120,7 +125,17 @@ class Link:
                 self._owe(settlements, acks)
                 raise
         first = len(commands)
-        commands.eval(MOVE_DUE, 2, self.retry, self.redeliver, time.time(), self.count)
+        commands.eval(
+            MOVE_DUE,
+            3,
+            self.retry,
+            self.redeliver,
+            self.unmovable,
+            time.time(),
+            self.count,
+            MOVE_MOST_VALUES,
+            MOVE_LONGEST,
+        )
         settled = 0
         if settlements:
             assert isinstance(inbox, RedisInbox)  # noqa: S101 - inline
@@ -145,6 +160,8 @@ class Link:
             self.default(owed)
             raise moved
         self.due_at = None if moved[1] in (b"", "") else float(moved[1])
+        if len(moved) > 2 and moved[2]:
+            self.unmovable_waiting = True
         at += 1
         if owed.settled:
             assert isinstance(self.inbox, RedisInbox)  # noqa: S101 - inline
@@ -177,7 +194,11 @@ class Link:
         """How long a read may wait: ``block_ms``, or less when a redelivery falls due sooner."""
         if self.due_at is None:
             return block_ms
-        return max(1, min(block_ms, round((self.due_at - time.time()) * 1000)))
+        # A score anyone may write (inf, say) bounds nothing: compared before it is rounded.
+        left = (self.due_at - time.time()) * 1000
+        if not left < block_ms:
+            return block_ms
+        return round(left) if left > 1 else 1
 
 
 def read_command(

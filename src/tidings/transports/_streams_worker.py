@@ -18,11 +18,13 @@ by one, retrying a failed handler in place, and acknowledges each only while its
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,12 +32,13 @@ from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 import redis
 
-from tidings.delivery import Dispatcher, Outcome, Prepared, Received
-from tidings.errors import EventDecodeError
+from tidings._untrusted import log_safe, parse_counter
+from tidings.delivery import Dispatcher, Outcome, Prepared, Received, Redelivery
 from tidings.inbox.redis import RedisInbox
 from tidings.ports import BatchInbox, Claim, DeadLetter
 from tidings.transports._streams_link import Commands, Entry, Link, entries_of, read_command, text
 from tidings.transports._streams_partitions import Leases
+from tidings.transports._streams_scripts import MOVE_LONGEST, MOVE_MOST_VALUES
 
 if TYPE_CHECKING:
     from tidings.events import DomainEvent
@@ -54,8 +57,26 @@ ENTRY_ID: Final = "tidings_stream_id"
 # reclaimed (a handler waiting on a crashed worker's inbox claim, say) carries them, so that a
 # poison event cannot reset its delivery count by becoming a new entry.
 DELIVERIES: Final = "tidings_deliveries"
+# Redeliveries in a row of one handler's delivery because the inbox found the event busy (being
+# handled elsewhere): those keep their attempt number, so they are counted here, and bounded.
+BUSY: Final = "tidings_busy"
+MAX_BUSY: Final = 100
+"""Most redeliveries in a row of one handler's delivery for a busy inbox; then a dead letter."""
 _RETRY_ID: Final = "tidings_retry_id"
-_LOCAL: Final = (HANDLER, ATTEMPT, GROUP, ENTRY_ID, _RETRY_ID)
+_COUNTERS: Final = (ATTEMPT.encode(), DELIVERIES.encode(), BUSY.encode())
+# What a redelivery carries besides the envelope, handler, attempt and its own id: the fields
+# tidings defines, each cut at _CARRIED_LENGTH characters. Nothing else of an entry is copied,
+# so that an entry with thousands of fields (or huge ones) makes an ordinary redelivery.
+_CARRIED: Final = (
+    DELIVERIES,
+    "tidings_event_type",
+    "tidings_event_id",
+    "tidings_correlation_id",
+    "tidings_causation_id",
+    "tidings_tenant_id",
+)
+_CARRIED_LENGTH: Final = 256
+_UNMOVABLE_BATCH: Final = 100
 _ENVELOPE_KEY: Final = ENVELOPE.encode()
 _BACKOFF_FIRST, _BACKOFF_MAX = 0.1, 5.0
 
@@ -75,8 +96,12 @@ class _EntryHeaders(Mapping[str, str]):
 
     def _all(self) -> dict[str, str]:
         if self._decoded is None:
-            found = {text(k): text(v) for k, v in self._fields.items() if k != _ENVELOPE_KEY}
-            found[ENTRY_ID], found[GROUP] = self._entry_id, self._group
+            # The entry's id and group first (a store keeps the first headers of a letter), and
+            # never overridden by a field of the same name.
+            found = {ENTRY_ID: self._entry_id, GROUP: self._group}
+            for k, v in self._fields.items():
+                if k != _ENVELOPE_KEY and (key := text(k)) not in (ENTRY_ID, GROUP):
+                    found[key] = text(v)
             self._decoded = found
         return self._decoded
 
@@ -122,6 +147,11 @@ class Streams:
         return (*self.topics, *self.ordered, self.redeliver)
 
     @property
+    def unmovable(self) -> str:
+        """The list where the retry mover puts members it cannot move, to be dead-lettered."""
+        return f"{self.retry}:unmovable"
+
+    @property
     def shared(self) -> tuple[str, ...]:
         """The streams every consumer of the service reads (and reclaims from)."""
         return (*self.topics, self.redeliver)
@@ -151,6 +181,7 @@ class StreamConsumer:
             group=streams.group,
             retry=streams.retry,
             redeliver=streams.redeliver,
+            unmovable=streams.unmovable,
             count=transport.count,
         )
         # The read-ahead pipeline (see _step): a batch claimed and ready for its handlers, and
@@ -181,8 +212,10 @@ class StreamConsumer:
                         self.transport.trim(stream)
                     next_trim = now + self.transport.trim_interval
                 self._turn()
+                if self.link.unmovable_waiting:
+                    self._dead_letter_unmovable()
                 delay = _BACKOFF_FIRST
-            except Exception as exc:  # nothing may end the loop but stop
+            except Exception as exc:  # noqa: BLE001 - nothing may end the loop but stop
                 # What was read stays pending (reclaimed after claim_idle; claims expire).
                 self._ready, self._next = None, []
                 if self.leases is not None:  # what was read may be pending still: read it again
@@ -190,9 +223,14 @@ class StreamConsumer:
                 if isinstance(exc, redis.ResponseError) and "NOGROUP" in str(exc):
                     ready = False  # the stream or group vanished (a Redis without persistence)
                 if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
-                    log.warning("Redis unreachable (%r); retrying in %.1f s", exc, delay)
-                else:
-                    log.exception("consumer %s failed; retrying in %.1f s", self.name, delay)
+                    log.warning("Redis unreachable (%s); retrying in %.1f s", log_safe(exc), delay)
+                else:  # the traceback on one line: its text may come from an entry
+                    log.error(
+                        "consumer %s failed; retrying in %.1f s: %s",
+                        self.name,
+                        delay,
+                        log_safe("".join(traceback.format_exception(exc)), 4000),
+                    )
                 self.stop.wait(delay * (1 - 0.2 * random.random()))  # noqa: S311 - spreading
                 delay = min(_BACKOFF_MAX, delay * 2)
         self._leave()
@@ -205,11 +243,11 @@ class StreamConsumer:
             self._exchange(None)
         except Exception as exc:  # noqa: BLE001 - leaving: what is not acknowledged is reclaimed
             log.warning(
-                "consumer %s stopped before acknowledging %d entries (%r); they will be "
+                "consumer %s stopped before acknowledging %d entries (%s); they will be "
                 "reclaimed, and their inbox markers skip the handlers that already ran",
                 self.name,
                 len(self.link.acks),
-                exc,
+                log_safe(exc),
             )
         self.link.connection.close()
         self._deregister()
@@ -265,6 +303,7 @@ class StreamConsumer:
         token, claiming = "", False
         try:
             link.connection.send(first)
+            entries = self._sort_out(entries)
             prepared = self.dispatcher.prepare([self._received(*e) for e in entries])
             if prepared.pairs and link.inline:
                 assert isinstance(inbox, RedisInbox)  # noqa: S101 - inline
@@ -347,6 +386,9 @@ class StreamConsumer:
                 entries = [e for e in entries if e[0] not in self._ordered]
                 if not entries:
                     return
+        entries = self._sort_out(entries)
+        if not entries:
+            return
         messages = [self._received(*e) for e in entries]
         if crashes:
             messages = [
@@ -374,6 +416,8 @@ class StreamConsumer:
                 times = int(info[0]["times_delivered"]) if info else 1
             if times > self.transport.max_deliveries:
                 self._dead_letter_overdelivered(entry, times)
+                continue
+            if not self._sort_out([entry]):
                 continue
             received = self._received(stream, entry_id, fields)
             retries = self.dispatcher.dispatch(received).retries
@@ -422,11 +466,58 @@ class StreamConsumer:
         # Only the service's own stream may aim a delivery at one handler.
         if stream != self.streams.redeliver or not headers.get(HANDLER):
             return Received(body, headers, stream)
-        attempt = int(headers[ATTEMPT]) if headers.get(ATTEMPT, "").isdigit() else 1
-        return Received(body, headers, stream, headers[HANDLER], max(1, attempt))
+        # Strictly parsed (see _sort_out, which dead-letters an entry whose counters are not).
+        attempt = parse_counter(fields.get(_COUNTERS[0], b"1")) or 1
+        return Received(body, headers, stream, headers[HANDLER], attempt)
+
+    def _sort_out(self, entries: Sequence[Entry]) -> list[Entry]:
+        """Dead-letter (and acknowledge later) the entries whose counters are nonsense.
+
+        Returns the others. A counter field tidings defines (``tidings_attempt``,
+        ``tidings_deliveries``) that is present must be a sane counter
+        (:func:`~tidings._untrusted.parse_counter`): ``"²"``, five thousand digits, ``-1`` or
+        ``1.5`` there make the entry one tidings did not write as it is, so it is dead-lettered
+        with that reason instead of being guessed at (or crashing its batch).
+        """
+        good: list[Entry] = []
+        for entry in entries:
+            fields = entry[2]
+            if len(fields) == 1:  # the usual entry: the envelope alone
+                good.append(entry)
+                continue
+            bad = [
+                name.decode()
+                for name in _COUNTERS
+                if name in fields and parse_counter(fields[name]) is None
+            ]
+            if not bad:
+                good.append(entry)
+                continue
+            shown = ", ".join(f"{name}={log_safe(text(fields[name.encode()]), 40)}" for name in bad)
+            self._dead_letter_entry(
+                entry,
+                f"InvalidEntry: entry {entry[1]} has counters that are not counters ({shown}); "
+                "tidings writes ASCII digits only",
+                attempts=0,
+            )
+        return good
 
     def _schedule(self, outcomes: Sequence[Outcome]) -> None:
-        retries = [again for outcome in outcomes for again in outcome.retries]
+        """Store the outcomes' redeliveries in the retry set; dead-letter the endless ones.
+
+        A redelivery for a failure has the next attempt number, bounded by the handler's
+        policy. One for a busy inbox keeps its attempt number; those are counted (``BUSY``)
+        and past :data:`MAX_BUSY` in a row the delivery is dead-lettered instead, so that no
+        retry path is unbounded (a claim someone wrote without expiry would be busy for ever).
+        """
+        retries: list[Redelivery] = []
+        for outcome in outcomes:
+            for again in outcome.retries:
+                busy = self._busy_count(again)
+                if busy > MAX_BUSY:
+                    self._dead_letter_busy(again, outcome, busy)
+                else:
+                    retries.append(again._replace(headers={**again.headers, BUSY: str(busy)}))
         if not retries:
             return
         now = time.time()
@@ -435,14 +526,53 @@ class StreamConsumer:
                 fields = [ENVELOPE, again.body.decode("utf-8", "replace")]
                 fields += [HANDLER, again.handler, ATTEMPT, str(again.attempt)]
                 fields += [_RETRY_ID, uuid.uuid4().hex]
-                for key, value in again.headers.items():
-                    if key not in _LOCAL:
-                        fields += [key, value]
+                if again.headers[BUSY] != "0":
+                    fields += [BUSY, again.headers[BUSY]]
+                for key in _CARRIED:  # only these, and cut: see _CARRIED
+                    value = again.headers.get(key)
+                    if value:
+                        fields += [key, value[:_CARRIED_LENGTH]]
                 pipe.zadd(
                     self.streams.retry, {json.dumps(fields, ensure_ascii=False): now + again.delay}
                 )
             pipe.execute()
         self.link.retry_due(now + min(again.delay for again in retries))
+
+    @staticmethod
+    def _busy_count(again: Redelivery) -> int:
+        """How many busy redeliveries in a row ``again`` makes (0: it is for a failure)."""
+        headers = again.headers
+        aimed = headers.get(HANDLER) == again.handler
+        attempt = (parse_counter(headers.get(ATTEMPT, "1")) or 1) if aimed else 1
+        if again.attempt != attempt:
+            return 0
+        return (parse_counter(headers.get(BUSY, "0")) or 0) + 1 if aimed else 1
+
+    def _dead_letter_busy(self, again: Redelivery, outcome: Outcome, busy: int) -> None:
+        """Dead-letter a delivery the inbox found busy ``busy`` times in a row."""
+        event = outcome.event
+        letter = DeadLetter(
+            body=again.body,
+            reason=(
+                f"RedeliveryLimitExceeded: the inbox found {again.handler} busy on this event "
+                f"{busy} times in a row (MAX_BUSY={MAX_BUSY}); is a claim held for ever?"
+            ),
+            attempts=again.attempt,
+            handler=again.handler,
+            event_type=None if event is None else event.event_type,
+            event_id=None if event is None else event.event_id,
+            headers=dict(again.headers),
+            transport=self.transport.name,
+            destination=self.streams.redeliver,
+        )
+        self.transport.dead_letters.add(letter)
+        log.error(
+            "dead-lettered %s's delivery of %s as %s: busy %d times in a row",
+            log_safe(again.handler),
+            log_safe(letter.event_id),
+            letter.id,
+            busy,
+        )
 
     def _reclaim(self) -> None:
         """Take over entries idle longer than ``claim_idle``, one at a time.
@@ -478,8 +608,8 @@ class StreamConsumer:
         stream, entry_id, _ = entry
         info = self.redis.xpending_range(stream, self.streams.group, entry_id, entry_id, 1)
         times = int(info[0]["times_delivered"]) if info else 1
-        carried = entry[2].get(DELIVERIES.encode(), b"0")
-        times += int(carried) if carried.isdigit() else 0
+        # A nonsense count is taken as none here; _handle then dead-letters the entry for it.
+        times += parse_counter(entry[2].get(DELIVERIES.encode(), b"0")) or 0
         log.warning("reclaimed entry %s of %s (delivery %d)", entry_id, stream, times)
         if times > self.transport.max_deliveries:
             self._dead_letter_overdelivered(entry, times)
@@ -487,33 +617,96 @@ class StreamConsumer:
             self._handle([entry], crashes=times - 1)
 
     def _dead_letter_overdelivered(self, entry: Entry, times: int) -> None:
+        self._dead_letter_entry(
+            entry,
+            f"DeliveryLimitExceeded: entry {entry[1]} was delivered {times} times without "
+            f"being acknowledged (max_deliveries={self.transport.max_deliveries}); its "
+            "handling probably kills or stalls the worker",
+            attempts=times - 1,
+        )
+
+    def _dead_letter_entry(self, entry: Entry, reason: str, *, attempts: int) -> None:
+        """Dead-letter ``entry`` as it is, with ``reason``, and owe its acknowledgement.
+
+        Never raises for the entry's content (whatever decoding it raises, the letter is stored
+        without the event's type and id); only the store failing propagates, and then the entry
+        stays pending.
+        """
         received = self._received(*entry)
-        headers = dict(received.headers)
         event: DomainEvent | None
         try:
             event = self.transport.codec.decode(received.body)
-        except EventDecodeError:
+        except Exception:  # noqa: BLE001 - whatever the bytes make it raise, they are dead-lettered
             event = None
         letter = DeadLetter(
             body=received.body,
-            reason=(
-                f"DeliveryLimitExceeded: entry {entry[1]} was delivered {times} times without "
-                f"being acknowledged (max_deliveries={self.transport.max_deliveries}); its "
-                "handling probably kills or stalls the worker"
-            ),
-            attempts=times - 1,
+            reason=reason,
+            attempts=max(0, attempts),
             handler=received.handler,
             event_type=None if event is None else event.event_type,
             event_id=None if event is None else event.event_id,
-            headers=headers,
+            headers=dict(received.headers),
             transport=self.transport.name,
             destination=entry[0],
         )
         self.transport.dead_letters.add(letter)
         log.error(
-            "dead-lettered over-delivered entry %s of %s as %s", entry[1], entry[0], letter.id
+            "dead-lettered entry %s of %s as %s: %s",
+            entry[1],
+            entry[0],
+            letter.id,
+            log_safe(reason),
         )
         self.link.ack_later([entry])
+
+    def _dead_letter_unmovable(self) -> None:
+        """Dead-letter the retry members the mover put aside (see ``MOVE_DUE``), then drop them.
+
+        Each letter's id is derived from the member, so that two consumers draining at once, or
+        one that crashed between storing and dropping, store it once. ``LREM`` drops exactly
+        the member stored.
+        """
+        key = self.streams.unmovable
+        members: list[bytes] = self.redis.lrange(key, 0, _UNMOVABLE_BATCH - 1)
+        for member in members:
+            self.transport.dead_letters.add(self._unmovable_letter(member))
+            self.redis.lrem(key, 1, member)
+        if members:
+            log.error(
+                "dead-lettered %d redelivery(ies) of %s that could not be moved to %s",
+                len(members),
+                self.streams.retry,
+                self.streams.redeliver,
+            )
+        self.link.unmovable_waiting = len(members) == _UNMOVABLE_BATCH
+
+    def _unmovable_letter(self, member: bytes) -> DeadLetter:
+        """The dead letter of one retry member the mover could not move."""
+        digest = hashlib.sha256(member).hexdigest()
+        body, handler = member, None
+        try:
+            values = json.loads(member) if len(member) <= MOVE_LONGEST else None
+        except (ValueError, RecursionError):
+            values = None
+        if isinstance(values, list) and all(isinstance(v, str) for v in values):
+            found = dict(zip(values[::2], values[1::2], strict=False))
+            body = found.get(ENVELOPE, "").encode("utf-8", "surrogatepass")
+            handler = found.get(HANDLER)
+        return DeadLetter(
+            body=body,
+            reason=(
+                f"UnmovableRetry: a redelivery waiting in {self.streams.retry} could not be moved "
+                f"to {self.streams.redeliver} (not a flat JSON array of at most "
+                f"{MOVE_MOST_VALUES} field and value strings of at most {MOVE_LONGEST} bytes in "
+                "all, or refused by XADD); the body is its envelope when one could be read, "
+                "else the member itself"
+            ),
+            handler=handler[:_CARRIED_LENGTH] if handler else None,
+            headers={GROUP: self.streams.group},
+            transport=self.transport.name,
+            destination=self.streams.retry,
+            id=str(uuid.UUID(digest[:32])),
+        )
 
     def _report_lost(self, stream: str, entry_id: str) -> None:
         """An entry was deleted (trimmed) while pending: its event may be lost; say so loudly."""

@@ -44,8 +44,20 @@ only that service's group reads. The original entry is acknowledged after the re
 stored. (Not so on ordered partitions: there a failed handler is retried in place.)
 
 **Trimming** is never done on publish; see :mod:`tidings.transports._streams_scripts` for how
-:meth:`RedisStreamsTransport.trim` (run by workers every ``trim_interval`` when ``maxlen`` is
-set) keeps every entry some group still needs.
+:meth:`RedisStreamsTransport.trim` (run by workers every ``trim_interval``) keeps every entry
+some group still needs. By default (``maxlen=DEFAULT_MAXLEN``, 100,000) a stream keeps its
+newest 100,000 entries and, beyond them, only entries some group has not read or not
+acknowledged: a slow or stopped group keeps what it has not read, however many that is (a
+group never created keeps nothing: create services' groups before publishing to them, as a
+worker's first start does). ``maxlen=None`` never trims.
+
+**Hostile entries.** Anyone who can ``XADD`` to a stream chooses an entry's fields. Workers
+trust none of them: the envelope is decoded under the codec's limits, counters
+(``tidings_attempt``, ``tidings_deliveries``) must be ASCII digits (an entry whose counters are
+not is dead-lettered, saying so), a redelivery copies only the fields tidings defines (each cut
+at 256 characters), the retry mover sets aside what it cannot move for consumers to
+dead-letter, and nothing read from an entry reaches a log line unescaped. Every entry ends
+handled, retried (boundedly), without subscriber, or dead-lettered with its reason.
 
 **Ordering.** By default, entries of one stream are handled in stream order by one consumer;
 with several consumers (``concurrency`` > 1, or several workers) they overlap, and a retried
@@ -105,7 +117,13 @@ from tidings.ports import DeadLetter, DeadLetterStore, Inbox
 from tidings.retry import RetryPolicy
 from tidings.transports._streams_partitions import partition_of
 from tidings.transports._streams_run import run_consumers, run_until_signalled
-from tidings.transports._streams_scripts import PUBLISH, PUBLISH_CHUNK, PUBLISH_FIELDS, SAFE_TRIM
+from tidings.transports._streams_scripts import (
+    PUBLISH,
+    PUBLISH_CHUNK,
+    PUBLISH_FIELDS,
+    SAFE_TRIM,
+    TRIM_MOST,
+)
 from tidings.transports._streams_worker import (
     ATTEMPT,
     ENVELOPE,
@@ -114,7 +132,10 @@ from tidings.transports._streams_worker import (
     Streams,
 )
 
-__all__ = ["RedisStreamsTransport"]
+__all__ = ["DEFAULT_MAXLEN", "RedisStreamsTransport"]
+
+DEFAULT_MAXLEN = 100_000
+"""Entries a stream keeps at least, beyond those a group still needs; older ones are trimmed."""
 
 Route = Callable[[type[DomainEvent]], str]
 PartitionKey = Callable[[DomainEvent], object]
@@ -146,8 +167,9 @@ class RedisStreamsTransport:
         claim_idle: seconds an entry stays pending with a silent consumer before another
             consumer of the service reclaims it; choose it longer than the slowest batch.
         max_deliveries: deliveries of one entry after which it is dead-lettered instead.
-        maxlen: when set, workers trim every stream they read to about this many entries
-            every ``trim_interval`` seconds, never dropping one a group still needs.
+        maxlen: workers trim every stream they read to about this many entries every
+            ``trim_interval`` seconds, never dropping one a group still needs (default
+            :data:`DEFAULT_MAXLEN`; ``None`` never trims: streams then grow without bound).
         trim_interval: seconds between two trims of a worker.
         partitions: when set, order events per key (see "Per-key order" in the module
             docstring): each topic is split into this many partition streams.
@@ -177,7 +199,7 @@ class RedisStreamsTransport:
         count: int = 100,
         claim_idle: float = 30.0,
         max_deliveries: int = 5,
-        maxlen: int | None = None,
+        maxlen: int | None = DEFAULT_MAXLEN,
         trim_interval: float = 10.0,
         partitions: int | None = None,
         partition_key: PartitionKey | str | None = None,
@@ -337,7 +359,7 @@ class RedisStreamsTransport:
         """
         if self.maxlen is None:
             return 0
-        return int(self._trim(keys=[stream], args=[self.maxlen], client=self.client))
+        return int(self._trim(keys=[stream], args=[self.maxlen, TRIM_MOST], client=self.client))
 
     def run(self, stop: threading.Event | None = None, *, concurrency: int = 1) -> None:
         """Consume with ``concurrency`` consumer threads until ``stop`` is set.
