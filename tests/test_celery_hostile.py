@@ -238,6 +238,11 @@ CASES = [
         },
     ),
     Case(
+        "control-characters-in-the-id",
+        task_body("ENVELOPE"),
+        headers=lambda m, b: {**task_headers(m), "id": f"x{NASTY}"},
+    ),
+    Case(
         "control-characters-in-the-task-name",
         GARBAGE,
         headers=lambda m, b: task_headers(m, task=f"tidings.deliver{NASTY}"),
@@ -294,10 +299,11 @@ def test_a_delivery_whose_store_is_down_is_retried_a_bounded_number_of_times_and
     worker.client.set(switch, 1)
     try:
         worker.publish_raw(GARBAGE(mark), "application/json", "utf-8", task_headers(mark))
-        # Attempts with retries 0, 1, …, the bound: each asks the store, which refuses.
+        # Attempts with retries 0, 1, …, the bound each ask the store, which refuses; at the
+        # bound the dead letter is refused too.
         wait_until(
             lambda: (
-                int(worker.client.get(switch + ":refused") or 0) >= MAX_INFRASTRUCTURE_RETRIES + 1
+                int(worker.client.get(switch + ":refused") or 0) >= MAX_INFRASTRUCTURE_RETRIES + 2
             ),
             timeout=20,
             what="the retries up to the bound",
@@ -312,8 +318,12 @@ def test_a_delivery_whose_store_is_down_is_retried_a_bounded_number_of_times_and
             return found
 
         # Past the bound the message waits for the store, unacknowledged, the next try 60 s on.
-        retries = wait_until(kept, timeout=10, what="the message to be kept for later")
-        assert retries == [MAX_INFRASTRUCTURE_RETRIES + 1]
+        wait_until(
+            lambda: kept() == [MAX_INFRASTRUCTURE_RETRIES + 1],
+            timeout=10,
+            what="the message to be kept for later, unacknowledged",
+        )
+        assert int(worker.client.get(switch + ":refused") or 0) == MAX_INFRASTRUCTURE_RETRIES + 2
         assert not worker.letters_marked(mark)
     finally:
         worker.client.delete(switch)

@@ -68,6 +68,8 @@ _TEXT_HEADERS = (
     "id", "task", "shadow", "root_id", "parent_id", "group", "argsrepr", "kwargsrepr",
     "origin", "lang", "eta", "expires",
 )  # fmt: skip
+_LOGGED_HEADERS = ("id", "shadow", "root_id", "parent_id", "group")
+_LONGEST_ID = 255
 _EMBED_KEYS = frozenset({"callbacks", "errbacks", "chord", "chain"})
 
 
@@ -99,6 +101,11 @@ def _header_problem(headers: dict[Any, Any]) -> str | None:
             return f"the {key} header is not text"
     if not isinstance(headers.get("id"), str) or not headers["id"]:
         return "the message has no id"
+    # Celery's own log lines show these raw ("Task name[id] received"): plain text only.
+    for key in _LOGGED_HEADERS:
+        value = headers.get(key)
+        if value is not None and log_safe(value, _LONGEST_ID) != value:
+            return f"the {key} header has control characters or is too long"
     retries = headers.get("retries")
     # Celery adds one to it for a retry: an int (not "3", which parse_counter takes).
     if retries is not None and (not isinstance(retries, int) or parse_counter(retries) is None):
