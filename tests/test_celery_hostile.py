@@ -328,3 +328,25 @@ def test_a_delivery_whose_store_is_down_is_retried_a_bounded_number_of_times_and
     finally:
         worker.client.delete(switch)
     assert worker.probe() == worker.child
+
+
+def test_a_message_celery_cannot_run_is_kept_while_the_store_is_down(worker):
+    """With the store down, a message Celery cannot run is kept, unacked, and the worker goes on."""
+    mark = uuid.uuid4().hex
+    switch = f"{worker.name}:store-down"
+    worker.client.set(switch, 1)
+    try:
+        worker.publish_raw(b"\x00raw", "application/data", "binary", task_headers(mark))
+        wait_until(
+            lambda: int(worker.client.get(switch + ":refused") or 0) >= 1,
+            timeout=20,
+            what="the store to refuse its dead letter",
+        )
+        assert worker.process.poll() is None, "the worker must not have exited"
+    finally:
+        worker.client.delete(switch)
+    # The consumer reconnects and the broker hands the message out again: now it is stored.
+    wait_until(lambda: worker.letters_marked(mark), timeout=30, what="its dead letter")
+    assert len(worker.letters_marked(mark)) == 1
+    assert worker.process.poll() is None
+    assert worker.probe() == worker.child

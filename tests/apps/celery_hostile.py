@@ -49,11 +49,15 @@ class SwitchableStore(RedisDeadLetterStore):
         self.client = client
 
     def add(self, letter: DeadLetter) -> None:
-        """Store ``letter``, or raise ``ConnectionError`` while the switch key exists."""
+        """Store ``letter``, or raise redis-py's ``ConnectionError`` while the switch exists.
+
+        redis-py's, as a store on its own Redis would: not one of an AMQP broker's
+        connection errors.
+        """
         if self.client.exists(self.switch):
             self.client.incr(self.switch + ":refused")
             msg = "the dead-letter store is down (test switch)"
-            raise ConnectionError(msg)
+            raise redis.ConnectionError(msg)
         super().add(letter)
 
 

@@ -92,6 +92,7 @@ def unrunnable(message: Any) -> str | None:
         return None
     if message.content_type != "application/json":
         return f"content type {log_safe(message.content_type, 64)}, not application/json"
+    # decode() caches the body on the message: Celery's strategy reuses it, no second parse.
     return _header_problem(headers) or _body_problem(message.decode())
 
 
@@ -224,9 +225,14 @@ class DeadLetteringConsumer(Consumer):  # type: ignore[misc]
             transport="celery",
             destination=destination if isinstance(destination, str) else "",
         )
-        # If the store is down this raises, the consumer restarts, and the broker keeps the
-        # unacknowledged message: nothing is dropped silently.
-        store.add(letter)
+        # If the store is down this raises a connection error: the consumer restarts, and the
+        # broker keeps the unacknowledged message (nothing is dropped silently). Any other
+        # error would make Celery's worker exit ("unrecoverable error").
+        try:
+            store.add(letter)
+        except Exception as failed:
+            msg = f"the dead-letter store failed ({type(failed).__name__}); the message is kept"
+            raise ConnectionError(msg) from failed
         log.error(
             "dead-lettered an undeliverable message as %s: %s", letter.id, log_safe(letter.reason)
         )

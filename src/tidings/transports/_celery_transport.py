@@ -356,7 +356,15 @@ class CeleryTransport:
     def _run_one(self, task: Task, *args: Any, **kwargs: Any) -> None:
         body, handler, attempt = one_arguments(args, kwargs)
         if attempt is None:
-            self._refuse(task, [body], handler, "the message's attempt argument is not a counter")
+            retries = task.request.retries
+            try:
+                self._refuse(
+                    task, [body], handler, "the message's attempt argument is not a counter"
+                )
+            except Exception as exc:
+                if not isinstance(retries, int) or parse_counter(retries) is None:
+                    raise  # pragma: no cover - tidings' consumer refuses such a header first
+                self._infrastructure_failed(task, [body], handler, retries, exc)
             return
         self._run(task, [body], handler, attempt)
 
