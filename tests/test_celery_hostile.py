@@ -9,6 +9,7 @@ pool child (no crash, no restart).
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 import uuid
@@ -350,3 +351,54 @@ def test_a_message_celery_cannot_run_is_kept_while_the_store_is_down(worker):
     assert len(worker.letters_marked(mark)) == 1
     assert worker.process.poll() is None
     assert worker.probe() == worker.child
+
+
+def _kombu_item(mark: str, **changes: Any) -> bytes:
+    """A kombu Redis queue item carrying ``mark``, with some of its fields replaced."""
+    item: dict[str, Any] = {
+        "body": base64.b64encode(b'[["x"], {}, {}]').decode(),
+        "content-type": "application/json",
+        "content-encoding": "utf-8",
+        "headers": {MARK: mark, "task": "tidings.deliver", "id": mark},
+        "properties": {
+            "delivery_tag": mark,
+            "body_encoding": "base64",
+            "delivery_info": {"exchange": "", "routing_key": ""},
+        },
+    }
+    item.update(changes)
+    return json.dumps(item).encode()
+
+
+RAW_ITEMS: dict[str, Callable[[str], bytes]] = {
+    "not-json": lambda m: f"not json {m}".encode(),
+    "a-json-list": lambda m: json.dumps([m]).encode(),
+    "no-properties": lambda m: _kombu_item(m, properties=None),
+    "properties-text": lambda m: _kombu_item(m, properties=m),
+    "headers-a-list": lambda m: _kombu_item(m, headers=[m]),
+    "body-not-base64": lambda m: _kombu_item(m, body=f"%%%{m}"),
+    "no-delivery-info": lambda m: _kombu_item(
+        m, properties={"delivery_tag": m, "body_encoding": "base64"}
+    ),
+}
+
+
+@pytest.mark.parametrize(("label", "build"), RAW_ITEMS.items(), ids=RAW_ITEMS.keys())
+def test_a_redis_queue_item_that_is_not_a_kombu_message_is_dead_lettered(worker, label, build):
+    """An LPUSHed item kombu cannot take is dead-lettered; the same worker and child go on."""
+    if worker.broker != "redis":
+        pytest.skip("only a Redis queue takes arbitrary items")
+    mark = uuid.uuid4().hex
+    began = time.monotonic()
+    worker.client.lpush(worker.name, build(mark))
+
+    def found() -> list[DeadLetter]:
+        letters = worker.transport.dead_letters.list(limit=1000)
+        return [letter for letter in letters if mark.encode() in letter.body]
+
+    (letter,) = wait_until(found, timeout=DEAD_LETTER_WITHIN, what="its dead letter")
+    worker.timings[f"raw-item-{label}"] = time.monotonic() - began
+    assert "not a kombu message" in letter.headers["tidings_malformed"]
+    assert letter.destination == worker.name
+    assert worker.probe() == worker.child
+    assert worker.process.poll() is None

@@ -39,7 +39,11 @@ from tidings._untrusted import log_safe, parse_counter
 from tidings.codec import Limits
 from tidings.events import DomainEvent
 from tidings.ports import DeadLetter
-from tidings.transports._celery_redis import acknowledge_without_waiting, reuse_redis_clients
+from tidings.transports._celery_redis import (
+    acknowledge_without_waiting,
+    refuse_malformed_items,
+    reuse_redis_clients,
+)
 from tidings.transports._celery_transport import DELIVER, DELIVER_BATCH, one_arguments
 
 if TYPE_CHECKING:
@@ -146,6 +150,7 @@ class DeadLetteringConsumer(Consumer):  # type: ignore[misc]
         if self.task_consumer is not None:
             reuse_redis_clients(self.task_consumer.channel)
             acknowledge_without_waiting(self.task_consumer.channel)
+            refuse_malformed_items(self.task_consumer.channel)
         return super().loop_args()  # type: ignore[no-any-return]
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Callable[[Any], None]:
