@@ -86,7 +86,8 @@ class CeleryTransport:
 
     ``EventBus(transport=CeleryTransport(app, ...))`` registers the two tasks on ``app``,
     installs context propagation for all of the app's tasks and sets the app's
-    ``worker_consumer``: a consumer that dead-letters what Celery cannot decode and, on a Redis
+    ``worker_consumer``: a consumer that dead-letters (and acknowledges) what Celery cannot
+    decode or run, whatever its content type or shape, and, on a Redis
     broker, records and acknowledges deliveries without waiting for each reply (every task of
     the worker gains; :mod:`tidings.transports._celery_redis`). Nothing happens before that.
     Thread-safe for publishing.
@@ -157,6 +158,7 @@ class CeleryTransport:
             "reject_on_worker_lost": True,
             "serializer": "json",
             "ignore_result": True,
+            # Celery's own bound off: _infrastructure_failed bounds the retries it asks for.
             "max_retries": None,
             # The app's own tasks: not offered to every other app of the process, whose own
             # transport registers its own (Celery would warn of duplicate task names).
