@@ -11,13 +11,22 @@ Celery acknowledges (or rejects without requeue) a message it cannot decode, a J
 that is not a task, and a task of an unknown name, and only logs them. A worker whose app has a
 ``CeleryTransport`` uses this consumer instead (``worker_consumer`` setting), which first stores
 such a message in the transport's dead-letter store with the reason, then lets Celery go on.
-Imported only by Celery's worker, through that setting.
+
+Some messages make Celery's own task strategy raise instead (a raw ``application/data`` body,
+a body that is not ``(args, kwargs, embed)``, headers of the wrong types, a missing ``id``):
+Celery calls that an unrecoverable error and its worker process exits, and the message, never
+acknowledged, kills the next worker too. This consumer checks the shape of every message naming
+one of tidings' tasks before Celery sees it, and catches whatever Celery's strategy raises for
+any task message: such a message is dead-lettered with the reason and acknowledged, and the
+worker goes on. Imported only by Celery's worker, through that setting.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from celery.exceptions import WorkerLostError
@@ -25,20 +34,112 @@ from celery.worker.consumer import Consumer
 from celery.worker.request import Request
 from celery.worker.state import task_ready
 
+from tidings._letters import bounded_letter_fields
+from tidings._untrusted import log_safe, parse_counter
+from tidings.codec import Limits
 from tidings.events import DomainEvent
 from tidings.ports import DeadLetter
-from tidings.transports._celery_redis import acknowledge_without_waiting, reuse_redis_clients
-from tidings.transports._celery_transport import DELIVER_BATCH, one_arguments
+from tidings.transports._celery_redis import (
+    acknowledge_without_waiting,
+    refuse_malformed_items,
+    reuse_redis_clients,
+)
+from tidings.transports._celery_transport import DELIVER, DELIVER_BATCH, one_arguments
 
 if TYPE_CHECKING:
     from tidings.transports._celery_transport import CeleryTransport
 
-__all__ = ["DeadLetteringConsumer", "WorkerLosses", "dead_letter_stores", "delivery_request"]
+__all__ = [
+    "DeadLetteringConsumer",
+    "WorkerLosses",
+    "dead_letter_stores",
+    "delivery_request",
+    "transports",
+    "unrunnable",
+]
 
 log = logging.getLogger("tidings.celery")
 
 dead_letter_stores: dict[int, Any] = {}
 """``id(app)`` → the dead-letter store of the app's transport (filled by the transport)."""
+
+transports: dict[int, CeleryTransport] = {}
+"""``id(app)`` → the app's transport (filled by the transport): its codec's size limit."""
+
+_OURS = frozenset({DELIVER, DELIVER_BATCH})
+# Headers Celery reads as text (ids, names, log text, dates): anything else there is refused.
+_TEXT_HEADERS = (
+    "id", "task", "shadow", "root_id", "parent_id", "group", "argsrepr", "kwargsrepr",
+    "origin", "lang", "eta", "expires",
+)  # fmt: skip
+_LOGGED_HEADERS = ("id", "shadow", "root_id", "parent_id", "group")
+_LONGEST_ID = 255
+_EMBED_KEYS = frozenset({"callbacks", "errbacks", "chord", "chain"})
+
+
+def unrunnable(message: Any) -> str | None:
+    """Why a message naming one of tidings' tasks cannot be run, or ``None`` if it can.
+
+    Messages naming other tasks, or no task, are Celery's to judge (``None``). Tidings' tasks
+    are sent as protocol 2 JSON: headers a map with an ``id``, text where Celery expects text,
+    a ``retries`` counter, no time limits of the wrong shape; a body decoding to ``[args,
+    kwargs, embed]`` with a list, a map, and no callbacks, errbacks, chord or chain (tidings
+    never sends any, and Celery would send the tasks they name).
+    """
+    headers = message.headers
+    if not isinstance(headers, dict):
+        return None  # Celery takes it for a protocol 1 message, or not a task at all
+    name = headers.get("task")
+    if not isinstance(name, str):
+        return None if name is None else "the task header is not text"
+    if name not in _OURS:
+        return None
+    if message.content_type != "application/json":
+        return f"content type {log_safe(message.content_type, 64)}, not application/json"
+    # decode() caches the body on the message: Celery's strategy reuses it, no second parse.
+    return _header_problem(headers) or _body_problem(message.decode())
+
+
+def _header_problem(headers: dict[Any, Any]) -> str | None:
+    for key in _TEXT_HEADERS:
+        if not isinstance(headers.get(key, ""), str | None):
+            return f"the {key} header is not text"
+    if not isinstance(headers.get("id"), str) or not headers["id"]:
+        return "the message has no id"
+    # Celery's own log lines show these raw ("Task name[id] received"): plain text only.
+    for key in _LOGGED_HEADERS:
+        value = headers.get(key)
+        if value is not None and log_safe(value, _LONGEST_ID) != value:
+            return f"the {key} header has control characters or is too long"
+    retries = headers.get("retries")
+    # Celery adds one to it for a retry: an int (not "3", which parse_counter takes).
+    if retries is not None and (not isinstance(retries, int) or parse_counter(retries) is None):
+        return "the message's retries header is not a counter"
+    limits = headers.get("timelimit")
+    if limits is not None and not (
+        isinstance(limits, list | tuple)
+        and len(limits) == 2  # (soft, hard)
+        and all(v is None or (isinstance(v, int | float) and 0 <= v < 1e9) for v in limits)
+    ):
+        return "the timelimit header is not (soft, hard)"
+    return None
+
+
+def _body_problem(body: Any) -> str | None:
+    if not (isinstance(body, list | tuple) and len(body) == 3):
+        return "the body is not [args, kwargs, embed]"
+    args, kwargs, embed = body
+    if not isinstance(args, list | tuple) or not isinstance(kwargs, dict):
+        return "the body's args are not a list or its kwargs not a map"
+    if embed is not None and (
+        not isinstance(embed, dict) or any(embed.get(key) for key in _EMBED_KEYS)
+    ):
+        return "the body's embed is not a map without callbacks, errbacks, chord or chain"
+    return None
+
+
+class UnrunnableTaskError(ValueError):
+    """A task message Celery's strategy cannot run (the reason is the message)."""
 
 
 class DeadLetteringConsumer(Consumer):  # type: ignore[misc]
@@ -49,7 +150,44 @@ class DeadLetteringConsumer(Consumer):  # type: ignore[misc]
         if self.task_consumer is not None:
             reuse_redis_clients(self.task_consumer.channel)
             acknowledge_without_waiting(self.task_consumer.channel)
+            refuse_malformed_items(self.task_consumer.channel)
         return super().loop_args()  # type: ignore[no-any-return]
+
+    def create_task_handler(self, *args: Any, **kwargs: Any) -> Callable[[Any], None]:
+        """Celery's task message handler, that no message can make raise (but connection errors).
+
+        A message naming one of tidings' tasks is checked first (:func:`unrunnable`); whatever
+        Celery's strategy raises on any task message is caught. Either way the message is
+        dead-lettered with the reason and acknowledged. A connection error propagates, as in
+        Celery (its consumer reconnects; the broker keeps the unacknowledged message).
+        """
+        handle = super().create_task_handler(*args, **kwargs)
+        errors = tuple(self.connection_errors or ()) + tuple(self.channel_errors or ())
+
+        def on_task_received(message: Any) -> None:
+            try:
+                why = unrunnable(message)
+            except errors:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a message's problem is data here
+                why = f"{type(exc).__name__}: {exc}"
+            if why is None:
+                try:
+                    handle(message)
+                except errors:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - a message's problem is data here
+                    self._refuse(message, exc)
+                return
+            self._refuse(message, UnrunnableTaskError(why))
+
+        return on_task_received
+
+    def _refuse(self, message: Any, exc: Exception) -> None:
+        """Dead-letter a task message Celery cannot run, then acknowledge it."""
+        self._dead_letter(message, exc)
+        if not message.acknowledged:
+            message.ack_log_error(log, tuple(self.connection_errors or ()))
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:
         """Dead-letter a message whose body cannot be decoded (garbage, pickle), then ack it."""
@@ -78,23 +216,31 @@ class DeadLetteringConsumer(Consumer):  # type: ignore[misc]
         body = message.body
         if isinstance(body, str):
             body = body.encode("utf-8", "surrogateescape")
-        headers = {
-            str(key): str(value)
-            for key, value in (message.headers or {}).items()
-            if isinstance(value, str | int | float)
-        }
-        headers["content-type"] = str(message.content_type)
+        transport = transports.get(id(self.app))
+        keep = (Limits() if transport is None else transport.codec.limits).max_bytes
+        raw_headers = message.headers if isinstance(message.headers, dict) else {}
+        kept, headers, note = bounded_letter_fields(bytes(body or b""), raw_headers, keep)
+        headers["content-type"] = log_safe(message.content_type, 128)
+        delivery = message.delivery_info if isinstance(message.delivery_info, dict) else {}
+        destination = delivery.get("routing_key")
         letter = DeadLetter(
-            body=bytes(body or b""),
-            reason=f"{type(exc).__name__}: {exc}",
+            body=kept,
+            reason=f"{type(exc).__name__}: {exc}"[:4096] + note,
             headers=headers,
             transport="celery",
-            destination=str((message.delivery_info or {}).get("routing_key") or ""),
+            destination=destination if isinstance(destination, str) else "",
         )
-        # If the store is down this raises, the consumer restarts, and the broker keeps the
-        # unacknowledged message: nothing is dropped silently.
-        store.add(letter)
-        log.error("dead-lettered an undeliverable message as %s: %s", letter.id, letter.reason)
+        # If the store is down this raises a connection error: the consumer restarts, and the
+        # broker keeps the unacknowledged message (nothing is dropped silently). Any other
+        # error would make Celery's worker exit ("unrecoverable error").
+        try:
+            store.add(letter)
+        except Exception as failed:
+            msg = f"the dead-letter store failed ({type(failed).__name__}); the message is kept"
+            raise ConnectionError(msg) from failed
+        log.error(
+            "dead-lettered an undeliverable message as %s: %s", letter.id, log_safe(letter.reason)
+        )
 
 
 class WorkerLosses:
@@ -108,7 +254,7 @@ class WorkerLosses:
 
     def __init__(self, transport: CeleryTransport) -> None:
         self.transport = transport
-        self._losses: dict[str, int] = {}
+        self._losses: dict[bytes, int] = {}
         self._lock = threading.Lock()
 
     def handle(self, request: Any, exc: BaseException) -> bool:
@@ -134,10 +280,13 @@ class WorkerLosses:
             else:
                 body, handler, _ = one_arguments(args, kwargs)
                 text = body if isinstance(body, str) else repr(body)
+                # Keyed by a digest: a few dozen bytes per message however large its body.
+                key = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16)
+                digest = key.digest()
                 with self._lock:
-                    losses = self._losses.pop(text, 0) + 1
+                    losses = self._losses.pop(digest, 0) + 1
                     if losses < transport.max_worker_losses:
-                        self._losses[text] = losses
+                        self._losses[digest] = losses
                         while len(self._losses) > 10_000:
                             del self._losses[next(iter(self._losses))]
                         return False
@@ -146,7 +295,7 @@ class WorkerLosses:
                 log.error(
                     "the worker died %d times on a delivery of %s; dead-lettered as %s",
                     losses,
-                    letter.event_id,
+                    log_safe(letter.event_id),
                     letter.id,
                 )
         except Exception:
@@ -163,26 +312,29 @@ class WorkerLosses:
         losses: int,
         exc: BaseException,
     ) -> DeadLetter:
+        raw = text.encode("utf-8", "surrogateescape")
         try:
-            event: DomainEvent | None = self.transport.codec.decode(text.encode())
+            event: DomainEvent | None = self.transport.codec.decode(raw)
         except Exception:  # noqa: BLE001 - the letter is worth more than the decoding
             event = None
+        request_dict = getattr(request, "request_dict", None)
+        body, headers, note = bounded_letter_fields(
+            raw,
+            request_dict if isinstance(request_dict, dict) else {},
+            self.transport.codec.limits.max_bytes,
+        )
         return DeadLetter(
-            body=text.encode(),
+            body=body,
             reason=(
                 f"WorkerLostError: the worker process died {losses} times handling this "
-                f"message ({exc}); dead-lettered so that it stops crashing workers"
+                f"message ({exc}); dead-lettered so that it stops crashing workers{note}"
             ),
             traceback="",
             attempts=losses,
             handler=handler,
             event_type=None if event is None else event.event_type,
             event_id=None if event is None else event.event_id,
-            headers={
-                str(key): str(value)
-                for key, value in (getattr(request, "request_dict", None) or {}).items()
-                if isinstance(value, str | int | float)
-            },
+            headers=headers,
             transport=self.transport.name,
             destination=(request.delivery_info or {}).get("routing_key") or self.transport.queue,
         )

@@ -21,19 +21,32 @@ rewritten by kombu's client):
   shutdown or after the visibility timeout), every write is confirmed first. The worker's main
   process then spends about a third less CPU per message, and waits less, for every task.
 
+A third, :func:`refuse_malformed_items`, is about hostile input rather than speed: kombu's
+Redis channel parses each item it pops from a queue list as a kombu message, and an item that
+is not one (anyone who can ``LPUSH`` can write one) raises inside the worker's event loop and
+ends the worker. The consumer's channel hands such an item on as a message of content type
+``application/x-tidings-malformed`` instead, which the consumer dead-letters and acknowledges.
+
 Used by the transport (publishing) and by tidings' worker consumer; imported with them.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
+import json
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-__all__ = ["acknowledge_without_waiting", "reuse_redis_clients"]
+__all__ = ["acknowledge_without_waiting", "refuse_malformed_items", "reuse_redis_clients"]
+
+MALFORMED = "application/x-tidings-malformed"
+"""The content type of a queue item that is not a kombu message, as handed on to Celery."""
 
 log = logging.getLogger("tidings.celery")
 
@@ -214,3 +227,83 @@ class _Transaction(NamedTuple):
 
     commands: list[tuple[Any, ...]]
     what: str
+
+
+def refuse_malformed_items(channel: Any) -> None:
+    """Make a kombu Redis channel hand on a queue item that is not a kombu message, wrapped.
+
+    The wrapper is a well-formed message of content type :data:`MALFORMED`, no task header, the
+    item itself as its body and the reason in its ``tidings_malformed`` header: Celery's
+    consumer finds it undecodable, and tidings' consumer dead-letters it. Applies to the items
+    the channel's event loop pops (``BRPOP``); calling it again changes nothing; other channels
+    are left alone.
+    """
+    if not _is_plain_kombu_redis(channel):
+        return
+    client = channel.client
+    parse = client.parse_response
+    if getattr(parse, "tidings_checks", False):
+        return
+
+    def parse_response(connection: Any, command: str, **options: Any) -> Any:
+        reply = parse(connection, command, **options)
+        if command == "BRPOP" and reply:
+            key, item = reply
+            problem = _malformed(item)
+            if problem is not None:
+                queue = key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
+                queue = queue.rsplit(channel.sep, 1)[0]
+                reply = [key, _wrapped(item, queue, problem)]
+        return reply
+
+    parse_response.tidings_checks = True  # type: ignore[attr-defined]
+    client.parse_response = parse_response
+
+
+def _malformed(item: Any) -> str | None:
+    """Why a queue item is not a message kombu's Redis channel can take, or ``None``."""
+    try:
+        payload = json.loads(item)
+    except (ValueError, TypeError) as exc:
+        return f"not JSON: {type(exc).__name__}"
+    if not isinstance(payload, dict) or not isinstance(payload.get("properties"), dict):
+        return "not a map with properties"
+    properties = payload["properties"]
+    delivery = properties.get("delivery_info")
+    if not isinstance(properties.get("delivery_tag"), str) or not (
+        isinstance(delivery, dict) and "exchange" in delivery and "routing_key" in delivery
+    ):
+        return "no delivery tag or delivery info"
+    if not all(
+        isinstance(payload.get(key), expected)
+        for key, expected in (
+            ("headers", dict | None),
+            ("content-type", str | None),
+            ("content-encoding", str | None),
+            ("body", str | None),
+        )
+    ):
+        return "headers, content type, encoding or body of the wrong type"
+    if properties.get("body_encoding") == "base64":
+        try:
+            base64.b64decode(payload.get("body") or "", validate=True)
+        except (binascii.Error, ValueError):
+            return "a body that is not base64"
+    return None
+
+
+def _wrapped(item: Any, queue: str, problem: str) -> bytes:
+    raw = item if isinstance(item, bytes) else str(item).encode("utf-8", "replace")
+    message = {
+        "body": base64.b64encode(raw).decode("ascii"),
+        "content-type": MALFORMED,
+        "content-encoding": "binary",
+        "headers": {"tidings_malformed": f"the queue item is not a kombu message: {problem}"},
+        "properties": {
+            "body_encoding": "base64",
+            "delivery_tag": str(uuid.uuid4()),
+            "delivery_info": {"exchange": "", "routing_key": queue},
+            "priority": 0,
+        },
+    }
+    return json.dumps(message).encode()

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from tidings._ids import new_event_id
+from tidings._letters import bounded_letter_fields
+from tidings._untrusted import log_safe, parse_counter
 from tidings.codec import Codec, default_codec
 from tidings.context import EventContext, bind, reset
 from tidings.delivery import Dispatcher, Received
@@ -41,6 +43,8 @@ log = logging.getLogger("tidings.celery")
 
 DELIVER = "tidings.deliver"
 DELIVER_BATCH = "tidings.deliver_batch"
+# The largest exponent of an infrastructure retry's backoff (2**6 s, then capped at 60 s).
+_MAX_BACKOFF_EXPONENT = 6
 # Celery's default for the Redis broker: an unacknowledged message is handed out again after it.
 DEFAULT_VISIBILITY_TIMEOUT = 3600.0
 
@@ -73,10 +77,17 @@ class CeleryTransport:
             ``os._exit`` in a handler) is delivered again, up to this many deaths counted by one
             worker; then it is dead-lettered instead of crashing workers for ever. A batch
             message whose worker died is split into one message per event first.
+        max_infrastructure_retries: a delivery that cannot be finished because the dead-letter
+            store or the broker fails is sent again (after 1, 2, 4 … at most 60 s) up to this
+            many times, counted by Celery's ``retries`` header; then it is dead-lettered with
+            the reason. While the dead letter cannot be stored either, it is sent again every
+            60 s; a retry that cannot be sent is rejected back to the broker, or left
+            unacknowledged for redelivery: never acknowledged in silence.
 
     ``EventBus(transport=CeleryTransport(app, ...))`` registers the two tasks on ``app``,
     installs context propagation for all of the app's tasks and sets the app's
-    ``worker_consumer``: a consumer that dead-letters what Celery cannot decode and, on a Redis
+    ``worker_consumer``: a consumer that dead-letters (and acknowledges) what Celery cannot
+    decode or run, whatever its content type or shape, and, on a Redis
     broker, records and acknowledges deliveries without waiting for each reply (every task of
     the worker gains; :mod:`tidings.transports._celery_redis`). Nothing happens before that.
     Thread-safe for publishing.
@@ -96,6 +107,7 @@ class CeleryTransport:
         retry: RetryPolicy | None = None,
         batch_size: int = 500,
         max_worker_losses: int = 3,
+        max_infrastructure_retries: int = 10,
     ) -> None:
         _celery()
         if batch_size < 1:
@@ -103,6 +115,9 @@ class CeleryTransport:
             raise ValueError(msg)
         if max_worker_losses < 1:
             msg = "max_worker_losses must be >= 1"
+            raise ValueError(msg)
+        if max_infrastructure_retries < 0:
+            msg = "max_infrastructure_retries must be >= 0"
             raise ValueError(msg)
         self.app = app
         self.queue = queue
@@ -113,6 +128,7 @@ class CeleryTransport:
         self.retry = RetryPolicy() if retry is None else retry
         self.batch_size = batch_size
         self.max_worker_losses = max_worker_losses
+        self.max_infrastructure_retries = max_infrastructure_retries
         self._dispatcher: Dispatcher | None = None
         self._deliver: Task | None = None
         self._deliver_batch: Task | None = None
@@ -142,6 +158,7 @@ class CeleryTransport:
             "reject_on_worker_lost": True,
             "serializer": "json",
             "ignore_result": True,
+            # Celery's own bound off: _infrastructure_failed bounds the retries it asks for.
             "max_retries": None,
             # The app's own tasks: not offered to every other app of the process, whose own
             # transport registers its own (Celery would warn of duplicate task names).
@@ -167,6 +184,7 @@ class CeleryTransport:
         # Messages Celery cannot decode or route would only be logged and dropped: make the
         # worker's consumer dead-letter them first.
         _celery_consumer.dead_letter_stores[id(self.app)] = self.dead_letters
+        _celery_consumer.transports[id(self.app)] = self
         ours = "tidings.transports._celery_consumer:DeadLetteringConsumer"
         current = self.app.conf.worker_consumer
         if current in (None, "celery.worker.consumer:Consumer", ours):
@@ -339,6 +357,17 @@ class CeleryTransport:
     # dispatcher (and the dead-letter store) instead of failing inside Celery and vanishing.
     def _run_one(self, task: Task, *args: Any, **kwargs: Any) -> None:
         body, handler, attempt = one_arguments(args, kwargs)
+        if attempt is None:
+            retries = task.request.retries
+            try:
+                self._refuse(
+                    task, [body], handler, "the message's attempt argument is not a counter"
+                )
+            except Exception as exc:
+                if not isinstance(retries, int) or parse_counter(retries) is None:
+                    raise  # pragma: no cover - tidings' consumer refuses such a header first
+                self._infrastructure_failed(task, [body], handler, retries, exc)
+            return
         self._run(task, [body], handler, attempt)
 
     def _run_batch(self, task: Task, *args: Any, **kwargs: Any) -> None:
@@ -351,12 +380,14 @@ class CeleryTransport:
             msg = "the transport is not bound to a bus"
             raise UsageError(msg)
         request = task.request
-        queue = (request.delivery_info or {}).get("routing_key") or self.queue
-        headers = {
-            key: str(value)
-            for key, value in (request.headers or {}).items()
-            if isinstance(value, str | int | float)
-        }
+        # Celery adds one to it for a retry: only an int will do (parse_counter takes "3" too).
+        raw_retries = 0 if request.retries is None else request.retries
+        retries = parse_counter(raw_retries) if isinstance(raw_retries, int) else None
+        if retries is None:
+            self._refuse(task, bodies, handler, "the message's retries header is not a counter")
+            return
+        queue = self._queue_of(request)
+        _, headers, _ = bounded_letter_fields(b"", request.headers or {}, 0)
         messages = [
             Received(
                 body.encode() if isinstance(body, str) else repr(body).encode(),
@@ -375,12 +406,77 @@ class CeleryTransport:
                         countdown=self._countdown(again.delay),
                         queue=queue,
                     )
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - retried, bounded, below
             # The dead-letter store or the broker failed: send this message again later rather
-            # than acknowledge it. Effects already done are guarded by the inbox.
-            log.exception("could not finish a delivery; it will be tried again")
-            retries = request.retries or 0
-            raise task.retry(exc=exc, countdown=min(60, 2**retries)) from exc
+            # than acknowledge it, a bounded number of times. Effects already done are guarded
+            # by the inbox.
+            self._infrastructure_failed(task, bodies, handler, retries, exc)
+
+    def _infrastructure_failed(
+        self,
+        task: Task,
+        bodies: list[Any],
+        handler: str | None,
+        retries: int,
+        exc: Exception,
+    ) -> None:
+        """Retry a delivery that failed for want of the store or broker; bounded, never acked."""
+        from celery.exceptions import Reject  # noqa: PLC0415 - Celery is optional
+
+        exponent = min(retries, _MAX_BACKOFF_EXPONENT)
+        if retries >= self.max_infrastructure_retries:
+            exponent = _MAX_BACKOFF_EXPONENT  # if the store is down too: the longest backoff
+            reason = (
+                f"could not finish the delivery after {retries} retries: "
+                f"{type(exc).__name__}: {exc}"
+            )
+            try:
+                self._refuse(task, bodies, handler, reason)
+            except Exception:
+                # The store is down too: keep the message on the broker, sent again at the
+                # longest backoff, until the dead letter can be stored.
+                log.exception("could not dead-letter a delivery either; keeping it for later")
+            else:
+                return
+        log.error(
+            "could not finish a delivery (%s); it will be tried again (retry %d, bound %d)",
+            log_safe(repr(exc)),
+            retries + 1,
+            self.max_infrastructure_retries,
+        )
+        # Bounded before it is computed: whatever the retries header said, 2**6 at most.
+        countdown = self._countdown(min(60, 2**exponent))
+        try:
+            raise task.retry(exc=exc, countdown=countdown) from exc
+        except Reject as failed:
+            # Celery acknowledges a message whose retry it could not send (Reject without
+            # requeue): put it back instead, or leave it unacknowledged if that fails too.
+            raise Reject(failed.reason, requeue=True) from exc
+
+    def _refuse(self, task: Task, bodies: list[Any], handler: str | None, reason: str) -> None:
+        """Dead-letter each of a message's bodies with ``reason`` (raises if the store fails)."""
+        request = task.request
+        queue = self._queue_of(request)
+        for body in bodies:
+            raw = body.encode() if isinstance(body, str) else repr(body).encode()
+            raw, headers, note = bounded_letter_fields(
+                raw, request.headers or {}, self.codec.limits.max_bytes
+            )
+            letter = DeadLetter(
+                body=raw,
+                reason=reason + note,
+                handler=handler,
+                headers=headers,
+                transport=self.name,
+                destination=queue,
+            )
+            self.dead_letters.add(letter)
+            log.error("dead-lettered a delivery as %s: %s", letter.id, log_safe(letter.reason))
+
+    def _queue_of(self, request: Any) -> str:
+        delivery = request.delivery_info
+        queue = delivery.get("routing_key") if isinstance(delivery, dict) else None
+        return queue if isinstance(queue, str) and queue else self.queue
 
     def _countdown(self, delay: float) -> float:
         """A retry's countdown: its delay, below the broker's visibility timeout.
@@ -392,14 +488,21 @@ class CeleryTransport:
         return delay if timeout is None else min(delay, timeout * 0.9)
 
 
-def one_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, str | None, int]:
-    """Read ``(body, handler=None, attempt=1)``; anything else becomes an undecodable body."""
+def one_arguments(
+    args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[Any, str | None, int | None]:
+    """Read ``(body, handler=None, attempt=1)``; anything else becomes an undecodable body.
+
+    The attempt is ``None`` when it is not a sane counter (see
+    :func:`~tidings._untrusted.parse_counter`): the caller dead-letters such a message.
+    """
     try:
         body, handler, attempt = (*args, None, 1)[:3] if len(args) <= 3 else (args, None, 1)
         handler = kwargs.pop("handler", handler)
         attempt = kwargs.pop("attempt", attempt)
     except (TypeError, ValueError):  # pragma: no cover - defensive
         return (args, kwargs), None, 1
-    if kwargs or not (handler is None or isinstance(handler, str)) or not isinstance(attempt, int):
+    if kwargs or not (handler is None or isinstance(handler, str)):
         return (args, kwargs), None, 1
-    return body, handler, max(1, attempt)
+    counted = parse_counter(attempt)
+    return body, handler, None if counted is None else max(1, counted)
