@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 import click
 
 from tidings._cli_imports import load_attribute
+from tidings._untrusted import redact_text, redact_url
 from tidings.bus import EventBus
 from tidings.errors import TidingsError
 
@@ -87,7 +88,8 @@ def make_worker_command() -> click.Command:
             raise click.ClickException(msg)
         if transport_url is not None:
             if urlsplit(transport_url).scheme not in ("redis", "rediss", "unix"):
-                msg = f"--transport takes a redis:// or rediss:// URL, not {transport_url!r}"
+                shown = redact_url(transport_url)
+                msg = f"--transport takes a redis:// or rediss:// URL, not {shown!r}"
                 raise click.UsageError(msg)
             import redis  # noqa: PLC0415 - present: the transport module imported it
 
@@ -100,7 +102,7 @@ def make_worker_command() -> click.Command:
         try:
             transport.run_forever(concurrency=concurrency)
         except TidingsError as exc:  # no handlers, not bound: a fix the operator can make
-            raise click.ClickException(str(exc)) from exc
+            raise click.ClickException(redact_text(str(exc), transport_url)) from exc
         click.echo("tidings worker: stopped", err=True)
 
     return worker
