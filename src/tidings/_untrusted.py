@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import re
 from typing import Final
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
-__all__ = ["MAX_COUNTER", "log_safe", "parse_counter", "plain_id", "redact_url"]
+__all__ = ["MAX_COUNTER", "log_safe", "parse_counter", "plain_id", "redact_text", "redact_url"]
 
 MAX_COUNTER: Final = 1_000_000
 """The largest attempt or delivery counter read from a message; anything above is nonsense."""
@@ -95,3 +95,39 @@ def redact_url(url: str) -> str:
             )
             parts = parts._replace(query=query)
     return parts.geturl()
+
+
+def _secrets(url: str) -> set[str]:
+    """The secrets in ``url``: password and secret query values, as written and decoded."""
+    found: set[str] = set()
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+    except ValueError:
+        userinfo = url.rsplit("@", 1)[0] if "@" in url else ""
+        found.add(userinfo.rpartition(":")[2])
+        return {secret for secret in found if secret}
+    if password is not None:
+        found.update({password, unquote(password), quote(unquote(password), safe="")})
+    for key, value in pairs:
+        if key.lower() in _SECRET_KEYS:
+            found.update({value, quote(value, safe="")})
+    return {secret for secret in found if secret}
+
+
+def redact_text(text: str, *urls: str | None) -> str:
+    """Return ``text`` with each of ``urls`` redacted and every secret they hold as ``***``.
+
+    For messages that quote a URL or a driver's own error (SQLAlchemy, psycopg and redis-py
+    errors may echo the DSN or the password): each URL is replaced by :func:`redact_url`'s
+    form, then any remaining occurrence of its password or secret query values, as written or
+    percent-decoded, by ``***``.
+    """
+    for url in urls:
+        if not url:
+            continue
+        text = text.replace(url, redact_url(url))
+        for secret in sorted(_secrets(url), key=len, reverse=True):
+            text = text.replace(secret, "***")
+    return text

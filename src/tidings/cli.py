@@ -114,7 +114,10 @@ def make_cli() -> click.Group:
         try:
             result = run_demo(options, console=console)
         except (ImportError, RuntimeError, TimeoutError) as exc:
-            console.print(f"[bold red]tidings demo failed[/]: {exc}", highlight=False)
+            from tidings._untrusted import redact_text  # noqa: PLC0415
+
+            reason = redact_text(str(exc), broker, db)
+            console.print(f"[bold red]tidings demo failed[/]: {reason}", highlight=False)
             raise SystemExit(1) from None
         print_report(result, console)
         if result.problems:

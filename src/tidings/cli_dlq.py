@@ -22,7 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from tidings._cli_imports import load_attribute
-from tidings._untrusted import redact_url
+from tidings._untrusted import redact_text, redact_url
 from tidings.deadletter import open_store
 from tidings.errors import TidingsError
 from tidings.ports import DeadLetter, DeadLetterStore, Replayer
@@ -80,14 +80,14 @@ def _opened(url: str | None, name: str | None) -> Iterator[DeadLetterStore]:
     try:
         store = open_store(url, name=name)
     except (TidingsError, ImportError) as exc:  # a URL tidings cannot use, a missing extra
-        raise click.UsageError(str(exc)) from exc
+        raise click.UsageError(redact_text(str(exc), url)) from exc
     try:
         yield store
     except (click.ClickException, click.exceptions.Exit, click.Abort):
         raise
     except Exception as exc:  # an operator needs the cause, not a traceback
         msg = f"the dead-letter store at {redact_url(url)} failed: {type(exc).__name__}: {exc}"
-        raise click.ClickException(msg) from exc
+        raise click.ClickException(redact_text(msg, url)) from exc
     finally:
         close = getattr(store, "close", None)
         if callable(close):

@@ -38,6 +38,7 @@ from rich.table import Table
 from rich.text import Text
 
 from tidings._cli_imports import import_module, load_attribute
+from tidings._untrusted import redact_text, redact_url
 from tidings.bus import EventBus
 from tidings.errors import TidingsError
 from tidings.events import DomainEvent
@@ -68,7 +69,8 @@ def _publisher(spec: str) -> Publish:
     if "/" in spec:
         msg = (
             "--transport takes redis://..., celery+redis://..., celery+amqp://..., memory:// "
-            f"or module:attribute (your EventBus, Transport or publish function), not {spec!r}"
+            "or module:attribute (your EventBus, Transport or publish function), not "
+            f"{redact_url(spec)!r}"
         )
         raise click.UsageError(msg)
     target: Any = load_attribute(spec, "--transport", "myproject.wiring:bus")
@@ -135,9 +137,9 @@ def _broker_transport(spec: str) -> Transport:
                 partition_key=options.get("partition_key"),
             )
     except ImportError as exc:
-        raise click.ClickException(f"--transport {spec}: {exc}") from exc
+        raise click.ClickException(redact_text(f"--transport {spec}: {exc}", spec)) from exc
     except (TidingsError, ValueError) as exc:
-        raise click.UsageError(f"--transport {spec}: {exc}") from exc
+        raise click.UsageError(redact_text(f"--transport {spec}: {exc}", spec)) from exc
     return transport
 
 
@@ -152,16 +154,17 @@ def _engine(url: str | None) -> Iterator[sa.Engine]:
         engine = sa.create_engine(url)
     except ImportError as exc:
         msg = f"{exc}: pip install 'tidings[sql]' and the database's driver"
-        raise click.UsageError(msg) from exc
+        raise click.UsageError(redact_text(msg, url)) from exc
     except Exception as exc:  # a malformed URL, an unknown dialect
-        raise click.UsageError(f"cannot use --db: {type(exc).__name__}: {exc}") from exc
+        msg = f"cannot use --db: {type(exc).__name__}: {exc}"
+        raise click.UsageError(redact_text(msg, url)) from exc
     try:
         yield engine
     except (click.ClickException, click.exceptions.Exit, click.Abort):
         raise
     except (TidingsError, Exception) as exc:  # an operator needs the cause, not a traceback
         msg = f"the outbox database failed: {type(exc).__name__}: {exc}"
-        raise click.ClickException(msg) from exc
+        raise click.ClickException(redact_text(msg, url)) from exc
     finally:
         engine.dispose()
 
@@ -267,7 +270,10 @@ def make_relay_command() -> click.Command:
                     sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
                 }
                 try:
-                    click.echo(f"Relaying {table} to {transport_spec}; Ctrl-C to stop.", err=True)
+                    click.echo(
+                        f"Relaying {table} to {redact_url(transport_spec)}; Ctrl-C to stop.",
+                        err=True,
+                    )
                     runner.run(stop)
                 finally:
                     for sig, handler in previous.items():

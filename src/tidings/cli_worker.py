@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import click
 
 from tidings._cli_imports import load_attribute
-from tidings._untrusted import redact_url
+from tidings._untrusted import redact_text, redact_url
 from tidings.bus import EventBus
 from tidings.errors import TidingsError
 
@@ -102,7 +102,7 @@ def make_worker_command() -> click.Command:
         try:
             transport.run_forever(concurrency=concurrency)
         except TidingsError as exc:  # no handlers, not bound: a fix the operator can make
-            raise click.ClickException(str(exc)) from exc
+            raise click.ClickException(redact_text(str(exc), transport_url)) from exc
         click.echo("tidings worker: stopped", err=True)
 
     return worker
