@@ -395,3 +395,31 @@ def test_a_real_uvicorn_server_keeps_concurrent_requests_apart():
         except subprocess.TimeoutExpired:
             process.kill()
             process.communicate()
+
+
+HOSTILE_TENANTS = ["a\r\nforged: line", "t" * 257, "acmé", "", "tab\there", object(), True]
+
+
+@pytest.mark.parametrize("value", HOSTILE_TENANTS, ids=repr)
+def test_a_resolver_returning_an_unfit_tenant_binds_none_and_logs_an_excerpt(value, caplog):
+    """A resolver's value that is not a printable-ASCII id of 1-256 chars binds no tenant."""
+    with (
+        caplog.at_level(logging.WARNING, "tidings.integrations.asgi"),
+        client(tenant=lambda scope: value) as http,
+    ):
+        body = http.get("/async").json()
+    assert body["tenant_id"] is None
+    warning = "\n".join(r.getMessage() for r in caplog.records)
+    assert "rejected the tenant id" in warning
+    assert "\r" not in warning
+    assert "forged: line" not in warning
+
+
+def test_an_async_resolver_returning_an_int_binds_its_decimal_form():
+    """An async resolver's int tenant (a primary key) is bound as its decimal string."""
+
+    async def resolve(scope):
+        return 42
+
+    with client(tenant=resolve) as http:
+        assert http.get("/async").json()["tenant_id"] == "42"

@@ -203,6 +203,19 @@ def test_the_tenant_resolver_named_in_settings():
     assert response.json()["tenant_id"] == "async-b"
 
 
+def test_an_unfit_tenant_from_the_resolver_binds_none(caplog):
+    """A resolver's tenant that is not printable ASCII of 1-256 chars binds none, sync or async."""
+    with (
+        override_settings(TIDINGS_TENANT_RESOLVER=f"{__name__}.tenant_of"),
+        caplog.at_level(logging.WARNING, "tidings.integrations.django.middleware"),
+    ):
+        assert Client().get("/sync", headers={"X-Tenant": "t" * 300}).json()["tenant_id"] is None
+    with override_settings(TIDINGS_TENANT_RESOLVER=f"{__name__}.async_tenant_of"):
+        response = asyncio.run(AsyncClient().get("/async", headers={"X-Tenant": "b" * 300}))
+    assert response.json()["tenant_id"] is None
+    assert "rejected the tenant id" in caplog.text
+
+
 def test_a_bad_tenant_resolver_setting_is_rejected():
     """A resolver path that does not import, or names no callable, is ImproperlyConfigured."""
     for bad in ("no.such.module.resolver", f"{__name__}.MIDDLEWARE"):

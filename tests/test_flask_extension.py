@@ -142,6 +142,18 @@ def test_the_tenant_resolver_and_init_app():
     assert http.get("/").json["tenant_id"] is None
 
 
+def test_an_unfit_tenant_from_the_resolver_binds_none(caplog):
+    """A resolver's tenant with a CR/LF, or over 256 chars, binds no tenant and logs a warning."""
+    tenants = iter(["evil\r\nforged", "t" * 257])
+    app = make_app(tenant=lambda request: next(tenants))
+    http = app.test_client()
+    with caplog.at_level(logging.WARNING, "tidings.integrations.flask"):
+        assert http.get("/").json["tenant_id"] is None
+        assert http.get("/").json["tenant_id"] is None
+    assert caplog.text.count("rejected the tenant id") == 2
+    assert not any("\r" in record.getMessage() for record in caplog.records)
+
+
 def test_async_views_see_the_context():
     """An async view, run by Flask through asgiref, sees the request's id."""
     pytest.importorskip("asgiref")

@@ -57,6 +57,18 @@ def test_filter_adds_the_ids_bound_by_event_context(log):
     assert stream.getvalue() == "c-1 - acme - inside\n"
 
 
+def test_filter_escapes_a_bound_value_that_could_forge_a_line(log):
+    """A bound id with CR/LF or ESC is written escaped and cut, on one line."""
+    logger, stream = log
+    with event_context(correlation_id="c\r\nFAKE line\x1b[2J", tenant_id="t" * 300):
+        logger.info("inside")
+    line = stream.getvalue()
+    assert line.count("\n") == 1
+    assert "\x1b" not in line
+    assert "\r" not in line
+    assert line.startswith("c\\r\\nFAKE line\\x1b[2J - " + "t" * 256 + "…")
+
+
 def test_filter_keeps_attributes_passed_with_extra(log):
     """An id the caller passed with extra= is not replaced by the context's."""
     logger, stream = log
@@ -93,6 +105,13 @@ def test_processor_adds_ids_without_overwriting_the_callers():
     assert event_dict["correlation_id"] == "c-2"
     assert event_dict["tenant_id"] == "mine"
     assert event_dict["causation_id"] is None
+
+
+def test_processor_escapes_unsafe_bound_values():
+    """The structlog processor escapes a bound value with control characters."""
+    with event_context(correlation_id="a\nb"):
+        event_dict = structlog_processor(None, "info", {"event": "hi"})
+    assert event_dict["correlation_id"] == "a\\nb"
 
 
 def test_processor_inside_a_bus_handler_adds_the_handled_event_id():

@@ -8,7 +8,7 @@ that makes a dead letter from a received message cuts it here, once, and says so
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Final
+from typing import Any, Final
 
 __all__ = [
     "MAX_HEADERS",
@@ -26,7 +26,7 @@ MAX_HEADER_VALUE: Final = 1024
 
 
 def bounded_letter_fields(
-    body: bytes, headers: Mapping[object, object], max_bytes: int
+    body: bytes, headers: Mapping[Any, object], max_bytes: int
 ) -> tuple[bytes, dict[str, str], str]:
     """Return ``(body, headers, note)`` cut to what a dead letter keeps.
 

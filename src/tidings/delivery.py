@@ -21,6 +21,7 @@ from types import MappingProxyType
 from typing import NamedTuple, Protocol
 
 from tidings import _tracing
+from tidings._letters import bounded_letter_fields
 from tidings._untrusted import log_safe
 from tidings.bus import EventBus, Handler
 from tidings.codec import Codec, default_codec
@@ -380,20 +381,19 @@ class Dispatcher:
         handler: str | None,
         event: DomainEvent | None = None,
     ) -> DeadLetter:
-        body, reason = received.body, f"{type(error).__name__}: {error}"
-        keep = self.codec.limits.max_bytes
-        if len(body) > keep:
-            # Keep what can be stored: a huge message must not make the store fail for ever.
-            body, reason = body[:keep], f"{reason} (body cut from {len(body)} to {keep} bytes)"
+        # Keep what can be stored: a huge message must not make the store fail for ever.
+        body, headers, cut = bounded_letter_fields(
+            received.body, received.headers, self.codec.limits.max_bytes
+        )
         letter = DeadLetter(
             body=body,
-            reason=reason,
+            reason=f"{type(error).__name__}: {error}{cut}",
             traceback=_summary(error),
             attempts=attempts,
             handler=handler,
             event_type=None if event is None else event.event_type,
             event_id=None if event is None else event.event_id,
-            headers=dict(received.headers),
+            headers=headers,
             transport=self.transport,
             destination=received.destination,
         )

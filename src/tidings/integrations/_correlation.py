@@ -13,11 +13,16 @@ import uuid
 from collections.abc import Callable, Iterable
 from typing import Final
 
-__all__ = ["choose_id", "is_valid_id", "mint_id"]
+from tidings._untrusted import plain_id
+
+__all__ = ["TENANT_LIMIT", "checked_tenant", "choose_id", "is_valid_id", "mint_id"]
 
 _ID_CHARS: Final = re.compile(r"[A-Za-z0-9._:-]+")
 _UNSAFE_CHAR: Final = re.compile(r"[^A-Za-z0-9._:-]")
 _EXCERPT_LENGTH: Final = 16
+
+TENANT_LIMIT: Final = 256
+"""The longest tenant id a resolver may return: the codec's bound on an envelope's ids."""
 
 
 def is_valid_id(value: str) -> bool:
@@ -64,3 +69,28 @@ def choose_id(
         )
         return replacement
     return mint_id()
+
+
+def checked_tenant(value: object, *, logger: logging.Logger) -> str | None:
+    """Return the tenant id a resolver returned, or ``None`` when it is absent or unfit.
+
+    A resolver reads the request, so what it returns may be an attacker's header: it is held
+    to the codec's rule for an envelope's ``tenantid`` (printable ASCII, 1 to
+    :data:`TENANT_LIMIT` characters). An ``int`` (a primary key, say) is taken as its decimal
+    form. Anything else binds no tenant, and a warning is logged with the value's type, length
+    and a masked excerpt, never the raw value.
+    """
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    accepted = plain_id(value, TENANT_LIMIT)
+    if accepted is None:
+        text = value if isinstance(value, str) else ""
+        logger.warning(
+            "rejected the tenant id from the resolver (%s, length %d, excerpt %r); no tenant bound",
+            type(value).__name__,
+            len(text),
+            _excerpt(text),
+        )
+    return accepted

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMappi
 from typing import Any
 
 from tidings.context import event_context
-from tidings.integrations._correlation import choose_id, is_valid_id
+from tidings.integrations._correlation import checked_tenant, choose_id, is_valid_id
 
 __all__ = [
     "CorrelationMiddleware",
@@ -59,12 +59,14 @@ class CorrelationMiddleware:
     (default :func:`is_valid_id`); otherwise it is replaced by a fresh uuid4 and a warning is
     logged with its length and a masked 16-character excerpt, never the raw value. With no
     such header a uuid4 is minted. ``tenant`` (see :data:`TenantResolver`) gives the tenant id;
-    without one the tenant is ``None``. Both are bound, with ``causation_id=None``, for the
-    whole downstream call, streaming bodies included. With ``echo``, the id is added under
-    ``header`` to the HTTP response, unless the app already set that header. Websockets are
-    bound but not echoed; ``lifespan`` and other scope types pass through untouched.
-    Exceptions from the app or the resolver propagate unchanged. Safe for concurrent
-    connections: it holds no per-request state.
+    without one the tenant is ``None``. What it returns is held to the envelope's rule for
+    ids (printable ASCII, 1 to 256 characters; an ``int`` is taken as its decimal form):
+    anything else binds no tenant and logs a warning with a masked excerpt. Both are bound,
+    with ``causation_id=None``, for the whole downstream call, streaming bodies included. With
+    ``echo``, the id is added under ``header`` to the HTTP response, unless the app already
+    set that header. Websockets are bound but not echoed; ``lifespan`` and other scope types
+    pass through untouched. Exceptions from the app or the resolver propagate unchanged. Safe
+    for concurrent connections: it holds no per-request state.
 
     Raises:
         ValueError: ``max_length`` is below 1 or a header name is empty or not ASCII.
@@ -111,8 +113,8 @@ class CorrelationMiddleware:
             return None
         result = self.tenant(scope)
         if inspect.isawaitable(result):
-            return await result
-        return result
+            result = await result
+        return checked_tenant(result, logger=logger)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Handle one ASGI connection with its correlation id and tenant bound."""

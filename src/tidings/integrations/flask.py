@@ -24,7 +24,7 @@ except ImportError as exc:
     raise ImportError(msg) from exc
 
 from tidings.context import EventContext, bind, reset
-from tidings.integrations._correlation import choose_id, is_valid_id
+from tidings.integrations._correlation import checked_tenant, choose_id, is_valid_id
 
 __all__ = ["FlaskTenantResolver", "Tidings"]
 
@@ -72,7 +72,9 @@ class Tidings:
     (default :func:`~tidings.integrations.asgi.is_valid_id`); otherwise it is replaced by a
     fresh uuid4 and a warning (logger ``tidings.integrations.flask``) names its length and a
     masked excerpt, never the raw value. With no such header a uuid4 is minted. ``tenant``
-    (see :data:`FlaskTenantResolver`) gives the tenant id, else it is ``None``. Both are bound,
+    (see :data:`FlaskTenantResolver`) gives the tenant id, else it is ``None``; it must be
+    printable ASCII of 1 to 256 characters (an ``int`` is taken as its decimal form), or no
+    tenant is bound and a warning gives a masked excerpt. Both are bound,
     with ``causation_id=None``, from ``before_request`` until ``teardown_request`` (the token is
     kept on :data:`flask.g`), and around every step of a streamed response body, so
     generators, with or without ``stream_with_context``, see them. The id is set under
@@ -121,7 +123,9 @@ class Tidings:
             max_length=self.max_length,
             logger=logger,
         )
-        tenant_id = None if self.tenant is None else self.tenant(request)
+        tenant_id = None
+        if self.tenant is not None:
+            tenant_id = checked_tenant(self.tenant(request), logger=logger)
         context = EventContext(correlation_id=correlation_id, tenant_id=tenant_id)
         setattr(g, _CONTEXT, context)
         setattr(g, _RESET_KEY, bind(context))

@@ -27,6 +27,7 @@ import logging
 from collections.abc import MutableMapping
 from typing import Any, Final
 
+from tidings._untrusted import log_safe
 from tidings.context import current_context
 
 __all__ = ["CONTEXT_KEYS", "ContextFilter", "structlog_processor"]
@@ -35,13 +36,25 @@ CONTEXT_KEYS: Final = ("correlation_id", "causation_id", "tenant_id", "event_id"
 """The keys both integrations add, in this order."""
 
 
+_ID_LIMIT: Final = 256
+
+
+def _fit(value: str | None) -> str | None:
+    # Ids from envelopes and web headers are checked where they enter, but a caller may bind
+    # anything: a value that is not a short printable ASCII id is escaped before it is logged.
+    if value is None or (len(value) <= _ID_LIMIT and value.isascii() and value.isprintable()):
+        return value
+    return log_safe(value, _ID_LIMIT)
+
+
 def _context_values() -> tuple[str | None, str | None, str | None, str | None]:
     context = current_context()
+    causation_id = _fit(context.causation_id)
     return (
-        context.correlation_id,
-        context.causation_id,
-        context.tenant_id,
-        context.causation_id,  # event_id: the event being handled is the cause of what follows
+        _fit(context.correlation_id),
+        causation_id,
+        _fit(context.tenant_id),
+        causation_id,  # event_id: the event being handled is the cause of what follows
     )
 
 
@@ -51,7 +64,9 @@ class ContextFilter(logging.Filter):
     Sets ``correlation_id``, ``causation_id``, ``tenant_id`` and ``event_id`` on the record;
     an id that is not bound becomes ``default`` (``"-"`` unless given), so a format string that
     names them never fails. An attribute the record already carries (for example passed with
-    ``extra=``) is kept. It never raises: logging must not fail because of the context.
+    ``extra=``) is kept. A bound value that is not printable ASCII of at most 256 characters
+    is escaped and cut as :func:`tidings._untrusted.log_safe` does, so no context value can
+    forge a log line. It never raises: logging must not fail because of the context.
     Thread-safe; it reads the context of the thread or task that logs.
     """
 
@@ -76,7 +91,8 @@ def structlog_processor(
     """Add the context ids to ``event_dict`` and return it: a structlog processor.
 
     Adds ``correlation_id``, ``causation_id``, ``tenant_id`` and ``event_id`` where bound, and
-    ``None`` where not, so the keys are always present; a key the caller already set (by
+    ``None`` where not, so the keys are always present; values are escaped as
+    :class:`ContextFilter` does; a key the caller already set (by
     ``bind`` or as a keyword) is never overwritten. Never raises.
     """
     try:

@@ -25,7 +25,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 
 from tidings.context import event_context
-from tidings.integrations._correlation import choose_id, is_valid_id
+from tidings.integrations._correlation import checked_tenant, choose_id, is_valid_id
 
 __all__ = ["CorrelationMiddleware"]
 
@@ -82,7 +82,9 @@ class CorrelationMiddleware:
     fresh uuid4 and a warning (logger ``tidings.integrations.django.middleware``) names its
     length and a masked excerpt, never the raw value. With no such header a uuid4 is minted.
     The tenant is what the callable named by the dotted path ``TIDINGS_TENANT_RESOLVER``
-    returns for the request (it may be ``async`` when the chain is async), else ``None``.
+    returns for the request (it may be ``async`` when the chain is async), else ``None``;
+    it must be printable ASCII of 1 to 256 characters (an ``int`` is taken as its decimal
+    form), or no tenant is bound and a warning gives a masked excerpt.
     Both are bound with ``causation_id=None`` for the rest of the chain and the view, and for
     every step of a streaming body. The id is set under the configured header on the response
     unless the view already set it. Settings are read once, when Django builds the chain.
@@ -116,7 +118,9 @@ class CorrelationMiddleware:
         """Run the rest of the chain for ``request`` with the ids bound (awaitable if async)."""
         if self._is_async:
             return self._acall(request)
-        tenant_id = None if self.tenant is None else self.tenant(request)
+        tenant_id = None
+        if self.tenant is not None:
+            tenant_id = checked_tenant(self.tenant(request), logger=logger)
         correlation_id = self._correlation_id(request)
         scope = event_context(correlation_id=correlation_id, tenant_id=tenant_id, causation_id=None)
         with scope:
@@ -129,6 +133,7 @@ class CorrelationMiddleware:
             tenant_id = self.tenant(request)
             if inspect.isawaitable(tenant_id):
                 tenant_id = await tenant_id
+            tenant_id = checked_tenant(tenant_id, logger=logger)
         correlation_id = self._correlation_id(request)
         scope = event_context(correlation_id=correlation_id, tenant_id=tenant_id, causation_id=None)
         with scope:
