@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
+from tests import hostile_envelopes
 from tests.apps import celery_hostile
 from tests.apps.celery_hostile import MAX_INFRASTRUCTURE_RETRIES, Probe
 from tests.conftest import require_server
@@ -402,3 +403,46 @@ def test_a_redis_queue_item_that_is_not_a_kombu_message_is_dead_lettered(worker,
     assert letter.destination == worker.name
     assert worker.probe() == worker.child
     assert worker.process.poll() is None
+
+
+ENVELOPES_WITHIN = 90.0
+"""Seconds for the whole envelope matrix (about 160 messages) to be settled, at most."""
+
+
+def test_every_spoiled_envelope_field_ends_as_the_codec_says_and_the_worker_goes_on(worker):
+    """Each hostile envelope is dead-lettered (or, if the codec takes it, handled), none lost."""
+    cases = hostile_envelopes.cases()
+    marks = {name: uuid.uuid4().hex for name in cases}
+    expected = {name: hostile_envelopes.expected(body) for name, body in cases.items()}
+    assert sum(event_id is None for event_id in expected.values()) > 0.8 * len(cases)
+    began = time.monotonic()
+    for name, body in cases.items():
+        message = json.dumps([[body.decode()], {}, None]).encode()
+        worker.publish_raw(message, "application/json", "utf-8", task_headers(marks[name]))
+
+    def unsettled() -> list[str]:
+        letters = worker.transport.dead_letters.list(limit=10_000)
+        lettered = {letter.headers.get(MARK) for letter in letters}
+        handled = {
+            line.decode().split("|")[0]
+            for line in worker.client.lrange(f"{worker.name}:effects", 0, -1)
+        }
+        return [
+            name
+            for name in cases
+            if not (
+                marks[name] in lettered if expected[name] is None else expected[name] in handled
+            )
+        ]
+
+    wait_until(lambda: not unsettled(), timeout=ENVELOPES_WITHIN, what="every envelope settled")
+    print(
+        f"\n{worker.broker}: {len(cases)} spoiled envelopes settled in "
+        f"{time.monotonic() - began:.2f} s"
+    )
+    letters = worker.transport.dead_letters.list(limit=10_000)
+    by_mark = [letter for letter in letters if letter.headers.get(MARK) in marks.values()]
+    assert len(by_mark) == sum(event_id is None for event_id in expected.values())
+    assert all(letter.reason for letter in by_mark)
+    assert worker.probe() == worker.child, "the pool child handling events must be the same"
+    assert worker.process.poll() is None, "the worker must not have exited"

@@ -396,3 +396,36 @@ def test_any_bytes_become_an_event_or_a_decode_error_in_bounded_time(payload):
     else:
         assert isinstance(event, DomainEvent)
     assert time.thread_time() - start <= CPU_SECONDS_PER_MIB * max(len(payload), 64 * 1024) / MIB
+
+
+def test_an_envelope_without_a_type_is_refused_even_with_one_class_registered():
+    """With a single event class registered, an envelope lacking "type" is still refused."""
+    registry = EventRegistry()
+    registry.register(Picky)
+    codec = Codec(registry)
+    envelope = codec.to_envelope(Picky())
+    del envelope["type"]
+    with pytest.raises(EventDecodeError):
+        codec.decode(json.dumps(envelope).encode())
+    envelope["type"] = "\x00"
+    with pytest.raises(EventDecodeError):
+        codec.decode(json.dumps(envelope).encode())
+
+
+@pytest.mark.parametrize("attribute", ["time", "correlationid", "causationid", "tenantid"])
+def test_an_empty_attribute_is_refused_not_taken_as_a_value(attribute):
+    """An empty time or context id is a producer's bug: decode refuses it, and so does encode."""
+    codec = Codec(EventRegistry())
+    codec.registry.register(Picky)
+    envelope = codec.to_envelope(Picky())
+    envelope[attribute] = ""
+    with pytest.raises(EventDecodeError):
+        codec.decode(json.dumps(envelope).encode())
+    python_name = {
+        "time": "occurred_at",
+        "correlationid": "correlation_id",
+        "causationid": "causation_id",
+        "tenantid": "tenant_id",
+    }[attribute]
+    with pytest.raises(EventEncodeError):
+        codec.encode(Picky(**{python_name: ""}))

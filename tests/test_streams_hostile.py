@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 import redis
+from tests import hostile_envelopes
+from tests.apps.hostile_events import Priced
 from tests.apps.streams_faults import Flaky, Step, make_bus
 from tests.streams_harness import TIDINGS
 from tests.workers import ROOT, stop, wait_until
@@ -267,3 +269,35 @@ def test_log_lines_carry_no_control_characters_from_entries(hostile: Hostile) ->
     assert "\x00" not in text
     assert "\u2028" not in text
     assert not any(line.startswith("FAKE LOG LINE") for line in text.splitlines())
+
+
+def test_every_spoiled_envelope_field_ends_as_the_codec_says(hostile: Hostile) -> None:
+    """Each hostile envelope entry is dead-lettered (or, if the codec takes it, handled)."""
+    cases = hostile_envelopes.cases()
+    expected = {name: hostile_envelopes.expected(body) for name, body in cases.items()}
+    assert sum(event_id is None for event_id in expected.values()) > 0.8 * len(cases)
+    stream = hostile.transport.stream(Priced)
+    started = time.monotonic()
+    entries = {
+        name: hostile.client.xadd(stream, {"envelope": body}).decode()
+        for name, body in cases.items()
+    }
+
+    def unsettled() -> list[str]:
+        lettered = {d.headers.get("tidings_stream_id") for d in hostile.letters()}
+        handled = set(hostile.effects())
+        return [
+            name
+            for name in cases
+            if not (
+                entries[name] in lettered if expected[name] is None else expected[name] in handled
+            )
+        ]
+
+    wait_until(lambda: not unsettled(), timeout=90, what="every envelope settled")
+    TIMINGS["spoiled envelopes (all)"] = time.monotonic() - started
+    lettered = [
+        d for d in hostile.letters() if d.headers.get("tidings_stream_id") in entries.values()
+    ]
+    assert len(lettered) == sum(event_id is None for event_id in expected.values())
+    hostile.still_works()

@@ -52,8 +52,9 @@ _LIMITS: Final = {
     "source": 1024,
     "traceparent": 512,
 }
-_Id = Annotated[str, msgspec.Meta(max_length=ID_LIMIT)]
-_Short = Annotated[str, msgspec.Meta(max_length=TIME_LIMIT)]
+# Present means not empty: an empty id, time or version is a producer's bug, not "absent".
+_Id = Annotated[str, msgspec.Meta(min_length=1, max_length=ID_LIMIT)]
+_Short = Annotated[str, msgspec.Meta(min_length=1, max_length=TIME_LIMIT)]
 
 
 class Outgoing(msgspec.Struct, omit_defaults=True, gc=False):
@@ -148,7 +149,7 @@ def refuse_unreadable(envelope: dict[str, Any]) -> None:
         if value is None:
             continue
         if not (len(value) <= limit and value.isascii() and value.isprintable()) or (
-            name == "id" and not value
+            name != "source" and not value
         ):
             msg = (
                 f"cannot encode {envelope['type']!r}: envelope attribute {name!r} must be "

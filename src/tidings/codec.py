@@ -178,6 +178,14 @@ _NOT_OPENERS: Final = bytes(c for c in range(256) if c not in b"[{")
 _UNIFY_BRACKETS: Final = bytes.maketrans(b"{}", b"[]")
 
 
+class _NoEnvelope(msgspec.Struct, tag_field="type", tag="\x00"):
+    """The fast decoder's second union member: it keeps ``type`` required (see there).
+
+    Its tag is a NUL, which no registered event type is; a payload that spells it decodes to
+    this (which has no ``plan``) and is refused.
+    """
+
+
 def _decode_nothing(payload: bytes) -> Any:
     msg = "no event class is registered"
     raise msgspec.ValidationError(msg)
@@ -252,6 +260,10 @@ class Codec:
                 continue  # the long way reports it, for the payloads that need this class
         if not shapes:
             return _decode_nothing
+        # A union of one type is that type, whose tag msgspec then does not require: with one
+        # event class registered, an envelope with no "type" would decode as it. A second,
+        # unmatchable member keeps the tag required.
+        shapes.append(_NoEnvelope)
         decode: Callable[[bytes], Any] = msgspec.json.Decoder(Union[tuple(shapes)]).decode  # noqa: UP007
         self._fast_decode = decode
         return decode
@@ -311,11 +323,11 @@ class Codec:
         # What decoding would refuse is refused here, at the producer (is_plain, inlined).
         if (
             not (payload.isascii() and 92 not in payload and 127 not in payload)
-            or len(event.event_id) > ID_LIMIT
-            or len(event.correlation_id) > ID_LIMIT
-            or len(event.occurred_at) > TIME_LIMIT
-            or (event.tenant_id is not None and len(event.tenant_id) > ID_LIMIT)
-            or (event.causation_id is not None and len(event.causation_id) > ID_LIMIT)
+            or not 0 < len(event.event_id) <= ID_LIMIT
+            or not 0 < len(event.correlation_id) <= ID_LIMIT
+            or not 0 < len(event.occurred_at) <= TIME_LIMIT
+            or (event.tenant_id is not None and not 0 < len(event.tenant_id) <= ID_LIMIT)
+            or (event.causation_id is not None and not 0 < len(event.causation_id) <= ID_LIMIT)
         ):
             refuse_unreadable(_json_decoder.decode(payload))
         return payload

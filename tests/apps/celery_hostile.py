@@ -20,6 +20,7 @@ from typing import ClassVar
 
 import redis
 from celery import Celery
+from tests.apps.hostile_events import Priced
 
 from tidings import DomainEvent, EventBus, register_event
 from tidings.deadletter.redis import RedisDeadLetterStore
@@ -81,9 +82,10 @@ def make(
     )
     bus = EventBus(transport=transport)
 
-    @bus.subscribe(Probe, name=HANDLER)
-    def record(event: Probe) -> None:
+    def record(event: DomainEvent) -> None:
         client.rpush(f"{prefix}:effects", f"{event.event_id}|{os.getpid()}")
+
+    bus.add_handler(record, Probe, Priced, name=HANDLER)
 
     return app, bus, transport, client
 

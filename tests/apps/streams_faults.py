@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import redis
+from tests.apps.hostile_events import Priced
 
 from tidings import DomainEvent, EventBus, register_event
 from tidings.deadletter.redis import RedisDeadLetterStore
@@ -92,7 +93,7 @@ def make_bus(
             raise RuntimeError(msg)
         client.rpush(effects, f"flaky:{event.event_id}")
 
-    bus.add_handler(record, Step, Stuck, name=f"{service}.record")
+    bus.add_handler(record, Step, Stuck, Priced, name=f"{service}.record")
     bus.add_handler(flaky, Flaky, name=f"{service}.flaky")
     bus.add_handler(stuck, Stuck, name=f"{service}.stuck")
     bus.add_handler(deadly, Deadly, name=f"{service}.deadly")
