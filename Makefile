@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint format bench clean
+.PHONY: demo test test-slow lint format bench chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,8 @@ demo: $(STAMP)
 	$(BIN)/tidings demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks chaos
+	$(BIN)/ruff format --check src tests benchmarks chaos
 	$(BIN)/mypy
 
 test: lint
@@ -28,11 +28,16 @@ test-slow: $(STAMP)
 	$(BIN)/pytest -m slow
 
 format: $(STAMP)
-	$(BIN)/ruff format src tests benchmarks
-	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests benchmarks chaos
+	$(BIN)/ruff check --fix src tests benchmarks chaos
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks
+
+# The durability rig (chaos/): 15 minutes of faults per transport, then a reconciling check.
+# It starts its own Redis and creates its own PostgreSQL database; exits 1 on any loss.
+chaos: $(STAMP)
+	$(BIN)/python -m chaos --duration 900 --rate 25 --fault-every 2 --report chaos/REPORT.md
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
