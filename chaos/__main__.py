@@ -8,7 +8,7 @@ from pathlib import Path
 
 from chaos.rig import run
 
-TRANSPORTS = ("streams", "celery-redis")
+TRANSPORTS = ("streams", "celery-redis", "celery-rabbitmq")
 
 
 def main(argv: list[str] | None = None) -> int:

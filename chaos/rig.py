@@ -33,7 +33,11 @@ SERVER_URL = os.environ.get(
     "TIDINGS_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
 FAULTS = ("kill_relay", "kill_worker", "stop_worker", "kill_redis", "terminate_db")
-CELERY_FAULTS = ("kill_child",)
+EXTRA_FAULTS = {
+    "streams": (),
+    "celery-redis": ("kill_child",),
+    "celery-rabbitmq": ("kill_child", "kill_rabbitmq"),
+}
 DRAIN_WITHIN = 60.0
 
 
@@ -94,6 +98,78 @@ class OwnRedis:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             self.process.wait(timeout=30)
+
+
+def amqp_connection(url: str) -> Any:
+    """A kombu connection to ``url`` (kombu ships no types)."""
+    from kombu.connection import Connection  # noqa: PLC0415 - the celery extra
+
+    return Connection(url, connect_timeout=2)  # type: ignore[no-untyped-call]
+
+
+class OwnRabbit:
+    """A RabbitMQ node of the rig's own: its own name, ports, data and log directories."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port = _free_port()
+        self.directory = directory / "rabbitmq"
+        self.directory.mkdir()
+        self.name = f"chaos-{uuid.uuid4().hex[:8]}@localhost"
+        self.url = f"amqp://guest:guest@127.0.0.1:{self.port}//"
+        (self.directory / "rabbitmq.conf").write_text(
+            f"listeners.tcp.local = 127.0.0.1:{self.port}\nloopback_users = none\n"
+        )
+        (self.directory / "enabled_plugins").write_text("[].\n")
+        # The server script runs the node as the rabbitmq user when it exists: that user must
+        # reach the directory and own it.
+        directory.chmod(0o755)
+        with suppress(LookupError, PermissionError):
+            shutil.chown(self.directory, "rabbitmq", "rabbitmq")
+        self.process: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        """Start the node (again, on the same port and data) and wait until it takes AMQP."""
+        d = self.directory
+        env = {
+            **os.environ,
+            "HOME": str(d),
+            "RABBITMQ_NODENAME": self.name,
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(_free_port()),
+            "RABBITMQ_MNESIA_BASE": str(d / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(d / "log"),
+            "RABBITMQ_CONFIG_FILE": str(d / "rabbitmq.conf"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(d / "enabled_plugins"),
+            "RABBITMQ_FEATURE_FLAGS_FILE": str(d / "feature_flags"),
+            "RABBITMQ_CONF_ENV_FILE": str(d / "none.conf"),
+        }
+        self.process = subprocess.Popen(  # noqa: S603 - our own command line
+            [shutil.which("rabbitmq-server") or "rabbitmq-server"],
+            cwd=d,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+        def takes_amqp() -> bool:
+            with amqp_connection(self.url) as connection:
+                connection.connect()
+            return True
+
+        _wait(takes_amqp, 120, "the rig's RabbitMQ")
+
+    def kill(self) -> None:
+        """SIGKILL the node's whole process group (the Erlang VM and its helpers)."""
+        if self.process is not None:
+            with suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self) -> None:
+        """Stop the node for good."""
+        self.kill()
 
 
 @contextmanager
@@ -210,10 +286,13 @@ class Report:
         """The report as a Markdown table (one row per service)."""
         faults = ", ".join(f"{k} {v}" for k, v in sorted(self.faults.items()))
         drain = "not drained" if self.drain_seconds is None else f"{self.drain_seconds:.1f} s"
+        worker_faults = sum(self.faults[k] for k in ("kill_worker", "kill_child", "stop_worker"))
+        per_fault = self.duplicated.get("mailer", 0) / max(1, worker_faults)
         lines = [
             f"**{self.transport}**: {self.committed} committed events; faults: {faults} "
             f"(total {sum(self.faults.values())}); stuck in outbox {self.stuck_in_outbox}; "
-            f"drained in {drain}; {'PASS' if self.passed else 'FAIL'}",
+            f"drained in {drain}; Redis-inbox duplicates per worker fault {per_fault:.1f}; "
+            f"{'PASS' if self.passed else 'FAIL'}",
             "",
             "| service | inbox | lost | duplicate effects | unexpected | dead-lettered "
             "| worker RSS, last vs first quarter |",
@@ -255,11 +334,14 @@ class Rig:
         self.slots: list[Slot] = []
         self.stop_producing = threading.Event()
         self.stop_nemesis = threading.Event()
+        self.rabbit: OwnRabbit | None = None
 
     # -- processes ------------------------------------------------------------------------
 
     def _env(self, role: str, redis_url: str, db_url: str) -> dict[str, str]:
+        amqp = {} if self.rabbit is None else {"CHAOS_AMQP": self.rabbit.url}
         return {
+            **amqp,
             **os.environ,
             "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
             "CHAOS_TRANSPORT": self.transport,
@@ -345,10 +427,14 @@ class Rig:
                 with suppress(ProcessLookupError):
                     os.kill(self.random.choice(children), signal.SIGKILL)
         elif kind == "stop_worker":
-            from chaos.services import CLAIM_IDLE, VISIBILITY_TIMEOUT  # noqa: PLC0415
+            from chaos.services import CLAIM_IDLE, HEARTBEAT, VISIBILITY_TIMEOUT  # noqa: PLC0415
 
             slot = self.random.choice(workers)
-            past = (CLAIM_IDLE if self.transport == "streams" else VISIBILITY_TIMEOUT) + 1.0
+            past = {
+                "streams": CLAIM_IDLE,
+                "celery-redis": VISIBILITY_TIMEOUT,
+                "celery-rabbitmq": 3 * HEARTBEAT,
+            }[self.transport] + 1.0
             slot.signal_group(signal.SIGSTOP)
             self.stop_nemesis.wait(past)
             slot.signal_group(signal.SIGCONT)
@@ -356,6 +442,10 @@ class Rig:
             redis_server.kill()
             self.stop_nemesis.wait(self.random.uniform(0.2, 2.0))
             redis_server.start()
+        elif kind == "kill_rabbitmq" and self.rabbit is not None:
+            self.rabbit.kill()
+            self.stop_nemesis.wait(self.random.uniform(0.2, 2.0))
+            self.rabbit.start()
         elif kind == "terminate_db":
             name = sa.make_url(db_url).database
             engine = sa.create_engine(SERVER_URL, isolation_level="AUTOCOMMIT")
@@ -371,7 +461,7 @@ class Rig:
         self.report.faults[kind] += 1
 
     def _nemesis(self, redis_server: OwnRedis, db_url: str) -> None:
-        kinds = list(FAULTS) + (list(CELERY_FAULTS) if self.transport != "streams" else [])
+        kinds = [*FAULTS, *EXTRA_FAULTS[self.transport]]
         order: list[str] = []
         while not self.stop_nemesis.wait(self.random.uniform(0.5, 1.5) * self.fault_every):
             if not order:  # every kind once per round, in a random order
@@ -447,6 +537,8 @@ class Rig:
         from chaos.services import create_schema  # noqa: PLC0415
 
         redis_server = OwnRedis(self.workdir)
+        if self.transport == "celery-rabbitmq":
+            self.rabbit = OwnRabbit(self.workdir)
         try:
             with own_database() as db_url:
                 engine = sa.create_engine(db_url, pool_pre_ping=True)
@@ -487,6 +579,8 @@ class Rig:
             for slot in self.slots:
                 slot.stop()
             redis_server.stop()
+            if self.rabbit is not None:
+                self.rabbit.stop()
         return self.report
 
     def _wait_for_workers(self, redis_url: str) -> None:
@@ -510,6 +604,18 @@ class Rig:
                 return {"ledger", "mailer"} <= groups
 
             _wait(ready, 60, "the workers' consumer groups")
+        elif self.rabbit is not None:
+            url = self.rabbit.url
+
+            def consumed() -> bool:
+                with amqp_connection(url) as connection:
+                    channel = connection.channel()
+                    return all(
+                        channel.queue_declare(service, passive=True).consumer_count > 0
+                        for service in ("ledger", "mailer")
+                    )
+
+            _wait(consumed, 120, "the Celery workers' consumers")
         else:
             # A worker declares its queue's binding when it starts consuming.
             _wait(

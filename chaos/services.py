@@ -29,6 +29,8 @@ from tidings.retry import RetryPolicy
 SERVICES = ("ledger", "mailer")
 VISIBILITY_TIMEOUT = 8.0
 """Celery on Redis: seconds before an unacknowledged message is delivered again."""
+HEARTBEAT = 4.0
+"""Celery on RabbitMQ: AMQP heartbeat seconds (a stopped worker's connection is dropped after)."""
 CLAIM_IDLE = 3.0
 """Redis Streams: seconds before a pending entry of a stopped consumer is claimed."""
 RETRY = RetryPolicy(max_attempts=20, initial_delay=0.2, max_delay=2.0)
@@ -122,13 +124,15 @@ def build(transport_kind: str, role: str, redis_url: str, db_url: str) -> tuple[
             claim_idle=CLAIM_IDLE,
             max_deliveries=50,
         )
-    elif transport_kind == "celery-redis":
+    elif transport_kind in ("celery-redis", "celery-rabbitmq"):
         from celery import Celery  # noqa: PLC0415
 
         from tidings.transports.celery import CeleryTransport  # noqa: PLC0415
 
-        app = Celery(f"chaos-{role}", broker=redis_url)
+        rabbit = transport_kind == "celery-rabbitmq"
+        app = Celery(f"chaos-{role}", broker=os.environ["CHAOS_AMQP"] if rabbit else redis_url)
         app.conf.update(
+            broker_heartbeat=HEARTBEAT,
             task_default_queue=service,
             broker_connection_retry_on_startup=True,
             broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT},
@@ -144,7 +148,9 @@ def build(transport_kind: str, role: str, redis_url: str, db_url: str) -> tuple[
             retry=RETRY,
         )
     else:
-        msg = f"CHAOS_TRANSPORT must be streams or celery-redis, not {transport_kind!r}"
+        msg = (
+            f"CHAOS_TRANSPORT must be streams, celery-redis or celery-rabbitmq: {transport_kind!r}"
+        )
         raise ValueError(msg)
     bus = EventBus(transport=transport)
     _subscribe(bus, role, engine)
