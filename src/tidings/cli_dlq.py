@@ -10,7 +10,6 @@ markup, no terminal escape sequences, no import or lookup driven by it.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
@@ -22,7 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from tidings._cli_imports import load_attribute
-from tidings._untrusted import redact_text, redact_url
+from tidings._untrusted import log_safe, redact_text, redact_url
 from tidings.deadletter import open_store
 from tidings.errors import TidingsError
 from tidings.ports import DeadLetter, DeadLetterStore, Replayer
@@ -31,16 +30,15 @@ __all__ = ["make_dlq_group"]
 
 _F = TypeVar("_F", bound=Callable[..., object])
 _COLUMNS = ("id", "failed_at", "transport", "destination", "handler", "event_type")
-_UNSAFE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 _REASON_WIDTH = 60
 _PAGE = 500
 
 
 def _safe(text: str | None) -> Text:
-    """Plain text for the terminal: control, bidi and surrogate characters shown escaped."""
+    """Plain text for the terminal: LF and tab kept, every other control character escaped."""
     if text is None:
         return Text("-", style="dim")
-    return Text(_UNSAFE.sub(lambda m: m.group().encode("unicode_escape").decode(), text))
+    return Text(log_safe(text, max(len(text), 1), keep_newlines=True))
 
 
 def _console(*, stderr: bool = False) -> Console:
