@@ -204,7 +204,9 @@ class Dispatcher:
                     for h in handlers
                 ]
             else:
-                pairs = [(h.name, event.event_id) for _, event, handlers, _ in work for h in handlers]
+                pairs = [
+                    (h.name, event.event_id) for _, event, handlers, _ in work for h in handlers
+                ]
         return Prepared(outcomes, work, pairs)
 
     def complete(
@@ -228,7 +230,9 @@ class Dispatcher:
                 (inbox.settle if settle is None else settle)(batch.done, batch.failed)
         return [o if o is not None else next(handled) for o in prepared.outcomes]
 
-    def _resolve(self, received: Received) -> tuple[DomainEvent, tuple[Handler, ...], str] | Outcome:
+    def _resolve(
+        self, received: Received
+    ) -> tuple[DomainEvent, tuple[Handler, ...], str] | Outcome:
         """Decode the message and find its handlers (and its source), or dead-letter it."""
         try:
             envelope = self.codec.read(received.body)
@@ -440,7 +444,6 @@ class Prepared(NamedTuple):
     outcomes: list[Outcome | None]
     work: list[_Work]
     pairs: list[ClaimPair]
-
 
 
 class _Batch:

@@ -253,9 +253,7 @@ class RedisInbox:
         keys = self._keys(handler, event_id, source)
         key = keys[0]
         token = new_event_id()  # never equal to _DONE
-        status, pttl = self._call(
-            "EVAL", _CLAIM, len(keys), *keys, token, self._lease_ms, _DONE
-        )
+        status, pttl = self._call("EVAL", _CLAIM, len(keys), *keys, token, self._lease_ms, _DONE)
         if status == 0:
             yield False
             return
