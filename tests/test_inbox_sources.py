@@ -10,9 +10,11 @@ from typing import ClassVar
 import pytest
 import redis
 import sqlalchemy as sa
+from click.testing import CliRunner
 from tests.conftest import require_server
 
 from tidings import DomainEvent, EventBus, register_event
+from tidings.cli import make_cli
 from tidings.codec import Codec
 from tidings.delivery import Dispatcher, Received
 from tidings.inbox._keys import LEGACY_SOURCE
@@ -58,7 +60,7 @@ def _legacy_table(engine: sa.Engine, name: str) -> None:
 def _old_row(engine: sa.Engine, name: str, event_id: str) -> None:
     with engine.begin() as connection:
         connection.execute(
-            sa.text(f"INSERT INTO {name} (handler, event_id, processed_at) VALUES (:h, :e, :t)"),
+            sa.text(f"INSERT INTO {name} (handler, event_id, processed_at) VALUES (:h, :e, :t)"),  # noqa: S608 - the test's own table
             {"h": HANDLER, "e": event_id, "t": datetime.now(UTC)},
         )
 
@@ -194,7 +196,7 @@ def test_a_migrated_sql_table_keeps_old_rows_done_and_tells_sources_apart(old_ta
     columns = {column["name"] for column in sa.inspect(engine).get_columns(name)}
     assert "source" in columns
     with engine.connect() as connection:
-        (source,) = connection.execute(sa.text(f"SELECT source FROM {name}")).one()
+        (source,) = connection.execute(sa.text(f"SELECT source FROM {name}")).one()  # noqa: S608
     assert source == LEGACY_SOURCE
     dispatcher, ran = _service(store)
     dispatcher.dispatch(Received(_body(event, "/warehouse")))
@@ -256,3 +258,17 @@ def test_a_worker_runs_an_id_reused_by_two_producers_twice(redis_url, unique_nam
         for key in client.scan_iter(f"{unique_name}*"):
             client.delete(key)
         client.close()
+
+
+def test_the_inbox_migrate_command_migrates_once_and_says_so(old_table):
+    """`tidings inbox migrate` adds the source column, then finds nothing more to do."""
+    engine, name = old_table
+    _old_row(engine, name, "e-1")
+    url = engine.url.render_as_string(hide_password=False)
+    first = CliRunner().invoke(make_cli(), ["inbox", "migrate", "--db", url, "--table", name])
+    assert first.exit_code == 0, first.output
+    assert "Migrated" in first.output
+    assert SqlInbox(engine, table_name=name).is_done(HANDLER, "e-1", source="/any")
+    again = CliRunner().invoke(make_cli(), ["inbox", "migrate", "--db", url, "--table", name])
+    assert again.exit_code == 0, again.output
+    assert "already keyed" in again.output

@@ -137,7 +137,7 @@ class CommandQueue(Protocol):
 def _split(pair: Sequence[str | None]) -> tuple[str, str, str | None]:
     """A claimed pair's (handler, event_id, source): ``source`` is ``None`` for a 2-tuple."""
     handler, event_id = str(pair[0]), str(pair[1])
-    return handler, event_id, pair[2] if len(pair) > 2 else None  # noqa: PLR2004 - a triple
+    return handler, event_id, pair[2] if len(pair) > 2 else None
 
 
 class RedisInbox:
