@@ -167,3 +167,16 @@ def test_streams_inbox_none_is_the_explicit_opt_out(redis_url, unique_name):
     assert transport.inbox is None
     assert isinstance(transport.dead_letters, RedisDeadLetterStore)
     transport.client.close()
+
+
+def test_the_default_stores_drop_kombus_own_url_options(redis_url):
+    """A broker URL with kombu-only options still gives default stores that reach Redis."""
+    app = Celery("t", broker=f"{redis_url}?global_keyprefix=kombu:&socket_timeout=5")
+    transport = CeleryTransport(app, queue="shop")
+    assert isinstance(transport.inbox, RedisInbox)
+    kwargs = transport.inbox.client.connection_pool.connection_kwargs
+    assert "global_keyprefix" not in kwargs
+    assert kwargs["socket_timeout"] == 5.0
+    assert transport.inbox.client.ping()
+    assert not transport.inbox.is_done("h", "e", source="/s")
+    transport.inbox.client.close()

@@ -36,6 +36,7 @@ from tidings.transports._defaults import (
     Default,
     redis_dead_letters,
     redis_inbox,
+    redis_py_url,
     refuse_without_redis,
 )
 
@@ -531,7 +532,7 @@ def _stores_for(
         msg = "CeleryTransport's default inbox needs redis-py: pip install 'tidings[celery]'"
         raise ImportError(msg, name=exc.name) from exc
     # One client for both, made here but connected on first use (nothing is contacted now).
-    client = redis.Redis.from_url(broker)
+    client = redis.Redis.from_url(redis_py_url(broker))
     return (
         redis_dead_letters(client, queue) if isinstance(dead_letters, Default) else dead_letters,
         redis_inbox(client, queue) if isinstance(inbox, Default) else inbox,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 from typing import TYPE_CHECKING, Final
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from tidings._untrusted import redact_url
 from tidings.errors import UsageError
@@ -29,8 +30,19 @@ __all__ = [
     "inbox_prefix",
     "redis_dead_letters",
     "redis_inbox",
+    "redis_py_url",
     "refuse_without_redis",
 ]
+
+# Query options of a Redis URL that redis-py's connections take; kombu's own (global_keyprefix,
+# visibility_timeout, ...) would make every connection of the default stores fail.
+_REDIS_PY_OPTIONS: Final = frozenset(
+    {
+        "db", "health_check_interval", "max_connections", "protocol", "retry_on_timeout",
+        "socket_connect_timeout", "socket_keepalive", "socket_timeout", "timeout",
+        "client_name", "username", "password",
+    }
+)  # fmt: skip
 
 
 class Default(enum.Enum):
@@ -65,6 +77,23 @@ def redis_dead_letters(client: redis.Redis, scope: str) -> DeadLetterStore:
     from tidings.deadletter.redis import RedisDeadLetterStore  # noqa: PLC0415 - needs redis-py
 
     return RedisDeadLetterStore(client, prefix=dead_letter_prefix(scope))
+
+
+def redis_py_url(broker_url: str) -> str:
+    """The Redis URL of a Celery broker URL, keeping only the options redis-py takes.
+
+    ``redis://h:6379/0?global_keyprefix=x&ssl_cert_reqs=required`` keeps ``ssl_cert_reqs``
+    (every ``ssl_*`` option) and drops kombu's ``global_keyprefix``.
+    """
+    parts = urlsplit(broker_url)
+    if not parts.query:
+        return broker_url
+    kept = [
+        (name, value)
+        for name, value in parse_qsl(parts.query, keep_blank_values=True)
+        if name in _REDIS_PY_OPTIONS or name.startswith("ssl_")
+    ]
+    return parts._replace(query=urlencode(kept)).geturl()
 
 
 def refuse_without_redis(broker_url: str, missing: list[str]) -> UsageError:
