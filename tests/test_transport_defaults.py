@@ -38,7 +38,7 @@ def service(redis_url, unique_name):
     client.close()
 
 
-def _worker(name: str, *queues: str):
+def _worker(name: str, *queues: str, exclude: str = ""):
     command = [
         sys.executable, "-m", "celery", "-A", "tests.apps.celery_defaults", "worker",
         "--pool=solo", "--without-heartbeat", "--without-gossip", "--without-mingle",
@@ -46,6 +46,8 @@ def _worker(name: str, *queues: str):
     ]  # fmt: skip
     if queues:
         command += ["-Q", ",".join(queues)]
+    if exclude:
+        command += ["-X", exclude]
     return running(command, {"DEFAULTS_QUEUE": name})
 
 
@@ -104,6 +106,17 @@ def test_a_worker_with_q_other_consumes_only_other(service):
         assert client.llen(name) == 1
     assert client.llen(f"{name}:rung") == 0
     client.delete(other)
+
+
+def test_a_worker_with_x_the_transport_queue_leaves_it_out(service):
+    """`-X <transport queue>` still excludes it: the app's own queue alone is consumed."""
+    app, bus, _transport, client, name = service
+    with _worker(name, exclude=name):
+        bus.publish(celery_defaults.BellRung(bell="side"))
+        app.send_task(f"{name}.plain", args=("there",))
+        wait_until(lambda: client.lrange(f"{name}:plain", 0, -1) == [b"there"], what="app task")
+        assert client.llen(name) == 1
+    assert client.llen(f"{name}:rung") == 0
 
 
 @register_event
