@@ -247,7 +247,7 @@ def test_replay_refuses_an_app_that_is_not_a_replayer(target, replayers):
     app = f"{replayers.__name__}:not_a_replayer"
     result = run("replay", *target.args, "--all", "--app", app)
     assert result.exit_code == 1
-    assert "is a int, not a Replayer" in result.output
+    assert "is a int, neither an EventBus nor a Replayer" in result.output
     assert target.store.count() == 1
 
 

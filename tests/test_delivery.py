@@ -140,7 +140,7 @@ def test_failed_attempt_releases_the_inbox_so_a_retry_runs():
     retry = dispatcher.dispatch(received(event)).retries[0]
     outcome = dispatcher.dispatch(received(event, handler=retry.handler, attempt=retry.attempt))
     assert outcome.handled == ("t.second_time_lucky",)
-    assert inbox.is_done("t.second_time_lucky", event.event_id)
+    assert inbox.is_done("t.second_time_lucky", event.event_id, source="/tidings")
     assert len(calls) == 2
 
 

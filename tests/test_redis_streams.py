@@ -505,7 +505,8 @@ def test_a_claim_held_for_ever_ends_as_a_dead_letter(
     publisher, transport = make_bus(client, unique_name, service="orders")
     event = Step()
     assert transport.inbox is not None
-    client.set(transport.inbox.key("orders.record", event.event_id), "a claim without expiry")  # type: ignore[attr-defined]
+    key = transport.inbox.key("orders.record", event.event_id, "/tidings")  # type: ignore[attr-defined]
+    client.set(key, "a claim without expiry")
     publisher.publish(event)
     with consuming(transport):
         (letter,) = wait_until(

@@ -87,7 +87,7 @@ class CeleryHarness:
                 queue_arguments={"x-max-length": 0, "x-overflow": "reject-publish"},
             )
         ]
-        transport = CeleryTransport(app, queue=queue, dead_letters=self.store)
+        transport = CeleryTransport(app, queue=queue, dead_letters=self.store, inbox=None)
         bus = EventBus(transport=transport)
         self._buses.append(bus)
         return bus

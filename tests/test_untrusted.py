@@ -68,3 +68,12 @@ def test_redact_url_hides_passwords(url, expected):
     else:
         assert "password=***" in redacted
         assert "sslmode=require" in redacted
+
+
+def test_log_safe_keep_newlines_keeps_lf_and_tab_and_escapes_the_rest():
+    """With keep_newlines LF and tab stay; CR, ESC, U+2028/2029, bidi and surrogates escape."""
+    text = "line 1\n\tline 2\r\x1b[31m\u2028\u2029\u202e\ud800"
+    kept = log_safe(text, 1000, keep_newlines=True)
+    assert kept == "line 1\n\tline 2\\r\\x1b[31m\\u2028\\u2029\\u202e\\ud800"
+    assert "\n" not in log_safe(text, 1000)
+    assert "\t" not in log_safe(text, 1000)

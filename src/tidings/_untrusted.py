@@ -22,6 +22,10 @@ _DIGITS: Final = re.compile(r"[0-9]+")
 _UNSAFE: Final = re.compile(
     r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
 )
+# The same, but LF and tab pass: for multi-line text shown as a block (a body, a traceback).
+_UNSAFE_IN_BLOCK: Final = re.compile(
+    r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
+)
 _SECRET_KEYS: Final = frozenset({"password", "passwd", "pwd", "secret", "token", "sslpassword"})
 
 
@@ -56,18 +60,23 @@ def plain_id(value: object, limit: int = 256) -> str | None:
     return None
 
 
-def log_safe(value: object, limit: int = 200) -> str:
+def log_safe(value: object, limit: int = 200, *, keep_newlines: bool = False) -> str:
     """Return ``value`` as text fit for one log line: escaped, and cut at ``limit`` characters.
 
     Control characters (CR, LF, ESC…), line and paragraph separators, bidi overrides and lone
     surrogates are written as escapes, so a value from a message can neither forge a log line
     nor drive a terminal. Longer text is cut and ends with ``…(N chars)``.
+
+    With ``keep_newlines``, LF and tab are kept as they are (everything else is escaped as
+    above, CR, U+2028 and U+2029 included): for a multi-line block shown to a person, such
+    as a dead letter's body or traceback, never for a line of a log.
     """
     text = value if isinstance(value, str) else repr(value)
     cut = len(text) > limit
     if cut:
         text = text[:limit]
-    text = _UNSAFE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+    unsafe = _UNSAFE_IN_BLOCK if keep_newlines else _UNSAFE
+    text = unsafe.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
     return f"{text}…({len(value) if isinstance(value, str) else 'more'} chars)" if cut else text
 
 

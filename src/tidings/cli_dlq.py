@@ -10,7 +10,6 @@ markup, no terminal escape sequences, no import or lookup driven by it.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
@@ -22,7 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from tidings._cli_imports import load_attribute
-from tidings._untrusted import redact_text, redact_url
+from tidings._untrusted import log_safe, redact_text, redact_url
 from tidings.deadletter import open_store
 from tidings.errors import TidingsError
 from tidings.ports import DeadLetter, DeadLetterStore, Replayer
@@ -31,16 +30,15 @@ __all__ = ["make_dlq_group"]
 
 _F = TypeVar("_F", bound=Callable[..., object])
 _COLUMNS = ("id", "failed_at", "transport", "destination", "handler", "event_type")
-_UNSAFE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 _REASON_WIDTH = 60
 _PAGE = 500
 
 
 def _safe(text: str | None) -> Text:
-    """Plain text for the terminal: control, bidi and surrogate characters shown escaped."""
+    """Plain text for the terminal: LF and tab kept, every other control character escaped."""
     if text is None:
         return Text("-", style="dim")
-    return Text(_UNSAFE.sub(lambda m: m.group().encode("unicode_escape").decode(), text))
+    return Text(log_safe(text, max(len(text), 1), keep_newlines=True))
 
 
 def _console(*, stderr: bool = False) -> Console:
@@ -136,12 +134,29 @@ def _print_letter(console: Console, letter: DeadLetter) -> None:
 
 
 def _load_replayer(spec: str) -> Replayer:
-    """Import ``module:attribute`` named on the operator's command line; return the Replayer."""
-    target = load_attribute(spec, "--app", "myproject.wiring:transport")
+    """Import ``module:attribute`` named on the operator's command line; return the Replayer.
+
+    The same ``module:attr`` as ``tidings worker --app`` (the composition root's
+    :class:`~tidings.EventBus`) names the bus's transport; a transport (any object with a
+    ``replay(letter)`` method) is taken as it is, as before.
+    """
+    from tidings.bus import EventBus  # noqa: PLC0415 - keeps `tidings --help` light
+
+    target = load_attribute(spec, "--app", "myproject.wiring:bus")
+    if isinstance(target, EventBus):
+        transport = target.transport
+        if not isinstance(transport, Replayer):
+            msg = (
+                f"--app {spec} is an EventBus whose transport, a {type(transport).__name__}, "
+                "cannot replay dead letters: point --app at a bus on a Celery or Redis Streams "
+                "transport"
+            )
+            raise click.ClickException(msg)
+        return transport
     if not isinstance(target, Replayer):
         msg = (
-            f"--app {spec} is a {type(target).__name__}, not a Replayer: point it at an object "
-            "with a replay(letter) method, such as your transport"
+            f"--app {spec} is a {type(target).__name__}, neither an EventBus nor a Replayer: "
+            "point it at your bus (as for `tidings worker --app`) or at its transport"
         )
         raise click.ClickException(msg)
     return target
@@ -240,13 +255,17 @@ def make_dlq_group() -> click.Group:
         "app",
         required=True,
         metavar="MODULE:ATTRIBUTE",
-        help="Your object implementing tidings.ports.Replayer (e.g. your transport), imported "
-        "from this command line; the current directory is searched after installed packages.",
+        help="Your EventBus (the same module:attr as `tidings worker --app`), or its transport "
+        "(any tidings.ports.Replayer), imported from this command line; the current directory "
+        "is searched after installed packages.",
     )
     def replay(
         store_url: str | None, name: str | None, letter_ids: tuple[str, ...], all_: bool, app: str
     ) -> None:
         """Send dead letters back to where they came from, then remove them from the store.
+
+        A replay is a real retry: the letter's handler (or every handler, when none is named)
+        gets a fresh attempt budget, its retry policy's max_attempts, as a first delivery.
 
         A letter is removed only after the replayer returned; a failed replay leaves it in
         place, and the command exits 1. The --app object is the only thing imported from

@@ -1,4 +1,7 @@
-"""``tidings inbox prune``: delete a SQL inbox's done rows older than a retention.
+"""``tidings inbox prune`` and ``migrate``: look after a SQL inbox's table.
+
+``prune`` deletes done rows older than a retention; ``migrate`` gives a table of earlier
+versions (keyed (handler, event id)) its ``source`` column (see :meth:`SqlInbox.migrate`).
 
 :func:`tidings.cli.make_cli` attaches the group; this module is imported only then, so click
 (the ``cli`` extra) is imported at the top, SQLAlchemy (the ``sql`` extra) when the command
@@ -10,10 +13,12 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
+from typing import Any
 
 import click
 
 from tidings._untrusted import redact_url
+from tidings.errors import TidingsError
 
 __all__ = ["make_inbox_group", "parse_age"]
 
@@ -34,8 +39,32 @@ def parse_age(text: str) -> timedelta:
     return timedelta(seconds=int(found[1]) * _UNITS[found[2]])
 
 
+def _engine(db_url: str | None) -> tuple[Any, str]:
+    """Open ``--db`` (the sql extra needed); return the engine and the URL as shown (redacted).
+
+    Raises:
+        click.UsageError: no URL, the extra or driver is missing, or the URL is malformed.
+    """
+    if not db_url:
+        msg = "no inbox database given: pass --db URL or set TIDINGS_INBOX_DB"
+        raise click.UsageError(msg)
+    shown = redact_url(db_url)
+    try:
+        import sqlalchemy as sa  # noqa: PLC0415 - the sql extra, needed only here
+
+        import tidings.inbox.sql  # noqa: F401, PLC0415 - its extra is there too
+
+        return sa.create_engine(db_url), shown
+    except ImportError as exc:
+        msg = f"{exc}: pip install 'tidings[sql]' and the database's driver"
+        raise click.UsageError(msg) from exc
+    except Exception as exc:  # noqa: BLE001 - a malformed URL, an unknown dialect
+        msg = f"cannot use --db {shown}: {type(exc).__name__}"
+        raise click.UsageError(msg) from None
+
+
 def make_inbox_group() -> click.Group:
-    """Return the ``inbox`` click group: ``prune``."""
+    """Return the ``inbox`` click group: ``prune`` and ``migrate``."""
 
     @click.group(name="inbox")
     def inbox() -> None:
@@ -69,22 +98,9 @@ def make_inbox_group() -> click.Group:
     def prune(db_url: str | None, table: str, older_than: str, batch_size: int) -> None:
         """Delete done inbox rows older than --older-than, in short batches; print how many."""
         age = parse_age(older_than)
-        if not db_url:
-            msg = "no inbox database given: pass --db URL or set TIDINGS_INBOX_DB"
-            raise click.UsageError(msg)
-        shown = redact_url(db_url)
-        try:
-            import sqlalchemy as sa  # noqa: PLC0415 - the sql extra, needed only here
+        engine, shown = _engine(db_url)
+        from tidings.inbox.sql import SqlInbox  # noqa: PLC0415 - importable: _engine checked
 
-            from tidings.inbox.sql import SqlInbox  # noqa: PLC0415
-
-            engine = sa.create_engine(db_url)
-        except ImportError as exc:
-            msg = f"{exc}: pip install 'tidings[sql]' and the database's driver"
-            raise click.UsageError(msg) from exc
-        except Exception as exc:  # noqa: BLE001 - a malformed URL, an unknown dialect
-            msg = f"cannot use --db {shown}: {type(exc).__name__}"
-            raise click.UsageError(msg) from None
         try:
             deleted = SqlInbox(engine, table_name=table).prune(age, batch_size=batch_size)
         except Exception as exc:  # noqa: BLE001 - an operator needs the cause, not a traceback
@@ -94,5 +110,37 @@ def make_inbox_group() -> click.Group:
         finally:
             engine.dispose()
         click.echo(f"Deleted {deleted} inbox rows older than {older_than} from {table} in {shown}.")
+
+    @inbox.command()
+    @click.option(
+        "--db",
+        "db_url",
+        envvar="TIDINGS_INBOX_DB",
+        metavar="URL",
+        help="The database holding the inbox (as for prune). Env: TIDINGS_INBOX_DB.",
+    )
+    @click.option("--table", default="tidings_inbox", show_default=True, help="The inbox table.")
+    def migrate(db_url: str | None, table: str) -> None:
+        """Key the inbox by (handler, source, event id); existing rows stay done for every source.
+
+        Adds the source column to a table made by an earlier version; a table that has it
+        is left alone. Workers started before keep the old keys until they restart.
+        """
+        engine, shown = _engine(db_url)
+        from tidings.inbox.sql import SqlInbox  # noqa: PLC0415 - importable: _engine checked
+
+        try:
+            changed = SqlInbox(engine, table_name=table).migrate()
+        except TidingsError as exc:
+            raise click.ClickException(str(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - an operator needs the cause, not a traceback
+            msg = f"migrating {table} in {shown} failed: {type(exc).__name__}"
+            raise click.ClickException(msg) from None
+        finally:
+            engine.dispose()
+        if changed:
+            click.echo(f"Migrated {table} in {shown}: keyed by (handler, source, event id).")
+        else:
+            click.echo(f"{table} in {shown} is already keyed by (handler, source, event id).")
 
     return inbox

@@ -117,8 +117,9 @@ def _broker_transport(spec: str) -> Transport:
 
             queues = [q for q in options.get("queues", "tidings").split(",") if q]
             app = Celery("tidings-relay", broker=url)
+            # The relay only publishes: no handler runs here, so no inbox (explicitly).
             transport = CeleryTransport(
-                app, queue=queues[0], publish_to=queues, dead_letters=letters
+                app, queue=queues[0], publish_to=queues, dead_letters=letters, inbox=None
             )
         else:
             import redis  # noqa: PLC0415 - the redis extra
@@ -132,6 +133,7 @@ def _broker_transport(spec: str) -> Transport:
                 redis.Redis.from_url(url),
                 service="tidings-relay",
                 dead_letters=letters,
+                inbox=None,  # the relay only publishes: no handler runs here
                 stream_prefix=options.get("prefix", "tidings:stream"),
                 partitions=int(partitions) if partitions else None,
                 partition_key=options.get("partition_key"),

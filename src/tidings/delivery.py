@@ -28,7 +28,7 @@ from tidings.codec import Codec, default_codec
 from tidings.context import EventContext, _current
 from tidings.errors import EventDecodeError, InboxBusyError
 from tidings.events import DomainEvent
-from tidings.ports import BatchInbox, Claim, DeadLetter, DeadLetterStore, Inbox
+from tidings.ports import BatchInbox, Claim, ClaimPair, DeadLetter, DeadLetterStore, Inbox
 from tidings.retry import RetryPolicy
 
 __all__ = [
@@ -133,6 +133,8 @@ class Dispatcher:
         self.bus = bus
         self.dead_letters = dead_letters
         self.inbox = inbox
+        # An inbox that tells producers apart is given each event's source (see ports.Inbox).
+        self._by_source = bool(getattr(inbox, "by_source", False))
         self.codec = default_codec if codec is None else codec
         self.retry = RetryPolicy() if retry is None else retry
         self.transport = transport
@@ -183,7 +185,7 @@ class Dispatcher:
         :meth:`complete`; they are empty when the inbox claims one pair at a time.
         """
         outcomes: list[Outcome | None] = []
-        work: list[tuple[Received, DomainEvent, tuple[Handler, ...]]] = []
+        work: list[_Work] = []
         for received in messages:
             found = self._resolve(received)
             if isinstance(found, Outcome):
@@ -194,9 +196,18 @@ class Dispatcher:
         # One event's handlers pass the inbox one by one, each marked done as it returns, so a
         # crash in a later handler repeats none of the earlier ones. Claiming in bulk pays off
         # for several events; a crash then repeats the effects of the batch's finished handlers.
-        pairs: list[tuple[str, str]] = []
+        pairs: list[ClaimPair] = []
         if isinstance(self.inbox, BatchInbox) and len(work) > 1:
-            pairs = [(h.name, event.event_id) for _, event, handlers in work for h in handlers]
+            if self._by_source:
+                pairs = [
+                    (h.name, event.event_id, source)
+                    for _, event, handlers, source in work
+                    for h in handlers
+                ]
+            else:
+                pairs = [
+                    (h.name, event.event_id) for _, event, handlers, _ in work for h in handlers
+                ]
         return Prepared(outcomes, work, pairs)
 
     def complete(
@@ -214,24 +225,27 @@ class Dispatcher:
         inbox = self.inbox
         batch = None if claims is None else _Batch(iter(claims))
         try:
-            handled = iter([self._handle(r, e, hs, batch) for r, e, hs in prepared.work])
+            handled = iter([self._handle(r, e, hs, batch, src) for r, e, hs, src in prepared.work])
         finally:
             if batch is not None and isinstance(inbox, BatchInbox) and (batch.done or batch.failed):
                 (inbox.settle if settle is None else settle)(batch.done, batch.failed)
         return [o if o is not None else next(handled) for o in prepared.outcomes]
 
-    def _resolve(self, received: Received) -> tuple[DomainEvent, tuple[Handler, ...]] | Outcome:
-        """Decode the message and find its handlers, or dead-letter it."""
+    def _resolve(
+        self, received: Received
+    ) -> tuple[DomainEvent, tuple[Handler, ...], str] | Outcome:
+        """Decode the message and find its handlers (and its source), or dead-letter it."""
         try:
-            event: DomainEvent = self.codec.decode(received.body)
+            envelope = self.codec.read(received.body)
         except EventDecodeError as exc:
             letter = self._dead_letter(received, exc, attempts=0, handler=received.handler)
             log.error(
                 "dead-lettered an undecodable message %s: %s", letter.id, log_safe(letter.reason)
             )
             return Outcome(None, dead=(letter,))
+        event, source = envelope.event, envelope.source
         if received.handler is None:
-            return event, self.bus.handlers_for(type(event))
+            return event, self.bus.handlers_for(type(event)), source
         target = self.bus.handler(received.handler)
         if target is None or target not in self.bus.handlers_for(type(event)):
             # A retry or replay names one handler; a forged one could aim any event at any
@@ -248,7 +262,7 @@ class Dispatcher:
             )
             log.error("dead-lettered a delivery as %s: %s", letter.id, log_safe(letter.reason))
             return Outcome(event, dead=(letter,))
-        return event, (target,)
+        return event, (target,), source
 
     def _handle(
         self,
@@ -256,6 +270,7 @@ class Dispatcher:
         event: DomainEvent,
         handlers: tuple[Handler, ...],
         batch: _Batch | None,
+        source: str,
     ) -> Outcome:
         """Run one event's handlers with its context bound; collect what became of each."""
         handled: list[str] = []
@@ -271,7 +286,7 @@ class Dispatcher:
                 if hooks is not None:
                     span = self._span(hooks, handler, event, received, attempt)
                 try:
-                    fresh = self._run(handler, event, batch)
+                    fresh = self._run(handler, event, batch, source)
                 except InboxBusyError as busy:
                     # Not a failure of the handler: someone else is running it. Look again
                     # once their claim would have expired; the attempt does not count.
@@ -339,8 +354,12 @@ class Dispatcher:
             attempt=attempt,
         )
 
-    def _run(self, handler: Handler, event: DomainEvent, batch: _Batch | None) -> bool:
-        """Run one handler behind the inbox; return False when the inbox skipped it."""
+    def _run(self, handler: Handler, event: DomainEvent, batch: _Batch | None, source: str) -> bool:
+        """Run one handler behind the inbox; return False when the inbox skipped it.
+
+        The inbox key is (handler, source, event id) when the inbox tells producers apart
+        (``by_source``), else (handler, event id).
+        """
         if batch is not None:  # claimed with the rest of the batch; settled after it
             claim = next(batch.claims)
             if not claim.fresh:
@@ -358,7 +377,12 @@ class Dispatcher:
         if self.inbox is None:
             self._call(handler, event)
             return True
-        with self.inbox.guard(handler.name, event.event_id) as fresh:
+        guard = (
+            self.inbox.guard(handler.name, event.event_id, source=source)  # type: ignore[call-arg]
+            if self._by_source
+            else self.inbox.guard(handler.name, event.event_id)
+        )
+        with guard as fresh:
             if fresh:
                 self._call(handler, event)
             return fresh
@@ -401,19 +425,25 @@ class Dispatcher:
         return letter
 
 
+_Work = tuple[Received, DomainEvent, tuple[Handler, ...], str]
+"""One decodable message of a batch: the message, its event, its handlers, its source."""
+
+
 class Prepared(NamedTuple):
     """Messages decoded and matched to their handlers by :meth:`Dispatcher.prepare`.
 
     Attributes:
         outcomes: per message, its outcome when it was settled already (dead-lettered), else
             ``None``.
-        work: per decodable message, the message, its event and the handlers to run.
-        pairs: the (handler name, event id) pairs to claim in bulk; empty for none.
+        work: per decodable message, the message, its event, the handlers to run and the
+            envelope's ``source``.
+        pairs: the (handler name, event id, source) triples to claim in bulk, or (handler
+            name, event id) pairs for an inbox that does not tell sources apart; empty for none.
     """
 
     outcomes: list[Outcome | None]
-    work: list[tuple[Received, DomainEvent, tuple[Handler, ...]]]
-    pairs: list[tuple[str, str]]
+    work: list[_Work]
+    pairs: list[ClaimPair]
 
 
 class _Batch:

@@ -18,17 +18,24 @@ __all__ = ["MemoryDeadLetterStore", "MemoryInbox"]
 
 
 class MemoryInbox:
-    """An :class:`~tidings.ports.Inbox` in a dict: pairs done in this process are not repeated."""
+    """An :class:`~tidings.ports.Inbox` in a dict: pairs done in this process are not repeated.
+
+    Keys are (handler, source, event id): an event id reused by another producer is not a
+    duplicate (``source=None``, a caller naming no source, is a source of its own).
+    """
+
+    by_source = True
+    """Keys tell producers apart: the worker passes each event's ``source``."""
 
     def __init__(self) -> None:
-        self._done: set[tuple[str, str]] = set()
-        self._running: set[tuple[str, str]] = set()
+        self._done: set[tuple[str, str | None, str]] = set()
+        self._running: set[tuple[str, str | None, str]] = set()
         self._lock = threading.Lock()
 
     @contextmanager
-    def guard(self, handler: str, event_id: str) -> Iterator[bool]:
-        """Claim (handler, event_id); see :class:`~tidings.ports.Inbox`."""
-        key = (handler, event_id)
+    def guard(self, handler: str, event_id: str, source: str | None = None) -> Iterator[bool]:
+        """Claim (handler, source, event_id); see :class:`~tidings.ports.Inbox`."""
+        key = (handler, source, event_id)
         with self._lock:
             if key in self._done:
                 fresh = False
@@ -51,9 +58,9 @@ class MemoryInbox:
             self._running.discard(key)
             self._done.add(key)
 
-    def is_done(self, handler: str, event_id: str) -> bool:
-        """Whether (handler, event_id) took effect."""
-        return (handler, event_id) in self._done
+    def is_done(self, handler: str, event_id: str, source: str | None = None) -> bool:
+        """Whether (handler, source, event_id) took effect."""
+        return (handler, source, event_id) in self._done
 
 
 class MemoryDeadLetterStore:

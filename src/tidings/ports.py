@@ -19,6 +19,7 @@ from tidings._ids import new_event_id, utc_now_iso
 __all__ = [
     "BatchInbox",
     "Claim",
+    "ClaimPair",
     "DeadLetter",
     "DeadLetterStore",
     "Inbox",
@@ -58,8 +59,18 @@ class Inbox(Protocol):
     """
 
     def guard(self, handler: str, event_id: str) -> AbstractContextManager[bool]:
-        """Claim (handler, event_id); see the class docstring for the contract."""
+        """Claim (handler, event_id); see the class docstring for the contract.
+
+        An inbox that tells producers apart also takes ``source=`` (the producer's CloudEvents
+        ``source``; ``None`` for none) and says so with a true ``by_source`` attribute: the
+        worker then guards (handler, source, event id), so that an event id reused by another
+        producer is not taken for a duplicate. The stores of tidings all do.
+        """
         ...
+
+
+ClaimPair = tuple[str, str] | tuple[str, str, str | None]
+"""What a batch inbox claims: (handler, event_id), or (handler, event_id, source)."""
 
 
 class Claim(NamedTuple):
@@ -72,6 +83,8 @@ class Claim(NamedTuple):
         retry_after: seconds until someone else's claim expires when the pair is busy;
             ``None`` otherwise. Not fresh and not busy means the effect already took place.
         token: the store's proof of ownership, handed back to ``settle``.
+        source: the producer's CloudEvents ``source`` the pair was claimed with (``None``:
+            claimed without one).
     """
 
     handler: str
@@ -79,6 +92,7 @@ class Claim(NamedTuple):
     fresh: bool
     retry_after: float | None = None
     token: str = ""
+    source: str | None = None
 
 
 @runtime_checkable
@@ -92,8 +106,11 @@ class BatchInbox(Protocol):
     a crash before ``settle`` repeats the effects of the batch's handlers that had finished.
     """
 
-    def claim_many(self, pairs: Sequence[tuple[str, str]]) -> list[Claim]:
-        """Claim every (handler, event_id); one :class:`Claim` per pair, in order."""
+    def claim_many(self, pairs: Sequence[ClaimPair]) -> list[Claim]:
+        """Claim every (handler, event_id[, source]); one :class:`Claim` per pair, in order.
+
+        Triples come only to an inbox whose ``by_source`` is true (see :meth:`Inbox.guard`).
+        """
         ...
 
     def settle(self, done: Sequence[Claim], failed: Sequence[Claim]) -> None:

@@ -78,6 +78,7 @@ def make(
         app,
         queue=queue,
         dead_letters=SwitchableStore(client, prefix=f"{prefix}:dlq", switch=f"{prefix}:store-down"),
+        inbox=None,
         max_infrastructure_retries=MAX_INFRASTRUCTURE_RETRIES,
     )
     bus = EventBus(transport=transport)

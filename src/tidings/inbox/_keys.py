@@ -1,4 +1,4 @@
-"""Bounded inbox keys: a handler name or event id too long to embed is hashed instead.
+"""Bounded inbox keys: a handler name, source or event id too long to embed is hashed instead.
 
 Event ids come from messages, so anyone who can publish chooses their length; an inbox key (a
 Redis key, a SQL primary key) must not grow with them. Values up to a bound are kept as they
@@ -12,13 +12,19 @@ from __future__ import annotations
 import hashlib
 from typing import Final
 
-__all__ = ["HASHED", "MAX_EMBEDDED", "bounded"]
+__all__ = ["HASHED", "LEGACY_SOURCE", "MAX_EMBEDDED", "bounded"]
 
 HASHED: Final = "~sha256~"
 """What a hashed key part starts with."""
 
 MAX_EMBEDDED: Final = 128
-"""Longest handler name or event id embedded in a key as it is, in characters."""
+"""Longest handler name, source or event id embedded in a key as it is, in characters."""
+
+LEGACY_SOURCE: Final = HASHED + "legacy"
+"""The source of an inbox entry written before keys had one (a SQL row's ``source``).
+
+It starts with :data:`HASHED` and is not hex, so no real source, bounded, can spell it.
+"""
 
 
 def bounded(value: str, limit: int = MAX_EMBEDDED) -> str:

@@ -1,4 +1,4 @@
-"""A Redis inbox: ``SET NX`` with a lease claims a (handler, event id), a marker records it done.
+"""A Redis inbox: ``SET NX`` with a lease claims a (handler, source, event id), a marker its end.
 
 Where the guarantee holds: the done marker is written *after* the handler returned, in a
 separate step from whatever the handler did. An effect outside Redis (a database write, an
@@ -7,11 +7,20 @@ becomes unreachable) between the effect and the mark, or the handler outlives it
 When the handler's writes live in a SQL database, :mod:`tidings.inbox.sql` makes them exactly
 once instead.
 
-Keys are ``{prefix}:{handler}:{event_id}``, readable in ``redis-cli``; nothing is escaped, so a
-handler name should not contain ``:`` (names derived by :class:`~tidings.EventBus` never do).
-A handler name or event id longer than 128 characters is not embedded: its SHA-256 is, marked
-``~sha256~`` (see :mod:`tidings.inbox._keys`), so that an event id from a message cannot make a
-key of its size. Shorter ones keep the key they always had.
+Keys are ``{prefix}:{handler}:s{n}:{source}:{event_id}``, readable in ``redis-cli``: ``n`` is
+the length of the source (the CloudEvents ``source`` of the producer), so that a source or an
+event id containing ``:`` can never spell another pair's key. An event id reused by another
+producer is therefore not a duplicate. A handler name should not contain ``:`` (names derived
+by :class:`~tidings.EventBus` never do). A handler name, source or event id longer than 128
+characters is not embedded: its SHA-256 is, marked ``~sha256~`` (see
+:mod:`tidings.inbox._keys`), so that a value from a message cannot make a key of its size.
+
+Keys written before sources were part of them (tidings 0.x: ``{prefix}:{handler}:{event_id}``)
+keep working: with ``legacy_keys`` (the default) a claim whose pair has a done mark under the
+old key is answered "already done", in the same script (no extra round trip), so an upgrade
+repeats no effect. Old marks expire after ``keep``; after one ``keep`` since the upgrade,
+``legacy_keys=False`` saves that lookup. A caller that names no source (``source=None``) uses
+the old key itself.
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ from tidings._redis import OwnConnection
 from tidings._untrusted import log_safe
 from tidings.errors import InboxBusyError
 from tidings.inbox._keys import bounded
-from tidings.ports import Claim
+from tidings.ports import Claim, ClaimPair
 
 __all__ = ["CommandQueue", "RedisInbox"]
 
@@ -46,7 +55,9 @@ _DONE = "done"
 
 # Claim: 1 = claimed now, 0 = already done, -1 = held by someone else (with its PTTL in ms).
 # One script so that "not claimable" and "why" are read in the same instant.
+# KEYS[2], when given, is the pair's key of the old layout: done there means done.
 _CLAIM = """
+if KEYS[2] and redis.call('GET', KEYS[2]) == ARGV[3] then return {0, 0} end
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {1, 0} end
 if redis.call('GET', KEYS[1]) == ARGV[3] then return {0, 0} end
 return {-1, redis.call('PTTL', KEYS[1])}
@@ -64,10 +75,16 @@ return 0
 """
 
 # Claim many keys: per key 1 = claimed now, 0 = already done, -1 - PTTL = held by someone else.
+# The first ARGV[4] keys are claimed; the rest, when present, are their keys of the old layout
+# (in the same order): done there means done.
 _CLAIM_MANY = """
-local out = {}
-for i, key in ipairs(KEYS) do
-  if redis.call('SET', key, ARGV[1], 'NX', 'PX', ARGV[2]) then
+local out, n = {}, tonumber(ARGV[4])
+local legacy = #KEYS > n
+for i = 1, n do
+  local key = KEYS[i]
+  if legacy and redis.call('GET', KEYS[n + i]) == ARGV[3] then
+    out[i] = 0
+  elseif redis.call('SET', key, ARGV[1], 'NX', 'PX', ARGV[2]) then
     out[i] = 1
   elseif redis.call('GET', key) == ARGV[3] then
     out[i] = 0
@@ -117,6 +134,12 @@ class CommandQueue(Protocol):
         """Queue ``EVAL script numkeys keys... args...``."""
 
 
+def _split(pair: Sequence[str | None]) -> tuple[str, str, str | None]:
+    """A claimed pair's (handler, event_id, source): ``source`` is ``None`` for a 2-tuple."""
+    handler, event_id = str(pair[0]), str(pair[1])
+    return handler, event_id, pair[2] if len(pair) > 2 else None
+
+
 class RedisInbox:
     """An :class:`~tidings.ports.Inbox` in Redis: effects outside Redis happen at least once.
 
@@ -129,6 +152,9 @@ class RedisInbox:
             effect again (the late finisher then logs a warning and leaves that claim alone).
         keep: seconds the done marker lasts; a redelivery after that runs the effect again,
             so choose it longer than the broker's redelivery window.
+        legacy_keys: also honour done marks written under the key of earlier versions,
+            ``{prefix}:{handler}:{event_id}`` (see the module docstring); turn it off once
+            ``keep`` has passed since the upgrade.
 
     Contract (see :class:`~tidings.ports.Inbox`): a second guard of a pair that is claimed
     raises :class:`~tidings.errors.InboxBusyError` whose ``retry_after`` is the claim's
@@ -146,6 +172,9 @@ class RedisInbox:
     Creating an instance does not contact Redis.
     """
 
+    by_source = True
+    """Keys tell producers apart: the worker passes each event's ``source`` (see ports)."""
+
     def __init__(
         self,
         client: redis.Redis,
@@ -153,6 +182,7 @@ class RedisInbox:
         prefix: str = "tidings:inbox",
         lease: float = 60.0,
         keep: float = 7 * 24 * 3600,
+        legacy_keys: bool = True,
     ) -> None:
         if lease <= 0 or keep <= 0:
             msg = f"lease and keep must be positive seconds, got lease={lease!r}, keep={keep!r}"
@@ -161,6 +191,7 @@ class RedisInbox:
         self.prefix = prefix
         self.lease = lease
         self.keep = keep
+        self.legacy_keys = legacy_keys
         self._lease_ms = max(1, round(lease * 1000))
         self._keep_ms = max(1, round(keep * 1000))
         # Kept connections, lent to one call at a time: never more than the calls in flight.
@@ -188,25 +219,41 @@ class RedisInbox:
         with self._lent() as own:
             return own.call(*command)
 
-    def key(self, handler: str, event_id: str) -> str:
-        """Return the Redis key of (handler, event_id): ``{prefix}:{handler}:{event_id}``.
+    def key(self, handler: str, event_id: str, source: str | None = None) -> str:
+        """Return the Redis key of (handler, source, event_id).
 
-        Either part longer than 128 characters is replaced by its marked SHA-256 (see the
-        module docstring): a key never embeds an unbounded value.
+        ``{prefix}:{handler}:s{len(source)}:{source}:{event_id}``; with ``source=None``, the
+        key of earlier versions, ``{prefix}:{handler}:{event_id}``. A part longer than 128
+        characters is replaced by its marked SHA-256 (see the module docstring): a key never
+        embeds an unbounded value.
         """
-        return f"{self.prefix}:{bounded(handler)}:{bounded(event_id)}"
+        if source is None:
+            return f"{self.prefix}:{bounded(handler)}:{bounded(event_id)}"
+        source = bounded(source)
+        return f"{self.prefix}:{bounded(handler)}:s{len(source)}:{source}:{bounded(event_id)}"
+
+    def _keys(self, handler: str, event_id: str, source: str | None) -> tuple[str, ...]:
+        """The pair's key, then its key of the old layout when that one is to be honoured."""
+        key = self.key(handler, event_id, source)
+        if source is None or not self.legacy_keys:
+            return (key,)
+        return key, self.key(handler, event_id)
 
     @contextmanager
-    def guard(self, handler: str, event_id: str) -> Iterator[bool]:
-        """Claim (handler, event_id); see :class:`~tidings.ports.Inbox` and the class docstring.
+    def guard(self, handler: str, event_id: str, source: str | None = None) -> Iterator[bool]:
+        """Claim (handler, source, event_id); see :class:`~tidings.ports.Inbox` and the class.
+
+        ``source`` is the producer's CloudEvents ``source`` (the worker passes it); ``None``
+        claims the key of earlier versions, (handler, event_id).
 
         Raises:
             InboxBusyError: another worker holds an unexpired claim on the pair.
             redis.RedisError: Redis could not be reached or refused the script.
         """
-        key = self.key(handler, event_id)
+        keys = self._keys(handler, event_id, source)
+        key = keys[0]
         token = new_event_id()  # never equal to _DONE
-        status, pttl = self._call("EVAL", _CLAIM, 1, key, token, self._lease_ms, _DONE)
+        status, pttl = self._call("EVAL", _CLAIM, len(keys), *keys, token, self._lease_ms, _DONE)
         if status == 0:
             yield False
             return
@@ -265,8 +312,10 @@ class RedisInbox:
             }.get(outcome, f"unexpected mark outcome {outcome}"),
         )
 
-    def claim_many(self, pairs: Sequence[tuple[str, str]]) -> list[Claim]:
+    def claim_many(self, pairs: Sequence[ClaimPair]) -> list[Claim]:
         """Claim many pairs in one script call (:class:`~tidings.ports.BatchInbox`).
+
+        A pair is (handler, event_id) or (handler, event_id, source), as for :meth:`guard`.
 
         All claims of one call share a token and the same lease: choose ``lease`` longer than
         the whole batch takes to handle.
@@ -278,7 +327,7 @@ class RedisInbox:
             (answers,) = pipe.execute()
         return self.claimed(pairs, answers, token)
 
-    def claim_on(self, queue: CommandQueue, pairs: Sequence[tuple[str, str]]) -> str:
+    def claim_on(self, queue: CommandQueue, pairs: Sequence[ClaimPair]) -> str:
         """Queue what :meth:`claim_many` does on ``queue``, bound for this inbox's Redis.
 
         For a caller that claims in the same round trip as commands of its own (the Redis
@@ -286,12 +335,15 @@ class RedisInbox:
         the one reply, to :meth:`claimed`.
         """
         token = new_event_id()
-        keys = [self.key(handler, event_id) for handler, event_id in pairs]
+        split = [_split(pair) for pair in pairs]
+        keys = [self.key(*pair) for pair in split]
+        if self.legacy_keys and any(source is not None for _, _, source in split):
+            keys += [self.key(handler, event_id) for handler, event_id, _ in split]
         # EVAL, not EVALSHA: a pipeline cannot load a script a restarted Redis lost.
-        queue.eval(_CLAIM_MANY, len(keys), *keys, token, self._lease_ms, _DONE)
+        queue.eval(_CLAIM_MANY, len(keys), *keys, token, self._lease_ms, _DONE, len(pairs))
         return token
 
-    def claimed(self, pairs: Sequence[tuple[str, str]], reply: object, token: str) -> list[Claim]:
+    def claimed(self, pairs: Sequence[ClaimPair], reply: object, token: str) -> list[Claim]:
         """Turn the reply to :meth:`claim_on` into one :class:`~tidings.ports.Claim` per pair.
 
         Raises:
@@ -302,8 +354,10 @@ class RedisInbox:
         assert isinstance(reply, list)  # noqa: S101 - the script answers a list
         # Per pair: 1 = claimed now, 0 = already done, -1 - PTTL = held by someone else.
         return [
-            Claim(handler, event_id, status == 1, _retry_after(status), token)
-            for (handler, event_id), status in zip(pairs, reply, strict=True)
+            Claim(handler, event_id, status == 1, _retry_after(status), token, source)
+            for (handler, event_id, source), status in zip(
+                (_split(pair) for pair in pairs), reply, strict=True
+            )
         ]
 
     def settle(self, done: Sequence[Claim], failed: Sequence[Claim]) -> None:
@@ -323,7 +377,7 @@ class RedisInbox:
         for token in tokens:
             mine_done = [c for c in done if c.token == token]
             mine_failed = [c for c in failed if c.token == token]
-            keys = [self.key(c.handler, c.event_id) for c in (*mine_done, *mine_failed)]
+            keys = [self.key(c.handler, c.event_id, c.source) for c in (*mine_done, *mine_failed)]
             # EVAL, not EVALSHA: a pipeline cannot load a script a restarted Redis lost.
             queue.eval(
                 _SETTLE,
@@ -355,8 +409,10 @@ class RedisInbox:
                 self.lease,
             )
 
-    def is_done(self, handler: str, event_id: str) -> bool:
-        """Whether (handler, event_id) is marked done (and its marker has not expired).
+    def is_done(self, handler: str, event_id: str, source: str | None = None) -> bool:
+        """Whether (handler, source, event_id) is marked done (and its marker has not expired).
+
+        With ``legacy_keys``, a done mark under the pair's key of earlier versions counts.
 
         Reads the replies owed on the instance's idle connections first, so that a guard's
         mark, in the same thread, is seen once the guard returned.
@@ -372,8 +428,8 @@ class RedisInbox:
         finally:
             with self._idle_lock:
                 self._idle.extend(kept)
-        value = self.client.get(self.key(handler, event_id))
-        return value in (_DONE, _DONE.encode())
+        values = self.client.mget(self._keys(handler, event_id, source))
+        return any(value in (_DONE, _DONE.encode()) for value in values)
 
     def _give_back(self, key: str, token: str) -> None:
         """Release our claim after a failure, without hiding the failure if Redis is down."""

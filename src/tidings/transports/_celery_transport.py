@@ -31,6 +31,14 @@ from tidings.events import DomainEvent
 from tidings.ports import DeadLetter, DeadLetterStore, Inbox
 from tidings.retry import RetryPolicy
 from tidings.transports._celery_redis import reuse_redis_clients
+from tidings.transports._defaults import (
+    DEFAULT,
+    Default,
+    redis_dead_letters,
+    redis_inbox,
+    redis_py_url,
+    refuse_without_redis,
+)
 
 if TYPE_CHECKING:
     from celery import Celery, Task
@@ -62,14 +70,20 @@ class CeleryTransport:
     """Sends events as Celery tasks and runs the bus's handlers in Celery workers.
 
     Args:
-        app: the Celery app; workers start the standard way, ``celery -A module worker -Q q``.
+        app: the Celery app; workers start the standard way, ``celery -A module worker``:
+            without ``-Q`` a worker of this app consumes ``queue`` as well as the app's own
+            queues; with ``-Q`` exactly the queues named (name ``queue`` among them).
         queue: the queue this service's workers consume (and where retries go).
         publish_to: the queues events are sent to: every service that handles them has its
             own queue there, and each receives every event. Defaults to ``[queue]``.
-        dead_letters: where failures and undecodable messages end (required: nothing is
-            dropped).
-        inbox: the idempotency guard (strongly recommended; ``None`` means at-least-once
-            effects).
+        dead_letters: where failures and undecodable messages end (nothing is dropped). Left
+            out on a Redis broker (``redis://``, ``rediss://``): a
+            :class:`~tidings.deadletter.redis.RedisDeadLetterStore` on the broker's Redis,
+            prefix ``tidings:dlq:{queue}``. On any other broker it must be given.
+        inbox: the idempotency guard every (handler, event) passes. Left out on a Redis broker:
+            a :class:`~tidings.inbox.redis.RedisInbox` on the broker's Redis, prefix
+            ``tidings:inbox:{queue}``. On any other broker it must be given. ``inbox=None``
+            is the explicit opt-out: handlers run unguarded (at-least-once effects).
         codec: encodes and decodes envelopes (the default codec if omitted).
         retry: the policy of handlers without their own.
         batch_size: the most events one batch message carries.
@@ -99,10 +113,10 @@ class CeleryTransport:
         self,
         app: Celery,
         *,
-        dead_letters: DeadLetterStore,
+        dead_letters: DeadLetterStore | Default = DEFAULT,
         queue: str = "tidings",
         publish_to: Sequence[str] | None = None,
-        inbox: Inbox | None = None,
+        inbox: Inbox | Default | None = DEFAULT,
         codec: Codec | None = None,
         retry: RetryPolicy | None = None,
         batch_size: int = 500,
@@ -122,8 +136,7 @@ class CeleryTransport:
         self.app = app
         self.queue = queue
         self.publish_to = tuple(publish_to) if publish_to else (queue,)
-        self.dead_letters = dead_letters
-        self.inbox = inbox
+        self.dead_letters, self.inbox = _stores_for(app, queue, dead_letters, inbox)
         self.codec = default_codec if codec is None else codec
         self.retry = RetryPolicy() if retry is None else retry
         self.batch_size = batch_size
@@ -181,6 +194,9 @@ class CeleryTransport:
         from tidings.transports.celery import install_context_propagation  # noqa: PLC0415
 
         install_context_propagation(self.app)
+        from tidings.transports._celery_queues import consume_by_default  # noqa: PLC0415
+
+        consume_by_default(self.app, self.queue)
         # Messages Celery cannot decode or route would only be logged and dropped: make the
         # worker's consumer dead-letter them first.
         _celery_consumer.dead_letter_stores[id(self.app)] = self.dead_letters
@@ -486,6 +502,41 @@ class CeleryTransport:
         """
         timeout = self._visibility_timeout()
         return delay if timeout is None else min(delay, timeout * 0.9)
+
+
+def _stores_for(
+    app: Celery,
+    queue: str,
+    dead_letters: DeadLetterStore | Default,
+    inbox: Inbox | Default | None,
+) -> tuple[DeadLetterStore, Inbox | None]:
+    """The transport's dead-letter store and inbox: those given, else on the broker's Redis.
+
+    Raises:
+        UsageError: one is left out and the broker is not Redis; the message says what to pass.
+    """
+    if not isinstance(dead_letters, Default) and not isinstance(inbox, Default):
+        return dead_letters, inbox
+    # kombu takes several URLs, `;`-separated, for fail-over: the first is the broker.
+    broker = str(app.conf.broker_url or "").split(";", 1)[0].strip()
+    if not broker.lower().startswith(("redis://", "rediss://")):
+        missing = [
+            name
+            for name, value in (("inbox", inbox), ("dead_letters", dead_letters))
+            if isinstance(value, Default)
+        ]
+        raise refuse_without_redis(broker or "amqp:// (Celery's default)", missing)
+    try:
+        import redis  # noqa: PLC0415 - the celery extra brings it (kombu's Redis transport)
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        msg = "CeleryTransport's default inbox needs redis-py: pip install 'tidings[celery]'"
+        raise ImportError(msg, name=exc.name) from exc
+    # One client for both, made here but connected on first use (nothing is contacted now).
+    client = redis.Redis.from_url(redis_py_url(broker))
+    return (
+        redis_dead_letters(client, queue) if isinstance(dead_letters, Default) else dead_letters,
+        redis_inbox(client, queue) if isinstance(inbox, Default) else inbox,
+    )
 
 
 def one_arguments(

@@ -115,6 +115,7 @@ from tidings.errors import PublishError, UsageError
 from tidings.events import DomainEvent
 from tidings.ports import DeadLetter, DeadLetterStore, Inbox
 from tidings.retry import RetryPolicy
+from tidings.transports._defaults import DEFAULT, Default, redis_dead_letters, redis_inbox
 from tidings.transports._streams_partitions import partition_of
 from tidings.transports._streams_run import run_consumers, run_until_signalled
 from tidings.transports._streams_scripts import (
@@ -149,14 +150,19 @@ class RedisStreamsTransport:
     """Publishes events to Redis streams and runs a service's handlers on them.
 
     Args:
-        client: a redis-py client returning bytes (``decode_responses=False``); its socket
-            timeout, if any, must be longer than ``block_ms``.
+        client: a redis-py client returning bytes (``decode_responses=False``), or a
+            ``redis://`` / ``rediss://`` URL to make one from; its socket timeout, if any,
+            must be longer than ``block_ms``.
         service: the consuming service: its consumer group on every stream, and its name in the
             retry keys. Publishers need it only to replay dead letters.
-        dead_letters: where failures and undecodable entries end (required: nothing is
-            dropped).
-        inbox: the idempotency guard (strongly recommended; ``None`` means at-least-once
-            effects).
+        dead_letters: where failures and undecodable entries end (nothing is dropped). Left
+            out: a :class:`~tidings.deadletter.redis.RedisDeadLetterStore` on ``client``,
+            prefix ``tidings:dlq:{service}``.
+        inbox: the idempotency guard every (handler, event) passes. Left out: a
+            :class:`~tidings.inbox.redis.RedisInbox` on ``client``, prefix
+            ``tidings:inbox:{service}`` (on the same client, its claims travel with the
+            reads). ``inbox=None`` is the explicit opt-out: handlers run unguarded
+            (at-least-once effects).
         codec: encodes and decodes envelopes (the default codec if omitted).
         retry: the policy of handlers without their own.
         stream_prefix: the first part of every stream and key name.
@@ -186,11 +192,11 @@ class RedisStreamsTransport:
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: redis.Redis | str,
         *,
         service: str,
-        dead_letters: DeadLetterStore,
-        inbox: Inbox | None = None,
+        dead_letters: DeadLetterStore | Default = DEFAULT,
+        inbox: Inbox | Default | None = DEFAULT,
         codec: Codec | None = None,
         retry: RetryPolicy | None = None,
         stream_prefix: str = "tidings:stream",
@@ -221,10 +227,16 @@ class RedisStreamsTransport:
         if problems:
             msg = "invalid RedisStreamsTransport: " + "; ".join(problems)
             raise ValueError(msg)
+        if isinstance(client, str):
+            client = redis.Redis.from_url(client)
         self.client = client
         self.service = service
-        self.dead_letters = dead_letters
-        self.inbox = inbox
+        self.dead_letters = (
+            redis_dead_letters(client, service)
+            if isinstance(dead_letters, Default)
+            else dead_letters
+        )
+        self.inbox = redis_inbox(client, service) if isinstance(inbox, Default) else inbox
         self.codec = default_codec if codec is None else codec
         self.retry = RetryPolicy() if retry is None else retry
         self.stream_prefix = stream_prefix
