@@ -41,6 +41,7 @@ from tidings.events import DomainEvent
 from tidings.ports import DeadLetter
 from tidings.transports._celery_redis import (
     acknowledge_without_waiting,
+    close_fetch_window,
     refuse_malformed_items,
     reuse_redis_clients,
 )
@@ -146,11 +147,18 @@ class DeadLetteringConsumer(Consumer):  # type: ignore[misc]
     """Celery's consumer, storing undecodable and unknown messages as dead letters first."""
 
     def loop_args(self) -> tuple[Any, ...]:
-        """Start the consumer's loop, its Redis channel made cheaper first (``_celery_redis``)."""
+        """Start the consumer's loop, its Redis channel made cheaper and safer first.
+
+        See :mod:`tidings.transports._celery_redis`: clients reused, index writes without
+        waiting, malformed items dead-lettered, and each message taken and recorded in one
+        server-side step (no message lost to a worker killed while fetching).
+        """
         if self.task_consumer is not None:
             reuse_redis_clients(self.task_consumer.channel)
             acknowledge_without_waiting(self.task_consumer.channel)
             refuse_malformed_items(self.task_consumer.channel)
+            # Last: it takes over the QoS's append that acknowledge_without_waiting set.
+            close_fetch_window(self.task_consumer.channel)
         return super().loop_args()  # type: ignore[no-any-return]
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Callable[[Any], None]:

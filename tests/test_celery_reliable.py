@@ -1,0 +1,283 @@
+"""Celery over Redis loses nothing when a worker dies (issue 18, items 2 and 3).
+
+Real Redis, real ``celery worker`` processes (:mod:`tests.apps.celery_reliable`): a worker
+killed while it waits for a message, and a delivery whose retry cannot be sent because the
+worker is cut off its broker (a TCP proxy the test cuts; the shared Redis is never touched).
+Each test's broker keys (queue, unacknowledged hash, index and mutex) carry its own name.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from tests.apps import celery_reliable
+from tests.apps.celery_reliable import ReliableEvent
+from tests.workers import ROOT, stop, wait_until
+
+pytestmark = pytest.mark.integration
+
+APP = "tests.apps.celery_reliable"
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+class Proxy:
+    """A TCP proxy on 127.0.0.1 to one server, that the test can cut and restore.
+
+    While cut, every connection through it is closed and new ones are accepted and closed at
+    once (counted in :attr:`refused`): the client sees its server go away.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self.listener.getsockname()[1]
+        self.cut_off = False
+        self.refused = 0
+        self._open: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, db: int = 0) -> str:
+        """The Redis URL through the proxy."""
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def cut(self) -> None:
+        """Close every connection through the proxy and refuse new ones until restored."""
+        with self._lock:
+            self.cut_off = True
+            sockets, self._open = self._open, []
+        for sock in sockets:
+            with suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def restore(self) -> None:
+        """Let connections through again."""
+        with self._lock:
+            self.cut_off = False
+
+    def close(self) -> None:
+        """Stop the proxy and close everything."""
+        self._closed = True
+        self.cut()
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                if self.cut_off:
+                    self.refused += 1
+                    client.close()
+                    continue
+            try:
+                server = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            server.settimeout(None)
+            with self._lock:
+                self._open += [client, server]
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                with suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
+@contextmanager
+def worker(env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A ``celery worker`` (solo pool) of the reliable app; its output goes to ``log``."""
+    queue = env["RELIABLE_QUEUE"]
+    command = [
+        sys.executable, "-m", "celery", "-A", APP, "worker", "-Q", queue, "--pool=solo",
+        "--without-heartbeat", "--without-gossip", "--without-mingle", "--loglevel=INFO",
+        "-n", f"{queue}-{log.stem}@%h",
+    ]  # fmt: skip
+    with log.open("wb") as out:
+        process = subprocess.Popen(  # noqa: S603 - our own command line
+            command,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            yield process
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGCONT)
+            stop(process)
+
+
+def kill(process: subprocess.Popen[bytes]) -> None:
+    """``kill -9`` the worker's whole process group, and reap it."""
+    with suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=10)
+
+
+def blocked_clients(client: redis.Redis, name: str) -> list[dict[str, Any]]:
+    """The connections named ``name`` that Redis holds blocked in a command (``BRPOP`` …)."""
+    return [
+        entry
+        for entry in client.client_list()
+        if entry.get("name") == name and "b" in str(entry.get("flags", ""))
+    ]
+
+
+@pytest.fixture
+def reliable(redis_url: str, unique_name: str) -> Iterator[Callable[..., Any]]:
+    """Build the test's service (publishing side); delete every key of the test afterwards."""
+    made: list[redis.Redis] = []
+
+    def build(**options: Any) -> tuple[Any, redis.Redis, dict[str, str]]:
+        broker_url = options.pop("broker_url", redis_url)
+        app, bus, _, client = celery_reliable.make(
+            unique_name, unique_name, broker_url=redis_url, **options
+        )
+        made.append(client)
+        env = {
+            "RELIABLE_QUEUE": unique_name,
+            "RELIABLE_PREFIX": unique_name,
+            "RELIABLE_BROKER_URL": broker_url,
+            "TIDINGS_TEST_REDIS_URL": redis_url,
+        }
+        if "visibility_timeout" in options:
+            env["RELIABLE_VISIBILITY_TIMEOUT"] = str(options["visibility_timeout"])
+        if options.get("polling_interval") is not None:
+            env["RELIABLE_POLLING_INTERVAL"] = str(options["polling_interval"])
+        return bus, client, env
+
+    yield build
+    for client in made:
+        keys = list(client.scan_iter(f"{unique_name}*"))
+        if keys:
+            client.delete(*keys)
+        client.close()
+
+
+def effect(client: redis.Redis, prefix: str, event: ReliableEvent) -> int:
+    """How many times the handler's effect took place for ``event``."""
+    return int(client.get(f"{prefix}:effect:{event.event_id}") or 0)
+
+
+# -- the fetch window ------------------------------------------------------------------------
+
+
+def test_a_fetch_records_the_message_in_the_unacknowledged_index_before_taking_it(
+    redis_url: str, unique_name: str
+) -> None:
+    """A message the fetch took is in kombu's unacknowledged index even if nobody reads it."""
+    from kombu import Connection, Consumer, Exchange, Producer, Queue
+
+    from tidings.transports._celery_redis import close_fetch_window
+
+    name = unique_name
+    options = {
+        "unacked_key": f"{name}:unacked",
+        "unacked_index_key": f"{name}:unacked_index",
+        "unacked_mutex_key": f"{name}:unacked_mutex",
+        "visibility_timeout": 1,
+    }
+    client = redis.Redis.from_url(redis_url)
+    queue = Queue(name, Exchange(name), routing_key=name)
+    dying = Connection(redis_url, transport_options=options)
+    try:
+        channel = dying.channel()
+        close_fetch_window(channel)
+        Consumer(channel, queues=[queue], callbacks=[lambda body, message: None]).consume()
+        Producer(dying.channel()).publish(
+            {"n": 1}, exchange=queue.exchange, routing_key=name, declare=[queue]
+        )
+        assert client.llen(name) == 1
+        # The event loop's poll start sends the fetch; its reply is never read: a death.
+        dying.transport.cycle.on_poll_start()
+        wait_until(lambda: client.llen(name) == 0, timeout=10, what="the fetch to take it")
+        assert client.hlen(f"{name}:unacked") == 1
+        assert client.zcard(f"{name}:unacked_index") == 1
+        channel.client.connection.disconnect()
+        dying.release()
+
+        # Another worker's kombu restores it after the visibility timeout, as any unacked one.
+        got: list[Any] = []
+        alive = Connection(redis_url, transport_options=options)
+        try:
+            channel = alive.channel()
+            close_fetch_window(channel)
+            Consumer(
+                channel, queues=[queue], callbacks=[lambda body, message: got.append(message)]
+            ).consume()
+
+            def delivered() -> bool:
+                channel.qos.restore_visible(interval=1)
+                with suppress(TimeoutError, socket.timeout):
+                    alive.drain_events(timeout=0.5)
+                return bool(got)
+
+            wait_until(delivered, timeout=20, what="the restored message")
+            assert got[0].payload == {"n": 1}
+            assert got[0].delivery_info.get("redelivered") is True
+            got[0].ack()
+            assert client.hlen(f"{name}:unacked") == 0
+        finally:
+            alive.release()
+    finally:
+        client.delete(name, f"{name}:unacked", f"{name}:unacked_index", f"{name}:unacked_mutex")
+        client.close()
+
+
+def test_a_worker_killed_while_it_waits_for_a_message_loses_no_message(
+    reliable: Callable[..., Any], unique_name: str, tmp_path: Path
+) -> None:
+    """SIGSTOP a worker waiting in its fetch, publish, kill -9 it: the next worker handles it."""
+    # kombu's BRPOP blocks 10 s: the paused worker is still waiting when the message comes.
+    bus, client, env = reliable(visibility_timeout=3, polling_interval=10)
+    event = ReliableEvent()
+    with worker(env, tmp_path / "first.log") as first:
+        wait_until(
+            lambda: blocked_clients(client, unique_name),
+            timeout=60,
+            what="the worker to wait in its fetch",
+        )
+        os.killpg(first.pid, signal.SIGSTOP)
+        assert blocked_clients(client, unique_name), "the paused worker no longer waits"
+        # Redis serves a waiting BRPOP as it runs the LPUSH, before the publish returns.
+        bus.publish(event)
+        kill(first)
+    assert effect(client, unique_name, event) == 0
+    with worker(env, tmp_path / "second.log"):
+        wait_until(
+            lambda: effect(client, unique_name, event) == 1,
+            timeout=45,
+            what="the next worker to handle the event",
+        )
+    assert effect(client, unique_name, event) == 1
