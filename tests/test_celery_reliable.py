@@ -14,17 +14,20 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import redis
+from kombu import Connection, Consumer, Exchange, Producer, Queue
 from tests.apps import celery_reliable
 from tests.apps.celery_reliable import ReliableEvent
 from tests.workers import ROOT, stop, wait_until
+
+from tidings.transports._celery_redis import close_fetch_window
 
 pytestmark = pytest.mark.integration
 
@@ -113,11 +116,14 @@ class Proxy:
 
 
 @contextmanager
-def worker(env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """A ``celery worker`` (solo pool) of the reliable app; its output goes to ``log``."""
+def worker(
+    env: dict[str, str], log: Path, *, pool: str = "solo"
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A ``celery worker`` of the reliable app (one process of ``pool``); output to ``log``."""
     queue = env["RELIABLE_QUEUE"]
     command = [
-        sys.executable, "-m", "celery", "-A", APP, "worker", "-Q", queue, "--pool=solo",
+        sys.executable, "-m", "celery", "-A", APP, "worker", "-Q", queue, f"--pool={pool}",
+        "--concurrency=1",
         "--without-heartbeat", "--without-gossip", "--without-mingle", "--loglevel=INFO",
         "-n", f"{queue}-{log.stem}@%h",
     ]  # fmt: skip
@@ -161,7 +167,7 @@ def reliable(redis_url: str, unique_name: str) -> Iterator[Callable[..., Any]]:
 
     def build(**options: Any) -> tuple[Any, redis.Redis, dict[str, str]]:
         broker_url = options.pop("broker_url", redis_url)
-        app, bus, _, client = celery_reliable.make(
+        _, bus, _, client = celery_reliable.make(
             unique_name, unique_name, broker_url=redis_url, **options
         )
         made.append(client)
@@ -197,10 +203,6 @@ def test_a_fetch_records_the_message_in_the_unacknowledged_index_before_taking_i
     redis_url: str, unique_name: str
 ) -> None:
     """A message the fetch took is in kombu's unacknowledged index even if nobody reads it."""
-    from kombu import Connection, Consumer, Exchange, Producer, Queue
-
-    from tidings.transports._celery_redis import close_fetch_window
-
     name = unique_name
     options = {
         "unacked_key": f"{name}:unacked",
@@ -281,3 +283,76 @@ def test_a_worker_killed_while_it_waits_for_a_message_loses_no_message(
             what="the next worker to handle the event",
         )
     assert effect(client, unique_name, event) == 1
+
+
+# -- a retry that cannot be sent -------------------------------------------------------------
+
+
+@pytest.fixture
+def proxy(redis_url: str) -> Iterator[Proxy]:
+    """A cuttable TCP proxy to the test Redis."""
+    parts = urlsplit(redis_url)
+    made = Proxy(parts.hostname or "127.0.0.1", parts.port or 6379)
+    yield made
+    made.close()
+
+
+@pytest.mark.parametrize("pool", ["solo", "prefork"])
+def test_a_delivery_whose_retry_cannot_be_sent_is_handled_later_not_acknowledged(
+    reliable: Callable[..., Any], unique_name: str, proxy: Proxy, tmp_path: Path, pool: str
+) -> None:
+    """Inbox and broker both unreachable mid-delivery: the event is handled once they return."""
+    bus, client, env = reliable(broker_url=proxy.url(), visibility_timeout=3)
+    client.set(f"{unique_name}:gate-on", 1)
+    event = ReliableEvent()
+    with worker(env, tmp_path / "worker.log", pool=pool):
+        bus.publish(event)
+        wait_until(
+            lambda: client.exists(f"{unique_name}:claimed"),
+            timeout=60,
+            what="the worker to claim the event",
+        )
+        proxy.cut()  # the worker's broker connections are gone, and stay gone for now
+        client.set(f"{unique_name}:cut", 1)  # the gate fails the claim; the retry's send fails
+        # The task ended (its retry's send refused by the proxy), then the worker went on
+        # trying its broker (to settle the message, to reconnect): refused too.
+        wait_until(lambda: client.exists(f"{unique_name}:ran"), timeout=60, what="the task")
+        refused = proxy.refused
+        wait_until(lambda: proxy.refused >= refused + 2, timeout=60, what="the worker's tries")
+        assert effect(client, unique_name, event) == 0
+        proxy.restore()
+        wait_until(
+            lambda: effect(client, unique_name, event) == 1,
+            timeout=60,
+            what="the event to be handled once the broker is back",
+        )
+    assert effect(client, unique_name, event) == 1
+    assert client.zcard(f"{unique_name}:dlq:index") == 0  # handled, not dead-lettered
+
+
+def test_a_delivery_whose_retries_can_never_be_sent_is_dead_lettered_after_the_bound(
+    reliable: Callable[..., Any], unique_name: str, tmp_path: Path
+) -> None:
+    """A retry the broker never takes: the message is requeued, then dead-lettered at the bound."""
+    bus, client, env = reliable()
+    client.set(f"{unique_name}:fail", 1)  # the handler fails: a retry must be sent
+    client.set(f"{unique_name}:refuse-sends", 1)  # and no retry can be
+    event = ReliableEvent()
+    with worker(env, tmp_path / "worker.log"):
+        bus.publish(event)
+        wait_until(
+            lambda: client.zcard(f"{unique_name}:dlq:index") == 1,
+            timeout=60,
+            what="the delivery to be dead-lettered at the bound",
+        )
+        wait_until(
+            lambda: client.llen(unique_name) == 0 and client.hlen(f"{unique_name}:unacked") == 0,
+            timeout=30,
+            what="nothing left on the broker",
+        )
+    (letter_id,) = client.zrange(f"{unique_name}:dlq:index", 0, -1)
+    letter = client.hgetall(f"{unique_name}:dlq:letter:{letter_id.decode()}")
+    assert b"could not send a retry of the delivery 3 times" in b"".join(letter.values())
+    # max_infrastructure_retries=3 in the app: three runs, each requeued but the last.
+    assert int(client.get(f"{unique_name}:started:{event.event_id}") or 0) == 3
+    assert effect(client, unique_name, event) == 0

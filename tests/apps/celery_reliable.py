@@ -22,6 +22,11 @@ While the key ``{prefix}:gate-on`` exists, the inbox fails the first claim of ea
 unreachable inbox would (``redis.ConnectionError``), after setting ``{prefix}:claimed`` and
 waiting (at most :data:`GATE_LIMIT` s) for ``{prefix}:cut``: the test cuts the worker off its
 broker in between, so that the retry the transport then sends cannot be sent either.
+
+While ``{prefix}:fail`` exists the handler raises, and while ``{prefix}:refuse-sends`` exists
+the app's router refuses every task the worker sends (as a broker refusing writes would): the
+handler's retries and the transport's own cannot be sent. ``{prefix}:started:<id>`` counts the
+handler's runs, ``{prefix}:ran`` the tasks the worker finished (Celery's ``task_postrun``).
 """
 
 from __future__ import annotations
@@ -31,10 +36,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import redis
 from celery import Celery
+from celery.signals import task_postrun
+from kombu.exceptions import OperationalError
 
 from tidings import DomainEvent, EventBus, register_event
 from tidings.deadletter.redis import RedisDeadLetterStore
@@ -123,8 +130,24 @@ def make(
     )
     bus = EventBus(transport=transport)
 
+    def route(name: str, args: Any, kwargs: Any, options: Any, **_: Any) -> None:
+        if client.exists(f"{prefix}:refuse-sends"):
+            msg = "the test's router refuses to send tasks"
+            raise OperationalError(msg)
+
+    app.conf.task_routes = (route,)
+
+    def ran(**_: Any) -> None:
+        client.incr(f"{prefix}:ran")
+
+    task_postrun.connect(ran, weak=False)
+
     @bus.subscribe(ReliableEvent, name=HANDLER)
     def apply(event: ReliableEvent) -> None:
+        client.incr(f"{prefix}:started:{event.event_id}")
+        if client.exists(f"{prefix}:fail"):
+            msg = "the test's handler fails"
+            raise RuntimeError(msg)
         client.incr(f"{prefix}:effect:{event.event_id}")
 
     return app, bus, transport, client

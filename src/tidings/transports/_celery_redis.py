@@ -430,13 +430,15 @@ class _Fetch:
         queues = channel._queue_cycle.consume(len(channel.active_queues))
         if not queues:
             return
-        keys = [channel._q_for_pri(queue, pri) for pri in channel.priority_steps for queue in queues]
+        keys = [
+            channel._q_for_pri(queue, pri) for pri in channel.priority_steps for queue in queues
+        ]
         step, self.next = self.next, "fetch"
         bound = _WAIT_ONE_QUEUE if len(queues) == 1 else _WAIT_SEVERAL_QUEUES
         wait = min(float(timeout), bound) if timeout else bound
         p = self.prefix
         if step == "wait":
-            key = p + (self.last_key if self.last_key in keys else keys[0])
+            key = p + (self.last_key if self.last_key in keys and self.last_key else keys[0])
             command: list[Any] = ["BLMOVE", key, key, "RIGHT", "RIGHT", wait]
         elif step == "pause":
             # BLPOP on a list nothing writes: the server waits, the channel does not spin.
@@ -454,6 +456,7 @@ class _Fetch:
     def read(self, **options: Any) -> bool:
         """Read the reply of the step sent: deliver a message, or raise ``Empty``."""
         from kombu.transport.virtual import Empty  # noqa: PLC0415
+
         channel = self.channel
         client = channel.client
         step = self.sent
@@ -510,8 +513,7 @@ class _Fetch:
         self._refusals += 1
         if self._refusals == 1 or self._refusals % 60 == 0:
             log.error(
-                "Redis refused the worker's %s (%d times in a row; looking again every %.0f s): "
-                "%s",
+                "Redis refused the worker's %s (%d times in a row; looking again every %.0f s): %s",
                 "wait (BLMOVE needs Redis 6.2)" if step == "wait" else step or "fetch",
                 self._refusals,
                 _PAUSE,
