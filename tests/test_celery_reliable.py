@@ -27,6 +27,7 @@ from tests.apps import celery_reliable
 from tests.apps.celery_reliable import ReliableEvent
 from tests.workers import ROOT, stop, wait_until
 
+from tidings._redis_persistence import persistence
 from tidings.transports._celery_redis import close_fetch_window
 
 pytestmark = pytest.mark.integration
@@ -356,3 +357,6 @@ def test_a_delivery_whose_retries_can_never_be_sent_is_dead_lettered_after_the_b
     # max_infrastructure_retries=3 in the app: three runs, each requeued but the last.
     assert int(client.get(f"{unique_name}:started:{event.event_id}") or 0) == 3
     assert effect(client, unique_name, event) == 0
+    # The worker said at start whether its broker keeps anything on disk (item 3).
+    said = "keeps nothing on disk" in (tmp_path / "worker.log").read_text(errors="replace")
+    assert said == (persistence(client).persists is False)

@@ -41,6 +41,7 @@ from tidings.events import DomainEvent
 from tidings.ports import DeadLetter
 from tidings.transports._celery_redis import (
     acknowledge_without_waiting,
+    check_persistence,
     close_fetch_window,
     refuse_malformed_items,
     reuse_redis_clients,
@@ -159,6 +160,7 @@ class DeadLetteringConsumer(Consumer):  # type: ignore[misc]
             refuse_malformed_items(self.task_consumer.channel)
             # Last: it takes over the QoS's append that acknowledge_without_waiting set.
             close_fetch_window(self.task_consumer.channel)
+            check_persistence(self.task_consumer.channel, "the Celery broker, from a worker")
         return super().loop_args()  # type: ignore[no-any-return]
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Callable[[Any], None]:

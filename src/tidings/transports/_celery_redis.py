@@ -54,6 +54,7 @@ from tidings._untrusted import log_safe
 
 __all__ = [
     "acknowledge_without_waiting",
+    "check_persistence",
     "close_fetch_window",
     "refuse_malformed_items",
     "reuse_redis_clients",
@@ -70,6 +71,21 @@ _KOMBU_REDIS = "kombu.transport.redis"
 def _is_plain_kombu_redis(channel: Any) -> bool:
     """Whether ``channel`` is kombu's own Redis channel, with keys as named (no prefix)."""
     return type(channel).__module__ == _KOMBU_REDIS and not getattr(channel, "global_keyprefix", "")
+
+
+def check_persistence(channel: Any, what: str) -> None:
+    """Warn once if the Redis behind a kombu Redis channel keeps nothing on disk.
+
+    See :mod:`tidings._redis_persistence`; other channels (AMQP) are left alone. Asks on a
+    client of its own (over the channel's pool), never on the channel's fetch connection.
+    """
+    if type(channel).__module__ != _KOMBU_REDIS:
+        return
+    import redis  # noqa: PLC0415 - there: kombu's Redis transport made the channel
+
+    from tidings._redis_persistence import warn_if_forgetful  # noqa: PLC0415
+
+    warn_if_forgetful(redis.Redis(connection_pool=channel.client.connection_pool), what)
 
 
 def reuse_redis_clients(channel: Any) -> None:

@@ -30,7 +30,7 @@ from tidings.errors import PublishError, UsageError
 from tidings.events import DomainEvent
 from tidings.ports import DeadLetter, DeadLetterStore, Inbox
 from tidings.retry import RetryPolicy
-from tidings.transports._celery_redis import reuse_redis_clients
+from tidings.transports._celery_redis import check_persistence, reuse_redis_clients
 
 if TYPE_CHECKING:
     from celery import Celery, Task
@@ -331,6 +331,7 @@ class CeleryTransport:
             producer = self.app.amqp.Producer(connection)
             for queue in self.publish_to:
                 producer.maybe_declare(self.app.amqp.queues[queue])
+            check_persistence(producer.channel, "the Celery broker, publishing")
         except BaseException:
             connection.release()
             raise
