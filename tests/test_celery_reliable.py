@@ -360,3 +360,61 @@ def test_a_delivery_whose_retries_can_never_be_sent_is_dead_lettered_after_the_b
     # The worker said at start whether its broker keeps anything on disk (item 3).
     said = "keeps nothing on disk" in (tmp_path / "worker.log").read_text(errors="replace")
     assert said == (persistence(client).persists is False)
+
+
+def test_the_fetch_keeps_kombus_priorities_several_queues_and_prefetch(
+    redis_url: str, unique_name: str
+) -> None:
+    """Priority lists in kombu's order, a second queue, and no fetch beyond the prefetch count."""
+    name = unique_name
+    other = f"{name}_other"
+    options = {
+        "unacked_key": f"{name}:unacked",
+        "unacked_index_key": f"{name}:unacked_index",
+        "unacked_mutex_key": f"{name}:unacked_mutex",
+    }
+    client = redis.Redis.from_url(redis_url)
+    queues = [Queue(q, Exchange(q), routing_key=q) for q in (name, other)]
+    connection = Connection(redis_url, transport_options=options)
+    got: list[Any] = []
+    try:
+        producer = Producer(connection.channel())
+        # kombu's Redis keeps priorities in lists per step, read 0 (plain list) first.
+        for n, priority, queue in ((1, 9, queues[0]), (2, 0, queues[0]), (3, 0, queues[1])):
+            producer.publish(
+                {"n": n},
+                exchange=queue.exchange,
+                routing_key=queue.routing_key,
+                declare=[queue],
+                priority=priority,
+            )
+        assert client.llen(f"{name}\x06\x169") == 1  # the priority list of kombu's naming
+        channel = connection.channel()
+        close_fetch_window(channel)
+        channel.basic_qos(prefetch_count=1)
+        Consumer(channel, queues=queues, callbacks=[lambda body, m: got.append(m)]).consume()
+
+        def one_more() -> bool:
+            with suppress(TimeoutError, socket.timeout):
+                connection.drain_events(timeout=0.5)
+            return len(got) == expected
+
+        for expected in (1, 2, 3):
+            wait_until(one_more, timeout=20, what=f"message {expected}")
+            # Prefetch 1: nothing more is taken (or recorded) until this one is acknowledged.
+            assert client.hlen(f"{name}:unacked") == 1
+            assert client.llen(name) + client.llen(f"{name}\x06\x169") + client.llen(other) == (
+                3 - expected
+            )
+            got[-1].ack()
+        assert sorted(m.payload["n"] for m in got) == [1, 2, 3]
+        # Within a queue, the plain list (priority step 0) before the list of step 9.
+        ours = [m.payload["n"] for m in got if m.delivery_info["routing_key"] == name]
+        assert ours == [2, 1]
+        assert client.hlen(f"{name}:unacked") == 0
+    finally:
+        connection.release()
+        client.delete(
+            name, other, f"{name}\x06\x169", *(f"{name}:{k}" for k in ("unacked", "unacked_index"))
+        )
+        client.close()
