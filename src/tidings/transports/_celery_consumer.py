@@ -1,7 +1,8 @@
 """Worker-side customisations of Celery: nothing Celery would drop or loop on is lost.
 
 :class:`DeadLetteringConsumer` dead-letters messages Celery cannot decode or route, and on a
-Redis broker makes its channel cheaper (:mod:`tidings.transports._celery_redis`);
+Redis broker makes its channel cheaper and takes each message and records it as unacknowledged
+in one step, so that no worker death loses one (:mod:`tidings.transports._celery_redis`);
 :class:`WorkerLosses` (through :func:`delivery_request`, the tasks' request class) dead-letters
 a message that keeps killing its worker process.
 
