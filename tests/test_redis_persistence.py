@@ -44,10 +44,11 @@ def redis_server(tmp_path: Path) -> Iterator[Server]:
         pytest.skip("redis-server is not installed")
     started: list[subprocess.Popen[bytes]] = []
 
-    def start(*arguments: str) -> str:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
+    def start(*arguments: str, port: int | None = None) -> str:
+        if port is None:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
         directory = tmp_path / f"redis-{port}"
         directory.mkdir()
         command = [
@@ -83,11 +84,13 @@ def redis_server(tmp_path: Path) -> Iterator[Server]:
 @pytest.fixture(autouse=True)
 def _fresh_checks() -> Iterator[None]:
     """Each test starts with no server checked (the warning is once per server and process)."""
-    _redis_persistence._checked.clear()
-    _redis_persistence._pools.clear()
+    for memo in (_redis_persistence._checked, _redis_persistence._pools):
+        memo.clear()
+    _redis_persistence._failed.clear()
     yield
-    _redis_persistence._checked.clear()
-    _redis_persistence._pools.clear()
+    for memo in (_redis_persistence._checked, _redis_persistence._pools):
+        memo.clear()
+    _redis_persistence._failed.clear()
 
 
 def forgetful_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -153,15 +156,23 @@ def test_the_warning_is_given_once_per_server_and_names_the_setting(
 
 
 def test_an_unreachable_redis_is_checked_again_later_and_never_raises(
-    caplog: pytest.LogCaptureFixture,
+    redis_server: Server, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A check that cannot reach Redis returns ``None`` without raising, and is not remembered."""
+    """A check that cannot reach Redis returns ``None``, not raising, and is tried again later."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]  # nothing listens there once the probe is closed
     client = redis.Redis(port=port, retry=Retry(NoBackoff(), 0), socket_connect_timeout=1)
     assert warn_if_forgetful(client, "a test") is None
     assert _redis_persistence._checked == set()
+    # A forgetful server now listens there: not asked again before the retry delay; then it is.
+    redis_server("--appendonly", "no", "--save", "", port=port)
+    assert warn_if_forgetful(client, "a test") is None
+    monkeypatch.setattr(_redis_persistence, "_RETRY_AFTER", 0.0)
+    found = warn_if_forgetful(client, "a test")
+    assert found is not None
+    assert found.persists is False
+    assert len(forgetful_warnings(caplog)) == 1
 
 
 def test_the_streams_transport_warns_when_it_publishes_to_a_forgetful_redis(

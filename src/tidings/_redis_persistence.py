@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -113,7 +114,10 @@ def persistence(client: Any) -> Persistence:
 
 _checked: set[str] = set()  # servers checked (host:port), under _lock
 _pools: set[int] = set()  # connection pools whose server was checked: the cheap first test
+_failed: dict[int, float] = {}  # pool → when a check last could not reach its server
 _lock = threading.Lock()
+_RETRY_AFTER = 60.0
+"""Seconds before a check that could not reach its Redis is tried again (from that pool)."""
 
 
 def warn_if_forgetful(client: Any, what: str) -> Persistence | None:
@@ -121,10 +125,14 @@ def warn_if_forgetful(client: Any, what: str) -> Persistence | None:
 
     ``what`` names the user of that Redis in the warning ("the Celery broker"). A server
     whose persistence is unknown is logged once at INFO. Never raises: if Redis cannot be
-    reached the check is left for the next call (``None`` is returned).
+    reached the check is left for a call :data:`_RETRY_AFTER` s later (``None`` is returned),
+    so that a Redis refusing it costs a publisher one round trip a minute at most.
     """
     pool = id(getattr(client, "connection_pool", client))
     if pool in _pools:
+        return None
+    failed = _failed.get(pool)
+    if failed is not None and time.monotonic() - failed < _RETRY_AFTER:
         return None
     key = _server_key(client)
     with _lock:
@@ -135,8 +143,13 @@ def warn_if_forgetful(client: Any, what: str) -> Persistence | None:
         found = persistence(client)
     except Exception as exc:  # noqa: BLE001 - a check must never break its caller
         log.debug("could not ask Redis what it keeps on disk: %r", exc)
+        with _lock:
+            _failed[pool] = time.monotonic()
+            while len(_failed) > 1000:
+                del _failed[next(iter(_failed))]
         return None
     with _lock:
+        _failed.pop(pool, None)
         _pools.add(pool)
         if key in _checked:
             return found
