@@ -458,7 +458,9 @@ class _Fetch:
             command: list[Any] = ["BLMOVE", key, key, "RIGHT", "RIGHT", wait]
         elif step == "pause":
             # BLPOP on a list nothing writes: the server waits, the channel does not spin.
-            command = ["BLPOP", f"{p}_tidings.fetch.pause.{uuid.uuid4().hex}", _PAUSE]
+            # At most kombu's own BRPOP timeout, which its health check of the connection allows.
+            pause = min(_PAUSE, float(timeout)) if timeout else _PAUSE
+            command = ["BLPOP", f"{p}_tidings.fetch.pause.{uuid.uuid4().hex}", pause]
         else:
             qos = channel.qos
             names = [p + qos.unacked_key, p + qos.unacked_index_key, *(p + key for key in keys)]
