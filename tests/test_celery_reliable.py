@@ -23,8 +23,10 @@ from urllib.parse import urlsplit
 import pytest
 import redis
 from kombu import Connection, Consumer, Exchange, Producer, Queue
+from tests import redis_servers
 from tests.apps import celery_reliable
 from tests.apps.celery_reliable import ReliableEvent
+from tests.redis_servers import Server
 from tests.workers import ROOT, stop, wait_until
 
 from tidings._redis_persistence import persistence
@@ -33,6 +35,8 @@ from tidings.transports._celery_redis import close_fetch_window
 pytestmark = pytest.mark.integration
 
 APP = "tests.apps.celery_reliable"
+
+redis_server = redis_servers.redis_server  # the fixture, for this module's tests
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -418,3 +422,36 @@ def test_the_fetch_keeps_kombus_priorities_several_queues_and_prefetch(
             name, other, f"{name}\x06\x169", *(f"{name}:{k}" for k in ("unacked", "unacked_index"))
         )
         client.close()
+
+
+@pytest.mark.parametrize("command", ["EVAL", "BLMOVE"])
+def test_a_redis_without_eval_or_blmove_gets_kombus_own_fetch_and_a_warning(
+    redis_server: Server, command: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With EVAL or BLMOVE renamed away, the channel warns, falls back to BRPOP, loses nothing."""
+    url = redis_server("--rename-command", command, "")
+    queue = Queue("q", Exchange("q"), routing_key="q")
+    connection = Connection(url)
+    got: list[Any] = []
+    try:
+        channel = connection.channel()
+        close_fetch_window(channel)
+        Consumer(channel, queues=[queue], callbacks=[lambda body, m: got.append(m)]).consume()
+
+        def drained() -> bool:
+            with suppress(TimeoutError, socket.timeout):
+                connection.drain_events(timeout=0.5)
+            return bool(got)
+
+        producer = Producer(connection.channel())
+        # EVAL fails at the first fetch, BLMOVE at the first wait (with nothing queued yet).
+        with suppress(TimeoutError, socket.timeout):
+            connection.drain_events(timeout=1.5)
+        producer.publish({"n": 1}, exchange=queue.exchange, routing_key="q", declare=[queue])
+        wait_until(drained, timeout=20, what="the message, fetched by kombu's BRPOP")
+        assert got[0].payload == {"n": 1}
+        got[0].ack()
+    finally:
+        connection.release()
+    (warning,) = [r.getMessage() for r in caplog.records if "kombu's BRPOP" in r.getMessage()]
+    assert command in warning

@@ -7,11 +7,8 @@ test (and stops it afterwards); the shared test Redis is only read.
 from __future__ import annotations
 
 import logging
-import shutil
 import socket
-import subprocess
-from collections.abc import Callable, Iterator
-from contextlib import suppress
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +18,8 @@ from celery import Celery
 from click.testing import CliRunner
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from tests.workers import wait_until
+from tests import redis_servers
+from tests.redis_servers import Server
 
 from tidings import EventBus, _redis_persistence
 from tidings._redis_persistence import describe_url, persistence, warn_if_forgetful
@@ -34,51 +32,7 @@ from tidings.transports.redis_streams import RedisStreamsTransport
 
 pytestmark = pytest.mark.integration
 
-Server = Callable[..., str]
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[Server]:
-    """Start private ``redis-server`` processes with the given arguments; stop them after."""
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    started: list[subprocess.Popen[bytes]] = []
-
-    def start(*arguments: str, port: int | None = None) -> str:
-        if port is None:
-            with socket.socket() as probe:
-                probe.bind(("127.0.0.1", 0))
-                port = probe.getsockname()[1]
-        directory = tmp_path / f"redis-{port}"
-        directory.mkdir()
-        command = [
-            "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
-            *arguments,
-        ]  # fmt: skip
-        process = subprocess.Popen(  # noqa: S603 - our own command line
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        started.append(process)
-        client = redis.Redis(port=port, retry=Retry(NoBackoff(), 0))
-
-        def answers() -> bool:
-            try:
-                return bool(client.ping())
-            except redis.ConnectionError:
-                return False
-
-        wait_until(answers, timeout=10, what=f"redis-server on port {port}")
-        client.close()
-        return f"redis://127.0.0.1:{port}/0"
-
-    yield start
-    for process in started:
-        process.terminate()
-        with suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=10)
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=10)
+redis_server = redis_servers.redis_server  # the fixture, for this module's tests
 
 
 @pytest.fixture(autouse=True)

@@ -398,8 +398,10 @@ def close_fetch_window(channel: Any) -> None:
     :data:`_WAIT_ONE_QUEUE` s, :data:`_WAIT_SEVERAL_QUEUES` s with several queues), which
     takes nothing: a worker killed while waiting leaves the queue as it was.
 
-    Needs Redis 6.2 (``BLMOVE``); where Redis refuses the script or the wait, the channel logs
-    it and looks again every :data:`_PAUSE` s. Applies to kombu's Redis channels (with or
+    Needs Redis 6.2 (``BLMOVE``) and ``EVAL``: where Redis does not know or allow either
+    (older, renamed, an ACL), the channel logs a warning and goes back to kombu's ``BRPOP``;
+    where it refuses the script otherwise (out of memory, say), the channel logs it and looks
+    again after at most :data:`_PAUSE` s. Applies to kombu's Redis channels (with or
     without ``global_keyprefix``); calling it again changes nothing; others are left alone.
     """
     if type(channel).__module__ != _KOMBU_REDIS:
@@ -421,6 +423,7 @@ class _Fetch:
         self._virtual_append: Any = virtual.QoS.append
         self._loads: Any = loads
         self._kombu_poll_error = channel._poll_error
+        self._kombu_append: Any = None  # the QoS's append before install
         self.sent: str | None = None  # "fetch", "wait" or "pause": the reply being awaited
         self.next = "fetch"
         self.last_key: str | None = None  # the list the last message came from (unprefixed)
@@ -435,8 +438,17 @@ class _Fetch:
         channel.handlers["BRPOP"] = self.read
         channel._poll_error = self.poll_error
         qos = channel.qos
+        self._kombu_append = qos.append
         qos.append = self._append(qos.append)
         channel.tidings_fetch = self
+
+    def uninstall(self) -> None:
+        """Give the channel back kombu's own fetch (``BRPOP``) and its QoS its append."""
+        channel = self.channel
+        for name in ("_brpop_start", "_brpop_read", "_poll_error"):
+            channel.__dict__.pop(name, None)
+        channel.handlers["BRPOP"] = channel._brpop_read
+        channel.qos.append = self._kombu_append
 
     def start(self, timeout: float | None = None) -> None:
         """Send the next step (kombu calls it with no reply awaited and credit to consume)."""
@@ -485,7 +497,10 @@ class _Fetch:
                 client.connection.disconnect()  # as kombu's: the next poll reconnects
                 raise
             except channel.ResponseError as exc:
-                self._refused(step, exc)
+                if _unavailable(exc):
+                    self._fall_back(step, exc)
+                else:
+                    self._refused(step, exc)
                 raise Empty() from exc
             if step != "fetch" or not reply:
                 if step == "fetch":
@@ -526,13 +541,24 @@ class _Fetch:
             if tag is not None:
                 self.recorded.discard(tag)
 
+    def _fall_back(self, step: str | None, exc: Exception) -> None:
+        """Redis has no EVAL or BLMOVE for this client (old, renamed, or denied by its ACL)."""
+        self.uninstall()
+        log.warning(
+            "Redis refused the worker's %s (%s): the worker fetches with kombu's BRPOP instead, "
+            "and a worker killed while it fetches may lose a message (needs EVAL and BLMOVE, "
+            "Redis 6.2)",
+            "wait (BLMOVE)" if step == "wait" else "fetch script (EVAL)",
+            log_safe(repr(exc)),
+        )
+
     def _refused(self, step: str | None, exc: Exception) -> None:
         self.next = "pause"
         self._refusals += 1
         if self._refusals == 1 or self._refusals % 60 == 0:
             log.error(
                 "Redis refused the worker's %s (%d times in a row; looking again every %.0f s): %s",
-                "wait (BLMOVE needs Redis 6.2)" if step == "wait" else step or "fetch",
+                step or "fetch",
                 self._refusals,
                 _PAUSE,
                 log_safe(repr(exc)),
@@ -548,6 +574,12 @@ class _Fetch:
             append(message, delivery_tag)
 
         return recorded_first
+
+
+def _unavailable(exc: Exception) -> bool:
+    """Whether a Redis error says the command does not exist or is not allowed."""
+    text = str(exc).lower()
+    return "unknown command" in text or text.startswith("noperm") or "no permissions" in text
 
 
 def _text(value: Any) -> str:
