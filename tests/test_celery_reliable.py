@@ -55,6 +55,7 @@ class Proxy:
         self.port: int = self.listener.getsockname()[1]
         self.cut_off = False
         self.refused = 0
+        self.trigger: tuple[bytes, ...] = ()  # bytes that, all in one chunk, cut the proxy
         self._open: list[socket.socket] = []
         self._lock = threading.Lock()
         self._closed = False
@@ -75,9 +76,14 @@ class Proxy:
             sock.close()
 
     def restore(self) -> None:
-        """Let connections through again."""
+        """Let connections through again (and disarm the trigger)."""
         with self._lock:
             self.cut_off = False
+            self.trigger = ()
+
+    def cut_at(self, *needles: bytes) -> None:
+        """Cut, dropping the chunk, when a client sends a chunk holding every one of needles."""
+        self.trigger = needles
 
     def close(self) -> None:
         """Stop the proxy and close everything."""
@@ -104,13 +110,18 @@ class Proxy:
             server.settimeout(None)
             with self._lock:
                 self._open += [client, server]
-            for source, sink in ((client, server), (server, client)):
-                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+            for source, sink, outgoing in ((client, server, True), (server, client, False)):
+                threading.Thread(
+                    target=self._pipe, args=(source, sink, outgoing), daemon=True
+                ).start()
 
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket, outgoing: bool) -> None:
         try:
             while data := source.recv(65536):
+                trigger = self.trigger
+                if outgoing and trigger and all(needle in data for needle in trigger):
+                    self.cut()  # the chunk never reaches the server
+                    return
                 sink.sendall(data)
         except OSError:
             pass
@@ -455,3 +466,30 @@ def test_a_redis_without_eval_or_blmove_gets_kombus_own_fetch_and_a_warning(
         connection.release()
     (warning,) = [r.getMessage() for r in caplog.records if "kombu's BRPOP" in r.getMessage()]
     assert command in warning
+
+
+def test_a_worker_cut_off_its_broker_as_it_records_a_delivery_loses_nothing(
+    reliable: Callable[..., Any], unique_name: str, proxy: Proxy, tmp_path: Path
+) -> None:
+    """Broker lost as the worker records a delivery, its retry unsendable: handled later."""
+    bus, client, env = reliable(broker_url=proxy.url(), visibility_timeout=3)
+    client.set(f"{unique_name}:gate-on", 1)
+    # The write that records a delivery in the unacknowledged index never reaches Redis: kombu's
+    # MULTI/ZADD after its BRPOP, or tidings' fetch script (which holds the ZADD itself).
+    proxy.cut_at(b"ZADD", f"{unique_name}:unacked_index".encode())
+    event = ReliableEvent()
+    with worker(env, tmp_path / "worker.log"):
+        bus.publish(event)
+        wait_until(lambda: proxy.cut_off, timeout=60, what="the worker to record a delivery")
+        # If the worker holds the message, its claim fails and its retry cannot be sent.
+        client.set(f"{unique_name}:cut", 1)
+        refused = proxy.refused
+        wait_until(lambda: proxy.refused >= refused + 3, timeout=60, what="the worker's tries")
+        assert effect(client, unique_name, event) == 0
+        proxy.restore()
+        wait_until(
+            lambda: effect(client, unique_name, event) == 1,
+            timeout=60,
+            what="the event to be handled once the broker is back",
+        )
+    assert effect(client, unique_name, event) == 1
