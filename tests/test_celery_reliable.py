@@ -483,6 +483,8 @@ def test_a_worker_cut_off_its_broker_as_it_records_a_delivery_loses_nothing(
         wait_until(lambda: proxy.cut_off, timeout=60, what="the worker to record a delivery")
         # If the worker holds the message, its claim fails and its retry cannot be sent.
         client.set(f"{unique_name}:cut", 1)
+        if client.llen(unique_name) == 0:  # the worker took it: the cut outlasts the task
+            wait_until(lambda: client.exists(f"{unique_name}:ran"), timeout=60, what="the task")
         refused = proxy.refused
         wait_until(lambda: proxy.refused >= refused + 3, timeout=60, what="the worker's tries")
         assert effect(client, unique_name, event) == 0
