@@ -38,6 +38,7 @@ from rich.table import Table
 from rich.text import Text
 
 from tidings._cli_imports import import_module, load_attribute
+from tidings._redis_persistence import describe_url, warn_url_if_forgetful
 from tidings._untrusted import redact_text, redact_url
 from tidings.bus import EventBus
 from tidings.errors import TidingsError
@@ -241,6 +242,7 @@ def make_relay_command() -> click.Command:
         for module in imports:
             import_module(module, "--import")
         publish = _publisher(transport_spec)
+        warn_url_if_forgetful(transport_spec, "the relay's broker")  # a Redis keeping nothing
         with ExitStack() as cleanup:
             if isinstance(publish, _Closing):
                 cleanup.callback(publish.close)
@@ -284,6 +286,25 @@ def make_relay_command() -> click.Command:
     return relay
 
 
+def _broker_option(func: Any) -> Any:
+    return click.option(
+        "--transport",
+        "transport_spec",
+        envvar="TIDINGS_RELAY_TRANSPORT",
+        default=None,
+        metavar="SPEC",
+        help="The relay's --transport: for redis://... or celery+redis://..., also show what "
+        "that Redis keeps on disk. Env: TIDINGS_RELAY_TRANSPORT.",
+    )(func)
+
+
+def _echo_broker(transport_spec: str | None) -> None:
+    """Print what the relay's Redis keeps on disk (nothing for other transports)."""
+    line = None if not transport_spec else describe_url(transport_spec)
+    if line is not None:
+        click.echo(line)
+
+
 def make_outbox_group() -> click.Group:
     """Return the ``outbox`` click group: ``status``."""
 
@@ -300,7 +321,8 @@ def make_outbox_group() -> click.Group:
         show_default=True,
         help="Show this many partitions, furthest behind first.",
     )
-    def status(db_url: str | None, table: str, partitions: int) -> None:
+    @_broker_option
+    def status(db_url: str | None, table: str, partitions: int, transport_spec: str | None) -> None:
         """Show pending rows, the oldest one's age, and the lag of each partition key."""
         from tidings.outbox import Outbox  # noqa: PLC0415 - the sql extra
 
@@ -308,6 +330,7 @@ def make_outbox_group() -> click.Group:
             report = Outbox(table_name=table).status(engine, partitions=partitions)
         oldest = "-" if report.oldest_age is None else f"{report.oldest_age:.1f} s"
         click.echo(f"pending: {report.pending}  oldest: {oldest}")
+        _echo_broker(transport_spec)
         if not report.partitions:
             return
         lags = Table(box=box.SIMPLE_HEAD, pad_edge=False, title="furthest behind")

@@ -1,7 +1,8 @@
 """Worker-side customisations of Celery: nothing Celery would drop or loop on is lost.
 
 :class:`DeadLetteringConsumer` dead-letters messages Celery cannot decode or route, and on a
-Redis broker makes its channel cheaper (:mod:`tidings.transports._celery_redis`);
+Redis broker makes its channel cheaper and takes each message and records it as unacknowledged
+in one step, so that no worker death loses one (:mod:`tidings.transports._celery_redis`);
 :class:`WorkerLosses` (through :func:`delivery_request`, the tasks' request class) dead-letters
 a message that keeps killing its worker process.
 
@@ -41,6 +42,8 @@ from tidings.events import DomainEvent
 from tidings.ports import DeadLetter
 from tidings.transports._celery_redis import (
     acknowledge_without_waiting,
+    check_persistence,
+    close_fetch_window,
     refuse_malformed_items,
     reuse_redis_clients,
 )
@@ -146,11 +149,19 @@ class DeadLetteringConsumer(Consumer):  # type: ignore[misc]
     """Celery's consumer, storing undecodable and unknown messages as dead letters first."""
 
     def loop_args(self) -> tuple[Any, ...]:
-        """Start the consumer's loop, its Redis channel made cheaper first (``_celery_redis``)."""
+        """Start the consumer's loop, its Redis channel made cheaper and safer first.
+
+        See :mod:`tidings.transports._celery_redis`: clients reused, index writes without
+        waiting, malformed items dead-lettered, and each message taken and recorded in one
+        server-side step (no message lost to a worker killed while fetching).
+        """
         if self.task_consumer is not None:
             reuse_redis_clients(self.task_consumer.channel)
             acknowledge_without_waiting(self.task_consumer.channel)
             refuse_malformed_items(self.task_consumer.channel)
+            # Last: it takes over the QoS's append that acknowledge_without_waiting set.
+            close_fetch_window(self.task_consumer.channel)
+            check_persistence(self.task_consumer.channel, "the Celery broker, from a worker")
         return super().loop_args()  # type: ignore[no-any-return]
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Callable[[Any], None]:

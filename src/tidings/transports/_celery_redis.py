@@ -27,6 +27,13 @@ is not one (anyone who can ``LPUSH`` can write one) raises inside the worker's e
 ends the worker. The consumer's channel hands such an item on as a message of content type
 ``application/x-tidings-malformed`` instead, which the consumer dead-letters and acknowledges.
 
+A fourth, :func:`close_fetch_window`, is about not losing messages: kombu's channel pops a
+message with ``BRPOP`` and records it in the unacknowledged index only once the reply is read,
+so a worker killed in between (or paused then killed) loses a message that is then nowhere. The
+consumer's channel instead takes a message and records it in one Lua script (nothing blocks in
+a script), and waits for the next one with ``BLMOVE key key RIGHT RIGHT``, which blocks until
+the list has an item and then puts it back where it was: a waiting worker takes nothing.
+
 Used by the transport (publishing) and by tidings' worker consumer; imported with them.
 """
 
@@ -43,7 +50,15 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-__all__ = ["acknowledge_without_waiting", "refuse_malformed_items", "reuse_redis_clients"]
+from tidings._untrusted import log_safe
+
+__all__ = [
+    "acknowledge_without_waiting",
+    "check_persistence",
+    "close_fetch_window",
+    "refuse_malformed_items",
+    "reuse_redis_clients",
+]
 
 MALFORMED = "application/x-tidings-malformed"
 """The content type of a queue item that is not a kombu message, as handed on to Celery."""
@@ -56,6 +71,21 @@ _KOMBU_REDIS = "kombu.transport.redis"
 def _is_plain_kombu_redis(channel: Any) -> bool:
     """Whether ``channel`` is kombu's own Redis channel, with keys as named (no prefix)."""
     return type(channel).__module__ == _KOMBU_REDIS and not getattr(channel, "global_keyprefix", "")
+
+
+def check_persistence(channel: Any, what: str) -> None:
+    """Warn once if the Redis behind a kombu Redis channel keeps nothing on disk.
+
+    See :mod:`tidings._redis_persistence`; other channels (AMQP) are left alone. Asks on a
+    client of its own (over the channel's pool), never on the channel's fetch connection.
+    """
+    if type(channel).__module__ != _KOMBU_REDIS:
+        return
+    import redis  # noqa: PLC0415 - there: kombu's Redis transport made the channel
+
+    from tidings._redis_persistence import warn_if_forgetful  # noqa: PLC0415
+
+    warn_if_forgetful(redis.Redis(connection_pool=channel.client.connection_pool), what)
 
 
 def reuse_redis_clients(channel: Any) -> None:
@@ -292,7 +322,8 @@ def _malformed(item: Any) -> str | None:
     return None
 
 
-def _wrapped(item: Any, queue: str, problem: str) -> bytes:
+def _wrapped(item: Any, queue: str, problem: str, tag: str | None = None) -> bytes:
+    """The well-formed message standing for a malformed item (under ``tag`` if recorded)."""
     raw = item if isinstance(item, bytes) else str(item).encode("utf-8", "replace")
     message = {
         "body": base64.b64encode(raw).decode("ascii"),
@@ -301,9 +332,255 @@ def _wrapped(item: Any, queue: str, problem: str) -> bytes:
         "headers": {"tidings_malformed": f"the queue item is not a kombu message: {problem}"},
         "properties": {
             "body_encoding": "base64",
-            "delivery_tag": str(uuid.uuid4()),
+            "delivery_tag": tag or str(uuid.uuid4()),
             "delivery_info": {"exchange": "", "routing_key": queue},
             "priority": 0,
         },
     }
     return json.dumps(message).encode()
+
+
+# Takes the oldest item of the first non-empty queue list (kombu's order: KEYS[3:]) and records
+# it in kombu's unacknowledged hash (KEYS[1]) and index (KEYS[2], scored ARGV[1]) in the same
+# step. The record is written before the item leaves its list: a write Redis refuses (out of
+# memory) ends the script with the item still queued, since a script's writes are not undone.
+# An item without a delivery tag and delivery info is taken unrecorded (the consumer
+# dead-letters it); the record is kombu's own: the JSON array [message, exchange, routing key].
+_FETCH = """
+for i = 3, #KEYS do
+  local item = redis.call('LINDEX', KEYS[i], -1)
+  if item then
+    local ok, payload = pcall(cjson.decode, item)
+    local tag, exchange, routing_key
+    if ok and type(payload) == 'table' and type(payload['properties']) == 'table' then
+      local properties = payload['properties']
+      tag = properties['delivery_tag']
+      local info = properties['delivery_info']
+      if type(info) == 'table' then
+        exchange = info['exchange']
+        routing_key = info['routing_key']
+      end
+    end
+    if type(tag) == 'string' and type(exchange) == 'string'
+        and type(routing_key) == 'string' then
+      redis.call('ZADD', KEYS[2], ARGV[1], tag)
+      redis.call('HSET', KEYS[1], tag, '[' .. item .. ',' .. cjson.encode(exchange) .. ','
+        .. cjson.encode(routing_key) .. ']')
+      redis.call('RPOP', KEYS[i])
+      return {KEYS[i], item, tag}
+    end
+    redis.call('RPOP', KEYS[i])
+    return {KEYS[i], item}
+  end
+end
+return false
+"""
+
+_WAIT_ONE_QUEUE = 1.0
+"""The longest wait (s) of an idle channel consuming one queue before it looks again."""
+_WAIT_SEVERAL_QUEUES = 0.2
+"""The same for several queues: the wait watches one list, the others are looked at so often."""
+_PAUSE = 1.0
+"""How long a channel whose fetch Redis refused waits before it tries again (s)."""
+
+
+def close_fetch_window(channel: Any) -> None:
+    """Make a kombu Redis channel take and record each message in one server-side step.
+
+    kombu's channel pops with ``BRPOP`` and records the message in its unacknowledged index
+    once it has read the reply: a worker killed in between loses the message. Instead, the
+    channel's event loop sends a Lua script that moves the oldest item of the first non-empty
+    queue (kombu's order: priorities, then its queue cycle) into the unacknowledged hash and
+    index at once, scored with the worker's clock as kombu scores it; kombu's own
+    acknowledgement, reject, requeue and restore (after ``visibility_timeout``) then apply to
+    it unchanged, and its QoS does not write the record again. With nothing to take, the
+    channel waits with ``BLMOVE key key RIGHT RIGHT`` on the list it last took from (at most
+    :data:`_WAIT_ONE_QUEUE` s, :data:`_WAIT_SEVERAL_QUEUES` s with several queues), which
+    takes nothing: a worker killed while waiting leaves the queue as it was.
+
+    Needs Redis 6.2 (``BLMOVE``) and ``EVAL``: where Redis does not know or allow either
+    (older, renamed, an ACL), the channel logs a warning and goes back to kombu's ``BRPOP``;
+    where it refuses the script otherwise (out of memory, say), the channel logs it and looks
+    again after at most :data:`_PAUSE` s. Applies to kombu's Redis channels (with or
+    without ``global_keyprefix``); calling it again changes nothing; others are left alone.
+    """
+    if type(channel).__module__ != _KOMBU_REDIS:
+        return
+    if isinstance(getattr(channel, "tidings_fetch", None), _Fetch):
+        return
+    _Fetch(channel).install()
+
+
+class _Fetch:
+    """The event-loop fetch of one kombu Redis channel: take-and-record, then wait."""
+
+    def __init__(self, channel: Any) -> None:
+        from kombu.transport import virtual  # noqa: PLC0415 - kombu made the channel
+        from kombu.utils.json import loads  # noqa: PLC0415
+
+        self.channel = channel
+        self.prefix = str(getattr(channel, "global_keyprefix", "") or "")
+        self._virtual_append: Any = virtual.QoS.append
+        self._loads: Any = loads
+        self._kombu_poll_error = channel._poll_error
+        self._kombu_append: Any = None  # the QoS's append before install
+        self.sent: str | None = None  # "fetch", "wait" or "pause": the reply being awaited
+        self.next = "fetch"
+        self.last_key: str | None = None  # the list the last message came from (unprefixed)
+        self.recorded: set[str] = set()  # delivery tags the script recorded, not yet appended
+        self._refusals = 0
+
+    def install(self) -> None:
+        """Put this object's methods in place of the channel's fetch and its QoS's append."""
+        channel = self.channel
+        channel._brpop_start = self.start
+        channel._brpop_read = self.read
+        channel.handlers["BRPOP"] = self.read
+        channel._poll_error = self.poll_error
+        qos = channel.qos
+        self._kombu_append = qos.append
+        qos.append = self._append(qos.append)
+        channel.tidings_fetch = self
+
+    def uninstall(self) -> None:
+        """Give the channel back kombu's own fetch (``BRPOP``) and its QoS its append."""
+        channel = self.channel
+        for name in ("_brpop_start", "_brpop_read", "_poll_error"):
+            channel.__dict__.pop(name, None)
+        channel.handlers["BRPOP"] = channel._brpop_read
+        channel.qos.append = self._kombu_append
+
+    def start(self, timeout: float | None = None) -> None:
+        """Send the next step (kombu calls it with no reply awaited and credit to consume)."""
+        channel = self.channel
+        if timeout is None:
+            timeout = channel.brpop_timeout
+        queues = channel._queue_cycle.consume(len(channel.active_queues))
+        if not queues:
+            return
+        keys = [
+            channel._q_for_pri(queue, pri) for pri in channel.priority_steps for queue in queues
+        ]
+        step, self.next = self.next, "fetch"
+        bound = _WAIT_ONE_QUEUE if len(queues) == 1 else _WAIT_SEVERAL_QUEUES
+        wait = min(float(timeout), bound) if timeout else bound
+        p = self.prefix
+        if step == "wait":
+            key = p + (self.last_key if self.last_key in keys and self.last_key else keys[0])
+            command: list[Any] = ["BLMOVE", key, key, "RIGHT", "RIGHT", wait]
+        elif step == "pause":
+            # BLPOP on a list nothing writes: the server waits, the channel does not spin.
+            # At most kombu's own BRPOP timeout, which its health check of the connection allows.
+            pause = min(_PAUSE, float(timeout)) if timeout else _PAUSE
+            command = ["BLPOP", f"{p}_tidings.fetch.pause.{uuid.uuid4().hex}", pause]
+        else:
+            qos = channel.qos
+            names = [p + qos.unacked_key, p + qos.unacked_index_key, *(p + key for key in keys)]
+            command = ["EVAL", _FETCH, len(names), *names, repr(time.time())]
+        connection = channel.client.connection
+        channel._in_poll = connection
+        channel._brpop_sent_at = time.monotonic()
+        self.sent = step
+        connection.send_command(*command)
+
+    def read(self, **options: Any) -> bool:
+        """Read the reply of the step sent: deliver a message, or raise ``Empty``."""
+        from kombu.transport.virtual import Empty  # noqa: PLC0415
+
+        channel = self.channel
+        client = channel.client
+        step = self.sent
+        try:
+            try:
+                reply = client.parse_response(client.connection, "EVAL", **options)
+            except channel.connection_errors:
+                client.connection.disconnect()  # as kombu's: the next poll reconnects
+                raise
+            except channel.ResponseError as exc:
+                if _unavailable(exc):
+                    self._fall_back(step, exc)
+                else:
+                    self._refused(step, exc)
+                raise Empty() from exc
+            if step != "fetch" or not reply:
+                if step == "fetch":
+                    self.next = "wait"
+                raise Empty()
+            self._refusals = 0
+            key = _text(reply[0])[len(self.prefix) :]
+            tag = _text(reply[2]) if len(reply) > 2 else None
+            self._deliver(key, reply[1], tag)
+            return True
+        finally:
+            channel._in_poll = None
+            self.sent = None
+            flush = getattr(channel, "_flush_brpop_reauth", None)
+            if flush is not None:
+                flush()
+
+    def poll_error(self, kind: str, **options: Any) -> Any:
+        """An error event on a socket: for the fetch's, read (and deliver) what it holds."""
+        if kind == "BRPOP" and self.sent is not None:
+            return self.read(**options)
+        return self._kombu_poll_error(kind, **options)
+
+    def _deliver(self, key: str, item: Any, tag: str | None) -> None:
+        channel = self.channel
+        queue = key.rsplit(channel.sep, 1)[0]
+        self.last_key = key
+        channel._queue_cycle.rotate(queue)
+        problem = _malformed(item)
+        if problem is not None:
+            # Under the recorded tag, if any: its acknowledgement removes the record.
+            item = _wrapped(item, queue, problem, tag)
+        if tag is not None:
+            self.recorded.add(tag)
+        try:
+            channel.connection._deliver(self._loads(_text(item)), queue)
+        finally:
+            if tag is not None:
+                self.recorded.discard(tag)
+
+    def _fall_back(self, step: str | None, exc: Exception) -> None:
+        """Redis has no EVAL or BLMOVE for this client (old, renamed, or denied by its ACL)."""
+        self.uninstall()
+        log.warning(
+            "Redis refused the worker's %s (%s): the worker fetches with kombu's BRPOP instead, "
+            "and a worker killed while it fetches may lose a message (needs EVAL and BLMOVE, "
+            "Redis 6.2)",
+            "wait (BLMOVE)" if step == "wait" else "fetch script (EVAL)",
+            log_safe(repr(exc)),
+        )
+
+    def _refused(self, step: str | None, exc: Exception) -> None:
+        self.next = "pause"
+        self._refusals += 1
+        if self._refusals == 1 or self._refusals % 60 == 0:
+            log.error(
+                "Redis refused the worker's %s (%d times in a row; looking again every %.0f s): %s",
+                step or "fetch",
+                self._refusals,
+                _PAUSE,
+                log_safe(repr(exc)),
+            )
+
+    def _append(self, append: Callable[[Any, str], None]) -> Callable[[Any, str], None]:
+        def recorded_first(message: Any, delivery_tag: str) -> None:
+            if delivery_tag in self.recorded:
+                # The fetch script recorded it in Redis already: only the QoS's own state.
+                self.recorded.discard(delivery_tag)
+                self._virtual_append(self.channel.qos, message, delivery_tag)
+                return
+            append(message, delivery_tag)
+
+        return recorded_first
+
+
+def _unavailable(exc: Exception) -> bool:
+    """Whether a Redis error says the command does not exist or is not allowed."""
+    text = str(exc).lower()
+    return "unknown command" in text or text.startswith("noperm") or "no permissions" in text
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value)

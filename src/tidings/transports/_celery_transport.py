@@ -30,7 +30,7 @@ from tidings.errors import PublishError, UsageError
 from tidings.events import DomainEvent
 from tidings.ports import DeadLetter, DeadLetterStore, Inbox
 from tidings.retry import RetryPolicy
-from tidings.transports._celery_redis import reuse_redis_clients
+from tidings.transports._celery_redis import check_persistence, reuse_redis_clients
 from tidings.transports._defaults import (
     DEFAULT,
     Default,
@@ -95,8 +95,10 @@ class CeleryTransport:
             store or the broker fails is sent again (after 1, 2, 4 … at most 60 s) up to this
             many times, counted by Celery's ``retries`` header; then it is dead-lettered with
             the reason. While the dead letter cannot be stored either, it is sent again every
-            60 s; a retry that cannot be sent is rejected back to the broker, or left
-            unacknowledged for redelivery: never acknowledged in silence.
+            60 s. A retry that cannot be sent leaves the message on the broker (rejected with
+            requeue, or unacknowledged until the broker hands it out again), never
+            acknowledged in silence; such unsent retries count toward this bound too (per
+            worker process, by task id).
 
     ``EventBus(transport=CeleryTransport(app, ...))`` registers the two tasks on ``app``,
     installs context propagation for all of the app's tasks and sets the app's
@@ -142,6 +144,7 @@ class CeleryTransport:
         self.batch_size = batch_size
         self.max_worker_losses = max_worker_losses
         self.max_infrastructure_retries = max_infrastructure_retries
+        self._unsent_retries = _Counts()  # retries that could not be sent, per task id
         self._dispatcher: Dispatcher | None = None
         self._deliver: Task | None = None
         self._deliver_batch: Task | None = None
@@ -344,6 +347,7 @@ class CeleryTransport:
             producer = self.app.amqp.Producer(connection)
             for queue in self.publish_to:
                 producer.maybe_declare(self.app.amqp.queues[queue])
+            check_persistence(producer.channel, "the Celery broker, publishing")
         except BaseException:
             connection.release()
             raise
@@ -466,8 +470,53 @@ class CeleryTransport:
             raise task.retry(exc=exc, countdown=countdown) from exc
         except Reject as failed:
             # Celery acknowledges a message whose retry it could not send (Reject without
-            # requeue): put it back instead, or leave it unacknowledged if that fails too.
-            raise Reject(failed.reason, requeue=True) from exc
+            # requeue): the event would be gone, neither run, retried nor dead-lettered.
+            self._retry_not_sent(task, bodies, handler, retries=retries, exc=exc, failed=failed)
+
+    def _retry_not_sent(
+        self,
+        task: Task,
+        bodies: list[Any],
+        handler: str | None,
+        *,
+        retries: int,
+        exc: Exception,
+        failed: Exception,
+    ) -> None:
+        """Leave a delivery whose retry could not be sent on the broker, bounded.
+
+        The message is rejected with requeue (kombu puts it back in its queue), or, if the
+        broker cannot take even that, left unacknowledged: the broker hands it out again
+        (Redis after its visibility timeout). Its ``retries`` header does not grow that way, so
+        this process counts the unsent retries per task id: once they and the retries sent
+        reach ``max_infrastructure_retries``, the delivery is dead-lettered (and acknowledged)
+        instead, if the store takes it; if not, it is left on the broker again.
+        """
+        from celery.exceptions import Reject  # noqa: PLC0415 - Celery is optional
+
+        task_id = task.request.id
+        key = task_id if isinstance(task_id, str) else repr(bodies)[:256]
+        unsent = self._unsent_retries.add(key)
+        if retries + unsent >= self.max_infrastructure_retries:
+            reason = (
+                f"could not send a retry of the delivery {unsent} times ({retries} sent "
+                f"before): {type(exc).__name__}: {exc}"
+            )
+            try:
+                self._refuse(task, bodies, handler, reason)
+            except Exception:
+                log.exception("could not dead-letter a delivery either; leaving it on the broker")
+            else:
+                self._unsent_retries.forget(key)
+                return
+        log.error(
+            "could not send the retry of a delivery (%s); leaving it on the broker for "
+            "redelivery (unsent retry %d, bound %d)",
+            log_safe(repr(getattr(failed, "reason", failed))),
+            unsent,
+            self.max_infrastructure_retries,
+        )
+        raise Reject(getattr(failed, "reason", failed), requeue=True) from exc
 
     def _refuse(self, task: Task, bodies: list[Any], handler: str | None, reason: str) -> None:
         """Dead-letter each of a message's bodies with ``reason`` (raises if the store fails)."""
@@ -557,3 +606,26 @@ def one_arguments(
         return (args, kwargs), None, 1
     counted = parse_counter(attempt)
     return body, handler, None if counted is None else max(1, counted)
+
+
+class _Counts:
+    """Counts per key, the oldest forgotten past ``limit`` keys; thread-safe."""
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self.limit = limit
+        self._counts: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def add(self, key: str) -> int:
+        """Count one more for ``key``; the new count."""
+        with self._lock:
+            count = self._counts.pop(key, 0) + 1
+            self._counts[key] = count
+            while len(self._counts) > self.limit:
+                del self._counts[next(iter(self._counts))]
+            return count
+
+    def forget(self, key: str) -> None:
+        """Drop ``key``'s count."""
+        with self._lock:
+            self._counts.pop(key, None)

@@ -108,6 +108,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     msg = "the Redis Streams transport needs redis-py: pip install 'tidings[redis]'"
     raise ImportError(msg) from exc
 
+from tidings._redis_persistence import warn_if_forgetful
 from tidings.bus import EventBus, Handler
 from tidings.codec import Codec, default_codec
 from tidings.delivery import Dispatcher
@@ -323,6 +324,7 @@ class RedisStreamsTransport:
                 duplicates harmless).
         """
         entries = [(self.stream_of(event), self._entry(event)) for event in events]
+        warn_if_forgetful(self.client, "the Redis Streams transport, publishing")
         try:
             for first in range(0, len(entries), PUBLISH_CHUNK):
                 chunk = entries[first : first + PUBLISH_CHUNK]
@@ -395,6 +397,7 @@ class RedisStreamsTransport:
         if concurrency < 1:
             msg = "concurrency must be >= 1"
             raise ValueError(msg)
+        warn_if_forgetful(self.client, "the Redis Streams transport, from a worker")
         run_consumers(self, dispatcher, streams, stop, concurrency)
 
     def run_forever(self, *, concurrency: int = 1) -> None:
