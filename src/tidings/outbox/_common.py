@@ -7,17 +7,24 @@ limits, on which key an event's order is kept by, and on which claimed rows may 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
+
+import msgspec
 
 from tidings import _tracing
-from tidings.codec import Codec
+from tidings._untrusted import log_safe
+from tidings._wire import SPEC_VERSION, check_attributes, is_plain
+from tidings.bus import EventBus
+from tidings.codec import _NOT_OPENERS, Codec, Limits, _incoming_decoder, _too_deep
 from tidings.context import EventContext, bind, reset
 from tidings.errors import EventDecodeError, UsageError
 from tidings.events import DomainEvent
+from tidings.ports import EnvelopeRefusedError, EnvelopeSender, StoredEnvelope
 
 __all__ = [
     "EVENT_ID_LENGTH",
@@ -26,9 +33,15 @@ __all__ = [
     "ClaimedRow",
     "decode_batch",
     "default_partition_key",
+    "forward_batch",
     "in_key_order",
+    "read_stored",
     "row_key",
+    "send_stored",
 ]
+
+DEFAULT_MAX_ATTEMPTS = 5
+"""Per-row failures after which the relay quarantines an outbox row (its key goes on)."""
 
 EVENT_ID_LENGTH = 64
 KEY_LENGTH = 200
@@ -109,6 +122,10 @@ class ClaimedRow(Protocol):
     def payload(self) -> str:
         """The CloudEvents JSON envelope."""
 
+    @property
+    def attempts(self) -> int:
+        """Failed (or completed) publish attempts so far."""
+
 
 R = TypeVar("R", bound=ClaimedRow)
 
@@ -148,11 +165,11 @@ def decode_batch(
                 traceparents.append(envelope.traceparent)
         except EventDecodeError as exc:
             log.error(
-                "outbox row %s (key %r) cannot be decoded; it and the later rows of its key "
+                "outbox row %s (key %s) cannot be decoded; it and the later rows of its key "
                 "wait until it can: %s",
                 row.id,
-                row.partition_key,
-                exc,
+                log_safe(row.partition_key),
+                log_safe(str(exc), 500),
             )
             bad.append(row.id)
             stuck.add(row.partition_key)
@@ -181,6 +198,199 @@ def relay_batch(
     for event in events:
         token = bind(EventContext(event.correlation_id, event.event_id, event.tenant_id))
         try:
-            log.debug("relayed %s %s from %s", event.event_type, event.event_id, destination)
+            log.debug("relayed %s %s from %s", log_safe(event.event_type),
+                      log_safe(event.event_id), destination)  # fmt: skip
         finally:
             reset(token)
+
+
+def read_stored(row: ClaimedRow, limits: Limits | None = None) -> StoredEnvelope:
+    """Read the envelope of ``row`` without its event class: what a pipe forwards.
+
+    The same checks as decoding, up to the event's own fields: size and depth limits before
+    parsing, a CloudEvents 1.0 JSON envelope whose ``data`` is an object, and ids, source and
+    time of printable ASCII within their bounds. The event type need not be registered here.
+
+    Raises:
+        EventDecodeError: the row holds nothing a worker could decode.
+    """
+    limits = Limits() if limits is None else limits
+    stored: str | bytes = row.payload
+    try:
+        payload = stored.encode("utf-8") if isinstance(stored, str) else bytes(stored)
+    except UnicodeEncodeError as exc:
+        msg = f"the envelope is not valid Unicode text: {exc}"
+        raise EventDecodeError(msg) from exc
+    if len(payload) > limits.max_bytes:
+        msg = f"the envelope is {len(payload)} bytes, over the {limits.max_bytes}-byte limit"
+        raise EventDecodeError(msg)
+    if len(payload.translate(None, _NOT_OPENERS)) > limits.max_depth and _too_deep(
+        payload, limits.max_depth
+    ):
+        msg = f"the envelope nests deeper than {limits.max_depth} levels"
+        raise EventDecodeError(msg)
+    try:
+        incoming = _incoming_decoder.decode(payload)
+        data = msgspec.json.decode(incoming.data)
+    except (
+        msgspec.DecodeError,
+        msgspec.ValidationError,
+        UnicodeDecodeError,
+        RecursionError,
+    ) as exc:
+        msg = f"the row is not a CloudEvents JSON envelope: {log_safe(str(exc), 300)}"
+        raise EventDecodeError(msg) from exc
+    if not is_plain(payload):
+        check_attributes(incoming)
+    if incoming.specversion != SPEC_VERSION:
+        msg = f"specversion {log_safe(incoming.specversion, 64)!r} is not 1.0"
+        raise EventDecodeError(msg, field="specversion")
+    if not isinstance(data, dict):
+        msg = f"the envelope's data is a {type(data).__name__}, not an object"
+        raise EventDecodeError(msg, field="data")
+    event_type = incoming.type
+    if not event_type or not (event_type.isascii() and event_type.isprintable()):
+        msg = f"the envelope's type {log_safe(event_type, 64)!r} is not printable ASCII"
+        raise EventDecodeError(msg, field="type")
+    return StoredEnvelope(
+        body=payload,
+        event_type=event_type,
+        event_id=incoming.id,
+        partition_key=row.partition_key,
+        correlation_id=incoming.correlationid,
+        causation_id=incoming.causationid,
+        tenant_id=incoming.tenantid,
+        traceparent=incoming.traceparent,
+        data=data,
+    )
+
+
+T = TypeVar("T")
+
+
+def forward_batch(
+    rows: Sequence[R],
+    read: Callable[[R], T],
+    send: Callable[[list[T]], None],
+    goes_on: Callable[[R], bool],
+) -> tuple[list[int], list[tuple[R, str]]]:
+    """Send what can be sent of ``rows``; return (ids sent, rows that failed with their reason).
+
+    ``read`` turns a row into what ``send`` takes (raising :class:`EventDecodeError` for a row
+    that cannot be sent). ``send`` may raise :class:`EnvelopeRefusedError` naming one item,
+    having sent nothing: that row failed, and the rest is sent again without it (at most once
+    per row). Any other exception from ``send`` propagates (the whole batch failed).
+
+    A failed row holds back the later rows of its key, unless ``goes_on(row)`` (it will be
+    quarantined in this same transaction): then the key goes on.
+    """
+    failed: list[tuple[R, str]] = []
+    stuck: set[str] = set()
+    items: list[tuple[R, T]] = []
+    for row in rows:
+        if row.partition_key in stuck:
+            continue
+        try:
+            items.append((row, read(row)))
+        except EventDecodeError as exc:
+            failed.append((row, f"{type(exc).__name__}: {exc}"))
+            if not goes_on(row):
+                stuck.add(row.partition_key)
+    while items:
+        try:
+            send([item for _, item in items])
+            break
+        except EnvelopeRefusedError as exc:
+            if not 0 <= exc.index < len(items):
+                raise
+            row = items[exc.index][0]
+            failed.append((row, f"{type(exc).__name__}: {exc.reason}"))
+            held = not goes_on(row)
+            items = [
+                (other, item)
+                for position, (other, item) in enumerate(items)
+                if position != exc.index
+                and not (held and position > exc.index and other.partition_key == row.partition_key)
+            ]
+    return [row.id for row, _ in items], failed
+
+
+def log_failed(rows: Sequence[tuple[ClaimedRow, str]], quarantined: set[int], table: str) -> None:
+    """Log each row that could not be relayed: quarantined, or waiting with its key held."""
+    for row, reason in rows:
+        if row.id in quarantined:
+            log.error(
+                "outbox row %s of %s (key %s) could not be relayed after %s attempts; moved to "
+                "quarantine (see `tidings outbox status`, `tidings dlq outbox`): %s",
+                row.id, table, log_safe(row.partition_key), row.attempts + 1,
+                log_safe(reason, 500),
+            )  # fmt: skip
+        else:
+            log.warning(
+                "outbox row %s of %s (key %s) could not be relayed (attempt %s); it and the "
+                "later rows of its key wait: %s",
+                row.id, table, log_safe(row.partition_key), row.attempts + 1,
+                log_safe(reason, 500),
+            )  # fmt: skip
+
+
+def send_stored(
+    sender: EnvelopeSender, envelopes: Sequence[StoredEnvelope], destination: str
+) -> None:
+    """Forward stored envelopes through ``sender``, then log each at DEBUG in its own context.
+
+    With tracing installed, each envelope gets a relay span, a child of its stored
+    ``traceparent``, and is sent with that span's ``traceparent`` in place of the stored one
+    (the only change a pipe makes to a body).
+    """
+    installed = _tracing.hooks
+    if installed is None:
+        sender.send_envelopes(envelopes)
+    else:
+        # The tracing hooks read only the ids, type and context attributes they share.
+        as_events = cast("Sequence[DomainEvent]", envelopes)
+        with installed.relay(as_events, [e.traceparent for e in envelopes], destination):
+            sender.send_envelopes(
+                [
+                    _with_traceparent(e, installed.traceparent(cast("DomainEvent", e)))
+                    for e in envelopes
+                ]
+            )
+    if not log.isEnabledFor(logging.DEBUG):
+        return
+    for envelope in envelopes:
+        token = bind(EventContext(envelope.correlation_id, envelope.event_id, envelope.tenant_id))
+        try:
+            log.debug("relayed %s %s from %s", log_safe(envelope.event_type),
+                      log_safe(envelope.event_id), destination)  # fmt: skip
+        finally:
+            reset(token)
+
+
+def _with_traceparent(envelope: StoredEnvelope, traceparent: str | None) -> StoredEnvelope:
+    if traceparent is None or traceparent == envelope.traceparent:
+        return envelope
+    document: dict[str, Any] = msgspec.json.decode(envelope.body)
+    document["traceparent"] = traceparent
+    return dataclasses.replace(
+        envelope, body=msgspec.json.encode(document), traceparent=traceparent
+    )
+
+
+def check_sender(sender: EnvelopeSender) -> None:
+    """Ask ``sender`` at start-up whether it can forward envelopes without event classes.
+
+    Raises:
+        UsageError: it cannot (its configuration needs the classes); the message says why.
+    """
+    sender.send_envelopes([])
+
+
+def envelope_sender(target: object) -> EnvelopeSender | None:
+    """The envelope sender behind ``target`` (a transport, or a bus with one), else ``None``."""
+    if isinstance(target, EnvelopeSender):
+        return target
+    transport = getattr(target, "transport", None)
+    if isinstance(target, EventBus) and isinstance(transport, EnvelopeSender):
+        return transport
+    return None
