@@ -36,18 +36,33 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from tidings import _tracing
 from tidings.bus import EventBus
+from tidings.codec import Envelope
+from tidings.errors import UsageError
 from tidings.events import DomainEvent
-from tidings.outbox._common import Backoff, decode_batch, in_key_order, relay_batch
-from tidings.outbox._table import check_dialect, sa, utcnow
+from tidings.outbox._common import (
+    DEFAULT_MAX_ATTEMPTS,
+    Backoff,
+    RedactingFilter,
+    check_sender,
+    envelope_sender,
+    forward_batch,
+    in_key_order,
+    log_failed,
+    read_stored,
+    relay_batch,
+    send_stored,
+)
+from tidings.outbox._table import REASON_LENGTH, check_dialect, sa, utcnow
 from tidings.outbox._table import postgresql as pg
 from tidings.outbox.writer import Outbox
+from tidings.ports import EnvelopeSender, StoredEnvelope, Transport
 
-__all__ = ["Backoff", "Publish", "Relay"]
+__all__ = ["Backoff", "BatchReport", "Publish", "Relay"]
 
 Publish = Callable[[Sequence[DomainEvent]], None]
 
@@ -55,6 +70,23 @@ log = logging.getLogger("tidings.outbox.relay")
 
 _LOCKING = ("postgresql", "mysql", "mariadb")
 _SLICE = 0.25  # longest a wait goes without looking at the stop event
+_RECHECK = 60.0  # seconds before looking again for a missing quarantine table
+
+
+@dataclass(frozen=True, slots=True)
+class BatchReport:
+    """What one claimed batch came to.
+
+    Attributes:
+        relayed: rows the broker confirmed (deleted or marked published).
+        failed: ids of rows that could not be relayed and stay pending, their attempt counted
+            (they hold back the later rows of their key).
+        quarantined: ids of rows moved to the quarantine table (their keys went on).
+    """
+
+    relayed: int = 0
+    failed: tuple[int, ...] = ()
+    quarantined: tuple[int, ...] = ()
 
 
 class _Listener:
@@ -93,21 +125,36 @@ class Relay:
     Args:
         engine: the database holding the outbox.
         outbox: the outbox (its table and codec).
-        publish: called with each batch's events in order; it must return only once the
-            broker accepted them all, and raise otherwise. An :class:`~tidings.EventBus` is
-            used through its ``publish``.
+        publish: where rows go. A transport that forwards stored envelopes
+            (:class:`~tidings.ports.EnvelopeSender`: memory, Redis Streams, Celery), or an
+            :class:`~tidings.EventBus` with one, gets each row's envelope as stored, with no
+            event class needed (the relay is a pipe). Otherwise (an ``EventBus`` without a
+            transport, or a function) rows are decoded and the events published; a function
+            must return only once the broker accepted them all, and raise otherwise. A class
+            (an event class, say) is refused.
         batch_size: most rows per claim.
         poll_interval: seconds between claims when idle and no notification arrives.
         listen: on PostgreSQL with psycopg 3, wake on ``NOTIFY`` (polling stays the fallback).
         keep_published: ``None`` deletes rows once published; a duration marks them published
             instead, and :meth:`run` purges those older than it (at most once a minute).
         backoff: waits after consecutive failures (of the broker or the database).
+        max_attempts: failures of a row of its own (undecodable, or refused by the transport)
+            after which it moves to the outbox's quarantine table with its reason, in the
+            transaction that deletes it, and its key goes on. Failures of a whole batch (the
+            broker down) count attempts too but never quarantine a row by themselves.
+        decode: ``None`` forwards envelopes when ``publish`` can, else decodes; ``True``
+            always decodes (the event classes must be registered); ``False`` refuses, with
+            :class:`~tidings.errors.UsageError`, a ``publish`` that cannot forward envelopes.
+        redact: URLs (database, broker) whose passwords must never appear in the relay's log
+            lines and tracebacks; the engine's own URL is always included.
 
     Delivery is at least once: a crash between the broker's confirmation and the commit sends
     a batch again (the inbox makes that harmless). Order is kept per partition key, also
-    across several relays (see the module docstring). An undecodable row (an event type this
-    process does not know, say) is logged and left pending with its attempts counted; it holds
-    back the later rows of its key, and only those, until it is fixed. Several ``Relay``
+    across several relays (see the module docstring). A row that cannot be relayed is logged
+    and left pending with its attempt counted, holding back the later rows of its key (and
+    only those); after ``max_attempts`` it is quarantined (see ``Outbox.requeue``). Without the
+    quarantine table (``Outbox.create_tables`` or your migration makes it) such a row waits,
+    as before, and a warning says so. Several ``Relay``
     objects may run at once (threads or processes); one object runs one loop at a time.
     """
 
@@ -122,16 +169,19 @@ class Relay:
         listen: bool = True,
         keep_published: timedelta | None = None,
         backoff: Backoff | None = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        decode: bool | None = None,
+        redact: Sequence[str] = (),
     ) -> None:
         check_dialect(engine.dialect.name)
-        if batch_size < 1 or poll_interval <= 0:
-            msg = "Relay needs batch_size >= 1 and poll_interval > 0"
+        if batch_size < 1 or poll_interval <= 0 or max_attempts < 1:
+            msg = "Relay needs batch_size >= 1, poll_interval > 0 and max_attempts >= 1"
             raise ValueError(msg)
         self.engine = engine
         self.outbox = outbox
-        self.publish: Publish = (
-            (lambda events: publish.publish(*events)) if isinstance(publish, EventBus) else publish
-        )
+        self.sender, self.publish = _resolve(publish, decode)
+        self.max_attempts = max_attempts
+        RedactingFilter.install(log, engine.url.render_as_string(hide_password=False), *redact)
         self.batch_size = batch_size
         self.poll_interval = poll_interval
         self.listen = listen and engine.dialect.name == "postgresql"
@@ -140,9 +190,11 @@ class Relay:
         self.backoff = Backoff() if backoff is None else backoff
         self._dialect = engine.dialect.name
         self._next_purge = 0.0
+        self._quarantine_seen: bool | None = None
+        self._quarantine_checked = 0.0
         table = outbox.table
         claim = (
-            sa.select(table.c.id, table.c.partition_key, table.c.payload)
+            sa.select(table.c.id, table.c.partition_key, table.c.payload, table.c.attempts)
             .where(table.c.published_at.is_(None))
             .order_by(table.c.id)
             .limit(batch_size)
@@ -179,33 +231,127 @@ class Relay:
     # -- one batch --------------------------------------------------------------------------
 
     def run_once(self) -> int:
-        """Claim one batch, publish it, mark it; return how many rows were relayed.
+        """Claim one batch, relay it, mark it; return how many rows were relayed.
+
+        See :meth:`run_batch` (this is its ``relayed``).
+        """
+        return self.run_batch().relayed
+
+    def run_batch(self) -> BatchReport:
+        """Claim one batch, relay it, mark it; report what was relayed, failed, quarantined.
+
+        Rows that fail on their own are counted (or quarantined, after ``max_attempts``) and
+        the rest of the batch goes on; see the class docstring.
 
         Raises:
-            Exception: whatever ``publish`` or the database raised; the batch stays pending
-                (its attempts counted) and may be claimed again.
+            Exception: whatever the transport (for the whole batch) or the database raised;
+                the batch stays pending (its attempts counted) and may be claimed again.
         """
-        failed: list[int] = []
+        counted: list[int] = []
+        failed: list[tuple[Any, str]] = []
+        moved: set[int] = set()
         try:
             with self._connect() as connection, connection.begin():
                 rows = connection.execute(self._claim).all()
                 if not rows:
-                    return 0
+                    return BatchReport()
                 rows = self._in_order(connection, rows)
-                traceparents: list[str | None] | None = None if _tracing.hooks is None else []
-                events, ids, failed = self._decoded(rows, traceparents)
-                if not events:
-                    return 0
+                quarantining = self._quarantine_exists(connection)
+
+                def goes_on(row: Any) -> bool:
+                    return quarantining and row.attempts + 1 >= self.max_attempts
+
                 try:
-                    relay_batch(self.publish, events, traceparents, self.outbox.channel)
+                    ids, failed = self._forward(rows, goes_on)
                 except BaseException:
-                    failed.extend(ids)
+                    counted = [row.id for row in rows]
                     raise
-                self._mark(connection, ids)
-            return len(ids)
+                moved = {row.id for row, _ in failed if goes_on(row)}
+                counted = [row.id for row, _ in failed if row.id not in moved]
+                if moved:
+                    self._quarantine(connection, [(r, why) for r, why in failed if r.id in moved])
+                if ids:
+                    self._mark(connection, ids)
+            log_failed(failed, moved, self.outbox.table.name)
+            return BatchReport(len(ids), tuple(counted), tuple(sorted(moved)))
         finally:
-            if failed:
-                self._count_attempts(failed)
+            if counted:
+                self._count_attempts(counted)
+
+    def _forward(
+        self, rows: Sequence[Any], goes_on: Callable[[Any], bool]
+    ) -> tuple[list[int], list[tuple[Any, str]]]:
+        """Send the rows through the pipe (or decoded, through ``publish``)."""
+        channel = self.outbox.channel
+        sender = self.sender
+        if sender is not None:
+
+            def read(row: Any) -> StoredEnvelope:
+                return read_stored(row, self.outbox.codec.limits)
+
+            def send(envelopes: list[StoredEnvelope]) -> None:
+                send_stored(sender, envelopes, channel)
+
+            return forward_batch(rows, read, send, goes_on)
+        codec = self.outbox.codec
+        publish = self.publish
+
+        def decode(row: Any) -> Envelope:
+            return codec.read(row.payload)
+
+        def publish_decoded(envelopes: list[Envelope]) -> None:
+            events = [envelope.event for envelope in envelopes]
+            relay_batch(publish, events, [e.traceparent for e in envelopes], channel)
+
+        return forward_batch(rows, decode, publish_decoded, goes_on)
+
+    def _quarantine_exists(self, connection: sa.Connection) -> bool:
+        """Whether the quarantine table exists (looked up once, again a minute after a miss)."""
+        if self._quarantine_seen or (
+            self._quarantine_seen is False and time.monotonic() < self._quarantine_checked
+        ):
+            return bool(self._quarantine_seen)
+        found = sa.inspect(connection).has_table(self.outbox.quarantine.name)
+        if not found and self._quarantine_seen is None:
+            log.warning(
+                "the outbox quarantine table %s does not exist: a row that cannot be relayed "
+                "will hold its key instead of being quarantined; create it (Outbox.create_tables "
+                "or your migration)",
+                self.outbox.quarantine.name,
+            )
+        self._quarantine_seen = found
+        self._quarantine_checked = time.monotonic() + _RECHECK
+        return found
+
+    def _quarantine(self, connection: sa.Connection, rows: Sequence[tuple[Any, str]]) -> None:
+        """Move ``rows`` to the quarantine table with their reasons (this transaction)."""
+        table = self.outbox.table
+        reasons = {row.id: reason for row, reason in rows}
+        found = connection.execute(
+            sa.select(
+                table.c.id, table.c.event_id, table.c.event_type, table.c.partition_key,
+                table.c.payload, table.c.created_at, table.c.attempts,
+            ).where(table.c.id.in_(list(reasons)))
+        ).all()  # fmt: skip
+        now = utcnow(self._dialect)
+        connection.execute(
+            sa.insert(self.outbox.quarantine),
+            [
+                {
+                    "id": row.id,
+                    "event_id": row.event_id,
+                    "event_type": row.event_type,
+                    "partition_key": row.partition_key,
+                    "payload": row.payload,
+                    "created_at": row.created_at,
+                    "quarantined_at": now,
+                    "attempts": row.attempts + 1,
+                    "reason": reasons[row.id][:REASON_LENGTH],
+                }
+                for row in found
+            ],
+        )
+        connection.execute(sa.delete(table).where(table.c.id.in_(list(reasons))))
 
     def _connect(self) -> sa.Connection:
         connection = self.engine.connect()
@@ -242,11 +388,6 @@ class Relay:
             found = connection.execute(older)
         first_outside: dict[str, int] = dict(found.all())
         return in_key_order(rows, first_outside)
-
-    def _decoded(
-        self, rows: Sequence[Any], traceparents: list[str | None] | None
-    ) -> tuple[list[DomainEvent], list[int], list[int]]:
-        return decode_batch(rows, self.outbox.codec, traceparents)
 
     def _mark(self, connection: sa.Connection, ids: list[int]) -> None:
         table = self.outbox.table
@@ -347,3 +488,39 @@ class Relay:
         self._next_purge = time.monotonic() + 60.0
         cutoff = utcnow("postgresql") - self.keep_published
         self.outbox.purge(self.engine, published_before=cutoff)
+
+
+def _resolve(
+    publish: Publish | EventBus | EnvelopeSender, decode: bool | None
+) -> tuple[EnvelopeSender | None, Publish]:
+    """The relay's envelope sender (``None``: decode) and its publish function."""
+    if isinstance(publish, type):
+        msg = (
+            f"the relay publishes through an EventBus or a transport, not the class "
+            f"{publish.__name__}: pass your bus (with its transport) or the transport itself"
+        )
+        raise UsageError(msg)
+    sender = None if decode else envelope_sender(publish)
+    if sender is not None:
+        try:
+            check_sender(sender)
+        except UsageError:
+            if decode is False or not isinstance(publish, EventBus):
+                raise
+            sender = None  # the bus decodes; its process has the classes
+    elif decode is False:
+        msg = (
+            f"{type(publish).__name__} cannot forward stored envelopes (no send_envelopes): "
+            "give the relay a transport (memory, Redis Streams, Celery) or a bus with one"
+        )
+        raise UsageError(msg)
+    if isinstance(publish, EventBus):
+        bus = publish
+        return sender, lambda events: bus.publish(*events)
+    if isinstance(publish, Transport):
+        return sender, publish.send
+    if not callable(publish):
+        msg = f"the relay cannot publish through a {type(publish).__name__}"
+        raise UsageError(msg)
+    function: Publish = publish
+    return sender, function

@@ -355,7 +355,7 @@ class RedisStreamsTransport:
                 "as an attribute name"
             )
             raise UsageError(msg)
-        entries = []
+        entries: list[tuple[str, tuple[bytes | str | int, ...]]] = []
         for index, envelope in enumerate(envelopes):
             stream = f"{self.stream_prefix}:{envelope.event_type}"
             if self.partitions is not None and self._partition_attribute is not None:
