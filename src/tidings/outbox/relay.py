@@ -162,7 +162,7 @@ class Relay:
         self,
         engine: sa.Engine,
         outbox: Outbox,
-        publish: Publish | EventBus,
+        publish: Publish | EventBus | Transport | EnvelopeSender,
         *,
         batch_size: int = 500,
         poll_interval: float = 1.0,
@@ -304,6 +304,11 @@ class Relay:
             relay_batch(publish, events, [e.traceparent for e in envelopes], channel)
 
         return forward_batch(rows, decode, publish_decoded, goes_on)
+
+    @property
+    def quarantining(self) -> bool:
+        """Whether the last batch found the quarantine table (rows can be quarantined)."""
+        return bool(self._quarantine_seen)
 
     def _quarantine_exists(self, connection: sa.Connection) -> bool:
         """Whether the quarantine table exists (looked up once, again a minute after a miss)."""
@@ -491,7 +496,7 @@ class Relay:
 
 
 def _resolve(
-    publish: Publish | EventBus | EnvelopeSender, decode: bool | None
+    publish: Publish | EventBus | Transport | EnvelopeSender, decode: bool | None
 ) -> tuple[EnvelopeSender | None, Publish]:
     """The relay's envelope sender (``None``: decode) and its publish function."""
     if isinstance(publish, type):
