@@ -338,7 +338,7 @@ def test_management_command_rejects_a_bad_bus(alias: str) -> None:
     """A --bus that is not module:attr, or names nothing usable, is a CommandError."""
     with pytest.raises(CommandError, match="module:attribute"):
         call_command("tidings_relay", "--bus", "nothing", "--once", "--database", alias)
-    with pytest.raises(CommandError, match="EventBus or a function"):
+    with pytest.raises(CommandError, match="EventBus or a Transport"):
         call_command("tidings_relay", "--bus", "test_django_outbox:BUS_SEEN", "--once")
 
 

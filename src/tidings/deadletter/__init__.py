@@ -71,10 +71,11 @@ def _open_sql(url: str, scheme: str, name: str | None) -> DeadLetterStore:
         msg = "the SQL dead-letter store needs SQLAlchemy: pip install 'tidings[sql]'"
         raise ImportError(msg, name=exc.name) from exc
 
+    from tidings._sql import normalize_url  # noqa: PLC0415
     from tidings.deadletter.sql import SqlDeadLetterStore  # noqa: PLC0415
 
     try:
-        sa.engine.make_url(url).get_dialect()
+        sa.engine.make_url(normalize_url(url)).get_dialect()
     except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as exc:
         msg = (
             f"no dead-letter store for {scheme}:// URLs (SQLAlchemy knows no such database "
@@ -83,8 +84,8 @@ def _open_sql(url: str, scheme: str, name: str | None) -> DeadLetterStore:
         raise DeadLetterStoreURLError(msg) from exc
     try:
         if name is None:
-            return SqlDeadLetterStore.from_url(url)
-        return SqlDeadLetterStore.from_url(url, table_name=name)
+            return SqlDeadLetterStore.from_url(url, must_exist=True)
+        return SqlDeadLetterStore.from_url(url, table_name=name, must_exist=True)
     except ImportError as exc:
         database = scheme.split("+", maxsplit=1)[0]
         fix = _DRIVER_FIXES.get("mysql" if database == "mariadb" else database)

@@ -24,12 +24,13 @@ from tidings.codec import _NOT_OPENERS, Codec, Limits, _incoming_decoder, _too_d
 from tidings.context import EventContext, bind, reset
 from tidings.errors import EventDecodeError, UsageError
 from tidings.events import DomainEvent
-from tidings.ports import EnvelopeRefusedError, EnvelopeSender, StoredEnvelope
+from tidings.ports import EnvelopeRefusedError, EnvelopeSender, StoredEnvelope, Transport
 
 __all__ = [
     "EVENT_ID_LENGTH",
     "KEY_LENGTH",
     "Backoff",
+    "BatchReport",
     "ClaimedRow",
     "RedactingFilter",
     "decode_batch",
@@ -37,6 +38,7 @@ __all__ = [
     "forward_batch",
     "in_key_order",
     "read_stored",
+    "resolve_publisher",
     "row_key",
     "send_stored",
 ]
@@ -106,6 +108,22 @@ class Backoff:
         exponent = min(max(failures - 1, 0), 64)
         delay = min(self.maximum, self.initial * self.factor**exponent)
         return delay * (1 - self.jitter * random.random())  # noqa: S311 - not cryptographic
+
+
+@dataclass(frozen=True, slots=True)
+class BatchReport:
+    """What one claimed batch came to.
+
+    Attributes:
+        relayed: rows the broker confirmed (deleted or marked published).
+        failed: ids of rows that could not be relayed and stay pending, their attempt counted
+            (they hold back the later rows of their key).
+        quarantined: ids of rows moved to the quarantine table (their keys went on).
+    """
+
+    relayed: int = 0
+    failed: tuple[int, ...] = ()
+    quarantined: tuple[int, ...] = ()
 
 
 class ClaimedRow(Protocol):
@@ -433,3 +451,48 @@ class RedactingFilter(logging.Filter):
         if record.stack_info:
             record.stack_info = redact_text(record.stack_info, *urls)
         return True
+
+
+def resolve_publisher(
+    publish: Callable[[Sequence[DomainEvent]], None] | EventBus | Transport | EnvelopeSender,
+    decode: bool | None,
+) -> tuple[EnvelopeSender | None, Callable[[Sequence[DomainEvent]], None]]:
+    """Return a relay's envelope sender (``None``: it decodes) and its publish function.
+
+    See ``Relay``'s ``publish`` and ``decode`` arguments: a transport or bus that forwards
+    envelopes is the pipe; otherwise events are decoded and published; a class is refused.
+
+    Raises:
+        UsageError: a class, something that cannot publish, or (``decode=False``) something
+            that cannot forward stored envelopes.
+    """
+    if isinstance(publish, type):
+        msg = (
+            f"the relay publishes through an EventBus or a transport, not the class "
+            f"{publish.__name__}: pass your bus (with its transport) or the transport itself"
+        )
+        raise UsageError(msg)
+    sender = None if decode else envelope_sender(publish)
+    if sender is not None:
+        try:
+            check_sender(sender)
+        except UsageError:
+            if decode is False or not isinstance(publish, EventBus):
+                raise
+            sender = None  # the bus decodes; its process has the classes
+    elif decode is False:
+        msg = (
+            f"{type(publish).__name__} cannot forward stored envelopes (no send_envelopes): "
+            "give the relay a transport (memory, Redis Streams, Celery) or a bus with one"
+        )
+        raise UsageError(msg)
+    if isinstance(publish, EventBus):
+        bus = publish
+        return sender, lambda events: bus.publish(*events)
+    if isinstance(publish, Transport):
+        return sender, publish.send
+    if not callable(publish):
+        msg = f"the relay cannot publish through a {type(publish).__name__}"
+        raise UsageError(msg)
+    function: Callable[[Sequence[DomainEvent]], None] = publish
+    return sender, function

@@ -36,25 +36,23 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 from tidings.bus import EventBus
 from tidings.codec import Envelope
-from tidings.errors import UsageError
 from tidings.events import DomainEvent
 from tidings.outbox._common import (
     DEFAULT_MAX_ATTEMPTS,
     Backoff,
+    BatchReport,
     RedactingFilter,
-    check_sender,
-    envelope_sender,
     forward_batch,
     in_key_order,
     log_failed,
     read_stored,
     relay_batch,
+    resolve_publisher,
     send_stored,
 )
 from tidings.outbox._table import REASON_LENGTH, check_dialect, sa, utcnow
@@ -71,22 +69,6 @@ log = logging.getLogger("tidings.outbox.relay")
 _LOCKING = ("postgresql", "mysql", "mariadb")
 _SLICE = 0.25  # longest a wait goes without looking at the stop event
 _RECHECK = 60.0  # seconds before looking again for a missing quarantine table
-
-
-@dataclass(frozen=True, slots=True)
-class BatchReport:
-    """What one claimed batch came to.
-
-    Attributes:
-        relayed: rows the broker confirmed (deleted or marked published).
-        failed: ids of rows that could not be relayed and stay pending, their attempt counted
-            (they hold back the later rows of their key).
-        quarantined: ids of rows moved to the quarantine table (their keys went on).
-    """
-
-    relayed: int = 0
-    failed: tuple[int, ...] = ()
-    quarantined: tuple[int, ...] = ()
 
 
 class _Listener:
@@ -179,7 +161,7 @@ class Relay:
             raise ValueError(msg)
         self.engine = engine
         self.outbox = outbox
-        self.sender, self.publish = _resolve(publish, decode)
+        self.sender, self.publish = resolve_publisher(publish, decode)
         self.max_attempts = max_attempts
         RedactingFilter.install(log, engine.url.render_as_string(hide_password=False), *redact)
         self.batch_size = batch_size
@@ -493,39 +475,3 @@ class Relay:
         self._next_purge = time.monotonic() + 60.0
         cutoff = utcnow("postgresql") - self.keep_published
         self.outbox.purge(self.engine, published_before=cutoff)
-
-
-def _resolve(
-    publish: Publish | EventBus | Transport | EnvelopeSender, decode: bool | None
-) -> tuple[EnvelopeSender | None, Publish]:
-    """The relay's envelope sender (``None``: decode) and its publish function."""
-    if isinstance(publish, type):
-        msg = (
-            f"the relay publishes through an EventBus or a transport, not the class "
-            f"{publish.__name__}: pass your bus (with its transport) or the transport itself"
-        )
-        raise UsageError(msg)
-    sender = None if decode else envelope_sender(publish)
-    if sender is not None:
-        try:
-            check_sender(sender)
-        except UsageError:
-            if decode is False or not isinstance(publish, EventBus):
-                raise
-            sender = None  # the bus decodes; its process has the classes
-    elif decode is False:
-        msg = (
-            f"{type(publish).__name__} cannot forward stored envelopes (no send_envelopes): "
-            "give the relay a transport (memory, Redis Streams, Celery) or a bus with one"
-        )
-        raise UsageError(msg)
-    if isinstance(publish, EventBus):
-        bus = publish
-        return sender, lambda events: bus.publish(*events)
-    if isinstance(publish, Transport):
-        return sender, publish.send
-    if not callable(publish):
-        msg = f"the relay cannot publish through a {type(publish).__name__}"
-        raise UsageError(msg)
-    function: Publish = publish
-    return sender, function
