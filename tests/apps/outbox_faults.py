@@ -120,7 +120,7 @@ if os.environ.get("OUTBOX_FAULTS_REDIS"):
             while _client.exists(_hold) and time.monotonic() < deadline:
                 time.sleep(0.02)
 
-    assert isinstance(bus.transport, RedisStreamsTransport)  # noqa: S101 - made above
+    assert isinstance(bus.transport, RedisStreamsTransport)
     relay_transport = HoldingTransport(bus.transport)
 
 
