@@ -84,8 +84,8 @@ def _open_sql(url: str, scheme: str, name: str | None) -> DeadLetterStore:
         raise DeadLetterStoreURLError(msg) from exc
     try:
         if name is None:
-            return SqlDeadLetterStore.from_url(url, must_exist=True)
-        return SqlDeadLetterStore.from_url(url, table_name=name, must_exist=True)
+            return SqlDeadLetterStore.from_url(url)
+        return SqlDeadLetterStore.from_url(url, table_name=name)
     except ImportError as exc:
         database = scheme.split("+", maxsplit=1)[0]
         fix = _DRIVER_FIXES.get("mysql" if database == "mariadb" else database)
