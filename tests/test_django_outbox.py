@@ -24,7 +24,7 @@ from tests.django_project import settings as project_settings  # noqa: E402
 from tests.django_project.bus import DjangoOrderPlaced  # noqa: E402
 
 from conftest import require_server  # noqa: E402 - after the importorskip
-from tidings import EventBus, UsageError  # noqa: E402
+from tidings import EventBus, PublishError, UsageError  # noqa: E402
 from tidings.testing.workers import wait_until  # noqa: E402
 
 if not settings.configured:
@@ -407,3 +407,57 @@ def test_sqlalchemy_relay_and_outbox_share_the_django_table(alias: str) -> None:
     finally:
         engine.dispose()
     assert [e.n for e in BUS_SEEN] == [0, 1]
+
+
+class _LeakyTransport:
+    """A transport whose broker error echoes the database password (as drivers' errors do)."""
+
+    name = "leaky"
+    secret = "s3cret-django-pw"  # noqa: S105 - the fake password this test hunts for
+
+    def bind(self, bus: object) -> None:
+        """Nothing to bind."""
+
+    def subscribed(self, handler: object) -> None:
+        """Nothing to check."""
+
+    def send(self, events: object) -> None:
+        """Fail, quoting the password."""
+        raise PublishError(f"connection refused (password={self.secret})")
+
+    def send_envelopes(self, envelopes: object) -> None:
+        """Fail, quoting the password (an empty batch is the start-up check: it passes)."""
+        if envelopes:
+            raise PublishError(f"connection refused (password={self.secret})")
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
+LEAKY = _LeakyTransport()
+
+
+def test_management_command_refuses_an_event_class_and_keeps_the_rows(alias: str) -> None:
+    """`tidings_relay --bus module:EventClass` is refused at start; no row is touched."""
+    with transaction.atomic(using=alias):
+        publish(_order("a", 0), using=alias)
+    with pytest.raises(CommandError, match="the class DjangoOrderPlaced"):
+        call_command("tidings_relay", "--bus", "tests.django_project.bus:DjangoOrderPlaced",
+                     "--once", "--database", alias)  # fmt: skip
+    assert OutboxEvent.objects.using(alias).filter(published_at__isnull=True).count() == 1
+
+
+def test_management_command_once_error_hides_the_database_password(
+    alias: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`tidings_relay --once` failing says why without the database password (nor its log)."""
+    monkeypatch.setitem(connections.settings[alias], "PASSWORD", LEAKY.secret)
+    with transaction.atomic(using=alias):
+        publish(_order("a", 0), using=alias)
+    with pytest.raises(CommandError) as caught:
+        call_command("tidings_relay", "--bus", "test_django_outbox:LEAKY", "--once",
+                     "--database", alias)  # fmt: skip
+    assert "connection refused" in str(caught.value)
+    assert LEAKY.secret not in str(caught.value)
+    assert "***" in str(caught.value)
+    assert LEAKY.secret not in caplog.text
