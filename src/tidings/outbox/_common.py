@@ -456,8 +456,10 @@ class RedactingFilter(logging.Filter):
 def resolve_publisher(
     publish: Callable[[Sequence[DomainEvent]], None] | EventBus | Transport | EnvelopeSender,
     decode: bool | None,
-) -> tuple[EnvelopeSender | None, Callable[[Sequence[DomainEvent]], None]]:
+) -> tuple[EnvelopeSender | None, Callable[[Sequence[DomainEvent]], None] | None]:
     """Return a relay's envelope sender (``None``: it decodes) and its publish function.
+
+    The publish function is ``None`` for an envelope sender that is nothing else.
 
     See ``Relay``'s ``publish`` and ``decode`` arguments: a transport or bus that forwards
     envelopes is the pipe; otherwise events are decoded and published; a class is refused.
@@ -491,6 +493,8 @@ def resolve_publisher(
         return sender, lambda events: bus.publish(*events)
     if isinstance(publish, Transport):
         return sender, publish.send
+    if sender is not None and not callable(publish):
+        return sender, None
     if not callable(publish):
         msg = f"the relay cannot publish through a {type(publish).__name__}"
         raise UsageError(msg)

@@ -277,6 +277,7 @@ class Relay:
             return forward_batch(rows, read, send, goes_on)
         codec = self.outbox.codec
         publish = self.publish
+        assert publish is not None  # noqa: S101 - resolve_publisher gives a sender or this
 
         def decode(row: Any) -> Envelope:
             return codec.read(row.payload)
