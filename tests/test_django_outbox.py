@@ -20,6 +20,7 @@ from django.conf import settings  # noqa: E402
 from django.core.management import call_command  # noqa: E402
 from django.core.management.base import CommandError  # noqa: E402
 from django.db import connections, transaction  # noqa: E402
+from django.utils import timezone  # noqa: E402
 from tests.django_project import settings as project_settings  # noqa: E402
 from tests.django_project.bus import DjangoOrderPlaced  # noqa: E402
 
@@ -40,7 +41,7 @@ if not settings.configured:
 django.setup()  # no warning filter needed: Django 4.2-5.2 emit none here
 
 from tidings.integrations.django import publish, publish_on_commit  # noqa: E402
-from tidings.integrations.django.models import OutboxEvent  # noqa: E402
+from tidings.integrations.django.models import OutboxEvent, OutboxQuarantine  # noqa: E402
 from tidings.integrations.django.relay import Relay  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,6 +112,7 @@ def _clean(alias: str) -> Iterator[None]:
     BUS_SEEN.clear()
     yield
     OutboxEvent.objects.using(alias).all().delete()
+    OutboxQuarantine.objects.using(alias).all().delete()
     BUS_SEEN.clear()
 
 
@@ -461,3 +463,26 @@ def test_management_command_once_error_hides_the_database_password(
     assert LEAKY.secret not in str(caught.value)
     assert "***" in str(caught.value)
     assert LEAKY.secret not in caplog.text
+
+
+def test_management_command_quarantines_a_poison_row_and_its_key_goes_on(alias: str) -> None:
+    """A poison row among 80 across 4 keys: quarantined, --once fails naming it, order kept."""
+    with transaction.atomic(using=alias):
+        publish(*(_order(f"k{n % 4}", n) for n in range(40)), using=alias)
+    poison = OutboxEvent.objects.using(alias).create(
+        event_id="poison-1", event_type="tests.django.order_placed", partition_key="k1",
+        payload="{not json", created_at=timezone.now(),
+    )  # fmt: skip
+    with transaction.atomic(using=alias):
+        publish(*(_order(f"k{n % 4}", n) for n in range(40, 80)), using=alias)
+    with pytest.raises(CommandError, match=r"1 row\(s\) could not be relayed and were quarantined"):
+        call_command("tidings_relay", "--bus", "test_django_outbox:bus", "--once",
+                     "--batch-size", "25", "--max-attempts", "3", "--database", alias)  # fmt: skip
+    assert sorted(e.n for e in BUS_SEEN) == list(range(80))
+    for key in ("k0", "k1", "k2", "k3"):
+        ns = [e.n for e in BUS_SEEN if e.aggregate_id == key]
+        assert ns == sorted(ns), key
+    assert not OutboxEvent.objects.using(alias).exists()
+    [held] = OutboxQuarantine.objects.using(alias).all()
+    assert (held.id, held.partition_key, held.attempts) == (poison.id, "k1", 3)
+    assert "not a CloudEvents JSON envelope" in held.reason or "not valid JSON" in held.reason

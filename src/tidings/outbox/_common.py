@@ -29,6 +29,7 @@ from tidings.ports import EnvelopeRefusedError, EnvelopeSender, StoredEnvelope, 
 __all__ = [
     "EVENT_ID_LENGTH",
     "KEY_LENGTH",
+    "REASON_LENGTH",
     "Backoff",
     "BatchReport",
     "ClaimedRow",
@@ -48,6 +49,8 @@ DEFAULT_MAX_ATTEMPTS = 5
 
 EVENT_ID_LENGTH = 64
 KEY_LENGTH = 200
+REASON_LENGTH = 2000
+"""The longest reason a quarantined row keeps (longer ones are cut)."""
 
 log = logging.getLogger("tidings.outbox.relay")
 

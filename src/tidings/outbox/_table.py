@@ -13,11 +13,12 @@ except ImportError as exc:
     msg = "tidings.outbox needs SQLAlchemy: pip install 'tidings[sql]'"
     raise ImportError(msg) from exc
 
-from tidings.outbox._common import EVENT_ID_LENGTH, KEY_LENGTH
+from tidings.outbox._common import EVENT_ID_LENGTH, KEY_LENGTH, REASON_LENGTH
 
 __all__ = [
     "EVENT_ID_LENGTH",
     "KEY_LENGTH",
+    "REASON_LENGTH",
     "SUPPORTED",
     "as_utc",
     "check_dialect",
@@ -63,10 +64,6 @@ def outbox_table(metadata: sa.MetaData, name: str = "tidings_outbox") -> sa.Tabl
         sa.Index(_index_name(name, "partition"), "partition_key", "id"),
         sqlite_autoincrement=True,  # never reuse an id, even after the newest row is deleted
     )
-
-
-REASON_LENGTH = 2000
-"""The longest reason a quarantined row keeps (longer ones are cut)."""
 
 
 def quarantine_name(table: str) -> str:

@@ -39,8 +39,10 @@ from django.utils import timezone
 from tidings.bus import EventBus
 from tidings.codec import Codec, Envelope, default_codec
 from tidings.events import DomainEvent
-from tidings.integrations.django.models import OutboxEvent
+from tidings.integrations.django.models import OutboxEvent, OutboxQuarantine
 from tidings.outbox._common import (
+    DEFAULT_MAX_ATTEMPTS,
+    REASON_LENGTH,
     Backoff,
     BatchReport,
     RedactingFilter,
@@ -82,14 +84,18 @@ class Relay:
         codec: decodes the stored envelopes (the default codec if omitted).
         decode: ``None`` forwards envelopes when ``publish`` can, else decodes; ``True``
             always decodes; ``False`` refuses a ``publish`` that cannot forward envelopes.
+        max_attempts: failures of a row of its own (undecodable, refused by the transport)
+            after which it is quarantined; failures of a whole batch never quarantine a row.
 
     Delivery is at least once: a crash between the broker's confirmation and the commit sends
     a batch again (the inbox makes that harmless). Order is kept per partition key, also across
     several relays. A row that cannot be relayed (undecodable, or refused by the transport) is
     logged (its data escaped) and left pending with its attempts counted; it holds back the
-    later rows of its key, and only those (the Django relay has no quarantine table yet:
-    ``tidings outbox status`` names such rows, and ``tidings relay`` on the same table
-    quarantines them). Log lines and tracebacks never show the database password. Several
+    later rows of its key, and only those, until after ``max_attempts`` it moves to
+    :class:`~tidings.integrations.django.models.OutboxQuarantine` with its reason, in the
+    block that deletes it, and its key goes on (until the quarantine table is migrated, it
+    waits, and a warning says so). Log lines and tracebacks never show the database
+    password. Several
     relays may run at once (threads or processes, PostgreSQL or MySQL); one
     object runs one loop at a time, and each thread uses its own Django connection.
     """
@@ -105,10 +111,14 @@ class Relay:
         backoff: Backoff | None = None,
         codec: Codec | None = None,
         decode: bool | None = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     ) -> None:
-        if batch_size < 1 or poll_interval <= 0:
-            msg = "Relay needs batch_size >= 1 and poll_interval > 0"
+        if batch_size < 1 or poll_interval <= 0 or max_attempts < 1:
+            msg = "Relay needs batch_size >= 1, poll_interval > 0 and max_attempts >= 1"
             raise ValueError(msg)
+        self.max_attempts = max_attempts
+        self._quarantine_seen: bool | None = None
+        self._quarantine_checked = 0.0
         self.sender, self.publish = resolve_publisher(publish, decode)
         self.using: str = using or router.db_for_write(OutboxEvent) or DEFAULT_DB_ALIAS
         RedactingFilter.install(log, *database_secrets(self.using))
@@ -140,34 +150,88 @@ class Relay:
         """
         counted: list[int] = []
         failed: list[tuple[Any, str]] = []
+        moved: set[int] = set()
         try:
             with transaction.atomic(using=self.using):
                 claimed = self._claim()
                 if not claimed:
                     return BatchReport()
                 rows = self._in_order(claimed)
+                quarantining = self._quarantine_exists()
+
+                def goes_on(row: Any) -> bool:
+                    return quarantining and row.attempts + 1 >= self.max_attempts
+
                 try:
-                    ids, failed = self._forward(rows)
+                    ids, failed = self._forward(rows, goes_on)
                 except BaseException:
                     counted = [row.id for row in rows]
                     raise
-                counted = [row.id for row, _ in failed]
+                moved = {row.id for row, _ in failed if goes_on(row)}
+                counted = [row.id for row, _ in failed if row.id not in moved]
+                if moved:
+                    self._quarantine([(r, why) for r, why in failed if r.id in moved])
                 if ids:
                     self._mark(ids)
-            log_failed(failed, set(), OutboxEvent._meta.db_table)
-            return BatchReport(len(ids), tuple(counted), ())
+            log_failed(failed, moved, OutboxEvent._meta.db_table)
+            return BatchReport(len(ids), tuple(counted), tuple(sorted(moved)))
         finally:
             if counted:
                 self._count_attempts(counted)
 
-    def _forward(self, rows: list[Any]) -> tuple[list[int], list[tuple[Any, str]]]:
+    @property
+    def quarantining(self) -> bool:
+        """Whether the last batch found the quarantine table (rows can be quarantined)."""
+        return bool(self._quarantine_seen)
+
+    def _quarantine_exists(self) -> bool:
+        """Whether the quarantine table exists (looked up once, again a minute after a miss)."""
+        if self._quarantine_seen or (
+            self._quarantine_seen is False and time.monotonic() < self._quarantine_checked
+        ):
+            return bool(self._quarantine_seen)
+        connection = connections[self.using]
+        name = OutboxQuarantine._meta.db_table
+        found = name in connection.introspection.table_names()
+        if not found and self._quarantine_seen is None:
+            log.warning(
+                "the outbox quarantine table %s does not exist: a row that cannot be relayed "
+                "will hold its key instead of being quarantined; run `manage.py migrate`",
+                name,
+            )
+        self._quarantine_seen = found
+        self._quarantine_checked = time.monotonic() + 60.0
+        return found
+
+    def _quarantine(self, rows: list[tuple[Any, str]]) -> None:
+        """Move ``rows`` to the quarantine table with their reasons (this atomic block)."""
+        reasons = {row.id: reason for row, reason in rows}
+        now = timezone.now()
+        found = self._rows().filter(id__in=list(reasons))
+        OutboxQuarantine.objects.using(self.using).bulk_create(
+            [
+                OutboxQuarantine(
+                    id=row.id,
+                    event_id=row.event_id,
+                    event_type=row.event_type,
+                    partition_key=row.partition_key,
+                    payload=row.payload,
+                    created_at=row.created_at,
+                    quarantined_at=now,
+                    attempts=row.attempts + 1,
+                    reason=reasons[row.id][:REASON_LENGTH],
+                )
+                for row in found
+            ]
+        )
+        self._rows().filter(id__in=list(reasons)).delete()
+
+    def _forward(
+        self, rows: list[Any], goes_on: Callable[[Any], bool]
+    ) -> tuple[list[int], list[tuple[Any, str]]]:
         """Send the rows through the pipe (or decoded, through ``publish``)."""
         table = OutboxEvent._meta.db_table
         sender = self.sender
-
-        def held(row: Any) -> bool:
-            return False  # no quarantine here: a failed row holds its key
-
         if sender is not None:
 
             def read(row: Any) -> StoredEnvelope:
@@ -176,7 +240,7 @@ class Relay:
             def send(envelopes: list[StoredEnvelope]) -> None:
                 send_stored(sender, envelopes, table)
 
-            return forward_batch(rows, read, send, held)
+            return forward_batch(rows, read, send, goes_on)
         codec = self.codec
         publish = self.publish
         assert publish is not None  # noqa: S101 - resolve_publisher gives a sender or this
@@ -188,7 +252,7 @@ class Relay:
             events = [envelope.event for envelope in envelopes]
             relay_batch(publish, events, [e.traceparent for e in envelopes], table)
 
-        return forward_batch(rows, decode, publish_decoded, held)
+        return forward_batch(rows, decode, publish_decoded, goes_on)
 
     def _claim(self) -> list[Any]:
         pending = self._rows().filter(published_at__isnull=True)

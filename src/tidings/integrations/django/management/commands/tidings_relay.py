@@ -95,6 +95,12 @@ class Command(BaseCommand):  # type: ignore[misc]  # Django ships no type inform
             help="Keep published rows this long (default: delete them at once).",
         )
         parser.add_argument("--database", default=None, help="The outbox's database alias.")
+        parser.add_argument(
+            "--max-attempts",
+            type=int,
+            default=5,
+            help="Failures of a row of its own before it is quarantined (default 5).",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         """Run the relay (see the class docstring)."""
@@ -103,8 +109,12 @@ class Command(BaseCommand):  # type: ignore[misc]  # Django ships no type inform
             database_secrets,
         )
 
-        if options["batch_size"] < 1 or options["poll_interval"] <= 0:
-            msg = "--batch-size must be >= 1 and --poll-interval > 0"
+        if (
+            options["batch_size"] < 1
+            or options["poll_interval"] <= 0
+            or options["max_attempts"] < 1
+        ):
+            msg = "--batch-size and --max-attempts must be >= 1 and --poll-interval > 0"
             raise CommandError(msg)
         keep = options["keep_published"]
         try:
@@ -114,6 +124,7 @@ class Command(BaseCommand):  # type: ignore[misc]  # Django ships no type inform
                 batch_size=options["batch_size"],
                 poll_interval=options["poll_interval"],
                 keep_published=None if keep is None else timedelta(seconds=keep),
+                max_attempts=options["max_attempts"],
             )
         except UsageError as exc:
             raise CommandError(f"--bus {options['bus']}: {exc}") from exc
@@ -121,12 +132,17 @@ class Command(BaseCommand):  # type: ignore[misc]  # Django ships no type inform
         if options["once"]:
             total = 0
             failing: set[int] = set()
+            quarantined: set[int] = set()
             try:
                 while True:
                     report = runner.run_batch()
                     total += report.relayed
+                    quarantined.update(report.quarantined)
+                    failing.difference_update(report.quarantined)
                     failing.update(report.failed)
-                    if not report.relayed:
+                    # A failing row is tried again at once, up to its bound (then quarantined).
+                    retry = bool(report.failed) and runner.quarantining
+                    if not (report.relayed or report.quarantined or retry):
                         break
             except Exception as exc:  # an operator needs the cause, not a traceback
                 msg = (
@@ -135,11 +151,12 @@ class Command(BaseCommand):  # type: ignore[misc]  # Django ships no type inform
                 )
                 raise CommandError(redact_text(msg, *secrets)) from exc
             self.stdout.write(f"Relayed {total} events.")
-            if failing:
-                shown = ", ".join(str(i) for i in sorted(failing)[:20])
+            if failing or quarantined:
+                shown = ", ".join(str(i) for i in sorted(failing | quarantined)[:20])
                 msg = (
-                    f"{len(failing)} row(s) could not be relayed and stay pending (ids {shown}); "
-                    "see `tidings outbox status`"
+                    f"{len(quarantined)} row(s) could not be relayed and were quarantined, "
+                    f"{len(failing)} could not be relayed and stay pending (ids {shown}); see "
+                    "`tidings outbox status` and `tidings dlq outbox list`"
                 )
                 raise CommandError(msg)
             return
