@@ -20,7 +20,7 @@ from tidings import _tracing
 from tidings._untrusted import log_safe, redact_text
 from tidings._wire import SPEC_VERSION, check_attributes, is_plain
 from tidings.bus import EventBus
-from tidings.codec import _NOT_OPENERS, Codec, Limits, _incoming_decoder, _too_deep
+from tidings.codec import _NOT_OPENERS, Limits, _incoming_decoder, _too_deep
 from tidings.context import EventContext, bind, reset
 from tidings.errors import EventDecodeError, UsageError
 from tidings.events import DomainEvent
@@ -34,7 +34,6 @@ __all__ = [
     "BatchReport",
     "ClaimedRow",
     "RedactingFilter",
-    "decode_batch",
     "default_partition_key",
     "forward_batch",
     "in_key_order",
@@ -158,46 +157,6 @@ def in_key_order(rows: Sequence[R], first_outside: dict[str, int]) -> list[R]:
     ``first_outside`` maps a key to the smallest id of its pending rows outside the batch.
     """
     return [row for row in rows if row.id < first_outside.get(row.partition_key, row.id + 1)]
-
-
-def decode_batch(
-    rows: Sequence[ClaimedRow],
-    codec: Codec,
-    traceparents: list[str | None] | None = None,
-) -> tuple[list[DomainEvent], list[int], list[int]]:
-    """Decode claimed rows into (events, their ids, ids of undecodable rows).
-
-    An undecodable row is logged; it and the later rows of its key are left out, so the key
-    waits until the row can be decoded (an event class registered, say). With
-    ``traceparents`` given, the ``traceparent`` of each decoded row is appended to it.
-    """
-    events: list[DomainEvent] = []
-    ids: list[int] = []
-    bad: list[int] = []
-    stuck: set[str] = set()
-    for row in rows:
-        if row.partition_key in stuck:
-            continue
-        try:
-            if traceparents is None:
-                events.append(codec.decode(row.payload))
-            else:
-                envelope = codec.read(row.payload)
-                events.append(envelope.event)
-                traceparents.append(envelope.traceparent)
-        except EventDecodeError as exc:
-            log.error(
-                "outbox row %s (key %s) cannot be decoded; it and the later rows of its key "
-                "wait until it can: %s",
-                row.id,
-                log_safe(row.partition_key),
-                log_safe(str(exc), 500),
-            )
-            bad.append(row.id)
-            stuck.add(row.partition_key)
-            continue
-        ids.append(row.id)
-    return events, ids, bad
 
 
 def relay_batch(

@@ -12,9 +12,12 @@ One batch is one transaction:
    row is dropped from the batch if an older pending row of its key is not in the batch (it is
    held by another relay, or was dropped). So with several relays a key's rows still reach the
    broker one batch after another, in id order.
-3. The events are published; only after ``publish`` returned (the broker confirmed) are the
-   rows marked published (or deleted) and the transaction committed. If publishing fails, the
-   transaction rolls back and the rows stay pending, unlocked, for the next attempt. If the
+3. Each row's envelope is forwarded as stored (the relay is a pipe: it needs no event class;
+   see :class:`~tidings.ports.EnvelopeSender`); only after the transport returned (the broker
+   confirmed) are the rows marked published (or deleted) and the transaction committed. A row
+   that fails on its own is counted, holds back its key, and after ``max_attempts`` moves to
+   the quarantine table in this same transaction (its key then goes on). If the whole send
+   fails, the transaction rolls back and the rows stay pending, unlocked, for the next attempt. If the
    relay dies, its connection dies and the database releases the locks: at-least-once.
 
 The gap problem: ids are taken when a row is inserted, but rows become visible when their
