@@ -17,8 +17,9 @@ One batch is one transaction:
    confirmed) are the rows marked published (or deleted) and the transaction committed. A row
    that fails on its own is counted, holds back its key, and after ``max_attempts`` moves to
    the quarantine table in this same transaction (its key then goes on). If the whole send
-   fails, the transaction rolls back and the rows stay pending, unlocked, for the next attempt. If the
-   relay dies, its connection dies and the database releases the locks: at-least-once.
+   fails, the transaction rolls back and the rows stay pending, unlocked, for the next
+   attempt. If the relay dies, its connection dies and the database releases the locks:
+   at-least-once.
 
 The gap problem: ids are taken when a row is inserted, but rows become visible when their
 transaction commits, so id N+1 can be visible (and relayed) while N is not yet. A relay that
