@@ -192,3 +192,28 @@ def test_relay_log_lines_and_tracebacks_never_print_the_broker_password(
     assert "pw-in-url-7" not in caplog.text
     assert "cannot reach" in caplog.text
     assert "PublishError" in caplog.text  # the traceback is there, redacted
+
+
+def test_the_relay_redacts_its_transports_broker_password_without_being_told(
+    sqlite_outbox,
+) -> None:
+    """The broker password of a Celery app or a redis-py client is among the relay's secrets."""
+    from celery import Celery  # noqa: PLC0415 - the celery extra
+
+    from tidings.transports.celery import CeleryTransport  # noqa: PLC0415
+
+    engine, outbox = sqlite_outbox
+    app = Celery("relay-secrets", broker="redis://:celery-pw-3@localhost:6379/0")
+    celery = CeleryTransport(app, queue="q", dead_letters=MemoryDeadLetterStore())
+    relay = Relay(engine, outbox, EventBus(transport=celery), listen=False)
+    assert any("celery-pw-3" in url for url in relay.secrets)
+    client = redis.Redis(password="redis-pw-4")  # noqa: S106 - the fake password hunted for
+    streams = RedisStreamsTransport(client, service="s", dead_letters=MemoryDeadLetterStore())
+    relay = Relay(engine, outbox, streams, listen=False)
+    assert any("redis-pw-4" in url for url in relay.secrets)
+    logger = logging.getLogger("tidings.outbox.relay")
+    record = logger.makeRecord(logger.name, logging.ERROR, __file__, 1,
+                               "failed: %s", ("auth redis-pw-4 celery-pw-3",), None)  # fmt: skip
+    for found in logger.filters:
+        found.filter(record)
+    assert record.getMessage() == "failed: auth *** ***"

@@ -318,7 +318,7 @@ def make_relay_command() -> click.Command:
                     raise click.UsageError(msg) from exc
                 _create_quarantine(engine, outbox)
                 if once:
-                    _drain(runner, transport_spec, db_url)
+                    _drain(runner, transport_spec, db_url, *runner.secrets)
                     return
                 stop = threading.Event()
 
@@ -360,7 +360,7 @@ def _create_quarantine(engine: sa.Engine, outbox: Any) -> None:
         )
 
 
-def _drain(runner: Any, transport_spec: str, db_url: str | None) -> None:
+def _drain(runner: Any, transport_spec: str, db_url: str | None, *secrets: str) -> None:
     """``--once``: relay until nothing moves; exit 1 if a row could not be relayed."""
     total = 0
     quarantined: set[int] = set()
@@ -384,7 +384,7 @@ def _drain(runner: Any, transport_spec: str, db_url: str | None) -> None:
             f"relaying failed after {total} events: {type(exc).__name__}: {exc}; the "
             "unpublished rows stay pending for the next run"
         )
-        raise click.ClickException(redact_text(msg, transport_spec, db_url)) from exc
+        raise click.ClickException(redact_text(msg, transport_spec, db_url, *secrets)) from exc
     click.echo(f"Relayed {total} events.")
     if quarantined or failing:
         shown = ", ".join(str(i) for i in sorted(quarantined | failing)[:20])

@@ -13,6 +13,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, cast
+from urllib.parse import quote
 
 import msgspec
 
@@ -40,6 +41,7 @@ __all__ = [
     "read_stored",
     "resolve_publisher",
     "row_key",
+    "secret_urls",
     "send_stored",
 ]
 
@@ -462,3 +464,23 @@ def resolve_publisher(
         raise UsageError(msg)
     function: Callable[[Sequence[DomainEvent]], None] = publish
     return sender, function
+
+
+def secret_urls(target: object) -> list[str]:
+    """The broker URLs (or a URL holding the broker password) a relay's target connects with.
+
+    Read from a bus's transport or a transport: a Celery app's ``broker_url``, a redis-py
+    client's password. For :class:`RedactingFilter` and error messages; never printed.
+    """
+    transport = target.transport if isinstance(target, EventBus) else target
+    found: list[str] = []
+    conf = getattr(getattr(transport, "app", None), "conf", None)
+    broker = getattr(conf, "broker_url", None)
+    if isinstance(broker, str) and broker:
+        found.append(broker)
+    pool = getattr(getattr(transport, "client", None), "connection_pool", None)
+    kwargs = getattr(pool, "connection_kwargs", None)
+    password = kwargs.get("password") if isinstance(kwargs, dict) else None
+    if isinstance(password, str) and password:
+        found.append(f"redis://user:{quote(password, safe='')}@redis/")
+    return found

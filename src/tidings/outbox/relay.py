@@ -57,6 +57,7 @@ from tidings.outbox._common import (
     read_stored,
     relay_batch,
     resolve_publisher,
+    secret_urls,
     send_stored,
 )
 from tidings.outbox._table import REASON_LENGTH, check_dialect, sa, utcnow
@@ -132,7 +133,8 @@ class Relay:
             always decodes (the event classes must be registered); ``False`` refuses, with
             :class:`~tidings.errors.UsageError`, a ``publish`` that cannot forward envelopes.
         redact: URLs (database, broker) whose passwords must never appear in the relay's log
-            lines and tracebacks; the engine's own URL is always included.
+            lines and tracebacks; the engine's URL and the broker URL or password of
+            ``publish``'s transport (Celery, Redis) are always included (see ``secrets``).
 
     Delivery is at least once: a crash between the broker's confirmation and the commit sends
     a batch again (the inbox makes that harmless). Order is kept per partition key, also
@@ -167,7 +169,9 @@ class Relay:
         self.outbox = outbox
         self.sender, self.publish = resolve_publisher(publish, decode)
         self.max_attempts = max_attempts
-        RedactingFilter.install(log, engine.url.render_as_string(hide_password=False), *redact)
+        database = engine.url.render_as_string(hide_password=False)
+        self.secrets = (database, *redact, *secret_urls(publish))
+        RedactingFilter.install(log, *self.secrets)
         self.batch_size = batch_size
         self.poll_interval = poll_interval
         self.listen = listen and engine.dialect.name == "postgresql"

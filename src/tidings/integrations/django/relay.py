@@ -52,6 +52,7 @@ from tidings.outbox._common import (
     read_stored,
     relay_batch,
     resolve_publisher,
+    secret_urls,
     send_stored,
 )
 from tidings.ports import EnvelopeSender, StoredEnvelope, Transport
@@ -121,7 +122,8 @@ class Relay:
         self._quarantine_checked = 0.0
         self.sender, self.publish = resolve_publisher(publish, decode)
         self.using: str = using or router.db_for_write(OutboxEvent) or DEFAULT_DB_ALIAS
-        RedactingFilter.install(log, *database_secrets(self.using))
+        self.secrets = (*database_secrets(self.using), *secret_urls(publish))
+        RedactingFilter.install(log, *self.secrets)
         self.batch_size = batch_size
         self.poll_interval = poll_interval
         self.keep_published = keep_published

@@ -104,10 +104,7 @@ class Command(BaseCommand):  # type: ignore[misc]  # Django ships no type inform
 
     def handle(self, *args: Any, **options: Any) -> None:
         """Run the relay (see the class docstring)."""
-        from tidings.integrations.django.relay import (  # noqa: PLC0415 - apps are ready now
-            Relay,
-            database_secrets,
-        )
+        from tidings.integrations.django.relay import Relay  # noqa: PLC0415 - apps are ready now
 
         if (
             options["batch_size"] < 1
@@ -128,7 +125,7 @@ class Command(BaseCommand):  # type: ignore[misc]  # Django ships no type inform
             )
         except UsageError as exc:
             raise CommandError(f"--bus {options['bus']}: {exc}") from exc
-        secrets = database_secrets(runner.using)
+        secrets = runner.secrets
         if options["once"]:
             total = 0
             failing: set[int] = set()
