@@ -13,18 +13,19 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import redis
 import sqlalchemy as sa
+from tests.apps.celery_shop import ParcelBooked
 from tests.apps.relay_pipe import Shipped
-from tests.workers import ROOT, stop, wait_until
+from tests.workers import ROOT, celery_worker, stop, wait_until
 
 from conftest import require_server
-from tidings import EventBus
+from tidings import DomainEvent, EventBus
 from tidings.deadletter.redis import RedisDeadLetterStore
 from tidings.memory import MemoryDeadLetterStore
 from tidings.outbox import Outbox, Relay
@@ -159,7 +160,7 @@ def scene(db_url: str, redis_url: str, unique_name: str, tmp_path: Path) -> Iter
         client.close()
 
 
-def _commit(scene: Scene, events: list[Shipped], per_transaction: int = 50) -> None:
+def _commit(scene: Scene, events: Sequence[DomainEvent], per_transaction: int = 50) -> None:
     for start in range(0, len(events), per_transaction):
         with scene.engine.begin() as connection:
             scene.outbox.add(connection, *events[start : start + per_transaction])
@@ -210,6 +211,29 @@ def test_a_relay_without_the_event_classes_forwards_rows_a_worker_handles(scene:
     seen = [entry.decode().split(":") for entry in handled]
     assert sorted(e[2] for e in seen) == sorted(e.event_id for e in events)
     assert RedisDeadLetterStore(scene.client, prefix=f"{scene.prefix}:dlq").count() == 0
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_relay_without_the_classes_feeds_a_real_celery_worker(scene: Scene) -> None:
+    """``celery+redis://...?queues=Q`` from a relay without the classes: the worker handles all."""
+    events = [ParcelBooked(parcel_id=f"p-{n}") for n in range(20)]
+    _commit(scene, events)
+    env = {"SHOP_QUEUE": scene.prefix, "SHOP_PREFIX": scene.prefix}
+    with celery_worker("tests.apps.celery_shop", scene.prefix, env):
+        transport = f"celery+{scene.redis_url}?queues={scene.prefix}"
+        result = scene.tidings("relay", "--db", scene.db_url, "--table", scene.outbox.table.name,
+                               "--transport", transport, "--once")  # fmt: skip
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "Relayed 20 events." in result.stdout
+        effects = f"{scene.prefix}:effects:shipping"
+        done = wait_until(
+            lambda: len(found := scene.client.lrange(effects, 0, -1)) >= 20 and found,
+            timeout=DEADLINE,
+            what="the Celery worker to handle the 20 relayed events",
+        )
+    assert sorted(e.decode().split("|")[0] for e in done) == sorted(e.event_id for e in events)
+    assert RedisDeadLetterStore(scene.client, prefix=f"{scene.prefix}:dlq").count() == 0
+    assert scene.pending() == 0
 
 
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
