@@ -4,7 +4,9 @@ A transport moves envelopes (``tidings.codec``) between processes; on the receiv
 delivery of an event to a handler passes an :class:`Inbox`, keyed by (handler name, event id),
 so a redelivered event does not repeat its effect; a delivery that keeps failing, or that
 cannot be decoded at all, ends in a :class:`DeadLetterStore` with everything needed to
-understand and replay it. Conformance suites for each contract live in :mod:`tidings.testing`.
+understand and replay it. A transport that can also forward a stored envelope as written
+(:class:`EnvelopeSender`) lets the outbox relay be a pipe that needs no event class.
+Conformance suites for each contract live in :mod:`tidings.testing`.
 """
 
 from __future__ import annotations
