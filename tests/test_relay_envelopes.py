@@ -217,3 +217,40 @@ def test_the_relay_redacts_its_transports_broker_password_without_being_told(
     for found in logger.filters:
         found.filter(record)
     assert record.getMessage() == "failed: auth *** ***"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("options", [{"entry_headers": True}, {"partitions": 3,
+                                     "partition_key": "aggregate_id"}])  # fmt: skip
+def test_redis_streams_forwards_an_envelope_where_and_as_send_would(
+    redis_url, unique_name, options
+):
+    """An event sent, and its stored envelope forwarded, land on one stream with equal fields."""
+    client = redis.Redis.from_url(redis_url)
+    transport = RedisStreamsTransport(
+        client,
+        service="s",
+        dead_letters=MemoryDeadLetterStore(),
+        stream_prefix=f"{unique_name}:stream",
+        **options,
+    )
+    EventBus(transport=transport)
+    event = Shipped(aggregate_id="order-17", seq=3, correlation_id="c-1", tenant_id="t-1")
+
+    class Row:
+        id = 1
+        partition_key = "order-17"
+        attempts = 0
+        payload = transport.codec.encode(event).decode()
+
+    try:
+        transport.send([event])
+        transport.send_envelopes([read_stored(Row())])
+        stream = transport.stream_of(event)
+        sent, forwarded = (fields for _, fields in client.xrange(stream))
+        assert sent == forwarded
+        assert client.xlen(stream) == 2
+    finally:
+        for key in client.scan_iter(f"{unique_name}*"):
+            client.delete(key)
+        client.close()
