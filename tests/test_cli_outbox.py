@@ -1,16 +1,39 @@
+import json
+import queue
+
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
+from tidings import EventBus
 from tidings.cli import make_cli
+from tidings.memory import MemoryDeadLetterStore
 from tidings.outbox import Outbox
 from tidings.testing.outbox import Probe
+from tidings.transports.memory import MemoryBroker, MemoryTransport
 
 PUBLISHED: list[str] = []
+BROKER = MemoryBroker()
+TRANSPORT = MemoryTransport(dead_letters=MemoryDeadLetterStore(), queue="cli-outbox", broker=BROKER)
+BUS = EventBus(transport=TRANSPORT)
+PLAIN_BUS = EventBus()
 
 
 def publish(events):
+    """A plain function: what the relay must refuse (it is no transport)."""
     PUBLISHED.extend(event.event_id for event in events)
+
+
+def _relayed_ids() -> list[str]:
+    """The event ids of the envelopes waiting on the test broker's queue, drained."""
+    ids = []
+    waiting = BROKER.queue("cli-outbox")
+    while True:
+        try:
+            message = waiting.get_nowait()
+        except queue.Empty:
+            return ids
+        ids.append(json.loads(message.body)["id"])
 
 
 def _outbox(tmp_path, *events):
@@ -47,18 +70,62 @@ def test_status_of_an_empty_outbox(tmp_path):
     assert result.output.strip() == "pending: 0  oldest: -"
 
 
-def test_relay_once_publishes_through_the_named_function(tmp_path):
+@pytest.mark.parametrize("spec", ["test_cli_outbox:BUS", "test_cli_outbox:TRANSPORT"])
+def test_relay_once_forwards_through_the_named_bus_or_transport(tmp_path, spec):
     """`relay --once` drains the outbox through --transport module:attribute, then exits."""
     events = [Probe(aggregate_id="a", seq=n) for n in range(3)]
     url = _outbox(tmp_path, *events)
-    PUBLISHED.clear()
-    args = ["relay", "--db", url, "--transport", "test_cli_outbox:publish", "--once"]
+    _relayed_ids()
+    args = ["relay", "--db", url, "--transport", spec, "--once"]
     result = CliRunner().invoke(make_cli(), args)
     assert result.exit_code == 0, result.output
     assert "Relayed 3 events." in result.output
-    assert [event.event_id for event in events] == PUBLISHED
+    assert [event.event_id for event in events] == _relayed_ids()
     status = CliRunner().invoke(make_cli(), ["outbox", "status", "--db", url])
     assert "pending: 0" in status.output
+
+
+@pytest.mark.parametrize(
+    ("spec", "says"),
+    [
+        ("test_cli_outbox:publish", "a function"),
+        ("tidings.testing.outbox:Probe", "the class Probe"),
+        ("test_cli_outbox:PLAIN_BUS", "without a transport"),
+    ],
+)
+def test_relay_refuses_what_is_not_a_transport_or_bus_and_deletes_nothing(tmp_path, spec, says):
+    """A function, an event class or a bus without transport is refused at start; rows stay."""
+    url = _outbox(tmp_path, Probe(aggregate_id="a"), Probe(aggregate_id="b"))
+    PUBLISHED.clear()
+    result = CliRunner().invoke(make_cli(), ["relay", "--db", url, "--transport", spec, "--once"])
+    assert result.exit_code == 2, result.output
+    assert says in result.output
+    assert "EventBus or a Transport" in result.output or "EventBus(transport=" in result.output
+    assert PUBLISHED == []
+    status = CliRunner().invoke(make_cli(), ["outbox", "status", "--db", url])
+    assert "pending: 2" in status.output
+
+
+def test_relay_refuses_a_celery_url_without_queues(tmp_path):
+    """A celery+ URL naming no queue is refused at start (no queue guessed); rows stay."""
+    url = _outbox(tmp_path, Probe())
+    spec = "celery+redis://:s3cret@localhost:6379/0"
+    result = CliRunner().invoke(make_cli(), ["relay", "--db", url, "--transport", spec, "--once"])
+    assert result.exit_code == 2, result.output
+    assert "?queues=" in result.output
+    assert "s3cret" not in result.output
+    status = CliRunner().invoke(make_cli(), ["outbox", "status", "--db", url])
+    assert "pending: 1" in status.output
+
+
+def test_relay_help_documents_every_transport_form_and_loglevel():
+    """`relay --help` names each URL form, the refusal of route functions and --loglevel."""
+    result = CliRunner().invoke(make_cli(), ["relay", "--help"])
+    assert result.exit_code == 0, result.output
+    for form in ("redis://", "rediss://", "celery+redis://", "celery+amqp://", "memory://",
+                 "module:attribute", "queues", "partition_key", "prefix", "--loglevel",
+                 "--max-attempts", "refused at start-up"):  # fmt: skip
+        assert form in result.output, form
 
 
 def test_relay_memory_transport_drains(tmp_path):
@@ -83,9 +150,16 @@ def test_relay_and_status_explain_missing_or_bad_options(tmp_path):
     missing = runner.invoke(
         make_cli(), ["outbox", "status", "--db", f"sqlite:///{tmp_path / 'none.db'}"]
     )
-    assert missing.exit_code == 1
-    assert "the outbox database failed" in missing.output
+    assert missing.exit_code == 2
+    assert "no SQLite database" in missing.output
     assert "Traceback" not in missing.output
+    assert not (tmp_path / "none.db").exists()
+    empty = f"sqlite:///{tmp_path / 'empty.db'}"
+    sa.create_engine(empty).connect().close()
+    no_table = runner.invoke(make_cli(), ["outbox", "status", "--db", empty])
+    assert no_table.exit_code == 1
+    assert "the outbox database failed" in no_table.output
+    assert "Traceback" not in no_table.output
 
 
 @pytest.mark.integration

@@ -94,7 +94,8 @@ def test_open_store_takes_rediss_urls():
     [
         ("redis", "redis://127.0.0.1:6379/0", "pip install 'tidings[redis]'"),
         ("sqlalchemy", "sqlite:///dead.db", "pip install 'tidings[sql]'"),
-        ("MySQLdb", "mysql://root@127.0.0.1/test", "tidings[mysql]' and use a mysql+pymysql"),
+        # mysql:// means PyMySQL (the driver tidings' mysql extra installs)
+        ("pymysql", "mysql://root@127.0.0.1/test", "tidings[mysql]' and use a mysql+pymysql"),
     ],
 )
 def test_open_store_names_what_to_install_when_a_library_is_missing(monkeypatch, module, url, fix):
@@ -102,6 +103,17 @@ def test_open_store_names_what_to_install_when_a_library_is_missing(monkeypatch,
     monkeypatch.setitem(sys.modules, module, None)
     with pytest.raises(ImportError, match=re.escape(fix)):
         open_store(url)
+
+
+def test_sql_store_urls_get_the_driver_tidings_installs():
+    """postgres:// and mysql:// URLs open with psycopg 3 and PyMySQL, as users write them."""
+    for url, driver in (("postgres://postgres@127.0.0.1:5432/test", "psycopg"),
+                        ("mysql://root@127.0.0.1:3306/test", "pymysql")):  # fmt: skip
+        store = SqlDeadLetterStore.from_url(url)
+        try:
+            assert store._engine.dialect.driver == driver
+        finally:
+            store.close()
 
 
 @pytest.mark.parametrize(

@@ -20,11 +20,12 @@ from django.conf import settings  # noqa: E402
 from django.core.management import call_command  # noqa: E402
 from django.core.management.base import CommandError  # noqa: E402
 from django.db import connections, transaction  # noqa: E402
+from django.utils import timezone  # noqa: E402
 from tests.django_project import settings as project_settings  # noqa: E402
 from tests.django_project.bus import DjangoOrderPlaced  # noqa: E402
 
 from conftest import require_server  # noqa: E402 - after the importorskip
-from tidings import EventBus, UsageError  # noqa: E402
+from tidings import EventBus, PublishError, UsageError  # noqa: E402
 from tidings.testing.workers import wait_until  # noqa: E402
 
 if not settings.configured:
@@ -40,7 +41,7 @@ if not settings.configured:
 django.setup()  # no warning filter needed: Django 4.2-5.2 emit none here
 
 from tidings.integrations.django import publish, publish_on_commit  # noqa: E402
-from tidings.integrations.django.models import OutboxEvent  # noqa: E402
+from tidings.integrations.django.models import OutboxEvent, OutboxQuarantine  # noqa: E402
 from tidings.integrations.django.relay import Relay  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,6 +112,7 @@ def _clean(alias: str) -> Iterator[None]:
     BUS_SEEN.clear()
     yield
     OutboxEvent.objects.using(alias).all().delete()
+    OutboxQuarantine.objects.using(alias).all().delete()
     BUS_SEEN.clear()
 
 
@@ -338,7 +340,7 @@ def test_management_command_rejects_a_bad_bus(alias: str) -> None:
     """A --bus that is not module:attr, or names nothing usable, is a CommandError."""
     with pytest.raises(CommandError, match="module:attribute"):
         call_command("tidings_relay", "--bus", "nothing", "--once", "--database", alias)
-    with pytest.raises(CommandError, match="EventBus or a function"):
+    with pytest.raises(CommandError, match="EventBus or a Transport"):
         call_command("tidings_relay", "--bus", "test_django_outbox:BUS_SEEN", "--once")
 
 
@@ -407,3 +409,80 @@ def test_sqlalchemy_relay_and_outbox_share_the_django_table(alias: str) -> None:
     finally:
         engine.dispose()
     assert [e.n for e in BUS_SEEN] == [0, 1]
+
+
+class _LeakyTransport:
+    """A transport whose broker error echoes the database password (as drivers' errors do)."""
+
+    name = "leaky"
+    secret = "s3cret-django-pw"  # noqa: S105 - the fake password this test hunts for
+
+    def bind(self, bus: object) -> None:
+        """Nothing to bind."""
+
+    def subscribed(self, handler: object) -> None:
+        """Nothing to check."""
+
+    def send(self, events: object) -> None:
+        """Fail, quoting the password."""
+        raise PublishError(f"connection refused (password={self.secret})")
+
+    def send_envelopes(self, envelopes: object) -> None:
+        """Fail, quoting the password (an empty batch is the start-up check: it passes)."""
+        if envelopes:
+            raise PublishError(f"connection refused (password={self.secret})")
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
+LEAKY = _LeakyTransport()
+
+
+def test_management_command_refuses_an_event_class_and_keeps_the_rows(alias: str) -> None:
+    """`tidings_relay --bus module:EventClass` is refused at start; no row is touched."""
+    with transaction.atomic(using=alias):
+        publish(_order("a", 0), using=alias)
+    with pytest.raises(CommandError, match="the class DjangoOrderPlaced"):
+        call_command("tidings_relay", "--bus", "tests.django_project.bus:DjangoOrderPlaced",
+                     "--once", "--database", alias)  # fmt: skip
+    assert OutboxEvent.objects.using(alias).filter(published_at__isnull=True).count() == 1
+
+
+def test_management_command_once_error_hides_the_database_password(
+    alias: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`tidings_relay --once` failing says why without the database password (nor its log)."""
+    monkeypatch.setitem(connections.settings[alias], "PASSWORD", LEAKY.secret)
+    with transaction.atomic(using=alias):
+        publish(_order("a", 0), using=alias)
+    with pytest.raises(CommandError) as caught:
+        call_command("tidings_relay", "--bus", "test_django_outbox:LEAKY", "--once",
+                     "--database", alias)  # fmt: skip
+    assert "connection refused" in str(caught.value)
+    assert LEAKY.secret not in str(caught.value)
+    assert "***" in str(caught.value)
+    assert LEAKY.secret not in caplog.text
+
+
+def test_management_command_quarantines_a_poison_row_and_its_key_goes_on(alias: str) -> None:
+    """A poison row among 80 across 4 keys: quarantined, --once fails naming it, order kept."""
+    with transaction.atomic(using=alias):
+        publish(*(_order(f"k{n % 4}", n) for n in range(40)), using=alias)
+    poison = OutboxEvent.objects.using(alias).create(
+        event_id="poison-1", event_type="tests.django.order_placed", partition_key="k1",
+        payload="{not json", created_at=timezone.now(),
+    )  # fmt: skip
+    with transaction.atomic(using=alias):
+        publish(*(_order(f"k{n % 4}", n) for n in range(40, 80)), using=alias)
+    with pytest.raises(CommandError, match=r"1 row\(s\) could not be relayed and were quarantined"):
+        call_command("tidings_relay", "--bus", "test_django_outbox:bus", "--once",
+                     "--batch-size", "25", "--max-attempts", "3", "--database", alias)  # fmt: skip
+    assert sorted(e.n for e in BUS_SEEN) == list(range(80))
+    for key in ("k0", "k1", "k2", "k3"):
+        ns = [e.n for e in BUS_SEEN if e.aggregate_id == key]
+        assert ns == sorted(ns), key
+    assert not OutboxEvent.objects.using(alias).exists()
+    [held] = OutboxQuarantine.objects.using(alias).all()
+    assert (held.id, held.partition_key, held.attempts) == (poison.id, "k1", 3)
+    assert "not a CloudEvents JSON envelope" in held.reason or "not valid JSON" in held.reason

@@ -1,7 +1,7 @@
 """Fault tests of the outbox relay: real ``tidings relay`` processes killed, a broker stopped.
 
 Every test has its own outbox table in PostgreSQL and its own Redis stream prefix, runs the
-relay as a real process (``tidings relay --transport tests.apps.outbox_faults:publish``) and
+relay as a real process (``tidings relay --transport tests.apps.outbox_faults:relay_transport``) and
 checks the promise by reconciliation: the events committed (read back from the outbox, or
 reported by the process that committed them) against what reached the stream, and, where
 "effect once" is the claim, against what a real ``tidings worker`` (RedisInbox, effects counted
@@ -39,7 +39,7 @@ from tidings.outbox import Outbox
 pytestmark = pytest.mark.integration
 
 TIDINGS = str(Path(sys.executable).parent / "tidings")
-PUBLISH = "tests.apps.outbox_faults:publish"
+PUBLISH = "tests.apps.outbox_faults:relay_transport"
 BUS = "tests.apps.outbox_faults:bus"
 STREAM = Tick.event_type
 DEADLINE = 30.0

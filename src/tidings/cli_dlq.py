@@ -284,4 +284,103 @@ def make_dlq_group() -> click.Group:
             click.echo(f"{len(ids) - replayed} not replayed (see above).", err=True)
             raise SystemExit(1)
 
+    dlq.add_command(make_outbox_quarantine_group())
     return dlq
+
+
+# -- the outbox's quarantine: rows the relay gave up on ------------------------------------
+
+
+def make_outbox_quarantine_group() -> click.Group:
+    """Return ``dlq outbox``: ``list``, ``show``, ``requeue`` and ``purge`` quarantined rows."""
+    from tidings.cli_outbox import _db_option, _engine  # noqa: PLC0415 - same extras
+
+    @click.group(name="outbox")
+    def outbox() -> None:
+        """Outbox rows the relay quarantined (undecodable, or refused by the transport)."""
+
+    @outbox.command(name="list")
+    @_db_option
+    @click.option("--limit", type=click.IntRange(min=1), default=50, help="At most this many.")
+    @click.option("--offset", type=click.IntRange(min=0), default=0, help="Skip this many.")
+    def list_rows(db_url: str | None, table: str, limit: int, offset: int) -> None:
+        """List quarantined rows, oldest first, with their reason and age."""
+        from tidings.outbox import Outbox  # noqa: PLC0415 - the sql extra
+
+        with _engine(db_url) as engine:
+            rows = Outbox(table_name=table).quarantined(engine, limit=limit, offset=offset)
+        if not rows:
+            click.echo("No quarantined outbox rows.")
+            return
+        view = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+        for column in ("row", "event id", "event type", "key", "attempts", "age (s)", "reason"):
+            view.add_column(column, overflow="fold")
+        for row in rows:
+            reason = row.reason[:_REASON_WIDTH]
+            view.add_row(str(row.id), _safe(row.event_id), _safe(row.event_type),
+                         _safe(row.partition_key), str(row.attempts), f"{row.age:.1f}",
+                         _safe(reason))  # fmt: skip
+        _console().print(view)
+
+    @outbox.command(name="show")
+    @_db_option
+    @click.argument("row_id", type=int)
+    def show_row(db_url: str | None, table: str, row_id: int) -> None:
+        """Show one quarantined row in full: its reason and its envelope as stored."""
+        from tidings.outbox import Outbox  # noqa: PLC0415 - the sql extra
+
+        with _engine(db_url) as engine:
+            found = Outbox(table_name=table).quarantined(engine, limit=1, ids=[row_id])
+        if not found:
+            raise click.ClickException(f"no quarantined outbox row {row_id}")
+        row = found[0]
+        console = _console()
+        for label, value in (("row", str(row.id)), ("event id", row.event_id),
+                             ("event type", row.event_type), ("partition key", row.partition_key),
+                             ("attempts", str(row.attempts)), ("age", f"{row.age:.1f} s"),
+                             ("quarantined", f"{row.quarantined_age:.1f} s ago"),
+                             ("reason", row.reason)):  # fmt: skip
+            console.print(Text(f"{label}: ").append(_safe(value)))
+        console.print(Text("payload: ").append(_safe(row.payload)))
+
+    @outbox.command(name="requeue")
+    @_db_option
+    @click.argument("row_ids", nargs=-1, type=int)
+    @click.option("--all", "all_", is_flag=True, help="Re-queue every quarantined row.")
+    def requeue(db_url: str | None, table: str, row_ids: tuple[int, ...], all_: bool) -> None:
+        """Put quarantined rows back into the outbox (new pending rows) for the relay.
+
+        Fix the cause first (a transport option, a producer bug): a row that fails again is
+        quarantined again after the relay's bound of attempts.
+        """
+        if all_ == bool(row_ids):
+            raise click.UsageError("name the rows to re-queue by ID, or pass --all")
+        from tidings.outbox import Outbox  # noqa: PLC0415 - the sql extra
+
+        with _engine(db_url) as engine:
+            moved = Outbox(table_name=table).requeue(engine, None if all_ else row_ids)
+        click.echo(f"Re-queued {moved} quarantined row(s) into {table}.")
+        if not all_ and moved < len(row_ids):
+            click.echo(f"{len(row_ids) - moved} not found in the quarantine.", err=True)
+            raise SystemExit(1)
+
+    @outbox.command(name="purge")
+    @_db_option
+    @click.argument("row_ids", nargs=-1, type=int)
+    @click.option("--all", "all_", is_flag=True, help="Delete every quarantined row.")
+    @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+    def purge_rows(
+        db_url: str | None, table: str, row_ids: tuple[int, ...], all_: bool, yes: bool
+    ) -> None:
+        """Delete quarantined rows for good (their events are then lost: this is final)."""
+        if all_ == bool(row_ids):
+            raise click.UsageError("name the rows to delete by ID, or pass --all")
+        if not yes:
+            click.confirm("Delete these quarantined outbox rows for good?", abort=True)
+        from tidings.outbox import Outbox  # noqa: PLC0415 - the sql extra
+
+        with _engine(db_url) as engine:
+            gone = Outbox(table_name=table).discard_quarantined(engine, None if all_ else row_ids)
+        click.echo(f"Deleted {gone} quarantined row(s).")
+
+    return outbox

@@ -4,27 +4,19 @@
 rich (the ``cli`` extra) are imported at the top, SQLAlchemy (the ``sql`` extra) when a
 command runs. The database comes from ``--db URL`` or ``TIDINGS_OUTBOX_DB``.
 
-``--transport`` says where events go:
-
-- ``redis://HOST:PORT/DB`` publishes to Redis Streams, as ``RedisStreamsTransport`` workers read
-  them; query options ``prefix`` (the stream prefix), ``partitions`` and ``partition_key``
-  must match the workers';
-- ``celery+redis://...`` or ``celery+amqp://...`` publishes Celery messages for
-  ``CeleryTransport`` workers to the queues of ``?queues=a,b`` (default ``tidings``);
-- ``memory://`` is an in-process bus with no handlers (rows are drained and dropped, for trying
-  things out);
-- ``module:attribute`` names your :class:`~tidings.EventBus` (with its transport), a
-  :class:`~tidings.ports.Transport`, or a callable taking a sequence of events.
-
-The relay decodes rows, so the event classes must be registered in its process: importing that
-module does it, or name more with ``--import``.
+``--transport`` says where rows go (see :data:`TRANSPORT_HELP`). The relay is a pipe: it
+forwards each row's envelope as stored, so it needs none of the event classes, and it accepts
+only a transport or a bus: a function or a class named by ``module:attribute`` is refused at
+start-up, before any row is touched.
 """
 
 from __future__ import annotations
 
+import logging
 import signal
+import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from datetime import timedelta
 from types import FrameType
@@ -39,18 +31,32 @@ from rich.text import Text
 
 from tidings._cli_imports import import_module, load_attribute
 from tidings._redis_persistence import describe_url, warn_url_if_forgetful
-from tidings._untrusted import redact_text, redact_url
+from tidings._untrusted import log_safe, redact_text, redact_url
 from tidings.bus import EventBus
-from tidings.errors import TidingsError
-from tidings.events import DomainEvent
+from tidings.errors import TidingsError, UsageError
 from tidings.ports import Transport
 
 if TYPE_CHECKING:
     import sqlalchemy as sa
 
-    from tidings.outbox import Publish
+__all__ = ["TRANSPORT_HELP", "make_outbox_group", "make_relay_command"]
 
-__all__ = ["make_outbox_group", "make_relay_command"]
+TRANSPORT_HELP = """\b
+Where rows go (env TIDINGS_RELAY_TRANSPORT):
+  redis://[:PASSWORD@]HOST:PORT/DB  (or rediss://) Redis Streams, one stream per event type,
+      as RedisStreamsTransport workers read them. Options, which must match the workers':
+      ?prefix=P (stream prefix, default tidings:stream), &partitions=N with
+      &partition_key=ATTR (an attribute of the events' data, e.g. aggregate_id).
+  celery+redis://HOST:PORT/DB?queues=A,B  or  celery+amqp://USER:PASSWORD@HOST//?queues=A,B
+      Celery task messages for CeleryTransport workers, to every queue named: the queues
+      your subscribing services' workers read. queues is required (no queue is guessed).
+  memory://  an in-process queue no worker reads: rows are drained and dropped (trying out).
+  module:attribute  your EventBus (with its transport) or a Transport object. A transport
+      that routes with a function of the event (a custom route, or a partition_key given as
+      a function) needs the event classes: it is refused at start-up; give partition_key as
+      an attribute name, or run Relay(..., decode=True) in your own process.
+\b
+The relay forwards each envelope as stored and needs no event class (no --import)."""
 
 _DB_HELP = (
     "The database holding the outbox: sqlite:///path, postgresql+psycopg://..., "
@@ -58,46 +64,42 @@ _DB_HELP = (
 )
 
 
-def _publisher(spec: str) -> Publish:
-    """Turn ``--transport`` into the relay's publish callable."""
+def _target(spec: str) -> EventBus | Transport:
+    """Turn ``--transport`` into the bus or transport the relay forwards envelopes through."""
     if spec == "memory://":
-        bus = EventBus()
-        return lambda events: bus.publish(*events)
+        from tidings.memory import MemoryDeadLetterStore  # noqa: PLC0415
+        from tidings.transports.memory import MemoryBroker, MemoryTransport  # noqa: PLC0415
+
+        memory = MemoryTransport(dead_letters=MemoryDeadLetterStore(), broker=MemoryBroker())
+        return EventBus(transport=memory)
     if spec.startswith(("redis://", "rediss://", "celery+")):
-        transport = _broker_transport(spec)
-        bus = EventBus(transport=transport)
-        return _Closing(lambda events: bus.publish(*events), transport.close)
+        return EventBus(transport=_broker_transport(spec))
     if "/" in spec:
         msg = (
             "--transport takes redis://..., celery+redis://..., celery+amqp://..., memory:// "
-            "or module:attribute (your EventBus, Transport or publish function), not "
+            "or module:attribute (your EventBus or Transport), not "
             f"{redact_url(spec)!r}"
         )
         raise click.UsageError(msg)
     target: Any = load_attribute(spec, "--transport", "myproject.wiring:bus")
+    if isinstance(target, EventBus) and target.transport is not None:
+        return target
+    if isinstance(target, Transport) and not isinstance(target, type):
+        return target
     if isinstance(target, EventBus):
-        bus = target
-        return lambda events: bus.publish(*events)
-    if isinstance(target, Transport):
-        return target.send
-    if callable(target):
-        publish: Publish = target
-        return publish
+        msg = (
+            f"--transport {spec} is an EventBus without a transport: the relay forwards rows to "
+            "a broker; name a bus created with EventBus(transport=...), or its transport"
+        )
+        raise click.UsageError(msg)
+    what = f"the class {target.__name__}" if isinstance(target, type) else (
+        f"a {type(target).__name__}"
+    )  # fmt: skip
     msg = (
-        f"--transport {spec} is a {type(target).__name__}: name an EventBus, Transport or function"
+        f"--transport {spec} is {what}, not an EventBus or a Transport: the relay forwards "
+        "rows only through a bus (with its transport) or a transport; nothing was relayed"
     )
     raise click.UsageError(msg)
-
-
-class _Closing:
-    """A publish callable that also releases its transport's connections when the relay ends."""
-
-    def __init__(self, publish: Publish, close: Callable[[], None]) -> None:
-        self._publish = publish
-        self.close = close
-
-    def __call__(self, events: Sequence[DomainEvent]) -> None:
-        self._publish(events)
 
 
 def _broker_transport(spec: str) -> Transport:
@@ -116,7 +118,14 @@ def _broker_transport(spec: str) -> Transport:
 
             from tidings.transports.celery import CeleryTransport  # noqa: PLC0415
 
-            queues = [q for q in options.get("queues", "tidings").split(",") if q]
+            queues = [q for q in options.get("queues", "").split(",") if q]
+            if not queues:
+                msg = (
+                    f"--transport {redact_url(spec)}: name the queues your services' Celery "
+                    "workers read, e.g. ?queues=shop,billing (each gets every event); the relay "
+                    "does not guess a queue, which no worker might read"
+                )
+                raise click.UsageError(msg)
             app = Celery("tidings-relay", broker=url)
             # The relay only publishes: no handler runs here, so no inbox (explicitly).
             transport = CeleryTransport(
@@ -152,12 +161,14 @@ def _engine(url: str | None) -> Iterator[sa.Engine]:
         msg = "no outbox database given: pass --db URL or set TIDINGS_OUTBOX_DB"
         raise click.UsageError(msg)
     try:
-        import sqlalchemy as sa  # noqa: PLC0415 - the sql extra, needed only here
+        from tidings._sql import create_engine  # noqa: PLC0415 - the sql extra, needed only here
 
-        engine = sa.create_engine(url)
+        engine = create_engine(url, must_exist=True)
     except ImportError as exc:
         msg = f"{exc}: pip install 'tidings[sql]' and the database's driver"
         raise click.UsageError(redact_text(msg, url)) from exc
+    except UsageError as exc:  # a SQLite file that does not exist
+        raise click.UsageError(redact_text(str(exc), url)) from exc
     except Exception as exc:  # a malformed URL, an unknown dialect
         msg = f"cannot use --db: {type(exc).__name__}: {exc}"
         raise click.UsageError(redact_text(msg, url)) from exc
@@ -185,10 +196,23 @@ def _db_option(func: Any) -> Any:
     )
 
 
+def _configure_logging(loglevel: str, *urls: str | None) -> None:
+    """Log to stderr at ``loglevel``, every line and traceback with the URLs' secrets redacted."""
+    from tidings.outbox._common import RedactingFilter  # noqa: PLC0415
+
+    logging.basicConfig(
+        level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    redacting = RedactingFilter()
+    redacting.urls.update(url for url in urls if url)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(redacting)
+
+
 def make_relay_command() -> click.Command:
     """Return the ``relay`` command: run a relay until SIGINT/SIGTERM (or drain with --once)."""
 
-    @click.command(name="relay")
+    @click.command(name="relay", epilog=TRANSPORT_HELP)
     @_db_option
     @click.option(
         "--transport",
@@ -196,7 +220,8 @@ def make_relay_command() -> click.Command:
         envvar="TIDINGS_RELAY_TRANSPORT",
         required=True,
         metavar="SPEC",
-        help="memory:// or module:attribute (an EventBus, Transport or publish function). "
+        help="redis://..., celery+redis://...?queues=..., celery+amqp://...?queues=..., "
+        "memory:// or module:attribute (your EventBus or Transport); see below. "
         "Env: TIDINGS_RELAY_TRANSPORT.",
     )
     @click.option(
@@ -204,7 +229,8 @@ def make_relay_command() -> click.Command:
         "imports",
         multiple=True,
         metavar="MODULE",
-        help="Import this module first (it registers event classes); repeatable.",
+        help="Import this module first (your own set-up code); repeatable. Event classes are "
+        "not needed.",
     )
     @click.option("--batch-size", type=click.IntRange(min=1), default=500, show_default=True)
     @click.option(
@@ -222,7 +248,26 @@ def make_relay_command() -> click.Command:
         metavar="SECONDS",
         help="Keep published rows this long (default: delete them at once).",
     )
-    @click.option("--once", is_flag=True, help="Relay what is pending, then exit.")
+    @click.option(
+        "--max-attempts",
+        type=click.IntRange(min=1),
+        default=5,
+        show_default=True,
+        help="Failures of a row of its own (undecodable, refused by the transport) before it "
+        "moves to the quarantine table and its key goes on.",
+    )
+    @click.option(
+        "--once",
+        is_flag=True,
+        help="Relay what is pending, then exit: status 0 when every row was relayed, 1 when "
+        "a row could not be (quarantined, or still pending).",
+    )
+    @click.option(
+        "--loglevel",
+        type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+        default="INFO",
+        show_default=True,
+    )
     def relay(  # noqa: PLR0917 - click passes every option
         db_url: str | None,
         table: str,
@@ -232,38 +277,52 @@ def make_relay_command() -> click.Command:
         poll_interval: float,
         no_listen: bool,
         keep_published: float | None,
+        max_attempts: int,
         once: bool,
+        loglevel: str,
     ) -> None:
-        """Publish committed outbox rows through the transport, in order per partition key.
+        """Forward committed outbox rows to the broker, in order per partition key.
 
-        Rows are marked (or deleted) only after the transport confirmed. Several relays may
-        run against PostgreSQL or MariaDB; SQLite takes one. Stops cleanly on SIGINT/SIGTERM.
+        Each row's envelope is sent as stored (no event class needed). Rows are deleted (or
+        marked) only after the broker confirmed. A row that cannot be relayed holds its key
+        for up to --max-attempts tries, then moves to the quarantine table (`tidings outbox
+        status`, `tidings dlq outbox`). Several relays may run against PostgreSQL or MariaDB;
+        SQLite takes one. Stops cleanly on SIGINT/SIGTERM.
         """
+        _configure_logging(loglevel, db_url, transport_spec)
         for module in imports:
             import_module(module, "--import")
-        publish = _publisher(transport_spec)
+        target = _target(transport_spec)
         warn_url_if_forgetful(transport_spec, "the relay's broker")  # a Redis keeping nothing
         with ExitStack() as cleanup:
-            if isinstance(publish, _Closing):
-                cleanup.callback(publish.close)
+            transport = target.transport if isinstance(target, EventBus) else target
+            if transport is not None:
+                cleanup.callback(transport.close)
             from tidings.outbox import Outbox, Relay  # noqa: PLC0415 - the sql extra
 
             keep = None if keep_published is None else timedelta(seconds=keep_published)
             with _engine(db_url) as engine:
-                runner = Relay(
-                    engine,
-                    Outbox(table_name=table),
-                    publish,
-                    batch_size=batch_size,
-                    poll_interval=poll_interval,
-                    listen=not no_listen,
-                    keep_published=keep,
-                )
+                outbox = Outbox(table_name=table)
+                try:
+                    runner = Relay(
+                        engine,
+                        outbox,
+                        target,
+                        batch_size=batch_size,
+                        poll_interval=poll_interval,
+                        listen=not no_listen,
+                        keep_published=keep,
+                        max_attempts=max_attempts,
+                        decode=False,
+                        redact=[transport_spec],
+                    )
+                except UsageError as exc:
+                    shown = redact_text(str(exc), transport_spec, db_url)
+                    msg = f"--transport {redact_url(transport_spec)}: {shown}"
+                    raise click.UsageError(msg) from exc
+                _create_quarantine(engine, outbox)
                 if once:
-                    total = 0
-                    while count := runner.run_once():
-                        total += count
-                    click.echo(f"Relayed {total} events.")
+                    _drain(runner, transport_spec, db_url, *runner.secrets)
                     return
                 stop = threading.Event()
 
@@ -305,6 +364,62 @@ def _echo_broker(transport_spec: str | None) -> None:
         click.echo(line)
 
 
+def _create_quarantine(engine: sa.Engine, outbox: Any) -> None:
+    """Create the quarantine table next to an existing outbox table, when it is missing."""
+    import sqlalchemy as sa  # noqa: PLC0415 - the sql extra
+
+    inspector = sa.inspect(engine)
+    if not inspector.has_table(outbox.table.name) or inspector.has_table(outbox.quarantine.name):
+        return
+    try:
+        outbox.quarantine.create(engine, checkfirst=True)
+    except Exception:  # a relay without CREATE rights: it warns and holds poison rows instead
+        logging.getLogger("tidings.outbox.relay").warning(
+            "cannot create the quarantine table %s", outbox.quarantine.name, exc_info=True
+        )
+    else:
+        logging.getLogger("tidings.outbox.relay").info(
+            "created the outbox quarantine table %s", outbox.quarantine.name
+        )
+
+
+def _drain(runner: Any, transport_spec: str, db_url: str | None, *secrets: str) -> None:
+    """``--once``: relay until nothing moves; exit 1 if a row could not be relayed."""
+    total = 0
+    quarantined: set[int] = set()
+    failing: set[int] = set()
+    try:
+        while True:
+            report = runner.run_batch()
+            total += report.relayed
+            quarantined.update(report.quarantined)
+            failing.difference_update(report.quarantined)
+            failing.update(report.failed)
+            # Rows failing on their own are tried again at once, up to their bound, so that
+            # --once ends with each either relayed or quarantined (with the quarantine table).
+            retry = bool(report.failed) and runner.quarantining
+            if not (report.relayed or report.quarantined or retry):
+                break
+    except (click.ClickException, click.exceptions.Exit, click.Abort):
+        raise
+    except Exception as exc:  # an operator needs the cause, not a traceback
+        msg = (
+            f"relaying failed after {total} events: {type(exc).__name__}: {exc}; the "
+            "unpublished rows stay pending for the next run"
+        )
+        raise click.ClickException(redact_text(msg, transport_spec, db_url, *secrets)) from exc
+    click.echo(f"Relayed {total} events.")
+    if quarantined or failing:
+        shown = ", ".join(str(i) for i in sorted(quarantined | failing)[:20])
+        click.echo(
+            f"{len(quarantined)} row(s) could not be relayed and were quarantined, "
+            f"{len(failing)} could not be relayed and stay pending (ids {shown}); see "
+            "`tidings outbox status` and `tidings dlq outbox list`",
+            err=True,
+        )
+        sys.exit(1)
+
+
 def make_outbox_group() -> click.Group:
     """Return the ``outbox`` click group: ``status``."""
 
@@ -323,25 +438,54 @@ def make_outbox_group() -> click.Group:
     )
     @_broker_option
     def status(db_url: str | None, table: str, partitions: int, transport_spec: str | None) -> None:
-        """Show pending rows, the oldest one's age, and the lag of each partition key."""
+        """Show pending rows, the oldest one's age, each key's lag, stuck and quarantined rows.
+
+        Stuck rows are pending rows that failed at least once; quarantined rows are those the
+        relay gave up on (`tidings dlq outbox` shows and re-queues them). With --transport, a
+        Redis broker's persistence is shown too.
+        """
         from tidings.outbox import Outbox  # noqa: PLC0415 - the sql extra
 
         with _engine(db_url) as engine:
             report = Outbox(table_name=table).status(engine, partitions=partitions)
         oldest = "-" if report.oldest_age is None else f"{report.oldest_age:.1f} s"
-        click.echo(f"pending: {report.pending}  oldest: {oldest}")
+        line = f"pending: {report.pending}  oldest: {oldest}"
+        if report.stuck:
+            line += f"  stuck: {len(report.stuck)}"
+        if report.quarantined:
+            line += f"  quarantined: {report.quarantined}"
+        click.echo(line)
         _echo_broker(transport_spec)
-        if not report.partitions:
-            return
-        lags = Table(box=box.SIMPLE_HEAD, pad_edge=False, title="furthest behind")
-        lags.add_column("partition key", overflow="fold")
-        lags.add_column("pending", justify="right")
-        lags.add_column("oldest (s)", justify="right")
-        for lag in report.partitions:
-            lags.add_row(Text(lag.partition_key), str(lag.pending), f"{lag.oldest_age:.1f}")
         console = Console()
         if not console.is_terminal:
             console.width = 1000
-        console.print(lags)
+        if report.partitions:
+            lags = Table(box=box.SIMPLE_HEAD, pad_edge=False, title="furthest behind")
+            lags.add_column("partition key", overflow="fold")
+            lags.add_column("pending", justify="right")
+            lags.add_column("oldest (s)", justify="right")
+            for lag in report.partitions:
+                lags.add_row(
+                    Text(log_safe(lag.partition_key)), str(lag.pending), f"{lag.oldest_age:.1f}"
+                )
+            console.print(lags)
+        if report.stuck:
+            stuck = Table(box=box.SIMPLE_HEAD, pad_edge=False, title="stuck (failed, pending)")
+            for column in ("row", "partition key", "event type", "attempts", "age (s)"):
+                stuck.add_column(column, overflow="fold")
+            for row in report.stuck:
+                stuck.add_row(str(row.id), Text(log_safe(row.partition_key)),
+                              Text(log_safe(row.event_type)), str(row.attempts),
+                              f"{row.age:.1f}")  # fmt: skip
+            console.print(stuck)
+        if report.quarantined_rows:
+            held = Table(box=box.SIMPLE_HEAD, pad_edge=False, title="quarantined")
+            for column in ("row", "partition key", "event type", "attempts", "age (s)", "reason"):
+                held.add_column(column, overflow="fold")
+            for q in report.quarantined_rows:
+                held.add_row(str(q.id), Text(log_safe(q.partition_key)),
+                             Text(log_safe(q.event_type)), str(q.attempts), f"{q.age:.1f}",
+                             Text(log_safe(q.reason, 120)))  # fmt: skip
+            console.print(held)
 
     return outbox

@@ -4,7 +4,9 @@ A transport moves envelopes (``tidings.codec``) between processes; on the receiv
 delivery of an event to a handler passes an :class:`Inbox`, keyed by (handler name, event id),
 so a redelivered event does not repeat its effect; a delivery that keeps failing, or that
 cannot be decoded at all, ends in a :class:`DeadLetterStore` with everything needed to
-understand and replay it. Conformance suites for each contract live in :mod:`tidings.testing`.
+understand and replay it. A transport that can also forward a stored envelope as written
+(:class:`EnvelopeSender`) lets the outbox relay be a pipe that needs no event class.
+Conformance suites for each contract live in :mod:`tidings.testing`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from tidings._ids import new_event_id, utc_now_iso
+from tidings.errors import PublishError
 
 __all__ = [
     "BatchInbox",
@@ -22,8 +25,11 @@ __all__ = [
     "ClaimPair",
     "DeadLetter",
     "DeadLetterStore",
+    "EnvelopeRefusedError",
+    "EnvelopeSender",
     "Inbox",
     "Replayer",
+    "StoredEnvelope",
     "Transport",
 ]
 
@@ -245,4 +251,73 @@ class Transport(Protocol):
 
     def close(self) -> None:
         """Release connections; a later send reconnects."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEnvelope:
+    """An envelope as the outbox stored it, with what transports route on (no event class).
+
+    Attributes:
+        body: the CloudEvents JSON envelope, byte for byte as written; it is sent unchanged.
+        event_type: the envelope's ``type``.
+        event_id: the envelope's ``id``.
+        partition_key: the outbox row's partition key.
+        correlation_id: the envelope's ``correlationid``, if any.
+        causation_id: the envelope's ``causationid``, if any.
+        tenant_id: the envelope's ``tenantid``, if any.
+        traceparent: the envelope's ``traceparent``, if any.
+        data: the envelope's ``data`` object, decoded to plain JSON values (``str``, ``int``,
+            ``float``, ``bool``, ``None``, lists and dicts): what a transport that routes on a
+            field of the event (a partition attribute, say) reads instead of the event.
+
+    Every text attribute was checked as the codec checks envelope ids (printable ASCII, bounded
+    length), so it may go into broker headers and log lines.
+    """
+
+    body: bytes
+    event_type: str
+    event_id: str
+    partition_key: str
+    correlation_id: str | None = None
+    causation_id: str | None = None
+    tenant_id: str | None = None
+    traceparent: str | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+class EnvelopeRefusedError(PublishError):
+    """A transport cannot send one stored envelope (whatever is tried, it would fail again).
+
+    Raised by :meth:`EnvelopeSender.send_envelopes` before anything of the batch was sent;
+    ``index`` is the envelope's position in the batch, ``reason`` says why. The outbox relay
+    counts an attempt on that row (quarantining it after its bound) and sends the others.
+    """
+
+    def __init__(self, index: int, reason: str) -> None:
+        super().__init__(f"envelope {index} of the batch refused: {reason}")
+        self.index = index
+        self.reason = reason
+
+
+@runtime_checkable
+class EnvelopeSender(Protocol):
+    """An optional capability of a :class:`Transport`: forward stored envelopes as written.
+
+    The outbox relay is a pipe: it needs no event class, only the stored bytes and the few
+    attributes a transport routes on (:class:`StoredEnvelope`). Contract:
+
+    - ``send_envelopes(envelopes)`` returns once the broker accepted every envelope, each
+      ``body`` sent unchanged, in order, where ``send`` would send an event of that type, key
+      and context; it is thread-safe. It checks every envelope before sending any: one it can
+      never send raises :class:`EnvelopeRefusedError` naming it, and nothing was sent. A broker
+      failure raises :class:`~tidings.errors.PublishError` (envelopes up to the failing one may
+      have been sent: the caller sends again).
+    - ``send_envelopes([])`` sends nothing and raises :class:`~tidings.errors.UsageError` when
+      the transport's configuration needs the event classes (a custom route function, say):
+      callers check at start-up that way, instead of failing on every row.
+    """
+
+    def send_envelopes(self, envelopes: Sequence[StoredEnvelope]) -> None:
+        """Hand the stored envelopes to the broker unchanged; return once it accepted them."""
         ...

@@ -7,11 +7,12 @@ Both commands import this module with ``OUTBOX_FAULTS_REDIS`` (the broker's URL)
   ``{prefix}:stream:<event type>``. Its one handler (service ``OUTBOX_FAULTS_SERVICE``,
   default ``consumer``) runs behind a :class:`RedisInbox` and counts its effect per event id in
   the hash ``{prefix}:effects``: ``tidings worker --app tests.apps.outbox_faults:bus``.
-- ``publish``: what ``tidings relay --transport tests.apps.outbox_faults:publish`` calls with
-  each batch. It publishes through ``bus``; then, if ``OUTBOX_FAULTS_HOLD`` names a Redis key
-  and that key exists, it records the batch's event ids in ``{prefix}:held`` and its pid in
-  ``{prefix}:holding``, and blocks (up to a minute) until the key is gone: the window after
-  the broker confirmed and before the relay marks the rows, in which a test kills the relay.
+- ``relay_transport``: what ``tidings relay --transport tests.apps.outbox_faults:relay_transport``
+  forwards each batch's stored envelopes through: the bus's transport; then, if
+  ``OUTBOX_FAULTS_HOLD`` names a Redis key and that key exists, it records the batch's event ids
+  in ``{prefix}:held`` and its pid in ``{prefix}:holding``, and blocks (up to a minute) until
+  the key is gone: the window after the broker confirmed and before the relay marks the rows,
+  in which a test kills the relay.
 
 The test process imports the module without those variables, for :class:`Tick` alone.
 ``python -m tests.apps.outbox_faults DB_URL TABLE COUNT`` is a web process that crashes: it
@@ -37,6 +38,7 @@ from redis.retry import Retry
 from tidings import DomainEvent, EventBus, register_event
 from tidings.deadletter.redis import RedisDeadLetterStore
 from tidings.inbox.redis import RedisInbox
+from tidings.ports import StoredEnvelope
 from tidings.transports.redis_streams import RedisStreamsTransport
 
 HOLD_LIMIT = 60.0  # a held publish returns by itself after this long, should nobody kill it
@@ -81,16 +83,45 @@ if os.environ.get("OUTBOX_FAULTS_REDIS"):
     bus = make_bus(_client, _prefix, service=os.environ.get("OUTBOX_FAULTS_SERVICE", "consumer"))
     _hold = os.environ.get("OUTBOX_FAULTS_HOLD")
 
-    def publish(events: Sequence[DomainEvent]) -> None:
-        """Publish ``events``; when told to, block after the broker confirmed them."""
-        bus.publish(*events)
-        if not _hold or not _client.exists(_hold):
-            return
-        _client.rpush(f"{_prefix}:held", *(event.event_id for event in events))
-        _client.set(f"{_prefix}:holding", os.getpid())
-        deadline = time.monotonic() + HOLD_LIMIT
-        while _client.exists(_hold) and time.monotonic() < deadline:
-            time.sleep(0.02)
+    class HoldingTransport:
+        """The bus's transport; when told to, each send blocks after the broker confirmed."""
+
+        name = "redis-streams"
+
+        def __init__(self, inner: RedisStreamsTransport) -> None:
+            self.inner = inner
+
+        def bind(self, bus: EventBus) -> None:
+            """Bound already (the inner transport serves ``bus``)."""
+
+        def subscribed(self, handler: object) -> None:
+            """Nothing to check: the inner transport checked the bus's handlers."""
+
+        def send(self, events: Sequence[DomainEvent]) -> None:
+            """Send through the inner transport, then hold if told to."""
+            self.inner.send(events)
+            self._hold([event.event_id for event in events])
+
+        def send_envelopes(self, envelopes: Sequence[StoredEnvelope]) -> None:
+            """Forward through the inner transport, then hold if told to."""
+            self.inner.send_envelopes(envelopes)
+            self._hold([envelope.event_id for envelope in envelopes])
+
+        def close(self) -> None:
+            """Close the inner transport."""
+            self.inner.close()
+
+        def _hold(self, ids: list[str]) -> None:
+            if not ids or not _hold or not _client.exists(_hold):
+                return
+            _client.rpush(f"{_prefix}:held", *ids)
+            _client.set(f"{_prefix}:holding", os.getpid())
+            deadline = time.monotonic() + HOLD_LIMIT
+            while _client.exists(_hold) and time.monotonic() < deadline:
+                time.sleep(0.02)
+
+    assert isinstance(bus.transport, RedisStreamsTransport)
+    relay_transport = HoldingTransport(bus.transport)
 
 
 def crash_after_commit(db_url: str, table: str, count: int) -> None:

@@ -71,10 +71,11 @@ def _open_sql(url: str, scheme: str, name: str | None) -> DeadLetterStore:
         msg = "the SQL dead-letter store needs SQLAlchemy: pip install 'tidings[sql]'"
         raise ImportError(msg, name=exc.name) from exc
 
+    from tidings._sql import normalize_url  # noqa: PLC0415
     from tidings.deadletter.sql import SqlDeadLetterStore  # noqa: PLC0415
 
     try:
-        sa.engine.make_url(url).get_dialect()
+        sa.engine.make_url(normalize_url(url)).get_dialect()
     except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as exc:
         msg = (
             f"no dead-letter store for {scheme}:// URLs (SQLAlchemy knows no such database "

@@ -129,9 +129,17 @@ class SqlDeadLetterStore:
         self._owns_engine = False
 
     @classmethod
-    def from_url(cls, url: str, *, table_name: str = "tidings_dead_letters") -> SqlDeadLetterStore:
-        """Return a store on a new engine for the SQLAlchemy ``url``."""
-        store = cls(sa.create_engine(url), table_name=table_name)
+    def from_url(
+        cls, url: str, *, table_name: str = "tidings_dead_letters", must_exist: bool = False
+    ) -> SqlDeadLetterStore:
+        """Return a store on a new engine for ``url`` (see :func:`tidings._sql.create_engine`).
+
+        ``postgres://`` and driverless URLs get the driver tidings' extras install; with
+        ``must_exist``, a SQLite file that does not exist is refused (``UsageError``).
+        """
+        from tidings._sql import create_engine  # noqa: PLC0415 - SQLAlchemy is imported here
+
+        store = cls(create_engine(url, must_exist=must_exist), table_name=table_name)
         store._owns_engine = True
         return store
 

@@ -27,7 +27,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from tidings.outbox._common import Backoff, default_partition_key
+    from tidings.outbox._common import Backoff, BatchReport, default_partition_key
     from tidings.outbox._table import outbox_table
     from tidings.outbox.relay import Publish, Relay
     from tidings.outbox.writer import (
@@ -35,17 +35,22 @@ if TYPE_CHECKING:
         Outbox,
         OutboxStatus,
         PartitionLag,
+        QuarantinedRow,
+        StuckRow,
         install_session_hook,
     )
 
 __all__ = [
     "AggregateRoot",
     "Backoff",
+    "BatchReport",
     "Outbox",
     "OutboxStatus",
     "PartitionLag",
     "Publish",
+    "QuarantinedRow",
     "Relay",
+    "StuckRow",
     "default_partition_key",
     "install_session_hook",
     "outbox_table",
@@ -54,12 +59,15 @@ __all__ = [
 _WHERE = {
     "outbox_table": "_table",
     "Backoff": "_common",
+    "BatchReport": "_common",
     "Publish": "relay",
     "Relay": "relay",
     "AggregateRoot": "writer",
     "Outbox": "writer",
     "OutboxStatus": "writer",
     "PartitionLag": "writer",
+    "QuarantinedRow": "writer",
+    "StuckRow": "writer",
     "default_partition_key": "_common",
     "install_session_hook": "writer",
 }

@@ -13,17 +13,20 @@ except ImportError as exc:
     msg = "tidings.outbox needs SQLAlchemy: pip install 'tidings[sql]'"
     raise ImportError(msg) from exc
 
-from tidings.outbox._common import EVENT_ID_LENGTH, KEY_LENGTH
+from tidings.outbox._common import EVENT_ID_LENGTH, KEY_LENGTH, REASON_LENGTH
 
 __all__ = [
     "EVENT_ID_LENGTH",
     "KEY_LENGTH",
+    "REASON_LENGTH",
     "SUPPORTED",
     "as_utc",
     "check_dialect",
     "orm",
     "outbox_table",
     "postgresql",
+    "quarantine_name",
+    "quarantine_table",
     "sa",
     "utcnow",
 ]
@@ -60,6 +63,38 @@ def outbox_table(metadata: sa.MetaData, name: str = "tidings_outbox") -> sa.Tabl
         sa.Index(_index_name(name, "pending"), "published_at", "id"),
         sa.Index(_index_name(name, "partition"), "partition_key", "id"),
         sqlite_autoincrement=True,  # never reuse an id, even after the newest row is deleted
+    )
+
+
+def quarantine_name(table: str) -> str:
+    """``<table>_quarantine``, shortened with a hash to fit 60 characters (PostgreSQL: 63)."""
+    name = f"{table}_quarantine"
+    if len(name) <= 60:
+        return name
+    digest = hashlib.sha1(name.encode(), usedforsecurity=False).hexdigest()[:10]
+    return f"{table[:38]}_{digest}_quarantine"
+
+
+def quarantine_table(metadata: sa.MetaData, name: str) -> sa.Table:
+    """Define the outbox's quarantine table (its dead letters) on ``metadata`` and return it.
+
+    A row the relay could not relay after its bound of attempts moves here, in the transaction
+    that deletes it from the outbox. Columns: ``id`` (the outbox row's id), ``event_id``,
+    ``event_type``, ``partition_key``, ``payload`` (as stored), ``created_at`` (when the outbox
+    row was written), ``quarantined_at``, ``attempts`` and ``reason`` (the last failure).
+    """
+    return sa.Table(
+        name,
+        metadata,
+        sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=False),
+        sa.Column("event_id", sa.String(EVENT_ID_LENGTH), nullable=False),
+        sa.Column("event_type", sa.String(KEY_LENGTH), nullable=False),
+        sa.Column("partition_key", sa.String(KEY_LENGTH), nullable=False),
+        sa.Column("payload", _PAYLOAD, nullable=False),
+        sa.Column("created_at", _TIME, nullable=False),
+        sa.Column("quarantined_at", _TIME, nullable=False),
+        sa.Column("attempts", sa.Integer, nullable=False),
+        sa.Column("reason", sa.Text, nullable=False),
     )
 
 

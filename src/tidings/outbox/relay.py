@@ -12,10 +12,14 @@ One batch is one transaction:
    row is dropped from the batch if an older pending row of its key is not in the batch (it is
    held by another relay, or was dropped). So with several relays a key's rows still reach the
    broker one batch after another, in id order.
-3. The events are published; only after ``publish`` returned (the broker confirmed) are the
-   rows marked published (or deleted) and the transaction committed. If publishing fails, the
-   transaction rolls back and the rows stay pending, unlocked, for the next attempt. If the
-   relay dies, its connection dies and the database releases the locks: at-least-once.
+3. Each row's envelope is forwarded as stored (the relay is a pipe: it needs no event class;
+   see :class:`~tidings.ports.EnvelopeSender`); only after the transport returned (the broker
+   confirmed) are the rows marked published (or deleted) and the transaction committed. A row
+   that fails on its own is counted, holds back its key, and after ``max_attempts`` moves to
+   the quarantine table in this same transaction (its key then goes on). If the whole send
+   fails, the transaction rolls back and the rows stay pending, unlocked, for the next
+   attempt. If the relay dies, its connection dies and the database releases the locks:
+   at-least-once.
 
 The gap problem: ids are taken when a row is inserted, but rows become visible when their
 transaction commits, so id N+1 can be visible (and relayed) while N is not yet. A relay that
@@ -39,15 +43,29 @@ from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
-from tidings import _tracing
 from tidings.bus import EventBus
+from tidings.codec import Envelope
 from tidings.events import DomainEvent
-from tidings.outbox._common import Backoff, decode_batch, in_key_order, relay_batch
-from tidings.outbox._table import check_dialect, sa, utcnow
+from tidings.outbox._common import (
+    DEFAULT_MAX_ATTEMPTS,
+    Backoff,
+    BatchReport,
+    RedactingFilter,
+    forward_batch,
+    in_key_order,
+    log_failed,
+    read_stored,
+    relay_batch,
+    resolve_publisher,
+    secret_urls,
+    send_stored,
+)
+from tidings.outbox._table import REASON_LENGTH, check_dialect, sa, utcnow
 from tidings.outbox._table import postgresql as pg
 from tidings.outbox.writer import Outbox
+from tidings.ports import EnvelopeSender, StoredEnvelope, Transport
 
-__all__ = ["Backoff", "Publish", "Relay"]
+__all__ = ["Backoff", "BatchReport", "Publish", "Relay"]
 
 Publish = Callable[[Sequence[DomainEvent]], None]
 
@@ -55,6 +73,7 @@ log = logging.getLogger("tidings.outbox.relay")
 
 _LOCKING = ("postgresql", "mysql", "mariadb")
 _SLICE = 0.25  # longest a wait goes without looking at the stop event
+_RECHECK = 60.0  # seconds before looking again for a missing quarantine table
 
 
 class _Listener:
@@ -93,21 +112,37 @@ class Relay:
     Args:
         engine: the database holding the outbox.
         outbox: the outbox (its table and codec).
-        publish: called with each batch's events in order; it must return only once the
-            broker accepted them all, and raise otherwise. An :class:`~tidings.EventBus` is
-            used through its ``publish``.
+        publish: where rows go. A transport that forwards stored envelopes
+            (:class:`~tidings.ports.EnvelopeSender`: memory, Redis Streams, Celery), or an
+            :class:`~tidings.EventBus` with one, gets each row's envelope as stored, with no
+            event class needed (the relay is a pipe). Otherwise (an ``EventBus`` without a
+            transport, or a function) rows are decoded and the events published; a function
+            must return only once the broker accepted them all, and raise otherwise. A class
+            (an event class, say) is refused.
         batch_size: most rows per claim.
         poll_interval: seconds between claims when idle and no notification arrives.
         listen: on PostgreSQL with psycopg 3, wake on ``NOTIFY`` (polling stays the fallback).
         keep_published: ``None`` deletes rows once published; a duration marks them published
             instead, and :meth:`run` purges those older than it (at most once a minute).
         backoff: waits after consecutive failures (of the broker or the database).
+        max_attempts: failures of a row of its own (undecodable, or refused by the transport)
+            after which it moves to the outbox's quarantine table with its reason, in the
+            transaction that deletes it, and its key goes on. Failures of a whole batch (the
+            broker down) count attempts too but never quarantine a row by themselves.
+        decode: ``None`` forwards envelopes when ``publish`` can, else decodes; ``True``
+            always decodes (the event classes must be registered); ``False`` refuses, with
+            :class:`~tidings.errors.UsageError`, a ``publish`` that cannot forward envelopes.
+        redact: URLs (database, broker) whose passwords must never appear in the relay's log
+            lines and tracebacks; the engine's URL and the broker URL or password of
+            ``publish``'s transport (Celery, Redis) are always included (see ``secrets``).
 
     Delivery is at least once: a crash between the broker's confirmation and the commit sends
     a batch again (the inbox makes that harmless). Order is kept per partition key, also
-    across several relays (see the module docstring). An undecodable row (an event type this
-    process does not know, say) is logged and left pending with its attempts counted; it holds
-    back the later rows of its key, and only those, until it is fixed. Several ``Relay``
+    across several relays (see the module docstring). A row that cannot be relayed is logged
+    and left pending with its attempt counted, holding back the later rows of its key (and
+    only those); after ``max_attempts`` it is quarantined (see ``Outbox.requeue``). Without the
+    quarantine table (``Outbox.create_tables`` or your migration makes it) such a row waits,
+    as before, and a warning says so. Several ``Relay``
     objects may run at once (threads or processes); one object runs one loop at a time.
     """
 
@@ -115,23 +150,28 @@ class Relay:
         self,
         engine: sa.Engine,
         outbox: Outbox,
-        publish: Publish | EventBus,
+        publish: Publish | EventBus | Transport | EnvelopeSender,
         *,
         batch_size: int = 500,
         poll_interval: float = 1.0,
         listen: bool = True,
         keep_published: timedelta | None = None,
         backoff: Backoff | None = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        decode: bool | None = None,
+        redact: Sequence[str] = (),
     ) -> None:
         check_dialect(engine.dialect.name)
-        if batch_size < 1 or poll_interval <= 0:
-            msg = "Relay needs batch_size >= 1 and poll_interval > 0"
+        if batch_size < 1 or poll_interval <= 0 or max_attempts < 1:
+            msg = "Relay needs batch_size >= 1, poll_interval > 0 and max_attempts >= 1"
             raise ValueError(msg)
         self.engine = engine
         self.outbox = outbox
-        self.publish: Publish = (
-            (lambda events: publish.publish(*events)) if isinstance(publish, EventBus) else publish
-        )
+        self.sender, self.publish = resolve_publisher(publish, decode)
+        self.max_attempts = max_attempts
+        database = engine.url.render_as_string(hide_password=False)
+        self.secrets = (database, *redact, *secret_urls(publish))
+        RedactingFilter.install(log, *self.secrets)
         self.batch_size = batch_size
         self.poll_interval = poll_interval
         self.listen = listen and engine.dialect.name == "postgresql"
@@ -140,9 +180,11 @@ class Relay:
         self.backoff = Backoff() if backoff is None else backoff
         self._dialect = engine.dialect.name
         self._next_purge = 0.0
+        self._quarantine_seen: bool | None = None
+        self._quarantine_checked = 0.0
         table = outbox.table
         claim = (
-            sa.select(table.c.id, table.c.partition_key, table.c.payload)
+            sa.select(table.c.id, table.c.partition_key, table.c.payload, table.c.attempts)
             .where(table.c.published_at.is_(None))
             .order_by(table.c.id)
             .limit(batch_size)
@@ -179,33 +221,133 @@ class Relay:
     # -- one batch --------------------------------------------------------------------------
 
     def run_once(self) -> int:
-        """Claim one batch, publish it, mark it; return how many rows were relayed.
+        """Claim one batch, relay it, mark it; return how many rows were relayed.
+
+        See :meth:`run_batch` (this is its ``relayed``).
+        """
+        return self.run_batch().relayed
+
+    def run_batch(self) -> BatchReport:
+        """Claim one batch, relay it, mark it; report what was relayed, failed, quarantined.
+
+        Rows that fail on their own are counted (or quarantined, after ``max_attempts``) and
+        the rest of the batch goes on; see the class docstring.
 
         Raises:
-            Exception: whatever ``publish`` or the database raised; the batch stays pending
-                (its attempts counted) and may be claimed again.
+            Exception: whatever the transport (for the whole batch) or the database raised;
+                the batch stays pending (its attempts counted) and may be claimed again.
         """
-        failed: list[int] = []
+        counted: list[int] = []
+        failed: list[tuple[Any, str]] = []
+        moved: set[int] = set()
         try:
             with self._connect() as connection, connection.begin():
                 rows = connection.execute(self._claim).all()
                 if not rows:
-                    return 0
+                    return BatchReport()
                 rows = self._in_order(connection, rows)
-                traceparents: list[str | None] | None = None if _tracing.hooks is None else []
-                events, ids, failed = self._decoded(rows, traceparents)
-                if not events:
-                    return 0
+                quarantining = self._quarantine_exists(connection)
+
+                def goes_on(row: Any) -> bool:
+                    return quarantining and row.attempts + 1 >= self.max_attempts
+
                 try:
-                    relay_batch(self.publish, events, traceparents, self.outbox.channel)
+                    ids, failed = self._forward(rows, goes_on)
                 except BaseException:
-                    failed.extend(ids)
+                    counted = [row.id for row in rows]
                     raise
-                self._mark(connection, ids)
-            return len(ids)
+                moved = {row.id for row, _ in failed if goes_on(row)}
+                counted = [row.id for row, _ in failed if row.id not in moved]
+                if moved:
+                    self._quarantine(connection, [(r, why) for r, why in failed if r.id in moved])
+                if ids:
+                    self._mark(connection, ids)
+            log_failed(failed, moved, self.outbox.table.name)
+            return BatchReport(len(ids), tuple(counted), tuple(sorted(moved)))
         finally:
-            if failed:
-                self._count_attempts(failed)
+            if counted:
+                self._count_attempts(counted)
+
+    def _forward(
+        self, rows: Sequence[Any], goes_on: Callable[[Any], bool]
+    ) -> tuple[list[int], list[tuple[Any, str]]]:
+        """Send the rows through the pipe (or decoded, through ``publish``)."""
+        channel = self.outbox.channel
+        sender = self.sender
+        if sender is not None:
+
+            def read(row: Any) -> StoredEnvelope:
+                return read_stored(row, self.outbox.codec.limits)
+
+            def send(envelopes: list[StoredEnvelope]) -> None:
+                send_stored(sender, envelopes, channel)
+
+            return forward_batch(rows, read, send, goes_on)
+        codec = self.outbox.codec
+        publish = self.publish
+        assert publish is not None  # noqa: S101 - resolve_publisher gives a sender or this
+
+        def decode(row: Any) -> Envelope:
+            return codec.read(row.payload)
+
+        def publish_decoded(envelopes: list[Envelope]) -> None:
+            events = [envelope.event for envelope in envelopes]
+            relay_batch(publish, events, [e.traceparent for e in envelopes], channel)
+
+        return forward_batch(rows, decode, publish_decoded, goes_on)
+
+    @property
+    def quarantining(self) -> bool:
+        """Whether the last batch found the quarantine table (rows can be quarantined)."""
+        return bool(self._quarantine_seen)
+
+    def _quarantine_exists(self, connection: sa.Connection) -> bool:
+        """Whether the quarantine table exists (looked up once, again a minute after a miss)."""
+        if self._quarantine_seen or (
+            self._quarantine_seen is False and time.monotonic() < self._quarantine_checked
+        ):
+            return bool(self._quarantine_seen)
+        found = sa.inspect(connection).has_table(self.outbox.quarantine.name)
+        if not found and self._quarantine_seen is None:
+            log.warning(
+                "the outbox quarantine table %s does not exist: a row that cannot be relayed "
+                "will hold its key instead of being quarantined; create it (Outbox.create_tables "
+                "or your migration)",
+                self.outbox.quarantine.name,
+            )
+        self._quarantine_seen = found
+        self._quarantine_checked = time.monotonic() + _RECHECK
+        return found
+
+    def _quarantine(self, connection: sa.Connection, rows: Sequence[tuple[Any, str]]) -> None:
+        """Move ``rows`` to the quarantine table with their reasons (this transaction)."""
+        table = self.outbox.table
+        reasons = {row.id: reason for row, reason in rows}
+        found = connection.execute(
+            sa.select(
+                table.c.id, table.c.event_id, table.c.event_type, table.c.partition_key,
+                table.c.payload, table.c.created_at, table.c.attempts,
+            ).where(table.c.id.in_(list(reasons)))
+        ).all()  # fmt: skip
+        now = utcnow(self._dialect)
+        connection.execute(
+            sa.insert(self.outbox.quarantine),
+            [
+                {
+                    "id": row.id,
+                    "event_id": row.event_id,
+                    "event_type": row.event_type,
+                    "partition_key": row.partition_key,
+                    "payload": row.payload,
+                    "created_at": row.created_at,
+                    "quarantined_at": now,
+                    "attempts": row.attempts + 1,
+                    "reason": reasons[row.id][:REASON_LENGTH],
+                }
+                for row in found
+            ],
+        )
+        connection.execute(sa.delete(table).where(table.c.id.in_(list(reasons))))
 
     def _connect(self) -> sa.Connection:
         connection = self.engine.connect()
@@ -242,11 +384,6 @@ class Relay:
             found = connection.execute(older)
         first_outside: dict[str, int] = dict(found.all())
         return in_key_order(rows, first_outside)
-
-    def _decoded(
-        self, rows: Sequence[Any], traceparents: list[str | None] | None
-    ) -> tuple[list[DomainEvent], list[int], list[int]]:
-        return decode_batch(rows, self.outbox.codec, traceparents)
 
     def _mark(self, connection: sa.Connection, ids: list[int]) -> None:
         table = self.outbox.table

@@ -17,6 +17,8 @@ from tidings.outbox._table import (
     check_dialect,
     orm,
     outbox_table,
+    quarantine_name,
+    quarantine_table,
     sa,
     utcnow,
 )
@@ -26,6 +28,8 @@ __all__ = [
     "Outbox",
     "OutboxStatus",
     "PartitionLag",
+    "QuarantinedRow",
+    "StuckRow",
     "default_partition_key",
     "install_session_hook",
 ]
@@ -44,18 +48,62 @@ class PartitionLag:
 
 
 @dataclass(frozen=True, slots=True)
+class StuckRow:
+    """A pending row that failed at least once: its id, key, type, attempts and age (s)."""
+
+    id: int
+    partition_key: str
+    event_type: str
+    attempts: int
+    age: float
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantinedRow:
+    """A row the relay gave up on, moved to the quarantine table with its reason.
+
+    Attributes:
+        id: the outbox row's id.
+        event_id: the stored envelope's event id.
+        event_type: the stored event type.
+        partition_key: the row's partition key.
+        payload: the envelope as stored.
+        attempts: attempts made before it was quarantined.
+        reason: the last failure.
+        age: seconds since the outbox row was written.
+        quarantined_age: seconds since it was quarantined.
+    """
+
+    id: int
+    event_id: str
+    event_type: str
+    partition_key: str
+    payload: str
+    attempts: int
+    reason: str
+    age: float
+    quarantined_age: float
+
+
+@dataclass(frozen=True, slots=True)
 class OutboxStatus:
-    """What waits in the outbox.
+    """What waits in the outbox, and what the relay could not relay.
 
     Attributes:
         pending: unpublished rows.
         oldest_age: the oldest unpublished row's age in seconds; ``None`` when nothing waits.
         partitions: the partition keys furthest behind, oldest first.
+        stuck: pending rows that failed at least once (attempts > 0), oldest first.
+        quarantined: rows in the quarantine table (``None`` when it does not exist).
+        quarantined_rows: the oldest quarantined rows, named.
     """
 
     pending: int
     oldest_age: float | None
     partitions: tuple[PartitionLag, ...]
+    stuck: tuple[StuckRow, ...] = ()
+    quarantined: int | None = 0
+    quarantined_rows: tuple[QuarantinedRow, ...] = ()
 
 
 class Outbox:
@@ -64,7 +112,9 @@ class Outbox:
     Args:
         metadata: the application's ``MetaData`` to define the table on (so Alembic sees it);
             a private one if omitted. A table of that name already on it is reused.
-        table_name: the table's name; it is also the PostgreSQL NOTIFY channel.
+        table_name: the table's name; it is also the PostgreSQL NOTIFY channel. The quarantine
+            table (rows the relay gave up on) is ``<table_name>_quarantine`` (shortened with a hash
+            beyond 60 characters).
         codec: encodes events into CloudEvents envelopes (the default codec if omitted).
         partition_key: the key an event's order is kept by, when ``add`` is not given one
             (default :func:`default_partition_key`).
@@ -86,6 +136,9 @@ class Outbox:
         metadata = sa.MetaData() if metadata is None else metadata
         existing = metadata.tables.get(table_name)
         self.table = outbox_table(metadata, table_name) if existing is None else existing
+        quarantine = quarantine_name(table_name)
+        held = metadata.tables.get(quarantine)
+        self.quarantine = quarantine_table(metadata, quarantine) if held is None else held
         self.channel = table_name
         self.codec = default_codec if codec is None else codec
         self.partition_key = partition_key
@@ -97,11 +150,13 @@ class Outbox:
         )
 
     def create_tables(self, engine: sa.Engine) -> None:
-        """Create the table and its indexes if missing (use a migration in production)."""
+        """Create the table, its indexes and the quarantine table if missing (or migrate)."""
         self.table.create(engine, checkfirst=True)
+        self.quarantine.create(engine, checkfirst=True)
 
     def drop_tables(self, engine: sa.Engine) -> None:
-        """Drop the table if present (tests, teardown)."""
+        """Drop the tables if present (tests, teardown)."""
+        self.quarantine.drop(engine, checkfirst=True)
         self.table.drop(engine, checkfirst=True)
 
     def rows(
@@ -185,8 +240,12 @@ class Outbox:
             row["created_at"] = utcnow(dialect)
         return (self._insert_notify if dialect == "postgresql" else self._insert), rows
 
-    def status(self, engine: sa.Engine, *, partitions: int = 20) -> OutboxStatus:
-        """Report pending rows, the oldest one's age and the ``partitions`` keys furthest behind."""
+    def status(self, engine: sa.Engine, *, partitions: int = 20, rows: int = 20) -> OutboxStatus:
+        """Report what waits and what is stuck or quarantined.
+
+        Pending rows, the oldest one's age, the ``partitions`` keys furthest behind, and up to
+        ``rows`` stuck rows (pending, attempts > 0) and quarantined rows, oldest first.
+        """
         table = self.table
         pending = table.c.published_at.is_(None)
         total = sa.select(sa.func.count(), sa.func.min(table.c.created_at)).where(pending)
@@ -197,6 +256,18 @@ class Outbox:
             .order_by(sa.func.min(table.c.created_at), table.c.partition_key)
             .limit(partitions)
         )
+        stuck = (
+            sa.select(
+                table.c.id,
+                table.c.partition_key,
+                table.c.event_type,
+                table.c.attempts,
+                table.c.created_at,
+            )
+            .where(pending, table.c.attempts > 0)
+            .order_by(table.c.id)
+            .limit(rows)
+        )
         now = datetime.now(UTC)
         with engine.connect() as connection:
             count, oldest = connection.execute(total).one()
@@ -204,8 +275,105 @@ class Outbox:
                 PartitionLag(key, n, (now - as_utc(first)).total_seconds())
                 for key, n, first in connection.execute(per_key)
             )
+            failing = tuple(
+                StuckRow(i, key, kind, n, (now - as_utc(first)).total_seconds())
+                for i, key, kind, n, first in connection.execute(stuck)
+            )
+        quarantined: int | None = None
+        named: tuple[QuarantinedRow, ...] = ()
+        if sa.inspect(engine).has_table(self.quarantine.name):
+            quarantined = self.count_quarantined(engine)
+            named = tuple(self.quarantined(engine, limit=rows))
         age = None if oldest is None else (now - as_utc(oldest)).total_seconds()
-        return OutboxStatus(int(count), age, lags)
+        return OutboxStatus(int(count), age, lags, failing, quarantined, named)
+
+    # -- the quarantine ---------------------------------------------------------------------
+
+    def count_quarantined(self, engine: sa.Engine) -> int:
+        """Return how many rows are in the quarantine table."""
+        with engine.connect() as connection:
+            statement = sa.select(sa.func.count()).select_from(self.quarantine)
+            return int(connection.execute(statement).scalar_one())
+
+    def quarantined(
+        self, engine: sa.Engine, *, limit: int = 100, offset: int = 0, ids: Iterable[int] = ()
+    ) -> list[QuarantinedRow]:
+        """Return quarantined rows, oldest outbox id first (only ``ids`` when given)."""
+        q = self.quarantine
+        statement = sa.select(q).order_by(q.c.id).limit(limit).offset(offset)
+        wanted = list(ids)
+        if wanted:
+            statement = statement.where(q.c.id.in_(wanted))
+        now = datetime.now(UTC)
+        with engine.connect() as connection:
+            return [
+                QuarantinedRow(
+                    id=row.id,
+                    event_id=row.event_id,
+                    event_type=row.event_type,
+                    partition_key=row.partition_key,
+                    payload=row.payload,
+                    attempts=row.attempts,
+                    reason=row.reason,
+                    age=(now - as_utc(row.created_at)).total_seconds(),
+                    quarantined_age=(now - as_utc(row.quarantined_at)).total_seconds(),
+                )
+                for row in connection.execute(statement)
+            ]
+
+    def requeue(self, engine: sa.Engine, ids: Iterable[int] | None = None) -> int:
+        """Move quarantined rows (``ids``, or all) back into the outbox; return how many.
+
+        Each goes back as a new pending row (a new id, attempts 0, its ``created_at`` kept),
+        oldest first, and leaves the quarantine in the same transaction, so the relay tries it
+        again. Its order relative to the later rows of its key, which went on meanwhile, is
+        not kept (as with any replay of a dead letter).
+
+        Raises:
+            sqlalchemy.exc.IntegrityError: its event id is in the outbox again (a published row
+                kept with ``keep_published``); nothing is moved then.
+        """
+        q = self.quarantine
+        select = sa.select(q).order_by(q.c.id).with_for_update()
+        wanted = None if ids is None else list(ids)
+        if wanted is not None:
+            if not wanted:
+                return 0
+            select = select.where(q.c.id.in_(wanted))
+        dialect = engine.dialect.name
+        with engine.begin() as connection:
+            found = connection.execute(select).all()
+            if not found:
+                return 0
+            rows = [
+                {
+                    "event_id": row.event_id,
+                    "event_type": row.event_type,
+                    "partition_key": row.partition_key,
+                    "payload": row.payload,
+                    "created_at": row.created_at,
+                    "attempts": 0,
+                }
+                for row in found
+            ]
+            connection.execute(sa.insert(self.table), rows)
+            moved = [row.id for row in found]
+            connection.execute(sa.delete(q).where(q.c.id.in_(moved)))
+            if dialect == "postgresql":
+                connection.execute(self._notify)
+        return len(found)
+
+    def discard_quarantined(self, engine: sa.Engine, ids: Iterable[int] | None = None) -> int:
+        """Delete quarantined rows (``ids``, or all) for good; return how many."""
+        q = self.quarantine
+        statement = sa.delete(q)
+        if ids is not None:
+            wanted = list(ids)
+            if not wanted:
+                return 0
+            statement = statement.where(q.c.id.in_(wanted))
+        with engine.begin() as connection:
+            return int(connection.execute(statement).rowcount)
 
     def purge(self, engine: sa.Engine, *, published_before: datetime) -> int:
         """Delete published rows published before ``published_before`` (aware); return how many.

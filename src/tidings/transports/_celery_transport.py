@@ -28,7 +28,7 @@ from tidings.context import EventContext, bind, reset
 from tidings.delivery import Dispatcher, Received
 from tidings.errors import PublishError, UsageError
 from tidings.events import DomainEvent
-from tidings.ports import DeadLetter, DeadLetterStore, Inbox
+from tidings.ports import DeadLetter, DeadLetterStore, Inbox, StoredEnvelope
 from tidings.retry import RetryPolicy
 from tidings.transports._celery_redis import check_persistence, reuse_redis_clients
 from tidings.transports._defaults import (
@@ -281,6 +281,59 @@ class CeleryTransport:
                     "them again: handlers' inboxes make the ones already sent harmless"
                 )
                 raise PublishError(msg) from exc
+
+    def send_envelopes(self, envelopes: Sequence[StoredEnvelope]) -> None:
+        """Send stored envelopes unchanged, to the queues of their type (as ``send`` does).
+
+        An envelope alone on its queue goes as one task message whose headers carry its own
+        context ids, several as batch messages of up to ``batch_size``: the messages ``send``
+        sends, so workers cannot tell a relayed envelope from a published event. Needs no event
+        class (:class:`~tidings.ports.EnvelopeSender`).
+
+        Raises:
+            UsageError: the transport is not bound to a bus yet (also for an empty batch).
+            PublishError: the broker did not accept them all (send again).
+        """
+        if self._deliver is None or self._deliver_batch is None:
+            msg = "create the EventBus with this transport before relaying through it"
+            raise UsageError(msg)
+        if not envelopes:
+            return
+        by_queue: dict[str, list[StoredEnvelope]] = {}
+        for envelope in envelopes:
+            for queue in self._destinations(envelope.event_type):
+                by_queue.setdefault(queue, []).append(envelope)
+        with self._send_lock:
+            try:
+                producer = self._producer or self._open_producer()
+                reuse_redis_clients(producer.channel)
+                for queue, group in by_queue.items():
+                    if len(group) == 1:
+                        one = group[0]
+                        token = bind(
+                            EventContext(one.correlation_id, one.causation_id, one.tenant_id)
+                        )
+                        try:
+                            shown = f"<{one.event_type} {one.event_id}>"
+                            args = (one.body.decode(),)
+                            self._send_task(self._deliver, args, shown, queue, producer)
+                        finally:
+                            reset(token)
+                        continue
+                    for start in range(0, len(group), self.batch_size):
+                        chunk = [e.body.decode() for e in group[start : start + self.batch_size]]
+                        self._send_task(self._deliver_batch, (chunk,), f"<{len(chunk)} events>",
+                                        queue, producer)  # fmt: skip
+            except Exception as exc:
+                msg = (
+                    f"the broker did not accept all of {len(envelopes)} envelope(s) ({exc!r}); "
+                    "send them again: handlers' inboxes make the ones already sent harmless"
+                )
+                raise PublishError(msg) from exc
+
+    def _destinations(self, event_type: str) -> Sequence[str]:
+        """The queues events of ``event_type`` are sent to: every queue of ``publish_to``."""
+        return self.publish_to
 
     def _send_one(self, event: DomainEvent, body: str, queue: str, producer: Any) -> None:
         """Send one event's message, its headers carrying the event's own context ids.

@@ -35,6 +35,7 @@ from tidings.retry import RetryPolicy
 if TYPE_CHECKING:
     from tidings.bus import EventBus, Handler
     from tidings.events import DomainEvent
+    from tidings.ports import StoredEnvelope
 
 __all__ = ["MemoryBroker", "MemoryTransport", "default_broker"]
 
@@ -172,6 +173,15 @@ class MemoryTransport:
         for name in self.publish_to:
             for body in bodies:
                 self.broker.put(name, Received(body, destination=name))
+
+    def send_envelopes(self, envelopes: Sequence[StoredEnvelope]) -> None:
+        """Queue each stored envelope, unchanged, on every queue of ``publish_to`` (in order).
+
+        Needs no event class (:class:`~tidings.ports.EnvelopeSender`); refuses nothing.
+        """
+        for name in self.publish_to:
+            for envelope in envelopes:
+                self.broker.put(name, Received(envelope.body, destination=name))
 
     def close(self) -> None:
         """Stop the worker threads (each after its current message); idempotent."""

@@ -114,7 +114,13 @@ from tidings.codec import Codec, default_codec
 from tidings.delivery import Dispatcher
 from tidings.errors import PublishError, UsageError
 from tidings.events import DomainEvent
-from tidings.ports import DeadLetter, DeadLetterStore, Inbox
+from tidings.ports import (
+    DeadLetter,
+    DeadLetterStore,
+    EnvelopeRefusedError,
+    Inbox,
+    StoredEnvelope,
+)
 from tidings.retry import RetryPolicy
 from tidings.transports._defaults import DEFAULT, Default, redis_dead_letters, redis_inbox
 from tidings.transports._streams_partitions import partition_of
@@ -249,6 +255,7 @@ class RedisStreamsTransport:
         self.maxlen = maxlen
         self.trim_interval = trim_interval
         self.partitions = partitions
+        self._partition_attribute = partition_key if isinstance(partition_key, str) else None
         self.partition_key: PartitionKey | None = (
             operator.attrgetter(partition_key) if isinstance(partition_key, str) else partition_key
         )
@@ -337,6 +344,60 @@ class RedisStreamsTransport:
             )
             raise PublishError(msg) from exc
 
+    def send_envelopes(self, envelopes: Sequence[StoredEnvelope]) -> None:
+        """Add stored envelopes, unchanged, to the streams ``send`` would add their events to.
+
+        The stream is the envelope's ``type`` under ``stream_prefix``; with ``partitions``, the
+        partition of the value of the ``partition_key`` attribute, read from the envelope's
+        ``data`` (a dotted name walks nested objects; ``event_id``, ``correlation_id``,
+        ``causation_id`` and ``tenant_id`` are the envelope's own). Same chunks, same
+        guarantees as :meth:`send`.
+
+        Raises:
+            UsageError: a custom ``route`` or a ``partition_key`` function: those need the
+                event classes (checked by ``send_envelopes([])``, at start-up).
+            EnvelopeRefusedError: an envelope has no usable partition key value; nothing sent.
+            PublishError: Redis refused or could not be reached (send again).
+        """
+        if self.route is not _by_event_type or (
+            self.partitions is not None and self._partition_attribute is None
+        ):
+            msg = (
+                "this RedisStreamsTransport routes with a function of the event (a custom route, "
+                "or partition_key given as a function), so it needs the event classes: relay "
+                "through the decoding path (Relay with a publish function) or pass partition_key "
+                "as an attribute name"
+            )
+            raise UsageError(msg)
+        entries: list[tuple[str, tuple[bytes | str | int, ...]]] = []
+        for index, envelope in enumerate(envelopes):
+            stream = f"{self.stream_prefix}:{envelope.event_type}"
+            if self.partitions is not None and self._partition_attribute is not None:
+                key = _stored_key(envelope, self._partition_attribute)
+                if key is None:
+                    reason = (
+                        f"its data has no plain value at {self._partition_attribute!r}, the "
+                        "partition key"
+                    )
+                    raise EnvelopeRefusedError(index, reason)
+                stream = partition_of(stream, key, self.partitions)
+            if self.entry_headers:
+                headers = _stored_headers(envelope)
+                entries.append((stream, (len(headers) + 2, ENVELOPE, envelope.body, *headers)))
+            else:
+                entries.append((stream, (envelope.body,)))
+        try:
+            for first in range(0, len(entries), PUBLISH_CHUNK):
+                chunk = entries[first : first + PUBLISH_CHUNK]
+                args = [value for _, entry in chunk for value in entry]
+                self._publish(keys=[stream for stream, _ in chunk], args=args)
+        except redis.RedisError as exc:
+            msg = (
+                f"Redis did not accept all of {len(entries)} envelope(s) ({exc!r}); send them "
+                "again: handlers' inboxes make the ones already added harmless"
+            )
+            raise PublishError(msg) from exc
+
     def _entry(self, event: DomainEvent) -> tuple[bytes | str | int, ...]:
         """The publishing script's arguments for one entry (see ``_streams_scripts``)."""
         if not self.entry_headers:
@@ -410,6 +471,39 @@ def _headers(event: DomainEvent) -> list[str]:
     fields = ["tidings_event_type", event.event_type, "tidings_event_id", event.event_id]
     for name in ("correlation_id", "causation_id", "tenant_id"):
         value = getattr(event, name)
+        if value is not None:
+            fields += (f"tidings_{name}", value)
+    return fields
+
+
+_ENVELOPE_KEYS = ("event_id", "correlation_id", "causation_id", "tenant_id")
+
+
+def _stored_key(envelope: StoredEnvelope, attribute: str) -> str | None:
+    """The partition key ``str(getattr(event, attribute))`` would give, read from the envelope.
+
+    ``None`` when the value is missing or not a plain scalar (a nested object's ``str`` is not
+    the same as its JSON form).
+    """
+    value: object
+    if attribute in _ENVELOPE_KEYS:
+        value = getattr(envelope, attribute)
+    else:
+        value = envelope.data
+        for part in attribute.split("."):
+            if not isinstance(value, dict) or part not in value:
+                return None
+            value = value[part]
+    if isinstance(value, dict | list):
+        return None
+    return str(value)
+
+
+def _stored_headers(envelope: StoredEnvelope) -> list[str]:
+    """The entry fields of ``entry_headers=True``, from a stored envelope (as :func:`_headers`)."""
+    fields = ["tidings_event_type", envelope.event_type, "tidings_event_id", envelope.event_id]
+    for name in ("correlation_id", "causation_id", "tenant_id"):
+        value = getattr(envelope, name)
         if value is not None:
             fields += (f"tidings_{name}", value)
     return fields

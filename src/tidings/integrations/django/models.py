@@ -1,4 +1,4 @@
-"""``OutboxEvent``: the outbox table for Django, column for column the SQLAlchemy one.
+"""``OutboxEvent`` and ``OutboxQuarantine``: the outbox tables, column for column SQLAlchemy's.
 
 The table is ``tidings_outbox`` with the columns and indexes of
 :func:`tidings.outbox.outbox_table`, so either relay (``manage.py tidings_relay`` or
@@ -11,7 +11,7 @@ from django.db import models
 
 from tidings.outbox._common import EVENT_ID_LENGTH, KEY_LENGTH
 
-__all__ = ["OutboxEvent"]
+__all__ = ["OutboxEvent", "OutboxQuarantine"]
 
 
 class OutboxEvent(models.Model):  # type: ignore[misc]  # Django ships no type information
@@ -44,3 +44,32 @@ class OutboxEvent(models.Model):  # type: ignore[misc]  # Django ships no type i
 
     def __str__(self) -> str:
         return f"{self.event_type} {self.event_id} (key {self.partition_key!r})"
+
+
+class OutboxQuarantine(models.Model):  # type: ignore[misc]  # Django ships no type information
+    """An outbox row the relay gave up on, with its reason: the outbox's dead letters.
+
+    The table is ``tidings_outbox_quarantine``, that of
+    :func:`tidings.outbox._table.quarantine_table` for the default outbox: ``id`` (the outbox
+    row's id), ``event_id``, ``event_type``, ``partition_key``, ``payload`` (as stored),
+    ``created_at`` (when the outbox row was written), ``quarantined_at``, ``attempts`` and
+    ``reason``. ``tidings dlq outbox requeue`` puts a row back into the outbox.
+    """
+
+    id = models.BigIntegerField(primary_key=True)
+    event_id = models.CharField(max_length=EVENT_ID_LENGTH)
+    event_type = models.CharField(max_length=KEY_LENGTH)
+    partition_key = models.CharField(max_length=KEY_LENGTH)
+    payload = models.TextField()
+    created_at = models.DateTimeField()
+    quarantined_at = models.DateTimeField()
+    attempts = models.IntegerField()
+    reason = models.TextField()
+
+    class Meta:
+        """The quarantine table shared with the SQLAlchemy relay."""
+
+        db_table = "tidings_outbox_quarantine"
+
+    def __str__(self) -> str:
+        return f"{self.event_type} {self.event_id} (row {self.id}, quarantined)"

@@ -10,8 +10,10 @@ the Django ORM, so a Django project needs no SQLAlchemy:
    per SQLite database.
 2. Per partition key only a prefix of the key's pending rows may be in flight: a claimed row
    is dropped if an older pending row of its key was not claimed here.
-3. Publish; only after ``publish`` returned are the rows deleted (or marked published) and
-   the block committed. A failure rolls back (the rows stay pending) and counts an attempt.
+3. Forward each row's envelope as stored (the relay is a pipe: no event class needed) when
+   the bus's transport can (:class:`~tidings.ports.EnvelopeSender`), else decode and publish;
+   only after the transport returned are the rows deleted (or marked published) and the
+   block committed. A failure rolls back (the rows stay pending) and counts an attempt.
 
 No high-water mark is kept, so a row whose transaction commits late (the gap problem) is
 claimed as soon as it is visible. MySQL/MariaDB: keep Django's default isolation level,
@@ -28,19 +30,34 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
+from urllib.parse import quote
 
 from django.db import DEFAULT_DB_ALIAS, connections, router, transaction
 from django.db.models import F, Min
 from django.utils import timezone
 
-from tidings import _tracing
 from tidings.bus import EventBus
-from tidings.codec import Codec, default_codec
+from tidings.codec import Codec, Envelope, default_codec
 from tidings.events import DomainEvent
-from tidings.integrations.django.models import OutboxEvent
-from tidings.outbox._common import Backoff, decode_batch, in_key_order, relay_batch
+from tidings.integrations.django.models import OutboxEvent, OutboxQuarantine
+from tidings.outbox._common import (
+    DEFAULT_MAX_ATTEMPTS,
+    REASON_LENGTH,
+    Backoff,
+    BatchReport,
+    RedactingFilter,
+    forward_batch,
+    in_key_order,
+    log_failed,
+    read_stored,
+    relay_batch,
+    resolve_publisher,
+    secret_urls,
+    send_stored,
+)
+from tidings.ports import EnvelopeSender, StoredEnvelope, Transport
 
-__all__ = ["Backoff", "Publish", "Relay"]
+__all__ = ["Backoff", "BatchReport", "Publish", "Relay", "database_secrets"]
 
 Publish = Callable[[Sequence[DomainEvent]], None]
 """Publishes a batch in order; returns only once the broker accepted all, raises otherwise."""
@@ -54,9 +71,11 @@ class Relay:
     """Publishes committed outbox rows and deletes (or marks) them only after the broker confirmed.
 
     Args:
-        publish: an :class:`~tidings.EventBus` (used through ``publish``) or a callable taking
-            each batch's events in order; it must return only once the broker accepted them
-            all, and raise otherwise.
+        publish: an :class:`~tidings.EventBus` or a transport. A transport that forwards
+            stored envelopes (memory, Redis Streams, Celery), or a bus with one, gets each
+            row's envelope as stored, no event class needed; otherwise (a bus without a
+            transport, or a callable taking each batch's events in order, returning only once
+            the broker accepted them all) rows are decoded. A class is refused.
         using: the database alias (default: the router's write database for ``OutboxEvent``).
         batch_size: most rows per claim.
         poll_interval: seconds between claims when idle.
@@ -64,18 +83,27 @@ class Relay:
             instead, and :meth:`run` deletes those older than it (at most once a minute).
         backoff: waits after consecutive failures (of the broker or the database).
         codec: decodes the stored envelopes (the default codec if omitted).
+        decode: ``None`` forwards envelopes when ``publish`` can, else decodes; ``True``
+            always decodes; ``False`` refuses a ``publish`` that cannot forward envelopes.
+        max_attempts: failures of a row of its own (undecodable, refused by the transport)
+            after which it is quarantined; failures of a whole batch never quarantine a row.
 
     Delivery is at least once: a crash between the broker's confirmation and the commit sends
     a batch again (the inbox makes that harmless). Order is kept per partition key, also across
-    several relays. An undecodable row (an event type this process does not know) is logged and
-    left pending with its attempts counted; it holds back the later rows of its key, and only
-    those. Several relays may run at once (threads or processes, PostgreSQL or MySQL); one
+    several relays. A row that cannot be relayed (undecodable, or refused by the transport) is
+    logged (its data escaped) and left pending with its attempts counted; it holds back the
+    later rows of its key, and only those, until after ``max_attempts`` it moves to
+    :class:`~tidings.integrations.django.models.OutboxQuarantine` with its reason, in the
+    block that deletes it, and its key goes on (until the quarantine table is migrated, it
+    waits, and a warning says so). Log lines and tracebacks never show the database
+    password. Several
+    relays may run at once (threads or processes, PostgreSQL or MySQL); one
     object runs one loop at a time, and each thread uses its own Django connection.
     """
 
     def __init__(
         self,
-        publish: Publish | EventBus,
+        publish: Publish | EventBus | Transport | EnvelopeSender,
         *,
         using: str | None = None,
         batch_size: int = 500,
@@ -83,16 +111,19 @@ class Relay:
         keep_published: timedelta | None = None,
         backoff: Backoff | None = None,
         codec: Codec | None = None,
+        decode: bool | None = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     ) -> None:
-        if batch_size < 1 or poll_interval <= 0:
-            msg = "Relay needs batch_size >= 1 and poll_interval > 0"
+        if batch_size < 1 or poll_interval <= 0 or max_attempts < 1:
+            msg = "Relay needs batch_size >= 1, poll_interval > 0 and max_attempts >= 1"
             raise ValueError(msg)
-        if isinstance(publish, EventBus):
-            bus = publish
-            self.publish: Publish = lambda events: bus.publish(*events)
-        else:
-            self.publish = publish
+        self.max_attempts = max_attempts
+        self._quarantine_seen: bool | None = None
+        self._quarantine_checked = 0.0
+        self.sender, self.publish = resolve_publisher(publish, decode)
         self.using: str = using or router.db_for_write(OutboxEvent) or DEFAULT_DB_ALIAS
+        self.secrets = (*database_secrets(self.using), *secret_urls(publish))
+        RedactingFilter.install(log, *self.secrets)
         self.batch_size = batch_size
         self.poll_interval = poll_interval
         self.keep_published = keep_published
@@ -106,39 +137,132 @@ class Relay:
     # -- one batch --------------------------------------------------------------------------
 
     def run_once(self) -> int:
-        """Claim one batch, publish it, delete or mark it; return how many rows were relayed.
+        """Claim one batch, relay it, delete or mark it; return how many rows were relayed.
+
+        See :meth:`run_batch` (this is its ``relayed``).
+        """
+        return self.run_batch().relayed
+
+    def run_batch(self) -> BatchReport:
+        """Claim one batch, relay it, delete or mark it; report what was relayed and failed.
 
         Raises:
-            Exception: whatever ``publish`` or the database raised; the batch stays pending
-                (its attempts counted) and may be claimed again.
+            Exception: whatever the transport (for the whole batch) or the database raised;
+                the batch stays pending (its attempts counted) and may be claimed again.
         """
-        failed: list[int] = []
+        counted: list[int] = []
+        failed: list[tuple[Any, str]] = []
+        moved: set[int] = set()
         try:
             with transaction.atomic(using=self.using):
                 claimed = self._claim()
                 if not claimed:
-                    return 0
+                    return BatchReport()
                 rows = self._in_order(claimed)
-                traceparents: list[str | None] | None = None if _tracing.hooks is None else []
-                events, ids, failed = decode_batch(rows, self.codec, traceparents)
-                if not events:
-                    return 0
+                quarantining = self._quarantine_exists()
+
+                def goes_on(row: Any) -> bool:
+                    return quarantining and row.attempts + 1 >= self.max_attempts
+
                 try:
-                    relay_batch(self.publish, events, traceparents, OutboxEvent._meta.db_table)
+                    ids, failed = self._forward(rows, goes_on)
                 except BaseException:
-                    failed.extend(ids)
+                    counted = [row.id for row in rows]
                     raise
-                self._mark(ids)
-            return len(ids)
+                moved = {row.id for row, _ in failed if goes_on(row)}
+                counted = [row.id for row, _ in failed if row.id not in moved]
+                if moved:
+                    self._quarantine([(r, why) for r, why in failed if r.id in moved])
+                if ids:
+                    self._mark(ids)
+            log_failed(failed, moved, OutboxEvent._meta.db_table)
+            return BatchReport(len(ids), tuple(counted), tuple(sorted(moved)))
         finally:
-            if failed:
-                self._count_attempts(failed)
+            if counted:
+                self._count_attempts(counted)
+
+    @property
+    def quarantining(self) -> bool:
+        """Whether the last batch found the quarantine table (rows can be quarantined)."""
+        return bool(self._quarantine_seen)
+
+    def _quarantine_exists(self) -> bool:
+        """Whether the quarantine table exists (looked up once, again a minute after a miss)."""
+        if self._quarantine_seen or (
+            self._quarantine_seen is False and time.monotonic() < self._quarantine_checked
+        ):
+            return bool(self._quarantine_seen)
+        connection = connections[self.using]
+        name = OutboxQuarantine._meta.db_table
+        found = name in connection.introspection.table_names()
+        if not found and self._quarantine_seen is None:
+            log.warning(
+                "the outbox quarantine table %s does not exist: a row that cannot be relayed "
+                "will hold its key instead of being quarantined; run `manage.py migrate`",
+                name,
+            )
+        self._quarantine_seen = found
+        self._quarantine_checked = time.monotonic() + 60.0
+        return found
+
+    def _quarantine(self, rows: list[tuple[Any, str]]) -> None:
+        """Move ``rows`` to the quarantine table with their reasons (this atomic block)."""
+        reasons = {row.id: reason for row, reason in rows}
+        now = timezone.now()
+        found = self._rows().filter(id__in=list(reasons))
+        OutboxQuarantine.objects.using(self.using).bulk_create(
+            [
+                OutboxQuarantine(
+                    id=row.id,
+                    event_id=row.event_id,
+                    event_type=row.event_type,
+                    partition_key=row.partition_key,
+                    payload=row.payload,
+                    created_at=row.created_at,
+                    quarantined_at=now,
+                    attempts=row.attempts + 1,
+                    reason=reasons[row.id][:REASON_LENGTH],
+                )
+                for row in found
+            ]
+        )
+        self._rows().filter(id__in=list(reasons)).delete()
+
+    def _forward(
+        self, rows: list[Any], goes_on: Callable[[Any], bool]
+    ) -> tuple[list[int], list[tuple[Any, str]]]:
+        """Send the rows through the pipe (or decoded, through ``publish``)."""
+        table = OutboxEvent._meta.db_table
+        sender = self.sender
+        if sender is not None:
+
+            def read(row: Any) -> StoredEnvelope:
+                return read_stored(row, self.codec.limits)
+
+            def send(envelopes: list[StoredEnvelope]) -> None:
+                send_stored(sender, envelopes, table)
+
+            return forward_batch(rows, read, send, goes_on)
+        codec = self.codec
+        publish = self.publish
+        assert publish is not None  # noqa: S101 - resolve_publisher gives a sender or this
+
+        def decode(row: Any) -> Envelope:
+            return codec.read(row.payload)
+
+        def publish_decoded(envelopes: list[Envelope]) -> None:
+            events = [envelope.event for envelope in envelopes]
+            relay_batch(publish, events, [e.traceparent for e in envelopes], table)
+
+        return forward_batch(rows, decode, publish_decoded, goes_on)
 
     def _claim(self) -> list[Any]:
         pending = self._rows().filter(published_at__isnull=True)
         if connections[self.using].features.has_select_for_update_skip_locked:
             pending = pending.select_for_update(skip_locked=True)
-        claim = pending.order_by("id").values_list("id", "partition_key", "payload", named=True)
+        claim = pending.order_by("id").values_list(
+            "id", "partition_key", "payload", "attempts", named=True
+        )
         return list(claim[: self.batch_size])
 
     def _in_order(self, rows: list[Any]) -> list[Any]:
@@ -224,3 +348,17 @@ class Relay:
             return
         self._next_purge = now + _PURGE_EVERY
         self.purge(published_before=self.keep_published)
+
+
+def database_secrets(using: str) -> list[str]:
+    """The password of Django database ``using``, as a URL for :class:`RedactingFilter`.
+
+    Django keeps ``PASSWORD`` apart from any URL; wrapped in one, every spelling of it (as
+    written, percent-encoded) is redacted from the relay's log lines and error messages.
+    """
+    settings = connections.settings.get(using, {})
+    password = str(settings.get("PASSWORD") or "")
+    if not password:
+        return []
+    user = quote(str(settings.get("USER") or "user"), safe="")
+    return [f"db://{user}:{quote(password, safe='')}@{settings.get('HOST') or 'localhost'}/"]

@@ -11,7 +11,10 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from tidings._untrusted import log_safe, redact_text
 from tidings.bus import EventBus
+from tidings.errors import UsageError
+from tidings.ports import Transport
 
 __all__ = ["Command"]
 
@@ -20,7 +23,10 @@ def _target(spec: str) -> Any:
     """Resolve ``module:attr`` (dotted attributes allowed), named by the operator."""
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
-        msg = f"--bus takes module:attribute naming your EventBus or publish function, not {spec!r}"
+        msg = (
+            "--bus takes module:attribute naming your EventBus or Transport, not "
+            f"{log_safe(spec)!r}"
+        )
         raise CommandError(msg)
     try:
         target: Any = importlib.import_module(module_name)
@@ -32,10 +38,18 @@ def _target(spec: str) -> Any:
             target = getattr(target, part)
         except AttributeError as exc:
             raise CommandError(f"--bus {spec}: {exc}") from exc
-    if not isinstance(target, EventBus) and not callable(target):
-        msg = f"--bus {spec} is a {type(target).__name__}: name an EventBus or a function"
-        raise CommandError(msg)
-    return target
+    if isinstance(target, EventBus) or (
+        isinstance(target, Transport) and not isinstance(target, type)
+    ):
+        return target
+    what = f"the class {target.__name__}" if isinstance(target, type) else (
+        f"a {type(target).__name__}"
+    )  # fmt: skip
+    msg = (
+        f"--bus {spec} is {what}, not an EventBus or a Transport: the relay publishes only "
+        "through your bus (with its transport) or a transport; nothing was relayed"
+    )
+    raise CommandError(msg)
 
 
 class Command(BaseCommand):  # type: ignore[misc]  # Django ships no type information
@@ -47,8 +61,12 @@ class Command(BaseCommand):  # type: ignore[misc]  # Django ships no type inform
     """
 
     help = (
-        "Publish committed tidings outbox rows through --bus (module:attr naming an EventBus "
-        "or a function taking a list of events), in order per partition key."
+        "Publish committed tidings outbox rows through --bus (module:attr naming your "
+        "EventBus or Transport), in order per partition key. With a transport that forwards "
+        "stored envelopes (memory, Redis Streams, Celery) each row is sent as stored, no "
+        "event class needed; a transport routing with a function of the event (a custom "
+        "route, a partition_key function) decodes rows, so the event classes must be "
+        "imported. Functions and classes are refused at start."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -57,7 +75,7 @@ class Command(BaseCommand):  # type: ignore[misc]  # Django ships no type inform
             "--bus",
             required=True,
             metavar="MODULE:ATTR",
-            help="Your EventBus (with its transport) or a function taking a list of events.",
+            help="Your EventBus (with its transport) or Transport.",
         )
         parser.add_argument("--once", action="store_true", help="Relay what is pending, exit.")
         parser.add_argument(
@@ -77,34 +95,67 @@ class Command(BaseCommand):  # type: ignore[misc]  # Django ships no type inform
             help="Keep published rows this long (default: delete them at once).",
         )
         parser.add_argument("--database", default=None, help="The outbox's database alias.")
+        parser.add_argument(
+            "--max-attempts",
+            type=int,
+            default=5,
+            help="Failures of a row of its own before it is quarantined (default 5).",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         """Run the relay (see the class docstring)."""
         from tidings.integrations.django.relay import Relay  # noqa: PLC0415 - apps are ready now
 
-        if options["batch_size"] < 1 or options["poll_interval"] <= 0:
-            msg = "--batch-size must be >= 1 and --poll-interval > 0"
+        if (
+            options["batch_size"] < 1
+            or options["poll_interval"] <= 0
+            or options["max_attempts"] < 1
+        ):
+            msg = "--batch-size and --max-attempts must be >= 1 and --poll-interval > 0"
             raise CommandError(msg)
         keep = options["keep_published"]
-        runner = Relay(
-            _target(options["bus"]),
-            using=options["database"],
-            batch_size=options["batch_size"],
-            poll_interval=options["poll_interval"],
-            keep_published=None if keep is None else timedelta(seconds=keep),
-        )
+        try:
+            runner = Relay(
+                _target(options["bus"]),
+                using=options["database"],
+                batch_size=options["batch_size"],
+                poll_interval=options["poll_interval"],
+                keep_published=None if keep is None else timedelta(seconds=keep),
+                max_attempts=options["max_attempts"],
+            )
+        except UsageError as exc:
+            raise CommandError(f"--bus {options['bus']}: {exc}") from exc
+        secrets = runner.secrets
         if options["once"]:
             total = 0
+            failing: set[int] = set()
+            quarantined: set[int] = set()
             try:
-                while count := runner.run_once():
-                    total += count
+                while True:
+                    report = runner.run_batch()
+                    total += report.relayed
+                    quarantined.update(report.quarantined)
+                    failing.difference_update(report.quarantined)
+                    failing.update(report.failed)
+                    # A failing row is tried again at once, up to its bound (then quarantined).
+                    retry = bool(report.failed) and runner.quarantining
+                    if not (report.relayed or report.quarantined or retry):
+                        break
             except Exception as exc:  # an operator needs the cause, not a traceback
                 msg = (
                     f"relaying failed after {total} events: {type(exc).__name__}: {exc}; "
                     "the unpublished rows stay pending for the next run"
                 )
-                raise CommandError(msg) from exc
+                raise CommandError(redact_text(msg, *secrets)) from exc
             self.stdout.write(f"Relayed {total} events.")
+            if failing or quarantined:
+                shown = ", ".join(str(i) for i in sorted(failing | quarantined)[:20])
+                msg = (
+                    f"{len(quarantined)} row(s) could not be relayed and were quarantined, "
+                    f"{len(failing)} could not be relayed and stay pending (ids {shown}); see "
+                    "`tidings outbox status` and `tidings dlq outbox list`"
+                )
+                raise CommandError(msg)
             return
         stop = threading.Event()
 
