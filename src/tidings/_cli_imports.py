@@ -8,13 +8,31 @@ is shadowed by a file lying around.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 from types import ModuleType
 
 import click
 
-__all__ = ["import_module", "load_attribute"]
+from tidings._untrusted import RedactingFilter
+
+__all__ = ["configure_logging", "import_module", "load_attribute"]
+
+
+def configure_logging(loglevel: str, *urls: str | None) -> None:
+    """Log to stderr at ``loglevel``, every line and traceback with the URLs' secrets redacted.
+
+    For the long-running commands (``tidings relay``, ``tidings worker``): a driver's error or
+    traceback that echoes a database or broker URL, or its password, prints ``***`` instead.
+    """
+    logging.basicConfig(
+        level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    redacting = RedactingFilter()
+    redacting.urls.update(url for url in urls if url)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(redacting)
 
 
 def import_module(name: str, option: str) -> ModuleType:

@@ -8,11 +8,20 @@ text bound for a log line has its control characters escaped and its length capp
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Final
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
-__all__ = ["MAX_COUNTER", "log_safe", "parse_counter", "plain_id", "redact_text", "redact_url"]
+__all__ = [
+    "MAX_COUNTER",
+    "RedactingFilter",
+    "log_safe",
+    "parse_counter",
+    "plain_id",
+    "redact_text",
+    "redact_url",
+]
 
 MAX_COUNTER: Final = 1_000_000
 """The largest attempt or delivery counter read from a message; anything above is nonsense."""
@@ -140,3 +149,41 @@ def redact_text(text: str, *urls: str | None) -> str:
         for secret in sorted(_secrets(url), key=len, reverse=True):
             text = text.replace(secret, "***")
     return text
+
+
+class RedactingFilter(logging.Filter):
+    """Keeps the passwords of given URLs out of a logger's records, tracebacks included.
+
+    Installed on a logger (:meth:`install`), it renders each record's message and traceback
+    once, through :func:`~tidings._untrusted.redact_text` with every URL it was given, so no
+    handler or formatter prints a database or broker password that a driver's error echoed.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.urls: set[str] = set()
+
+    @classmethod
+    def install(cls, logger: logging.Logger, *urls: str | None) -> RedactingFilter:
+        """Add ``urls`` to the logger's redacting filter, installing one if it has none."""
+        found = next((f for f in logger.filters if isinstance(f, RedactingFilter)), None)
+        if found is None:
+            found = cls()
+            logger.addFilter(found)
+        found.urls.update(url for url in urls if url)
+        return found
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Redact the record in place; never drops it."""
+        if not self.urls:
+            return True
+        urls = sorted(self.urls)
+        record.msg = redact_text(record.getMessage(), *urls)
+        record.args = None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact_text(record.exc_text, *urls)
+        if record.stack_info:
+            record.stack_info = redact_text(record.stack_info, *urls)
+        return True

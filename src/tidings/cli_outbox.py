@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from tidings._cli_imports import import_module, load_attribute
+from tidings._cli_imports import configure_logging, import_module, load_attribute
 from tidings._redis_persistence import describe_url, warn_url_if_forgetful
 from tidings._untrusted import log_safe, redact_text, redact_url
 from tidings.bus import EventBus
@@ -196,19 +196,6 @@ def _db_option(func: Any) -> Any:
     )
 
 
-def _configure_logging(loglevel: str, *urls: str | None) -> None:
-    """Log to stderr at ``loglevel``, every line and traceback with the URLs' secrets redacted."""
-    from tidings.outbox._common import RedactingFilter  # noqa: PLC0415
-
-    logging.basicConfig(
-        level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    redacting = RedactingFilter()
-    redacting.urls.update(url for url in urls if url)
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(redacting)
-
-
 def make_relay_command() -> click.Command:
     """Return the ``relay`` command: run a relay until SIGINT/SIGTERM (or drain with --once)."""
 
@@ -289,7 +276,7 @@ def make_relay_command() -> click.Command:
         status`, `tidings dlq outbox`). Several relays may run against PostgreSQL or MariaDB;
         SQLite takes one. Stops cleanly on SIGINT/SIGTERM.
         """
-        _configure_logging(loglevel, db_url, transport_spec)
+        configure_logging(loglevel, db_url, transport_spec)
         for module in imports:
             import_module(module, "--import")
         target = _target(transport_spec)

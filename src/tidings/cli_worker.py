@@ -8,12 +8,11 @@ imported, and it comes from the command line, never from a message.
 
 from __future__ import annotations
 
-import logging
 from urllib.parse import urlsplit
 
 import click
 
-from tidings._cli_imports import load_attribute
+from tidings._cli_imports import configure_logging, load_attribute
 from tidings._untrusted import redact_text, redact_url
 from tidings.bus import EventBus
 from tidings.errors import TidingsError
@@ -71,15 +70,17 @@ def make_worker_command() -> click.Command:
         and acknowledges the batches it holds, then exits. Redis being down is waited out with
         bounded backoff.
         """
+        from tidings.outbox._common import secret_urls  # noqa: PLC0415
         from tidings.transports.redis_streams import (  # noqa: PLC0415 - needs redis-py
             RedisStreamsTransport,
         )
 
-        logging.basicConfig(
-            level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
+        configure_logging(loglevel, transport_url)
         bus = _load_bus(app)
         transport = bus.transport
+        # A traceback that echoes the broker's password (a driver's error) prints *** instead.
+        for url in secret_urls(transport):
+            configure_logging(loglevel, url)
         if not isinstance(transport, RedisStreamsTransport):
             msg = (
                 f"the bus of --app {app} has transport {type(transport).__name__}, not a "

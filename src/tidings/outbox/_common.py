@@ -18,7 +18,7 @@ from urllib.parse import quote
 import msgspec
 
 from tidings import _tracing
-from tidings._untrusted import log_safe, redact_text
+from tidings._untrusted import RedactingFilter, log_safe
 from tidings._wire import SPEC_VERSION, check_attributes, is_plain
 from tidings.bus import EventBus
 from tidings.codec import _NOT_OPENERS, Limits, _incoming_decoder, _too_deep
@@ -377,44 +377,6 @@ def envelope_sender(target: object) -> EnvelopeSender | None:
     if isinstance(target, EventBus) and isinstance(transport, EnvelopeSender):
         return transport
     return None
-
-
-class RedactingFilter(logging.Filter):
-    """Keeps the passwords of given URLs out of a logger's records, tracebacks included.
-
-    Installed on a logger (:meth:`install`), it renders each record's message and traceback
-    once, through :func:`~tidings._untrusted.redact_text` with every URL it was given, so no
-    handler or formatter prints a database or broker password that a driver's error echoed.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.urls: set[str] = set()
-
-    @classmethod
-    def install(cls, logger: logging.Logger, *urls: str | None) -> RedactingFilter:
-        """Add ``urls`` to the logger's redacting filter, installing one if it has none."""
-        found = next((f for f in logger.filters if isinstance(f, RedactingFilter)), None)
-        if found is None:
-            found = cls()
-            logger.addFilter(found)
-        found.urls.update(url for url in urls if url)
-        return found
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        """Redact the record in place; never drops it."""
-        if not self.urls:
-            return True
-        urls = sorted(self.urls)
-        record.msg = redact_text(record.getMessage(), *urls)
-        record.args = None
-        if record.exc_info and not record.exc_text:
-            record.exc_text = logging.Formatter().formatException(record.exc_info)
-        if record.exc_text:
-            record.exc_text = redact_text(record.exc_text, *urls)
-        if record.stack_info:
-            record.stack_info = redact_text(record.stack_info, *urls)
-        return True
 
 
 def resolve_publisher(
