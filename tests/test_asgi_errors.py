@@ -27,6 +27,7 @@ with warnings.catch_warnings():
     from starlette.testclient import TestClient
 
 from tests.test_asgi_middleware import free_port, wait_for_port  # noqa: E402
+
 from tidings import current_context  # noqa: E402
 from tidings.integrations.asgi import CorrelationMiddleware  # noqa: E402
 
