@@ -13,23 +13,32 @@ echoed on every HTTP response, a 500 the app raised included::
 
 To use :func:`tenant_from_user`, place this middleware *inside* the authentication middleware,
 which sets ``scope["user"]`` (in Starlette, add it before ``AuthenticationMiddleware``).
+
+:func:`lifespan` opens a bus's transport when the app starts and closes it when it stops::
+
+    app = FastAPI(lifespan=lifespan(bus))
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, MutableMapping
+from typing import TYPE_CHECKING, Any
 
 from tidings.context import event_context
 from tidings.integrations._correlation import choose_id, is_valid_id
+
+if TYPE_CHECKING:
+    from tidings.bus import EventBus
 
 __all__ = [
     "CorrelationMiddleware",
     "TenantResolver",
     "is_valid_id",
+    "lifespan",
     "tenant_from_header",
     "tenant_from_subdomain",
     "tenant_from_user",
@@ -267,6 +276,37 @@ def _is_async_callable(obj: Any) -> bool:
     return inspect.iscoroutinefunction(obj) or inspect.iscoroutinefunction(
         getattr(obj, "__call__", None)  # noqa: B004 - an object whose __call__ is async
     )
+
+
+def lifespan(bus: EventBus) -> Callable[[Any], contextlib.AbstractAsyncContextManager[None]]:
+    """Return an ASGI lifespan that opens ``bus``'s transport at start and closes it at stop.
+
+    For ``FastAPI(lifespan=lifespan(bus))`` or ``Starlette(lifespan=...)``; inside a lifespan
+    of your own, ``async with lifespan(bus)(app): ...``. At start it awaits the transport's
+    ``aopen`` if it has one (Redis Streams connects its publishing client on the app's event
+    loop); a broker that is down then is logged, not raised, so the app starts and serves
+    what needs no broker, and each publish connects again (raising ``PublishError`` while the
+    broker is away). Transports without ``aopen`` (Celery) connect on their first publish.
+    At stop, :meth:`EventBus.aclose <tidings.bus.EventBus.aclose>`: the loop's async clients,
+    the transport's connections and the bus's publishing threads are closed, after the sends
+    under way finished. A bus without a transport needs nothing and gets nothing.
+    """
+
+    @contextlib.asynccontextmanager
+    async def run(app: Any) -> AsyncIterator[None]:
+        transport = bus.transport
+        if transport is None:
+            yield
+            return
+        aopen = getattr(transport, "aopen", None)
+        if aopen is not None:
+            await aopen()
+        try:
+            yield
+        finally:
+            await bus.aclose()
+
+    return run
 
 
 def tenant_from_header(name: str = "X-Tenant-ID") -> TenantResolver:
