@@ -95,11 +95,10 @@ def with_timeouts(client: redis.Redis, timeout: float | None = SEND_TIMEOUT) -> 
         if name not in ("orig_socket_timeout", "orig_socket_connect_timeout")
         and name != "maint_notifications_pool_handler"
     }
-    return redis.Redis(
-        connection_pool=type(pool)(
-            connection_class=pool.connection_class,
-            max_connections=pool.max_connections,
-            **timed,
+    # from_pool: the client owns its pool, so closing the client closes the connections.
+    return redis.Redis.from_pool(
+        type(pool)(
+            connection_class=pool.connection_class, max_connections=pool.max_connections, **timed
         )
     )
 
@@ -125,11 +124,9 @@ def async_twin(
     }
     if timeout is not None:
         kwargs = _timed(kwargs, timeout)
-    return redis.asyncio.Redis(
-        connection_pool=redis.asyncio.ConnectionPool(
-            connection_class=connection_class,
-            max_connections=pool.max_connections,
-            **kwargs,
+    return redis.asyncio.Redis.from_pool(
+        redis.asyncio.ConnectionPool(
+            connection_class=connection_class, max_connections=pool.max_connections, **kwargs
         )
     )
 
