@@ -429,3 +429,122 @@ def test_apublish_through_celery_on_a_hung_broker_raises_within_the_default_time
     started = time.monotonic()
     bus.close()
     assert time.monotonic() - started < 30
+
+
+# -- A real uvicorn process: the hung broker never freezes the app -----------------------------
+
+WEB_APP = textwrap.dedent(
+    """
+    import sys
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    import redis
+    import uvicorn
+    from fastapi import FastAPI
+
+    from tidings import DomainEvent, EventBus, register_event
+    from tidings.integrations.asgi import CorrelationMiddleware, lifespan
+    from tidings.memory import MemoryDeadLetterStore
+
+    kind, broker, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+
+
+    @register_event
+    @dataclass(frozen=True)
+    class OrderPlaced(DomainEvent):
+        event_type: ClassVar[str] = "shop.order_placed"
+        order_id: str
+
+
+    if kind == "streams":
+        from tidings.transports.redis_streams import RedisStreamsTransport
+
+        transport = RedisStreamsTransport(
+            redis.Redis.from_url(broker), service="shop", dead_letters=MemoryDeadLetterStore()
+        )
+    else:
+        from celery import Celery
+        from tidings.transports.celery import CeleryTransport
+
+        transport = CeleryTransport(
+            Celery("shop", broker=broker), queue="shop", dead_letters=MemoryDeadLetterStore()
+        )
+    bus = EventBus(transport=transport)  # every default: publish_timeout=10.0
+    app = FastAPI(lifespan=lifespan(bus))
+    app.add_middleware(CorrelationMiddleware)
+
+
+    @app.post("/orders/{order_id}")
+    async def place_order(order_id: str) -> dict[str, str]:
+        await bus.apublish(OrderPlaced(order_id=order_id))
+        return {"order_id": order_id}
+
+
+    @app.get("/health")
+    async def health() -> dict[str, bool]:
+        return {"ok": True}
+
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+    """
+)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("kind", ["streams", "celery"])
+def test_a_real_uvicorn_app_answers_health_while_a_publish_to_a_hung_broker_fails(hung, kind):
+    """Via uvicorn, POST /orders to a hung broker fails within 10 s; GET /health answers in 1 s."""
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("fastapi")
+    httpx = pytest.importorskip("httpx")
+    if kind == "celery":
+        pytest.importorskip("celery")
+    from tests.test_asgi_middleware import free_port, wait_for_port  # noqa: PLC0415
+
+    port = free_port()
+    broker = f"redis://127.0.0.1:{hung.port}/0"
+    process = subprocess.Popen(  # noqa: S603 - this interpreter on a fixed script
+        [sys.executable, "-c", WEB_APP, kind, broker, str(port)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+    async def run() -> tuple[httpx.Response, float, list[float]]:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            started = time.monotonic()
+            order = asyncio.ensure_future(
+                http.post("/orders/o-1", headers={"X-Correlation-ID": "hung-1"})
+            )
+            latencies = []
+            while not order.done():
+                asked = time.monotonic()
+                answer = await http.get("/health")
+                assert answer.status_code == 200
+                latencies.append(time.monotonic() - asked)
+                await asyncio.sleep(0.05)  # a request every 50 ms or so: the probe's rhythm
+            response = await order
+            return response, time.monotonic() - started, latencies
+
+    try:
+        wait_for_port(port, process, time.monotonic() + 30)
+        response, elapsed, latencies = asyncio.run(run())
+    finally:
+        process.terminate()
+        try:
+            _, log = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            _, log = process.communicate()
+    assert response.status_code == 500
+    assert response.headers["X-Correlation-ID"] == "hung-1"
+    assert elapsed <= DEFAULT_TIMEOUT + 1, f"POST /orders took {elapsed:.1f} s"
+    assert len(latencies) >= 10
+    assert max(latencies) < 1.0, f"GET /health took up to {max(latencies):.2f} s"
+    assert "PublishError" in log
+    print(
+        f"\n{kind}: POST /orders failed after {elapsed:.2f} s; {len(latencies)} GET /health, "
+        f"slowest {max(latencies) * 1000:.0f} ms"
+    )
