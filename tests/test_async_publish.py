@@ -16,6 +16,7 @@ from typing import ClassVar
 
 import pytest
 import redis
+from tests.conftest import require_server
 from tests.workers import ROOT
 
 from tidings import DomainEvent, EventBus, current_context, event_context, register_event
@@ -548,3 +549,96 @@ def test_a_real_uvicorn_app_answers_health_while_a_publish_to_a_hung_broker_fail
         f"\n{kind}: POST /orders failed after {elapsed:.2f} s; {len(latencies)} GET /health, "
         f"slowest {max(latencies) * 1000:.0f} ms"
     )
+
+
+# -- lifespan(bus) and the async outbox in FastAPI ----------------------------------------------
+
+
+@pytest.mark.integration
+def test_lifespan_opens_the_loops_client_and_closes_everything_at_shutdown(client, unique_name):
+    """Under lifespan(bus) a FastAPI app publishes on its loop's client, closed at shutdown."""
+    fastapi = pytest.importorskip("fastapi")
+    httpx = pytest.importorskip("httpx")
+    bus = streams_bus(client, unique_name)
+    transport = bus.transport
+    assert isinstance(transport, RedisStreamsTransport)
+    app = fastapi.FastAPI(lifespan=lifespan(bus))
+
+    @app.post("/parcels/{parcel_id}")
+    async def send_parcel(parcel_id: str) -> dict[str, int]:
+        await bus.apublish(ParcelSent(parcel_id=parcel_id))
+        return {"twins": len(transport._senders._async)}
+
+    async def run() -> tuple[int, int]:
+        async with lifespan(bus)(app):
+            opened = len(transport._senders._async)  # aopen made the loop's client
+            async with httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://shop"
+            ) as http:
+                answer = await http.post("/parcels/p-9")
+        return opened, answer.json()["twins"]
+
+    opened, during = asyncio.run(run())
+    assert (opened, during) == (1, 1)  # one client for the loop, reused by the request
+    assert len(transport._senders._async) == 0  # closed at shutdown
+    assert client.xlen(transport.stream(ParcelSent)) == 1
+
+
+@pytest.mark.integration
+def test_the_readme_async_outbox_view_commits_the_event_with_the_order(unique_name):
+    """The README's async view: the order and its event commit in one AsyncSession transaction."""
+    fastapi = pytest.importorskip("fastapi")
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("greenlet")
+    import sqlalchemy as sa  # noqa: PLC0415 - the sql extra
+    from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine  # noqa: PLC0415
+    from sqlalchemy.orm import DeclarativeBase, mapped_column  # noqa: PLC0415
+
+    from tidings.integrations.asgi import CorrelationMiddleware  # noqa: PLC0415
+    from tidings.outbox import Outbox  # noqa: PLC0415
+
+    url = require_server("postgresql")
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Order(Base):
+        __tablename__ = f"{unique_name}_orders"
+        id = mapped_column(sa.String(40), primary_key=True)
+
+    outbox = Outbox(Base.metadata, table_name=f"{unique_name}_outbox")
+    sync_engine = sa.create_engine(url)
+    Base.metadata.create_all(sync_engine)
+
+    async def run() -> None:
+        engine = create_async_engine(url)
+        session_factory = async_sessionmaker(engine)
+        app = fastapi.FastAPI()
+        app.add_middleware(CorrelationMiddleware)
+
+        @app.post("/orders/{order_id}")
+        async def place_order(order_id: str) -> dict[str, str]:
+            async with session_factory() as session, session.begin():
+                session.add(Order(id=order_id))
+                await outbox.add_async(session, ParcelSent(parcel_id=order_id))
+            return {"order_id": order_id}
+
+        try:
+            async with httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://shop"
+            ) as http:
+                answer = await http.post("/orders/o-5", headers={"X-Correlation-ID": "db-1"})
+            assert answer.status_code == 200
+        finally:
+            await engine.dispose()
+
+    try:
+        asyncio.run(run())
+        with sync_engine.connect() as connection:
+            orders = connection.execute(sa.select(Order.id)).scalars().all()
+            (envelope,) = connection.execute(sa.select(outbox.table.c.payload)).scalars().all()
+        assert orders == ["o-5"]
+        assert "db-1" in (envelope if isinstance(envelope, str) else bytes(envelope).decode())
+    finally:
+        Base.metadata.drop_all(sync_engine)
+        sync_engine.dispose()
