@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import subprocess
 import sys
@@ -256,6 +257,25 @@ def test_sends_in_threads_run_concurrently_up_to_publish_threads():
 
     asyncio.run(asyncio.wait_for(run(), 10))
     bus.close()
+
+
+def test_a_sync_publish_on_an_event_loop_warns_once_naming_apublish(caplog):
+    """Bus.publish with a broker transport inside async code sends, and warns once."""
+    transport = Blocking()
+    transport.release.set()
+    bus = EventBus(transport)
+
+    async def view() -> None:
+        bus.publish(ParcelSent())
+        bus.publish(ParcelSent())
+
+    with caplog.at_level(logging.WARNING, "tidings.bus"):
+        asyncio.run(view())
+        bus.publish(ParcelSent())  # no loop here: no warning
+    assert len(transport.started) == 3
+    warnings = [r for r in caplog.records if r.name == "tidings.bus"]
+    assert len(warnings) == 1
+    assert "await bus.apublish" in warnings[0].getMessage()
 
 
 # -- A missing dependency names the extra -----------------------------------------------------

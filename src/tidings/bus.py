@@ -14,6 +14,7 @@ import functools
 import importlib
 import importlib.util
 import inspect
+import logging
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +42,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 # The extra that installs what each of tidings' transports imports when it sends.
 _EXTRAS = {"celery": "celery", "redis-streams": "redis"}
+
+log = logging.getLogger("tidings.bus")
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +109,7 @@ class EventBus:
         self.publish_threads = publish_threads
         """Most sends :meth:`apublish` runs at once in threads (transports without ``asend``)."""
         self._executor: ThreadPoolExecutor | None = None
+        self._warned_loop = False
         self._handlers: dict[str, Handler] = {}
         self._routes: dict[type[DomainEvent], tuple[Handler, ...]] = {}
         self._lock = threading.Lock()
@@ -248,6 +252,9 @@ class EventBus:
         handler of every event runs now, in this thread, in order, each with the event's
         context bound; a failing handler does not stop the others, nor the following events.
         With tracing installed (:mod:`tidings.integrations.otel`) this runs in a publish span.
+        Called with a broker transport on a thread running an event loop (in an ``async def``
+        view), it blocks that loop, every request of the process, while the broker answers:
+        it still sends, and logs a warning once per bus naming :meth:`apublish`.
 
         Raises:
             HandlerFailedError: (inline) after all handlers ran, grouping their exceptions.
@@ -272,6 +279,8 @@ class EventBus:
         self, events: tuple[DomainEvent, ...], hooks: _tracing.TracingHooks | None
     ) -> None:
         if self.transport is not None:
+            if not self._warned_loop:
+                self._warn_if_on_a_loop(self.transport)
             with _naming_the_extra(self.transport):
                 self.transport.send(self._checked(events))
             return
@@ -354,6 +363,20 @@ class EventBus:
                 _current.reset(token)
         if failures:
             raise _group(failures)
+
+    def _warn_if_on_a_loop(self, transport: Transport) -> None:
+        if transport.name == "memory":  # queues in this process: it never waits on a broker
+            return
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # no loop in this thread: a sync view, a worker, the relay
+            return
+        self._warned_loop = True
+        log.warning(
+            "EventBus.publish() ran on an event loop: the loop, and every request it serves, "
+            "waits while the %s broker answers; in async code use `await bus.apublish(...)`",
+            transport.name,
+        )
 
     async def _asend(self, transport: Transport, events: tuple[DomainEvent, ...]) -> None:
         asend = getattr(transport, "asend", None)
