@@ -8,7 +8,6 @@ causation = the event's id), so any event it creates is linked to the one it han
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import functools
 import importlib
@@ -16,20 +15,15 @@ import importlib.util
 import inspect
 import logging
 import threading
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from tidings import _tracing
+from tidings._publishing import naming_the_extra
 from tidings.context import EventContext, _current
-from tidings.errors import (
-    DuplicateHandlerError,
-    HandlerFailedError,
-    MissingDependencyError,
-    PublishError,
-    UsageError,
-)
+from tidings.errors import DuplicateHandlerError, HandlerFailedError, PublishError, UsageError
 from tidings.events import DomainEvent
 from tidings.retry import RetryPolicy
 
@@ -39,9 +33,6 @@ if TYPE_CHECKING:
 __all__ = ["EventBus", "Handler"]
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-# The extra that installs what each of tidings' transports imports when it sends.
-_EXTRAS = {"celery": "celery", "redis-streams": "redis"}
 
 log = logging.getLogger("tidings.bus")
 
@@ -281,7 +272,7 @@ class EventBus:
         if self.transport is not None:
             if not self._warned_loop:
                 self._warn_if_on_a_loop(self.transport)
-            with _naming_the_extra(self.transport):
+            with naming_the_extra(self.transport):
                 self.transport.send(self._checked(events))
             return
         routed = self._route(events)
@@ -386,7 +377,7 @@ class EventBus:
             context = contextvars.copy_context()
             call = functools.partial(context.run, transport.send, events)
             sending = asyncio.get_running_loop().run_in_executor(self._threads(), call)
-        with _naming_the_extra(transport):
+        with naming_the_extra(transport):
             try:
                 await asyncio.wait_for(sending, self.publish_timeout)
             except TimeoutError as exc:
@@ -449,46 +440,6 @@ class EventBus:
 
 async def _awaited(result: Awaitable[Any]) -> None:
     await result
-
-
-@contextlib.contextmanager
-def _naming_the_extra(transport: Transport) -> Iterator[None]:
-    """Turn a transport's ImportError (or an error it caused) into one naming the extra.
-
-    A module missing at send time (kombu's Redis transport imports ``packaging`` then, say) is
-    a deployment to fix, not a failure to send again.
-    """
-    try:
-        yield
-    except MissingDependencyError:
-        raise
-    except Exception as exc:
-        missing = _import_error_in(exc)
-        if missing is None:
-            raise
-        name = transport.name
-        extra = _EXTRAS.get(name)
-        module = f"module {missing.name!r}" if missing.name else "a module it imports"
-        fix = f"pip install 'tidings[{extra}]'" if extra else "install the package providing it"
-        msg = (
-            f"the {name} transport could not send: {module} is not installed ({missing}); "
-            f"{fix}. Sending again fails the same way until then"
-        )
-        raise MissingDependencyError(msg, name=missing.name) from exc
-
-
-def _import_error_in(exc: BaseException) -> ImportError | None:
-    """The ImportError ``exc`` is or was caused by (explicitly, or raised while handling it)."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, ImportError):
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or (
-            None if current.__suppress_context__ else current.__context__
-        )
-    return None
 
 
 def _handle_span(
