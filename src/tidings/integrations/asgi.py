@@ -31,9 +31,6 @@ from typing import TYPE_CHECKING, Any
 from tidings.context import event_context
 from tidings.integrations._correlation import choose_id, is_valid_id
 
-if TYPE_CHECKING:
-    from tidings.bus import EventBus
-
 __all__ = [
     "CorrelationMiddleware",
     "TenantResolver",
@@ -54,6 +51,9 @@ TenantResolver = Callable[[Scope], "str | Awaitable[str | None] | None"]
 
 logger = logging.getLogger(__name__)
 
+if TYPE_CHECKING:  # for the annotation of lifespan only
+    from tidings.bus import EventBus
+
 
 def _header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope.get("headers") or ():
@@ -65,6 +65,17 @@ def _header(scope: Scope, name: bytes) -> str | None:
 class CorrelationMiddleware:
     """Bind a correlation id and tenant for each HTTP and websocket connection; echo the id.
 
+    Errors carry the id too. When the app raises before it started a response, this
+    middleware sends the 500 itself, through the echoing send: on a Starlette or FastAPI app
+    (``scope["app"]``) the one the app would send (its handler for ``500`` or ``Exception``,
+    in debug mode the traceback page, else Starlette's plain 500), on any other app a plain
+    500; then it re-raises the exception, unchanged, so the server's log, Sentry and
+    ``TestClient`` see it. Starlette's ``ServerErrorMiddleware``, outside every user
+    middleware, sees that a response started and sends no second one; it calls the app's 500
+    handler once more and discards that response, so keep such a handler free of side
+    effects (report errors from logging, which sees the exception once). An exception after
+    the response started propagates with nothing more sent.
+
     The id is the value of the first of ``header``, then ``fallback_headers``, present on the
     request. It is kept if it has 1 to ``max_length`` characters and ``validate`` accepts it
     (default :func:`is_valid_id`); otherwise it is replaced by a fresh uuid4 and a warning is
@@ -74,18 +85,8 @@ class CorrelationMiddleware:
     whole downstream call, streaming bodies included. With ``echo``, the id is added under
     ``header`` to the HTTP response, unless the app already set that header. Websockets are
     bound but not echoed; ``lifespan`` and other scope types pass through untouched.
-
-    Errors carry the id too. When the app raises before it started a response, this
-    middleware sends the 500 itself, through the echoing send: on a Starlette or FastAPI app
-    (``scope["app"]``) the one the app would send (its handler for ``500`` or ``Exception``,
-    in debug mode the traceback page, else Starlette's plain 500), on any other app a plain
-    500; then it re-raises the exception, so the server's log, Sentry and ``TestClient`` see
-    it. Starlette's ``ServerErrorMiddleware``, outside every user middleware, sees that a
-    response started and sends no second one; it calls the app's 500 handler once more and
-    discards that response, so keep such a handler free of side effects (report errors from
-    logging, which sees the exception once). An exception after the response started, or
-    from the resolver, propagates unchanged. Safe for concurrent connections: it holds no
-    per-request state.
+    Exceptions from the app or the resolver propagate unchanged. Safe for concurrent
+    connections: it holds no per-request state.
 
     Raises:
         ValueError: ``max_length`` is below 1 or a header name is empty or not ASCII.
