@@ -8,15 +8,20 @@ causation = the event's id), so any event it creates is linked to the one it han
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import importlib
 import importlib.util
 import inspect
+import logging
 import threading
 from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from tidings import _tracing
+from tidings._publishing import naming_the_extra
 from tidings.context import EventContext, _current
 from tidings.errors import DuplicateHandlerError, HandlerFailedError, PublishError, UsageError
 from tidings.events import DomainEvent
@@ -28,6 +33,8 @@ if TYPE_CHECKING:
 __all__ = ["EventBus", "Handler"]
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+log = logging.getLogger("tidings.bus")
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,13 +83,24 @@ class EventBus:
     """
 
     def __init__(
-        self, transport: Transport | None = None, *, publish_timeout: float | None = 10.0
+        self,
+        transport: Transport | None = None,
+        *,
+        publish_timeout: float | None = 10.0,
+        publish_threads: int = 8,
     ) -> None:
         if publish_timeout is not None and publish_timeout <= 0:
             msg = "publish_timeout must be a positive number of seconds, or None for no limit"
             raise ValueError(msg)
+        if publish_threads < 1:
+            msg = "publish_threads must be >= 1"
+            raise ValueError(msg)
         self.publish_timeout = publish_timeout
         """How long :meth:`apublish` waits for the transport before raising ``PublishError``."""
+        self.publish_threads = publish_threads
+        """Most sends :meth:`apublish` runs at once in threads (transports without ``asend``)."""
+        self._executor: ThreadPoolExecutor | None = None
+        self._warned_loop = False
         self._handlers: dict[str, Handler] = {}
         self._routes: dict[type[DomainEvent], tuple[Handler, ...]] = {}
         self._lock = threading.Lock()
@@ -225,11 +243,17 @@ class EventBus:
         handler of every event runs now, in this thread, in order, each with the event's
         context bound; a failing handler does not stop the others, nor the following events.
         With tracing installed (:mod:`tidings.integrations.otel`) this runs in a publish span.
+        Called with a broker transport on a thread running an event loop (in an ``async def``
+        view), it blocks that loop, every request of the process, while the broker answers:
+        it still sends, and logs a warning once per bus naming :meth:`apublish`.
 
         Raises:
             HandlerFailedError: (inline) after all handlers ran, grouping their exceptions.
             UsageError: (inline) an event has an ``async`` handler; use :meth:`apublish`
                 (checked before any handler runs).
+            PublishError: the transport failed (see :class:`~tidings.ports.Transport`).
+            MissingDependencyError: the transport could not import a module it needs to
+                send; the message names the extra to install.
         """
         hooks = _tracing.hooks
         if hooks is None:
@@ -246,7 +270,10 @@ class EventBus:
         self, events: tuple[DomainEvent, ...], hooks: _tracing.TracingHooks | None
     ) -> None:
         if self.transport is not None:
-            self.transport.send(self._checked(events))
+            if not self._warned_loop:
+                self._warn_if_on_a_loop(self.transport)
+            with naming_the_extra(self.transport):
+                self.transport.send(self._checked(events))
             return
         routed = self._route(events)
         for _, handlers in routed:
@@ -278,15 +305,20 @@ class EventBus:
         """Like :meth:`publish`, awaiting ``async`` handlers; sync ones run inline.
 
         Handlers run one after another in subscription order, never concurrently, so their
-        effects keep the order of the events. With a transport, the send runs in a worker
-        thread, so the event loop (every other request of an async web app) never waits on the
-        broker; if the broker has not accepted the events within ``publish_timeout`` seconds
-        (10 by default) this raises. The send may still complete after that: send again, the
+        effects keep the order of the events. With a transport, the event loop (every other
+        request of an async web app) never waits on the broker: a transport with an ``asend``
+        coroutine (Redis Streams) sends on the loop itself; any other sends in one of the
+        bus's own ``publish_threads`` threads (not the loop's default executor, which DNS
+        look-ups need), with the caller's context. If the broker has not accepted the events
+        within ``publish_timeout`` seconds (10 by default) this raises; a send still waiting
+        for a thread then never starts, one under way may still complete (the transports'
+        connections time out by themselves, so no thread waits for ever): send again, the
         handlers' inboxes make a duplicate harmless.
 
         Raises:
             HandlerFailedError: after all handlers ran, grouping every exception they raised.
             PublishError: the transport failed, or did not finish within ``publish_timeout``.
+            MissingDependencyError: as :meth:`publish`.
         """
         hooks = _tracing.hooks
         if hooks is None:
@@ -299,16 +331,7 @@ class EventBus:
         self, events: tuple[DomainEvent, ...], hooks: _tracing.TracingHooks | None
     ) -> None:
         if self.transport is not None:
-            sending = asyncio.to_thread(self.transport.send, self._checked(events))
-            try:
-                await asyncio.wait_for(sending, self.publish_timeout)
-            except TimeoutError as exc:
-                msg = (
-                    f"the broker did not accept {len(events)} event(s) within "
-                    f"{self.publish_timeout} s (EventBus(publish_timeout=...)); send them again: "
-                    "handlers' inboxes make the ones that arrive twice harmless"
-                )
-                raise PublishError(msg) from exc
+            await self._asend(self.transport, self._checked(events))
             return
         failures: list[Exception] = []
         for event, handlers in self._route(events):
@@ -331,6 +354,74 @@ class EventBus:
                 _current.reset(token)
         if failures:
             raise _group(failures)
+
+    def _warn_if_on_a_loop(self, transport: Transport) -> None:
+        if transport.name == "memory":  # queues in this process: it never waits on a broker
+            return
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # no loop in this thread: a sync view, a worker, the relay
+            return
+        self._warned_loop = True
+        log.warning(
+            "EventBus.publish() ran on an event loop: the loop, and every request it serves, "
+            "waits while the %s broker answers; in async code use `await bus.apublish(...)`",
+            transport.name,
+        )
+
+    async def _asend(self, transport: Transport, events: tuple[DomainEvent, ...]) -> None:
+        asend = getattr(transport, "asend", None)
+        if asend is not None:
+            sending: Awaitable[None] = asend(events)
+        else:
+            context = contextvars.copy_context()
+            call = functools.partial(context.run, transport.send, events)
+            sending = asyncio.get_running_loop().run_in_executor(self._threads(), call)
+        with naming_the_extra(transport):
+            try:
+                await asyncio.wait_for(sending, self.publish_timeout)
+            except TimeoutError as exc:
+                msg = (
+                    f"the broker did not accept {len(events)} event(s) within "
+                    f"{self.publish_timeout} s (EventBus(publish_timeout=...)); send them again: "
+                    "handlers' inboxes make the ones that arrive twice harmless"
+                )
+                raise PublishError(msg) from exc
+
+    def _threads(self) -> ThreadPoolExecutor:
+        executor = self._executor
+        if executor is None:
+            with self._lock:
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(
+                        self.publish_threads, thread_name_prefix="tidings-publish"
+                    )
+                executor = self._executor
+        return executor
+
+    def close(self) -> None:
+        """Close the transport's connections and stop the bus's publishing threads.
+
+        Sends under way finish first. Publishing afterwards works again: connections and
+        threads are made anew. Idempotent.
+        """
+        with self._lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+        if self.transport is not None:
+            self.transport.close()
+
+    async def aclose(self) -> None:
+        """Like :meth:`close`, from an event loop: also closes the loop's async connections.
+
+        Waits for the transport's ``aclose`` coroutine if it has one; the rest runs in a
+        thread, so the loop never waits on it.
+        """
+        aclose = getattr(self.transport, "aclose", None)
+        if aclose is not None:
+            await aclose()
+        await asyncio.to_thread(self.close)
 
     def _route(
         self, events: Iterable[DomainEvent]

@@ -11,6 +11,7 @@ __all__ = [
     "EventTypeMismatchError",
     "HandlerFailedError",
     "InboxBusyError",
+    "MissingDependencyError",
     "PayloadTooDeepError",
     "PayloadTooLargeError",
     "PublishError",
@@ -108,4 +109,13 @@ class PublishError(TidingsError):
     """The broker did not accept every event of a publish; send them again.
 
     Some may have been accepted: sending again is safe, because handlers run behind an inbox.
+    """
+
+
+class MissingDependencyError(TidingsError, ImportError):
+    """A module the transport needs is not installed; the message names the extra to install.
+
+    Raised by ``EventBus.publish``/``apublish`` in place of the transport's ``ImportError``
+    (or a ``PublishError`` it caused): sending again fails the same way until it is installed.
+    ``name`` is the missing module's name, when known.
     """

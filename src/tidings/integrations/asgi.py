@@ -1,25 +1,32 @@
 """``CorrelationMiddleware``: one correlation id (and tenant) bound for each ASGI request.
 
 A pure ASGI middleware: it works with FastAPI, Starlette or any ASGI app and imports nothing
-outside the standard library. For each HTTP or websocket connection it takes the correlation id
-from the request header (``X-Correlation-ID``, else ``X-Request-ID``), replaces an invalid one,
-mints one when absent, resolves the tenant, and binds both with
-:class:`~tidings.event_context` around the whole downstream call, so sync views (run in a
-thread pool that copies the context), async views and streaming bodies all see them, and
-concurrent requests never see each other's. The id is echoed on the HTTP response::
+outside the standard library (Starlette only to answer a Starlette app's 500, see below). For
+each HTTP or websocket connection it takes the correlation id from the request header
+(``X-Correlation-ID``, else ``X-Request-ID``), replaces an invalid one, mints one when absent,
+resolves the tenant, and binds both with :class:`~tidings.event_context` around the whole
+downstream call, so sync views (run in a thread pool that copies the context), async views
+and streaming bodies all see them, and concurrent requests never see each other's. The id is
+echoed on every HTTP response, a 500 the app raised included::
 
     app.add_middleware(CorrelationMiddleware, tenant=tenant_from_header("X-Tenant-ID"))
 
 To use :func:`tenant_from_user`, place this middleware *inside* the authentication middleware,
 which sets ``scope["user"]`` (in Starlette, add it before ``AuthenticationMiddleware``).
+
+:func:`lifespan` opens a bus's transport when the app starts and closes it when it stops::
+
+    app = FastAPI(lifespan=lifespan(bus))
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, MutableMapping
+from typing import TYPE_CHECKING, Any
 
 from tidings.context import event_context
 from tidings.integrations._correlation import checked_tenant, choose_id, is_valid_id
@@ -28,6 +35,7 @@ __all__ = [
     "CorrelationMiddleware",
     "TenantResolver",
     "is_valid_id",
+    "lifespan",
     "tenant_from_header",
     "tenant_from_subdomain",
     "tenant_from_user",
@@ -43,6 +51,9 @@ TenantResolver = Callable[[Scope], "str | Awaitable[str | None] | None"]
 
 logger = logging.getLogger(__name__)
 
+if TYPE_CHECKING:  # for the annotation of lifespan only
+    from tidings.bus import EventBus
+
 
 def _header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope.get("headers") or ():
@@ -53,6 +64,17 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 class CorrelationMiddleware:
     """Bind a correlation id and tenant for each HTTP and websocket connection; echo the id.
+
+    Errors carry the id too. When the app raises before it started a response, this
+    middleware sends the 500 itself, through the echoing send: on a Starlette or FastAPI app
+    (``scope["app"]``) the one the app would send (its handler for ``500`` or ``Exception``,
+    in debug mode the traceback page, else Starlette's plain 500), on any other app a plain
+    500; then it re-raises the exception, unchanged, so the server's log, Sentry and
+    ``TestClient`` see it. Starlette's ``ServerErrorMiddleware``, outside every user
+    middleware, sees that a response started and sends no second one; it calls the app's 500
+    handler once more and discards that response, so keep such a handler free of side
+    effects (report errors from logging, which sees the exception once). An exception after
+    the response started propagates with nothing more sent.
 
     The id is the value of the first of ``header``, then ``fallback_headers``, present on the
     request. It is kept if it has 1 to ``max_length`` characters and ``validate`` accepts it
@@ -123,10 +145,32 @@ class CorrelationMiddleware:
             return
         correlation_id = self._correlation_id(scope)
         tenant_id = await self._tenant_id(scope)
-        if self.echo and scope["type"] == "http":
-            send = self._echoing(send, correlation_id.encode("latin-1"))
+        if not (self.echo and scope["type"] == "http"):
+            with event_context(
+                correlation_id=correlation_id, tenant_id=tenant_id, causation_id=None
+            ):
+                await self.app(scope, receive, send)
+            return
+        started = False
+        echoing = self._echoing(send, correlation_id.encode("latin-1"))
+
+        async def send_noting_start(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await echoing(message)
+
         with event_context(correlation_id=correlation_id, tenant_id=tenant_id, causation_id=None):
-            await self.app(scope, receive, send)
+            try:
+                await self.app(scope, receive, send_noting_start)
+            except Exception as exc:
+                if not started:
+                    # Starlette's ServerErrorMiddleware sits outside every user middleware and
+                    # sends its 500 on the server's own send, without this header: answer here,
+                    # through the echoing send, so that it sees a response started and only
+                    # re-raises (for the server's log, Sentry and TestClient).
+                    await _send_error_response(scope, receive, send_noting_start, exc)
+                raise
 
     def _echoing(self, send: Send, value: bytes) -> Send:
         name = self._echo_name
@@ -139,6 +183,133 @@ class CorrelationMiddleware:
             await send(message)
 
         return send_with_id
+
+
+_PLAIN_500 = b"Internal Server Error"
+
+
+async def _send_error_response(scope: Scope, receive: Receive, send: Send, exc: Exception) -> None:
+    """Answer a request whose app raised before responding, as the app's framework would.
+
+    On a Starlette (FastAPI) app, found as ``scope["app"]``: in debug mode its traceback page,
+    else the app's own handler for ``500`` or ``Exception`` if it has one, else Starlette's
+    plain 500. On any other app, or if that handler raises, a plain-text 500. Over HTTP/1 it
+    says ``Connection: close``: servers (uvicorn) close a connection whose app raised, and a
+    client told so does not send its next request on it. Never raises
+    for the response it builds (the caller re-raises the app's exception); a send that fails
+    (the client went away) is left to the server, which sees the re-raised exception.
+    """
+    if scope.get("http_version") in ("1.0", "1.1"):
+        send = _closing(send)
+    try:
+        response = await _starlette_error_response(scope, exc)
+    except Exception as failure:  # noqa: BLE001 - the plain 500 below still carries the id
+        logger.warning(
+            "the app's 500 handler raised %s while handling %s; sent a plain 500 instead",
+            type(failure).__name__,
+            type(exc).__name__,
+        )
+        response = None
+    try:
+        if response is not None:
+            await response(scope, receive, send)
+            return
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 500,
+                "headers": [
+                    (b"content-type", b"text/plain; charset=utf-8"),
+                    (b"content-length", str(len(_PLAIN_500)).encode("ascii")),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": _PLAIN_500})
+    except Exception:  # the app's own exception is what the caller re-raises
+        logger.debug("the 500 response could not be sent", exc_info=True)
+
+
+def _closing(send: Send) -> Send:
+    """Add ``Connection: close`` to the response: the server closes it after the re-raise."""
+
+    async def send_closing(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = [
+                (key, value)
+                for key, value in message.get("headers") or ()
+                if bytes(key).lower() != b"connection"
+            ]
+            message = {**message, "headers": [*headers, (b"connection", b"close")]}
+        await send(message)
+
+    return send_closing
+
+
+async def _starlette_error_response(scope: Scope, exc: Exception) -> Any:
+    """The response Starlette's ServerErrorMiddleware would send, or ``None`` off Starlette."""
+    app: Any = scope.get("app")
+    handlers = getattr(app, "exception_handlers", None)
+    if not isinstance(handlers, Mapping):
+        return None
+    try:
+        from starlette.concurrency import run_in_threadpool  # noqa: PLC0415 - Starlette apps only
+        from starlette.middleware.errors import ServerErrorMiddleware  # noqa: PLC0415
+        from starlette.requests import Request  # noqa: PLC0415
+    except ImportError:  # pragma: no cover - an app with exception_handlers but no Starlette
+        return None
+    request = Request(scope)
+    errors = ServerErrorMiddleware(app, debug=bool(getattr(app, "debug", False)))
+    if errors.debug:
+        return await run_in_threadpool(errors.debug_response, request, exc)
+    handler = None
+    for key, value in handlers.items():  # Starlette keeps the last of them, in this order
+        if key in (500, Exception):
+            handler = value
+    if handler is None:
+        return errors.error_response(request, exc)
+    if _is_async_callable(handler):
+        return await handler(request, exc)
+    return await run_in_threadpool(handler, request, exc)
+
+
+def _is_async_callable(obj: Any) -> bool:
+    """Whether calling ``obj`` returns an awaitable: a coroutine function, or a partial of one."""
+    while isinstance(obj, functools.partial):
+        obj = obj.func
+    return inspect.iscoroutinefunction(obj) or inspect.iscoroutinefunction(
+        getattr(obj, "__call__", None)  # noqa: B004 - an object whose __call__ is async
+    )
+
+
+def lifespan(bus: EventBus) -> Callable[[Any], contextlib.AbstractAsyncContextManager[None]]:
+    """Return an ASGI lifespan that opens ``bus``'s transport at start and closes it at stop.
+
+    For ``FastAPI(lifespan=lifespan(bus))`` or ``Starlette(lifespan=...)``; inside a lifespan
+    of your own, ``async with lifespan(bus)(app): ...``. At start it awaits the transport's
+    ``aopen`` if it has one (Redis Streams connects its publishing client on the app's event
+    loop); a broker that is down then is logged, not raised, so the app starts and serves
+    what needs no broker, and each publish connects again (raising ``PublishError`` while the
+    broker is away). Transports without ``aopen`` (Celery) connect on their first publish.
+    At stop, :meth:`EventBus.aclose <tidings.bus.EventBus.aclose>`: the loop's async clients,
+    the transport's connections and the bus's publishing threads are closed, after the sends
+    under way finished. A bus without a transport needs nothing and gets nothing.
+    """
+
+    @contextlib.asynccontextmanager
+    async def run(app: Any) -> AsyncIterator[None]:
+        transport = bus.transport
+        if transport is None:
+            yield
+            return
+        aopen = getattr(transport, "aopen", None)
+        if aopen is not None:
+            await aopen()
+        try:
+            yield
+        finally:
+            await bus.aclose()
+
+    return run
 
 
 def tenant_from_header(name: str = "X-Tenant-ID") -> TenantResolver:

@@ -394,8 +394,24 @@ class CeleryTransport:
         so ``send`` returns only once the broker accepted every message. The queues are
         declared once here rather than with every message (Celery's default, a third of the
         cost of a publish), so that a message sent before any worker started is kept.
+
+        A broker that accepts connections and never answers must fail a publish rather than
+        hold it for ever: the connection times out after Celery's ``broker_connection_timeout``
+        (4 s by default) to connect and, unless the app's ``broker_transport_options`` set
+        them, 5 s for each reply (Redis ``socket_timeout``/``socket_connect_timeout``, AMQP
+        ``read_timeout``/``write_timeout``). Set those options to change them.
         """
-        connection = self.app.connection_for_write(transport_options={"confirm_publish": True})
+        send_timeout = 5.0
+        configured = self.app.conf.broker_transport_options or {}
+        url = str(self.app.conf.broker_write_url or self.app.conf.broker_url or "")
+        names = (
+            ("socket_timeout", "socket_connect_timeout")
+            if url.startswith(("redis:", "rediss:", "redis+socket:"))
+            else ("read_timeout", "write_timeout")
+        )
+        options: dict[str, Any] = {"confirm_publish": True}
+        options.update({name: send_timeout for name in names if configured.get(name) is None})
+        connection = self.app.connection_for_write(transport_options=options)
         try:
             producer = self.app.amqp.Producer(connection)
             for queue in self.publish_to:

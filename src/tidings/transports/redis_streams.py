@@ -13,7 +13,12 @@ is decoded and validated, and the other fields are read only to dead-letter an e
 
 **Publishing** sends a whole ``publish`` call to Redis as one script call (up to
 :data:`~tidings.transports._streams_scripts.PUBLISH_CHUNK` entries each): one round trip, and the
-entries of one call are added without any other client's entry in between.
+entries of one call are added without any other client's entry in between. It goes through
+connections of its own, made from ``client``'s settings, that time out after ``send_timeout``
+seconds (5 by default) where ``client`` sets no timeouts, so a Redis that accepts connections
+and never answers fails a publish instead of holding it for ever; ``EventBus.apublish`` uses
+:meth:`RedisStreamsTransport.asend`, on :mod:`redis.asyncio`, with no thread (see
+:mod:`tidings.transports._streams_publish`).
 
 **Services and workers.** Every consuming service has one consumer group per stream, named
 after the service, so each service receives every event, and the workers of a service share the
@@ -98,6 +103,7 @@ nothing of this applies and the transport behaves as described above.
 
 from __future__ import annotations
 
+import asyncio
 import operator
 import threading
 from collections.abc import Callable, Sequence
@@ -108,6 +114,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     msg = "the Redis Streams transport needs redis-py: pip install 'tidings[redis]'"
     raise ImportError(msg) from exc
 
+from tidings._redis import SEND_TIMEOUT
 from tidings._redis_persistence import warn_if_forgetful
 from tidings.bus import EventBus, Handler
 from tidings.codec import Codec, default_codec
@@ -124,6 +131,7 @@ from tidings.ports import (
 from tidings.retry import RetryPolicy
 from tidings.transports._defaults import DEFAULT, Default, redis_dead_letters, redis_inbox
 from tidings.transports._streams_partitions import partition_of
+from tidings.transports._streams_publish import Senders
 from tidings.transports._streams_run import run_consumers, run_until_signalled
 from tidings.transports._streams_scripts import (
     PUBLISH,
@@ -190,6 +198,8 @@ class RedisStreamsTransport:
             holding it (an aggregate id, say); required with ``partitions``.
         entry_headers: also write the event's type, id and context ids as entry fields of their
             own, besides the envelope (see "Layout" in the module docstring).
+        send_timeout: seconds a publish waits to connect and for Redis's reply where
+            ``client`` sets no timeout of its own (``None``: as ``client`` does).
 
     Thread-safe for publishing. Creating it contacts nothing; ``EventBus(transport=...)`` binds
     it, and :meth:`run` (or ``tidings worker``) consumes.
@@ -217,6 +227,7 @@ class RedisStreamsTransport:
         partitions: int | None = None,
         partition_key: PartitionKey | str | None = None,
         entry_headers: bool = False,
+        send_timeout: float | None = SEND_TIMEOUT,
     ) -> None:
         problems = []
         if not service or ":" in service:
@@ -231,6 +242,8 @@ class RedisStreamsTransport:
             problems.append("partitions must be >= 1 and come with a partition_key")
         if partitions is not None and claim_idle * 1000 <= 2 * block_ms:
             problems.append("with partitions, claim_idle (the lease) must exceed 2 * block_ms")
+        if send_timeout is not None and send_timeout <= 0:
+            problems.append("send_timeout must be positive seconds (or None)")
         if problems:
             msg = "invalid RedisStreamsTransport: " + "; ".join(problems)
             raise ValueError(msg)
@@ -264,6 +277,7 @@ class RedisStreamsTransport:
         self._dispatcher: Dispatcher | None = None
         self._trim = client.register_script(SAFE_TRIM)
         self._publish = client.register_script(PUBLISH_FIELDS if entry_headers else PUBLISH)
+        self._senders = Senders(PUBLISH_FIELDS if entry_headers else PUBLISH, send_timeout)
 
     # -- wiring -----------------------------------------------------------------------------
 
@@ -322,7 +336,9 @@ class RedisStreamsTransport:
         """Encode every event first (nothing is sent if one fails), then add them all.
 
         Each chunk of up to ``PUBLISH_CHUNK`` entries is added by one script call: one round
-        trip, no other client's entry in between.
+        trip, no other client's entry in between. Thread-safe: concurrent sends use
+        connections of their own. Each waits at most ``send_timeout`` to connect and for
+        each reply.
 
         Raises:
             EventEncodeError: an event cannot be encoded; nothing was sent.
@@ -331,18 +347,7 @@ class RedisStreamsTransport:
                 duplicates harmless).
         """
         entries = [(self.stream_of(event), self._entry(event)) for event in events]
-        warn_if_forgetful(self.client, "the Redis Streams transport, publishing")
-        try:
-            for first in range(0, len(entries), PUBLISH_CHUNK):
-                chunk = entries[first : first + PUBLISH_CHUNK]
-                args = [value for _, entry in chunk for value in entry]
-                self._publish(keys=[stream for stream, _ in chunk], args=args)
-        except redis.RedisError as exc:
-            msg = (
-                f"Redis did not accept all of {len(entries)} event(s) ({exc!r}); send them "
-                "again: handlers' inboxes make the ones already added harmless"
-            )
-            raise PublishError(msg) from exc
+        self._add(entries, "event(s)")
 
     def send_envelopes(self, envelopes: Sequence[StoredEnvelope]) -> None:
         """Add stored envelopes, unchanged, to the streams ``send`` would add their events to.
@@ -386,17 +391,59 @@ class RedisStreamsTransport:
                 entries.append((stream, (len(headers) + 2, ENVELOPE, envelope.body, *headers)))
             else:
                 entries.append((stream, (envelope.body,)))
+        self._add(entries, "envelope(s)")
+
+    def _add(self, entries: Sequence[tuple[str, tuple[bytes | str | int, ...]]], what: str) -> None:
+        """Add ``entries`` (stream, script arguments) in chunks, one script call each."""
+        warn_if_forgetful(self.client, "the Redis Streams transport, publishing")
+        sender = self._senders.sync(self.client)
         try:
             for first in range(0, len(entries), PUBLISH_CHUNK):
                 chunk = entries[first : first + PUBLISH_CHUNK]
                 args = [value for _, entry in chunk for value in entry]
-                self._publish(keys=[stream for stream, _ in chunk], args=args)
+                self._publish(keys=[stream for stream, _ in chunk], args=args, client=sender)
         except redis.RedisError as exc:
-            msg = (
-                f"Redis did not accept all of {len(entries)} envelope(s) ({exc!r}); send them "
-                "again: handlers' inboxes make the ones already added harmless"
-            )
-            raise PublishError(msg) from exc
+            raise PublishError(_not_accepted(len(entries), what, exc)) from exc
+
+    async def asend(self, events: Sequence[DomainEvent]) -> None:
+        """Like :meth:`send`, on the running event loop through :mod:`redis.asyncio`.
+
+        ``EventBus.apublish`` calls it: no thread is used, and concurrent calls each take a
+        connection of their own. Cancelling it (a timeout) drops the connection it was using;
+        the entries may or may not have been added. A ``client`` whose pool cannot be
+        reproduced for :mod:`redis.asyncio` (Sentinel, cluster) is used through :meth:`send`
+        in a thread instead.
+
+        Raises:
+            EventEncodeError: an event cannot be encoded; nothing was sent.
+            PublishError: as :meth:`send`.
+        """
+        entries = [(self.stream_of(event), self._entry(event)) for event in events]
+        made = self._senders.for_loop(self.client)
+        if made is None:
+            await asyncio.to_thread(self.send, events)
+            return
+        client, script = made
+        try:
+            for first in range(0, len(entries), PUBLISH_CHUNK):
+                chunk = entries[first : first + PUBLISH_CHUNK]
+                args = [value for _, entry in chunk for value in entry]
+                await script(keys=[stream for stream, _ in chunk], args=args, client=client)
+        except redis.RedisError as exc:
+            raise PublishError(_not_accepted(len(entries), "event(s)", exc)) from exc
+
+    async def aopen(self) -> None:
+        """Connect the running loop's publishing client now (an ASGI app's start-up).
+
+        Redis being away is logged, not raised: the app starts, and each publish connects
+        again (see :func:`tidings.integrations.asgi.lifespan`).
+        """
+        await self._senders.open(self.client)
+
+    async def aclose(self) -> None:
+        """Close the running loop's publishing client, then as :meth:`close`."""
+        await self._senders.aclose()
+        self.close()
 
     def _entry(self, event: DomainEvent) -> tuple[bytes | str | int, ...]:
         """The publishing script's arguments for one entry (see ``_streams_scripts``)."""
@@ -421,8 +468,10 @@ class RedisStreamsTransport:
     def close(self) -> None:
         """Close the client's idle pooled connections; a later send opens new ones.
 
-        Connections in use (a consumer blocked in a read, say) are left alone.
+        Connections in use (a consumer blocked in a read, say) are left alone; so are the
+        async publishing clients (closed by :meth:`aclose`, on their loop).
         """
+        self._senders.close()
         self.client.connection_pool.disconnect(inuse_connections=False)
 
     # -- working ----------------------------------------------------------------------------
@@ -507,3 +556,11 @@ def _stored_headers(envelope: StoredEnvelope) -> list[str]:
         if value is not None:
             fields += (f"tidings_{name}", value)
     return fields
+
+
+def _not_accepted(count: int, what: str, exc: Exception) -> str:
+    """The PublishError message of a send Redis did not take in full."""
+    return (
+        f"Redis did not accept all of {count} {what} ({exc!r}); send them again: handlers' "
+        "inboxes make the ones already added harmless"
+    )
