@@ -302,6 +302,14 @@ def test_the_store_can_come_from_the_environment(tmp_path):
     store.close()
 
 
+def test_a_mistyped_sqlite_path_is_refused_and_not_created(tmp_path):
+    """A --store naming a SQLite file that does not exist is a usage error; no file appears."""
+    missing = tmp_path / "typo.db"
+    result = run("list", "--store", f"sqlite:///{missing}")
+    assert result.exit_code == 2, result.output
+    assert not missing.exists()
+
+
 def test_an_unknown_store_scheme_is_a_usage_error():
     """A store URL with an unknown scheme gets a usage error listing URLs that work."""
     result = run("list", "--store", "amqp://guest@localhost//")

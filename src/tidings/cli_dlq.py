@@ -76,7 +76,7 @@ def _opened(url: str | None, name: str | None) -> Iterator[DeadLetterStore]:
         )
         raise click.UsageError(msg)
     try:
-        store = open_store(url, name=name)
+        store = open_store(url, name=name, must_exist=True)
     except (TidingsError, ImportError) as exc:  # a URL tidings cannot use, a missing extra
         raise click.UsageError(redact_text(str(exc), url)) from exc
     try:

@@ -32,18 +32,21 @@ class DeadLetterStoreURLError(TidingsError, ValueError):
     """A dead-letter store URL names no store tidings knows; the message lists the ones it does."""
 
 
-def open_store(url: str, *, name: str | None = None) -> DeadLetterStore:
+def open_store(url: str, *, name: str | None = None, must_exist: bool = False) -> DeadLetterStore:
     """Return the dead-letter store at ``url``, chosen by its scheme.
 
     ``redis://`` and ``rediss://`` give a Redis store, ``memory://`` an empty in-process store,
     and any SQLAlchemy URL (``sqlite:///path``, ``postgresql+psycopg://...``,
     ``mysql+pymysql://...``) a SQL store, whose table must exist (see
     :meth:`~tidings.deadletter.sql.SqlDeadLetterStore.create_tables`). ``name`` is the Redis key
-    prefix or the SQL table name, when not the default. Redis and SQL stores own their client or
+    prefix or the SQL table name, when not the default. With ``must_exist`` (the ``tidings dlq``
+    commands), a SQLite file that does not exist is refused instead of created empty: a
+    mistyped path is an error, not an empty store. Redis and SQL stores own their client or
     engine: call their ``close()`` when done.
 
     Raises:
         DeadLetterStoreURLError: the URL has no scheme tidings knows.
+        UsageError: ``must_exist`` and the SQLite file does not exist.
         ImportError: the store's extra or the database driver is missing; the message says what
             to install.
     """
@@ -61,10 +64,10 @@ def open_store(url: str, *, name: str | None = None) -> DeadLetterStore:
     if not scheme:
         msg = f"{redact_url(url)!r} is not a dead-letter store URL: use one like {_EXAMPLES}"
         raise DeadLetterStoreURLError(msg)
-    return _open_sql(url, scheme, name)
+    return _open_sql(url, scheme, name, must_exist=must_exist)
 
 
-def _open_sql(url: str, scheme: str, name: str | None) -> DeadLetterStore:
+def _open_sql(url: str, scheme: str, name: str | None, *, must_exist: bool) -> DeadLetterStore:
     try:
         import sqlalchemy as sa  # noqa: PLC0415 - optional extra, imported when a store is made
     except ImportError as exc:
@@ -84,8 +87,8 @@ def _open_sql(url: str, scheme: str, name: str | None) -> DeadLetterStore:
         raise DeadLetterStoreURLError(msg) from exc
     try:
         if name is None:
-            return SqlDeadLetterStore.from_url(url)
-        return SqlDeadLetterStore.from_url(url, table_name=name)
+            return SqlDeadLetterStore.from_url(url, must_exist=must_exist)
+        return SqlDeadLetterStore.from_url(url, table_name=name, must_exist=must_exist)
     except ImportError as exc:
         database = scheme.split("+", maxsplit=1)[0]
         fix = _DRIVER_FIXES.get("mysql" if database == "mariadb" else database)
