@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 import threading
 import warnings
+import weakref
+from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +33,13 @@ from tidings.events import DomainEvent
 from tidings.ports import DeadLetter, DeadLetterStore, Inbox
 from tidings.retry import RetryPolicy
 from tidings.transports._celery_redis import reuse_redis_clients
+from tidings.transports._celery_routing import (
+    DEFAULT_EXCHANGE,
+    SubscriptionRegistry,
+    describe,
+    driver_of,
+    subscriptions,
+)
 
 if TYPE_CHECKING:
     from celery import Celery, Task
@@ -47,6 +56,12 @@ DELIVER_BATCH = "tidings.deliver_batch"
 _MAX_BACKOFF_EXPONENT = 6
 # Celery's default for the Redis broker: an unacknowledged message is handed out again after it.
 DEFAULT_VISIBILITY_TIMEOUT = 3600.0
+# Brokers routing by event type is built for; on others the default sends to the own queue.
+_ROUTED_DRIVERS = ("amqp", "redis")
+
+# App -> the transports bound on it, in binding order (their tasks are named apart).
+_bound: weakref.WeakKeyDictionary[Any, list[CeleryTransport]] = weakref.WeakKeyDictionary()
+_bound_lock = threading.Lock()
 
 
 def _celery() -> Any:
@@ -64,8 +79,10 @@ class CeleryTransport:
     Args:
         app: the Celery app; workers start the standard way, ``celery -A module worker -Q q``.
         queue: the queue this service's workers consume (and where retries go).
-        publish_to: the queues events are sent to: every service that handles them has its
-            own queue there, and each receives every event. Defaults to ``[queue]``.
+        publish_to: the legacy fan-out: when given, every event is sent to every one of these
+            queues, whatever the services there handle. By default (``None``) events are
+            routed by type: each goes to the queues of the services subscribed to its type
+            (:mod:`tidings.transports._celery_routing`).
         dead_letters: where failures and undecodable messages end (required: nothing is
             dropped).
         inbox: the idempotency guard (strongly recommended; ``None`` means at-least-once
@@ -83,6 +100,10 @@ class CeleryTransport:
             the reason. While the dead letter cannot be stored either, it is sent again every
             60 s; a retry that cannot be sent is rejected back to the broker, or left
             unacknowledged for redelivery: never acknowledged in silence.
+        exchange: routing by type: the RabbitMQ exchange, or on Redis the prefix of the
+            subscription registry's keys (``tidings.events``).
+        subscription_ttl: on Redis, how long a publisher uses the subscriptions it read before
+            reading them again, in seconds (a new service's first worker is seen within it).
 
     ``EventBus(transport=CeleryTransport(app, ...))`` registers the two tasks on ``app``,
     installs context propagation for all of the app's tasks and sets the app's
@@ -108,6 +129,8 @@ class CeleryTransport:
         batch_size: int = 500,
         max_worker_losses: int = 3,
         max_infrastructure_retries: int = 10,
+        exchange: str = DEFAULT_EXCHANGE,
+        subscription_ttl: float = 5.0,
     ) -> None:
         _celery()
         if batch_size < 1:
@@ -119,9 +142,27 @@ class CeleryTransport:
         if max_infrastructure_retries < 0:
             msg = "max_infrastructure_retries must be >= 0"
             raise ValueError(msg)
+        if subscription_ttl < 0:
+            msg = "subscription_ttl must be >= 0"
+            raise ValueError(msg)
+        if not exchange:
+            msg = "exchange must be a non-empty name"
+            raise ValueError(msg)
         self.app = app
         self.queue = queue
         self.publish_to = tuple(publish_to) if publish_to else (queue,)
+        self.routes_by_type = not publish_to
+        """Whether events are routed by type (the default) rather than to ``publish_to``."""
+        self.exchange = exchange
+        self.unrouted: Counter[str] = Counter()
+        """Events published that no service subscribes to, by event type (normal pub/sub)."""
+        self._registry = SubscriptionRegistry(exchange, subscription_ttl)
+        self._driver = ""
+        self._returned: list[str] = []
+        self._bus: EventBus | None = None
+        self._serving: dict[str, tuple[str, ...]] | None = None
+        self._declared: set[str] = set()
+        self._table_logged = False
         self.dead_letters = dead_letters
         self.inbox = inbox
         self.codec = default_codec if codec is None else codec
@@ -148,6 +189,8 @@ class CeleryTransport:
             raise UsageError(msg)
         self._check_accept_content()
         self._check_delay(self.retry, "the transport's default retry policy")
+        deliver_name, batch_name = self._claim_task_names()
+        self._bus = bus
         self._dispatcher = Dispatcher.serving(bus, self)
         # Worker-side customisations of Celery, which need Celery itself.
         from tidings.transports import _celery_consumer  # noqa: PLC0415
@@ -176,15 +219,19 @@ class CeleryTransport:
         def deliver_batch(task: Task, *args: Any, **kwargs: Any) -> None:
             transport._run_batch(task, *args, **kwargs)
 
-        self._deliver = self.app.task(name=DELIVER, **options)(deliver)
-        self._deliver_batch = self.app.task(name=DELIVER_BATCH, **options)(deliver_batch)
+        self._deliver = self.app.task(name=deliver_name, **options)(deliver)
+        self._deliver_batch = self.app.task(name=batch_name, **options)(deliver_batch)
+        from tidings.transports._celery_worker import install  # noqa: PLC0415 - needs Celery
+
+        install(self.app)
         from tidings.transports.celery import install_context_propagation  # noqa: PLC0415
 
         install_context_propagation(self.app)
         # Messages Celery cannot decode or route would only be logged and dropped: make the
         # worker's consumer dead-letter them first.
-        _celery_consumer.dead_letter_stores[id(self.app)] = self.dead_letters
-        _celery_consumer.transports[id(self.app)] = self
+        # The app's first transport answers for messages no task of it claims.
+        _celery_consumer.dead_letter_stores.setdefault(id(self.app), self.dead_letters)
+        _celery_consumer.transports.setdefault(id(self.app), self)
         ours = "tidings.transports._celery_consumer:DeadLetteringConsumer"
         current = self.app.conf.worker_consumer
         if current in (None, "celery.worker.consumer:Consumer", ours):
@@ -200,10 +247,38 @@ class CeleryTransport:
         for handler in bus.handlers:
             self.subscribed(handler)
 
+    def _claim_task_names(self) -> tuple[str, str]:
+        """The names of this transport's two tasks on its app, registering it there.
+
+        The app's first transport keeps the plain names (``tidings.deliver``); each later one
+        has names of its own that carry its queue (``tidings.deliver:billing``), so that two
+        buses on one app never run each other's handlers. Every process must create them in
+        the same order: one composition root imported by the web process and the workers.
+
+        Raises:
+            UsageError: another transport on this app already serves the same queue.
+        """
+        with _bound_lock:
+            bound = _bound.setdefault(self.app, [])
+            for other in bound:
+                if other.queue == self.queue:
+                    msg = (
+                        f"a CeleryTransport for queue {self.queue!r} is already bound on this "
+                        "Celery app: its workers could not tell the two buses apart. Give each "
+                        "bus its own queue= (one queue per service), or subscribe every "
+                        "handler of that queue on one bus"
+                    )
+                    raise UsageError(msg)
+            bound.append(self)
+            if len(bound) == 1:
+                return DELIVER, DELIVER_BATCH
+            return f"{DELIVER}:{self.queue}", f"{DELIVER_BATCH}:{self.queue}"
+
     def subscribed(self, handler: Handler) -> None:
         """Refuse a handler whose retry delay could outlast the broker's visibility timeout."""
         if handler.retry is not None:
             self._check_delay(handler.retry, f"handler {handler.name!r}")
+        self._serving = None  # the subscriptions change with the handlers
 
     def _visibility_timeout(self) -> float | None:
         """The broker's visibility timeout, or ``None`` for brokers without one (AMQP)."""
@@ -238,24 +313,32 @@ class CeleryTransport:
     # -- publishing -------------------------------------------------------------------------
 
     def send(self, events: Sequence[DomainEvent]) -> None:
-        """Encode every event first (nothing is sent if one fails), then send to each queue."""
+        """Encode every event first (nothing is sent if one fails), then send each where it goes.
+
+        Routed by type (the default), each event goes to the queues subscribed to its type,
+        once each; an event no service subscribes to is counted in :attr:`unrouted` and logged
+        at DEBUG (normal pub/sub: nothing to deliver). With ``publish_to``, every event goes to
+        every queue listed. Several events go as batch messages of up to ``batch_size``.
+
+        Raises:
+            UsageError: not bound to a bus; or (routing by type) a handler of the bus
+                subscribes to a class the codec does not know.
+            PublishError: the broker did not accept every message (send again).
+        """
         if self._deliver is None or self._deliver_batch is None:
             msg = "create the EventBus with this transport before publishing"
             raise UsageError(msg)
         bodies = [self.codec.encode(event).decode() for event in events]
+        if self.routes_by_type and self._serving is None:
+            self._own_subscriptions()  # a UsageError here is the developer's, not the broker's
         with self._send_lock:
             try:
                 producer = self._producer or self._open_producer()
                 reuse_redis_clients(producer.channel)
-                for queue in self.publish_to:
-                    if len(bodies) == 1:
-                        self._send_one(events[0], bodies[0], queue, producer)
-                        continue
-                    for start in range(0, len(bodies), self.batch_size):
-                        chunk = bodies[start : start + self.batch_size]
-                        self._send_task(
-                            self._deliver_batch, (chunk,), f"<{len(chunk)} events>", queue, producer
-                        )
+                if self._serving is not None and self._declared != self._serving.keys():
+                    self._subscribe(producer.channel, list(self._serving))
+                for queue, routing_key, indices in self._plan(events, producer):
+                    self._send_group(events, bodies, indices, queue, routing_key, producer)
             except Exception as exc:
                 msg = (
                     f"the broker did not accept all of {len(bodies)} event(s) ({exc!r}); send "
@@ -263,7 +346,92 @@ class CeleryTransport:
                 )
                 raise PublishError(msg) from exc
 
-    def _send_one(self, event: DomainEvent, body: str, queue: str, producer: Any) -> None:
+    def _plan(
+        self, events: Sequence[DomainEvent], producer: Any
+    ) -> list[tuple[str | None, str | None, list[int]]]:
+        """Where each event goes: (queue, routing key, indices of its events), in order.
+
+        A queue for a direct send (the legacy fan-out, an eager app, a broker without routing,
+        a queue the Redis registry names), or a routing key (its event type) for the exchange.
+        """
+        everything = list(range(len(events)))
+        if not self._routes_here():
+            queues = self.publish_to if not self.routes_by_type else (self.queue,)
+            return [(queue, None, everything) for queue in queues]
+        by_type: dict[str, list[int]] = {}
+        for index, event in enumerate(events):
+            by_type.setdefault(event.event_type, []).append(index)
+        if self._driver == "amqp":
+            return [(None, event_type, indices) for event_type, indices in by_type.items()]
+        subscribed = self._registry.queues_for(producer.channel.client, by_type)
+        by_queue: dict[str, list[int]] = {}
+        for event_type, indices in by_type.items():
+            queues = subscribed.get(event_type, ())
+            if not queues:
+                self._no_subscriber(event_type, len(indices))
+            for queue in queues:
+                by_queue.setdefault(queue, []).extend(indices)
+        # Each queue's events in publishing order, whatever their types.
+        return [(queue, None, sorted(indices)) for queue, indices in by_queue.items()]
+
+    def _routes_here(self) -> bool:
+        """Whether this publisher routes by type: not eager, on a broker that routes."""
+        return (
+            self.routes_by_type
+            and not self.app.conf.task_always_eager
+            and self._driver in _ROUTED_DRIVERS
+        )
+
+    def _send_group(  # noqa: PLR0917 - one group's parts
+        self,
+        events: Sequence[DomainEvent],
+        bodies: list[str],
+        indices: list[int],
+        queue: str | None,
+        routing_key: str | None,
+        producer: Any,
+    ) -> None:
+        """Send the events at ``indices`` to one queue or routing key: alone, or in batches."""
+        assert self._deliver_batch is not None  # noqa: S101 - checked by send
+        if len(indices) == 1:
+            index = indices[0]
+            self._send_one(events[index], bodies[index], queue, producer, routing_key)
+            self._check_returned(routing_key, 1)
+            return
+        for start in range(0, len(indices), self.batch_size):
+            chunk = [bodies[i] for i in indices[start : start + self.batch_size]]
+            self._send_task(
+                self._deliver_batch, (chunk,), f"<{len(chunk)} events>", queue, producer,
+                routing_key,
+            )  # fmt: skip
+            self._check_returned(routing_key, len(chunk))
+
+    def _check_returned(self, routing_key: str | None, count: int) -> None:
+        """Count a message the exchange returned (it came back before the broker's confirm)."""
+        if self._returned:
+            self._returned.clear()
+            self._no_subscriber(routing_key or "", count)
+
+    def _on_return(self, exc: Any, exchange: Any, routing_key: Any, message: Any) -> None:
+        """Called by kombu (``on_return``): a ``mandatory`` message no binding took came back."""
+        self._returned.append(str(routing_key))
+
+    def _no_subscriber(self, event_type: str, count: int) -> None:
+        self.unrouted[event_type] += count
+        log.debug(
+            "no service subscribes to %s: %d event(s) not sent (counted in unrouted)",
+            log_safe(event_type, 200),
+            count,
+        )
+
+    def _send_one(
+        self,
+        event: DomainEvent,
+        body: str,
+        queue: str | None,
+        producer: Any,
+        routing_key: str | None = None,
+    ) -> None:
         """Send one event's message, its headers carrying the event's own context ids.
 
         So that Celery's log lines about the message, in a worker, carry them even when it was
@@ -273,13 +441,20 @@ class CeleryTransport:
         token = bind(EventContext(event.correlation_id, event.causation_id, event.tenant_id))
         try:
             self._send_task(
-                self._deliver, (body,), f"<{event.event_type} {event.event_id}>", queue, producer
-            )
+                self._deliver, (body,), f"<{event.event_type} {event.event_id}>", queue,
+                producer, routing_key,
+            )  # fmt: skip
         finally:
             reset(token)
 
-    def _send_task(
-        self, task: Task, args: tuple[Any, ...], argsrepr: str, queue: str, producer: Any
+    def _send_task(  # noqa: PLR0917 - one message's parts
+        self,
+        task: Task,
+        args: tuple[Any, ...],
+        argsrepr: str,
+        queue: str | None,
+        producer: Any,
+        routing_key: str | None = None,
     ) -> None:
         """Send one task message on the transport's producer: what ``apply_async`` would send.
 
@@ -289,14 +464,23 @@ class CeleryTransport:
         it to Celery's own sender, which sends the publish signals and applies the app's
         publish retry policy. An eager app (``task_always_eager``), or one on task protocol 1,
         takes ``apply_async``. ``argsrepr`` is what Celery's logs and monitors show of the
-        arguments (the envelope is in them).
+        arguments (the envelope is in them). With a ``routing_key`` (an event type) the message
+        goes to the transport's exchange instead of a queue, ``mandatory`` (see ``_on_return``).
         """
+        route: dict[str, Any] = (
+            {"queue": queue}
+            if routing_key is None
+            else {
+                "exchange": self.exchange,
+                "routing_key": routing_key,
+                "exchange_type": "direct",
+                "mandatory": True,
+            }
+        )
         app = self.app
         conf = app.conf
         if conf.task_always_eager or conf.task_protocol != 2:
-            task.apply_async(
-                args=args, argsrepr=argsrepr, queue=queue, producer=producer, declare=[]
-            )
+            task.apply_async(args=args, argsrepr=argsrepr, producer=producer, declare=[], **route)
             return
         parent = app.current_worker_task
         request = None if parent is None else parent.request
@@ -312,36 +496,138 @@ class CeleryTransport:
             create_sent_event=conf.task_send_sent_event,
         )
         app.amqp.send_task_message(
-            producer, task.name, message, queue=queue, declare=[], serializer="json"
+            producer, task.name, message, declare=[], serializer="json", **route
         )
 
     def _open_producer(self) -> Any:
-        """Connect for publishing and declare the queues (under the send lock).
+        """Connect for publishing and declare where messages go (under the send lock).
 
         Publisher confirms on AMQP: a publish waits for the broker's ack and raises on a nack,
         so ``send`` returns only once the broker accepted every message. The queues are
         declared once here rather than with every message (Celery's default, a third of the
-        cost of a publish), so that a message sent before any worker started is kept.
+        cost of a publish), so that a message sent before any worker started is kept. Routed
+        by type, that is the exchange (RabbitMQ) and this bus's own subscriptions.
         """
         connection = self.app.connection_for_write(transport_options={"confirm_publish": True})
         try:
-            producer = self.app.amqp.Producer(connection)
-            for queue in self.publish_to:
-                producer.maybe_declare(self.app.amqp.queues[queue])
+            driver = driver_of(connection)
+            on_return = self._on_return if driver == "amqp" else None
+            producer = self.app.amqp.Producer(connection, on_return=on_return)
+            self._driver = driver
+            self._declared = set()
+            if self.routes_by_type and driver not in _ROUTED_DRIVERS:
+                warnings.warn(
+                    f"routing by event type needs RabbitMQ or Redis, not a {driver!r} broker: "
+                    f"events go to this transport's queue {self.queue!r} only; pass "
+                    "publish_to=[...] to send them to other services' queues",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            if self._routes_here():
+                if driver == "amqp":
+                    self._declare_exchange(producer.channel)
+                self._subscribe(producer.channel, list(self._own_subscriptions()))
+            else:
+                for queue in self.publish_to if not self.routes_by_type else (self.queue,):
+                    producer.maybe_declare(self.app.amqp.queues[queue])
         except BaseException:
             connection.release()
             raise
         self._connection, self._producer = connection, producer
         return producer
 
+    # -- subscriptions ----------------------------------------------------------------------
+
+    def _own_subscriptions(self) -> dict[str, tuple[str, ...]]:
+        """This bus's event types and their handlers (computed again after a subscribe)."""
+        serving = self._serving
+        if serving is None:
+            if self._bus is None:  # pragma: no cover - bound before anything calls it
+                msg = "the transport is not bound to a bus"
+                raise UsageError(msg)
+            serving = self._serving = subscriptions(self._bus, self.codec.registry)
+        return serving
+
+    def _declare_exchange(self, channel: Any) -> None:
+        from kombu import Exchange  # type: ignore[attr-defined]  # noqa: PLC0415 - optional
+
+        Exchange(self.exchange, type="direct", durable=True)(channel).declare()  # type: ignore[no-untyped-call]
+
+    def _subscribe(self, channel: Any, event_types: list[str]) -> None:
+        """Subscribe this transport's queue to ``event_types`` on the broker (idempotent)."""
+        if self._driver == "amqp":
+            self._declare_exchange(channel)
+            bound = self.app.amqp.queues[self.queue](channel)
+            bound.declare()  # as Celery declares it: its own exchange, arguments and binding
+            for event_type in event_types:
+                bound.bind_to(exchange=self.exchange, routing_key=event_type)
+        elif self._driver == "redis":
+            self._registry.subscribe(channel.client, self.queue, event_types)
+        self._declared = set(event_types)
+
+    def unsubscribe(self, *event_types: str) -> None:
+        """Stop routing ``event_types`` to this transport's queue (when the service drops them).
+
+        Subscriptions are durable: a worker that no longer has a handler for a type its queue
+        was subscribed to dead-letters those events, naming this method as one fix. Events
+        of these types already in the queue stay there.
+        """
+        with self.app.connection_for_write() as connection:
+            channel = connection.channel()
+            try:
+                driver = driver_of(connection)
+                if driver == "amqp":
+                    for event_type in event_types:
+                        channel.queue_unbind(
+                            queue=self.queue, exchange=self.exchange, routing_key=event_type
+                        )
+                elif driver == "redis":
+                    self._registry.unsubscribe(channel.client, self.queue, event_types)
+            finally:
+                channel.close()
+
+    def worker_started(self, connection: Any) -> None:
+        """Subscribe this service's queue to its event types and log the handler table.
+
+        Called by the worker's consumer at start-up and after each reconnection, with its
+        broker connection (a connection error makes the consumer reconnect and call again).
+
+        Raises:
+            UsageError: a handler subscribes to a class the codec does not know (the worker
+                exits: a start-up error).
+        """
+        table = self._own_subscriptions()
+        driver = driver_of(connection)
+        if not self.routes_by_type:
+            how = f"each receiving every event sent to publish_to {list(self.publish_to)}"
+        elif driver in _ROUTED_DRIVERS:
+            how = (
+                f"routed by type through exchange {self.exchange!r}"
+                if driver == "amqp"
+                else f"routed by type through the Redis registry {self.exchange!r}"
+            )
+            channel = connection.channel()
+            try:
+                self._driver = self._driver or driver
+                self._subscribe(channel, list(table))
+            finally:
+                channel.close()
+        else:
+            how = f"not routed by type (a {driver!r} broker): only what is sent to this queue"
+        if not self._table_logged:
+            self._table_logged = True
+            log.info("%s", describe(self.queue, table, how))
+
     def replay(self, letter: DeadLetter) -> None:
-        """Send a dead letter back to its queue, to its handler only when it names one."""
+        """Send a dead letter back to this transport's queue, to its handler when it names one.
+
+        Always this service's own queue, never a destination read from the letter.
+        """
         if self._deliver is None:
             msg = "create the EventBus with this transport before replaying"
             raise UsageError(msg)
-        queue = letter.destination or self.queue
         self._deliver.apply_async(
-            args=(letter.body.decode("utf-8", "replace"), letter.handler, 1), queue=queue
+            args=(letter.body.decode("utf-8", "replace"), letter.handler, 1), queue=self.queue
         )
 
     def close(self) -> None:
@@ -386,7 +672,9 @@ class CeleryTransport:
         if retries is None:
             self._refuse(task, bodies, handler, "the message's retries header is not a counter")
             return
-        queue = self._queue_of(request)
+        # Retries go to this service's own queue, never to a destination read from the message
+        # (on RabbitMQ its routing key is the event type).
+        queue = self.queue
         _, headers, _ = bounded_letter_fields(b"", request.headers or {}, 0)
         messages = [
             Received(
@@ -399,7 +687,11 @@ class CeleryTransport:
             for body in bodies
         ]
         try:
-            for outcome in dispatcher.dispatch_many(messages):
+            for message, outcome in zip(messages, dispatcher.dispatch_many(messages), strict=True):
+                if outcome.event is not None and not (
+                    outcome.handled or outcome.duplicates or outcome.retries or outcome.dead
+                ):
+                    self._no_handler(dispatcher, message, outcome.event)
                 for again in outcome.retries:
                     deliver.apply_async(
                         args=(again.body.decode(), again.handler, again.attempt),
@@ -456,7 +748,7 @@ class CeleryTransport:
     def _refuse(self, task: Task, bodies: list[Any], handler: str | None, reason: str) -> None:
         """Dead-letter each of a message's bodies with ``reason`` (raises if the store fails)."""
         request = task.request
-        queue = self._queue_of(request)
+        queue = self.queue
         for body in bodies:
             raw = body.encode() if isinstance(body, str) else repr(body).encode()
             raw, headers, note = bounded_letter_fields(
@@ -473,10 +765,23 @@ class CeleryTransport:
             self.dead_letters.add(letter)
             log.error("dead-lettered a delivery as %s: %s", letter.id, log_safe(letter.reason))
 
-    def _queue_of(self, request: Any) -> str:
-        delivery = request.delivery_info
-        queue = delivery.get("routing_key") if isinstance(delivery, dict) else None
-        return queue if isinstance(queue, str) and queue else self.queue
+    def _no_handler(self, dispatcher: Dispatcher, message: Received, event: DomainEvent) -> None:
+        """Dead-letter an event that reached this worker with no handler for its type here."""
+        fix = (
+            ", or, if this service no longer handles them, "
+            f"transport.unsubscribe({event.event_type!r})"
+            if self.routes_by_type
+            else ""
+        )
+        refused = LookupError(
+            f"no handler for event type {event.event_type!r} in this worker (queue "
+            f"{self.queue!r}): the module that subscribes them is not imported; use "
+            "bus.autodiscover(...) in the composition root the worker imports" + fix
+        )
+        letter = dispatcher._dead_letter(  # the dispatcher's own letter format
+            message, refused, attempts=0, handler=None, event=event
+        )
+        log.error("dead-lettered a delivery as %s: %s", letter.id, log_safe(letter.reason))
 
     def _countdown(self, delay: float) -> float:
         """A retry's countdown: its delay, below the broker's visibility timeout.
@@ -486,6 +791,12 @@ class CeleryTransport:
         """
         timeout = self._visibility_timeout()
         return delay if timeout is None else min(delay, timeout * 0.9)
+
+
+def bound_transports(app: Any) -> tuple[CeleryTransport, ...]:
+    """The transports bound on ``app``, in binding order."""
+    with _bound_lock:
+        return tuple(_bound.get(app, ()))
 
 
 def one_arguments(
