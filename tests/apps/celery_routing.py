@@ -6,7 +6,8 @@ Worker subprocesses start as ``celery -A tests.apps.celery_routing worker -Q <qu
   exchange (RabbitMQ) or registry key prefix (Redis) ``<prefix>.events``, and the Redis keys
   of inboxes, dead letters and effects under ``<prefix>:``.
 - ``ROUTING_SERVICE``: ``shop``, ``billing``, ``unknown`` (a handler of an unregistered
-  class) or ``pair`` (two transports, queues ``<prefix>.a`` and ``<prefix>.b``, on one app).
+  class) or ``pair`` (a transport on queue ``<prefix>.a``, and a second one on the same app,
+  queue ``<prefix>.b``, which is refused).
 - ``ROUTING_BROKER``: the broker URL (default: the test Redis).
 - ``ROUTING_HANDLERS``: ``0`` builds the service without importing its handlers, as a worker
   that forgot the module subscribing them.
@@ -27,6 +28,7 @@ from celery import Celery
 
 from tidings import DomainEvent, EventBus, register_event
 from tidings.deadletter.redis import RedisDeadLetterStore
+from tidings.errors import UsageError
 from tidings.inbox.redis import RedisInbox
 from tidings.transports.celery import CeleryTransport
 
@@ -109,31 +111,29 @@ def make(
     return app, bus, transport, client
 
 
-def make_pair(
-    prefix: str, broker: str = REDIS_URL
-) -> tuple[Celery, EventBus, EventBus, redis.Redis]:
-    """One app, two transports (queues ``.a`` and ``.b``): bus A handles orders, B invoices."""
+def make_pair(prefix: str, broker: str = REDIS_URL) -> tuple[Celery, EventBus, str, redis.Redis]:
+    """One app, a transport on queue ``.a``, and a second one refused: (app, bus, refusal)."""
     client = redis.Redis.from_url(REDIS_URL)
     app = app_for(prefix, broker)
     bus_a = EventBus(transport=transport_for(app, prefix, f"{prefix}.a", client))
-    bus_b = EventBus(transport=transport_for(app, prefix, f"{prefix}.b", client))
 
     @bus_a.subscribe(OrderPlaced, name="a.record")
     def record_a(event: OrderPlaced) -> None:
         client.rpush(f"{prefix}:effects:a", f"{event.event_type}|{event.order_id}")
 
-    @bus_b.subscribe(InvoicePaid, name="b.record")
-    def record_b(event: InvoicePaid) -> None:
-        client.rpush(f"{prefix}:effects:b", f"{event.event_type}|{event.order_id}")
-
-    return app, bus_a, bus_b, client
+    try:
+        EventBus(transport=transport_for(app, prefix, f"{prefix}.b", client))
+    except UsageError as refused:
+        return app, bus_a, str(refused), client
+    msg = "a second transport on one app was accepted"
+    raise AssertionError(msg)
 
 
 if os.environ.get("ROUTING_PREFIX"):
     _service = os.environ.get("ROUTING_SERVICE", "shop")
     _broker = os.environ.get("ROUTING_BROKER", REDIS_URL)
     if _service == "pair":
-        app, _bus_a, _bus_b, _client = make_pair(os.environ["ROUTING_PREFIX"], _broker)
+        app, bus, _refused, _client = make_pair(os.environ["ROUTING_PREFIX"], _broker)
     else:
         app, bus, transport, _client = make(
             _service,

@@ -67,8 +67,6 @@ transports: dict[int, CeleryTransport] = {}
 """``id(app)`` → the app's transport (filled by the transport): its codec's size limit."""
 
 _OURS = frozenset({DELIVER, DELIVER_BATCH})
-# The tasks of a second transport on one app carry its queue: tidings.deliver:<queue>.
-_SCOPED = (f"{DELIVER}:", f"{DELIVER_BATCH}:")
 # Headers Celery reads as text (ids, names, log text, dates): anything else there is refused.
 _TEXT_HEADERS = (
     "id", "task", "shadow", "root_id", "parent_id", "group", "argsrepr", "kwargsrepr",
@@ -94,7 +92,7 @@ def unrunnable(message: Any) -> str | None:
     name = headers.get("task")
     if not isinstance(name, str):
         return None if name is None else "the task header is not text"
-    if name not in _OURS and not name.startswith(_SCOPED):
+    if name not in _OURS:
         return None
     if message.content_type != "application/json":
         return f"content type {log_safe(message.content_type, 64)}, not application/json"
@@ -276,7 +274,7 @@ class WorkerLosses:
         queue = transport.queue
         args, kwargs = tuple(request.args or ()), dict(request.kwargs or {})
         try:
-            if request.name == getattr(transport._deliver_batch, "name", DELIVER_BATCH):
+            if request.name == DELIVER_BATCH:
                 bodies = args[0] if len(args) == 1 and isinstance(args[0], list) else [args]
                 for body in bodies:
                     deliver.apply_async(args=(body,), queue=queue)

@@ -59,7 +59,7 @@ DEFAULT_VISIBILITY_TIMEOUT = 3600.0
 # Brokers routing by event type is built for; on others the default sends to the own queue.
 _ROUTED_DRIVERS = ("amqp", "redis")
 
-# App -> the transports bound on it, in binding order (their tasks are named apart).
+# App -> the transport bound on it (one per app: the task names are the app's).
 _bound: weakref.WeakKeyDictionary[Any, list[CeleryTransport]] = weakref.WeakKeyDictionary()
 _bound_lock = threading.Lock()
 
@@ -189,7 +189,7 @@ class CeleryTransport:
             raise UsageError(msg)
         self._check_accept_content()
         self._check_delay(self.retry, "the transport's default retry policy")
-        deliver_name, batch_name = self._claim_task_names()
+        self._claim_app()
         self._bus = bus
         self._dispatcher = Dispatcher.serving(bus, self)
         # Worker-side customisations of Celery, which need Celery itself.
@@ -219,8 +219,8 @@ class CeleryTransport:
         def deliver_batch(task: Task, *args: Any, **kwargs: Any) -> None:
             transport._run_batch(task, *args, **kwargs)
 
-        self._deliver = self.app.task(name=deliver_name, **options)(deliver)
-        self._deliver_batch = self.app.task(name=batch_name, **options)(deliver_batch)
+        self._deliver = self.app.task(name=DELIVER, **options)(deliver)
+        self._deliver_batch = self.app.task(name=DELIVER_BATCH, **options)(deliver_batch)
         from tidings.transports._celery_worker import install  # noqa: PLC0415 - needs Celery
 
         install(self.app)
@@ -229,9 +229,8 @@ class CeleryTransport:
         install_context_propagation(self.app)
         # Messages Celery cannot decode or route would only be logged and dropped: make the
         # worker's consumer dead-letter them first.
-        # The app's first transport answers for messages no task of it claims.
-        _celery_consumer.dead_letter_stores.setdefault(id(self.app), self.dead_letters)
-        _celery_consumer.transports.setdefault(id(self.app), self)
+        _celery_consumer.dead_letter_stores[id(self.app)] = self.dead_letters
+        _celery_consumer.transports[id(self.app)] = self
         ours = "tidings.transports._celery_consumer:DeadLetteringConsumer"
         current = self.app.conf.worker_consumer
         if current in (None, "celery.worker.consumer:Consumer", ours):
@@ -247,32 +246,28 @@ class CeleryTransport:
         for handler in bus.handlers:
             self.subscribed(handler)
 
-    def _claim_task_names(self) -> tuple[str, str]:
-        """The names of this transport's two tasks on its app, registering it there.
-
-        The app's first transport keeps the plain names (``tidings.deliver``); each later one
-        has names of its own that carry its queue (``tidings.deliver:billing``), so that two
-        buses on one app never run each other's handlers. Every process must create them in
-        the same order: one composition root imported by the web process and the workers.
+    def _claim_app(self) -> None:
+        """Register this transport as its app's one transport.
 
         Raises:
-            UsageError: another transport on this app already serves the same queue.
+            UsageError: the app has a transport already. Task names are the app's: a second
+                transport's tasks would replace the first's (Celery's duplicate task name), and
+                a message for either service would run one bus's handlers. Routed by type, a
+                message's task is named by the receiving service, which a publisher cannot
+                tell apart on a shared app.
         """
         with _bound_lock:
             bound = _bound.setdefault(self.app, [])
-            for other in bound:
-                if other.queue == self.queue:
-                    msg = (
-                        f"a CeleryTransport for queue {self.queue!r} is already bound on this "
-                        "Celery app: its workers could not tell the two buses apart. Give each "
-                        "bus its own queue= (one queue per service), or subscribe every "
-                        "handler of that queue on one bus"
-                    )
-                    raise UsageError(msg)
+            if bound:
+                msg = (
+                    f"this Celery app already has a CeleryTransport (queue {bound[0].queue!r}): "
+                    "a second one would take the same task names, and one bus would run the "
+                    "other's events. Make one Celery app per service, "
+                    f"Celery({self.queue!r}, broker=...), each with its own transport and "
+                    "queue, or subscribe every handler on the first transport's bus"
+                )
+                raise UsageError(msg)
             bound.append(self)
-            if len(bound) == 1:
-                return DELIVER, DELIVER_BATCH
-            return f"{DELIVER}:{self.queue}", f"{DELIVER_BATCH}:{self.queue}"
 
     def subscribed(self, handler: Handler) -> None:
         """Refuse a handler whose retry delay could outlast the broker's visibility timeout."""
