@@ -12,8 +12,9 @@ service's queue to the message types it handles):
 - **Redis**: kombu's exchanges on Redis keep their bindings but deliver an unrouted message
   to a list nobody reads, and its fanout is Redis pub/sub (lost while no one listens). So the
   workers keep a subscription registry in Redis instead: a set per event type of the queues
-  subscribed (``tidings.events:subscribers:<event type>``), and a set per queue of its types
-  (``tidings.events:subscriptions:<queue>``). The publisher reads the sets of the types it
+  subscribed (``tidings.events:subscribers:<event type>``), a set per queue of its types
+  (``tidings.events:subscriptions:<queue>``) and the set of subscribed queues
+  (``tidings.events:queues``). The publisher reads the sets of the types it
   sends (cached for ``subscription_ttl`` seconds, then read again) and sends one task message
   per subscribed queue.
 
@@ -121,6 +122,15 @@ class SubscriptionRegistry:
         """The set of the event types ``queue`` is subscribed to."""
         return f"{self.prefix}:subscriptions:{queue}"
 
+    @property
+    def queues_key(self) -> str:
+        """The set of the queues subscribed to any event type."""
+        return f"{self.prefix}:queues"
+
+    def queues(self, client: Any) -> set[str]:
+        """Every queue subscribed to some event type."""
+        return {_text(q) for q in client.smembers(self.queues_key)}
+
     def subscribe(self, client: Any, queue: str, event_types: Iterable[str]) -> None:
         """Subscribe ``queue`` to ``event_types`` (idempotent, one round trip)."""
         types = list(event_types)
@@ -130,13 +140,16 @@ class SubscriptionRegistry:
         for event_type in types:
             pipe.sadd(self.subscribers_key(event_type), queue)
         pipe.sadd(self.subscriptions_key(queue), *types)
+        pipe.sadd(self.queues_key, queue)
         pipe.execute()
         for event_type in types:
             self._cache.pop(event_type, None)
 
-    def unsubscribe(self, client: Any, queue: str, event_types: Iterable[str]) -> None:
-        """Remove ``queue``'s subscriptions to ``event_types`` (idempotent)."""
-        types = list(event_types)
+    def unsubscribe(
+        self, client: Any, queue: str, event_types: Iterable[str] | None = None
+    ) -> None:
+        """Remove ``queue``'s subscriptions to ``event_types``, or all of them (idempotent)."""
+        types = self.subscribed(client, queue) if event_types is None else set(event_types)
         if not types:
             return
         pipe = client.pipeline(transaction=True)
@@ -144,12 +157,21 @@ class SubscriptionRegistry:
             pipe.srem(self.subscribers_key(event_type), queue)
         pipe.srem(self.subscriptions_key(queue), *types)
         pipe.execute()
+        if not client.exists(self.subscriptions_key(queue)):
+            client.srem(self.queues_key, queue)
         for event_type in types:
             self._cache.pop(event_type, None)
 
     def subscribed(self, client: Any, queue: str) -> set[str]:
         """The event types ``queue`` is subscribed to."""
         return {_text(t) for t in client.smembers(self.subscriptions_key(queue))}
+
+    def queues_of(self, client: Any, event_type: str) -> tuple[str, ...]:
+        """The queues subscribed to one event type (:meth:`queues_for` of one, shorter)."""
+        cached = self._cache.get(event_type)
+        if cached is not None and time.monotonic() - cached[0] < self.ttl:
+            return cached[1]
+        return self.queues_for(client, (event_type,))[event_type]
 
     def queues_for(self, client: Any, event_types: Iterable[str]) -> dict[str, tuple[str, ...]]:
         """The queues subscribed to each of ``event_types``, read again once ``ttl`` passed.

@@ -353,9 +353,21 @@ class CeleryTransport:
         if not self._routes_here():
             queues = self.publish_to if not self.routes_by_type else (self.queue,)
             return [(queue, None, everything) for queue in queues]
+        if len(events) == 1:  # the common case, kept short
+            event_type = events[0].event_type
+            if self._driver == "amqp":
+                return [(None, event_type, everything)]
+            queues = self._registry.queues_of(producer.channel.client, event_type)
+            if not queues:
+                self._no_subscriber(event_type, 1)
+            return [(queue, None, everything) for queue in queues]
+        types = [event.event_type for event in events]
         by_type: dict[str, list[int]] = {}
-        for index, event in enumerate(events):
-            by_type.setdefault(event.event_type, []).append(index)
+        if len(set(types)) == 1:  # one type: every event, in order
+            by_type[types[0]] = everything
+        else:
+            for index, event_type in enumerate(types):
+                by_type.setdefault(event_type, []).append(index)
         if self._driver == "amqp":
             return [(None, event_type, indices) for event_type, indices in by_type.items()]
         subscribed = self._registry.queues_for(producer.channel.client, by_type)
@@ -367,7 +379,8 @@ class CeleryTransport:
             for queue in queues:
                 by_queue.setdefault(queue, []).extend(indices)
         # Each queue's events in publishing order, whatever their types.
-        return [(queue, None, sorted(indices)) for queue, indices in by_queue.items()]
+        one = len(by_type) == 1
+        return [(q, None, ids if one else sorted(ids)) for q, ids in by_queue.items()]
 
     def _routes_here(self) -> bool:
         """Whether this publisher routes by type: not eager, on a broker that routes."""
@@ -393,8 +406,10 @@ class CeleryTransport:
             self._send_one(events[index], bodies[index], queue, producer, routing_key)
             self._check_returned(routing_key, 1)
             return
+        every = len(indices) == len(bodies)  # then the indices are 0 … n-1, in order
         for start in range(0, len(indices), self.batch_size):
-            chunk = [bodies[i] for i in indices[start : start + self.batch_size]]
+            end = start + self.batch_size
+            chunk = bodies[start:end] if every else [bodies[i] for i in indices[start:end]]
             self._send_task(
                 self._deliver_batch, (chunk,), f"<{len(chunk)} events>", queue, producer,
                 routing_key,
@@ -565,7 +580,9 @@ class CeleryTransport:
 
         Subscriptions are durable: a worker that no longer has a handler for a type its queue
         was subscribed to dead-letters those events, naming this method as one fix. Events
-        of these types already in the queue stay there.
+        of these types already in the queue stay there. With no types given, on Redis every
+        subscription of the queue is removed (a service retired); RabbitMQ drops a queue's
+        bindings with the queue.
         """
         with self.app.connection_for_write() as connection:
             channel = connection.channel()
@@ -577,7 +594,7 @@ class CeleryTransport:
                             queue=self.queue, exchange=self.exchange, routing_key=event_type
                         )
                 elif driver == "redis":
-                    self._registry.unsubscribe(channel.client, self.queue, event_types)
+                    self._registry.unsubscribe(channel.client, self.queue, event_types or None)
             finally:
                 channel.close()
 
