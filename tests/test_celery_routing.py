@@ -145,6 +145,47 @@ def test_a_worker_without_its_handler_module_dead_letters_with_the_fix(broker, p
     transport.close()
 
 
+def test_a_retry_goes_to_the_services_own_queue_not_one_named_by_the_routing_key(
+    broker, prefix, tmp_path
+):
+    """A failed attempt is retried on the service's queue: handled once, no stray queue."""
+    _, shop, shop_transport, client = make("shop", prefix, broker)
+    log = tmp_path / "billing.log"
+    with worker(prefix, broker, f"{prefix}.billing", log, ROUTING_SERVICE="billing"):
+        assert wait_until(lambda: logged(log, "serves 1 event type(s)"), timeout=60)
+        shop.publish(OrderPlaced(order_id="flaky-1"))
+        wait_until(lambda: effects(client, prefix, "billing"), timeout=60)
+    assert effects(client, prefix, "billing") == [f"{OrderPlaced.event_type}|flaky-1"]
+    assert int(client.get(f"{prefix}:attempts:flaky-1")) == 2
+    assert client.exists(OrderPlaced.event_type) == 0  # no Redis list named by the type
+    if broker.startswith("amqp"):
+        look = Celery("look", broker=broker)
+        with look.connection_for_write() as connection, pytest.raises(connection.channel_errors):
+            connection.channel().queue_declare(queue=OrderPlaced.event_type, passive=True)
+    shop_transport.close()
+
+
+def test_a_handler_subscribed_after_the_first_publish_is_subscribed_at_the_next(
+    redis_url, unique_name, redis_client
+):
+    """The publisher subscribes its bus's new handler's type before its next send (Redis)."""
+    prefix = unique_name
+    _, shop, transport, _ = make("shop", prefix, redis_url)
+    shop.publish(NobodyCares())
+    assert transport.unrouted == {NobodyCares.event_type: 1}
+    shop.add_handler(lambda event: None, NobodyCares, name="shop.audit")
+    shop.publish(NobodyCares())
+    assert transport.unrouted == {NobodyCares.event_type: 1}
+    key = f"{prefix}.events:subscribers:{NobodyCares.event_type}"
+    assert redis_client.smembers(key) == {f"{prefix}.shop".encode()}
+    assert redis_client.llen(f"{prefix}.shop") == 1  # the second one waits for the shop
+    transport.unsubscribe(NobodyCares.event_type)
+    assert redis_client.smembers(key) == set()
+    transport.close()
+    for key in redis_client.scan_iter(f"{prefix}*"):
+        redis_client.delete(key)
+
+
 def test_a_service_subscribing_to_a_class_the_codec_does_not_know_fails_at_start(
     broker, prefix, tmp_path
 ):

@@ -13,8 +13,10 @@ Worker subprocesses start as ``celery -A tests.apps.celery_routing worker -Q <qu
   that forgot the module subscribing them.
 
 The shop handles ``InvoicePaid``; billing handles ``OrderPlaced`` and publishes an
-``InvoicePaid`` for each, from inside its worker. Each handler appends ``<type>|<id>`` to the
-list ``<prefix>:effects:<service>``. The test process calls :func:`make` to publish and look.
+``InvoicePaid`` for each, from inside its worker (an order id starting ``flaky`` fails its
+first attempt, counted in ``<prefix>:attempts:<order id>``). Each handler appends
+``<type>|<id>`` to the list ``<prefix>:effects:<service>``. The test process calls
+:func:`make` to publish and look.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from tidings import DomainEvent, EventBus, register_event
 from tidings.deadletter.redis import RedisDeadLetterStore
 from tidings.errors import UsageError
 from tidings.inbox.redis import RedisInbox
+from tidings.retry import RetryPolicy
 from tidings.transports.celery import CeleryTransport
 
 REDIS_URL = os.environ.get("TIDINGS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -75,6 +78,7 @@ def transport_for(app: Celery, prefix: str, queue: str, client: redis.Redis) -> 
         exchange=f"{prefix}.events",
         inbox=RedisInbox(client, prefix=f"{prefix}:inbox:{queue}"),
         dead_letters=RedisDeadLetterStore(client, prefix=f"{prefix}:dlq:{queue}"),
+        retry=RetryPolicy(max_attempts=3, initial_delay=0.05, max_delay=0.2),
     )
 
 
@@ -99,6 +103,9 @@ def make(
 
         @bus.subscribe(OrderPlaced, name="billing.invoice")
         def invoice(event: OrderPlaced) -> None:
+            flaky = event.order_id.startswith("flaky")
+            if flaky and client.incr(f"{prefix}:attempts:{event.order_id}") == 1:
+                raise RuntimeError("the first attempt of a flaky order fails")
             client.rpush(effects, f"{event.event_type}|{event.order_id}")
             bus.publish(InvoicePaid(order_id=event.order_id))
 

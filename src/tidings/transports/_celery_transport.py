@@ -330,8 +330,9 @@ class CeleryTransport:
             try:
                 producer = self._producer or self._open_producer()
                 reuse_redis_clients(producer.channel)
-                if self._serving is not None and self._declared != self._serving.keys():
-                    self._subscribe(producer.channel, list(self._serving))
+                serving = self._serving
+                if serving is not None and self._declared != serving.keys() and self._routes_here():
+                    self._subscribe(producer.channel, list(serving))  # a handler was added
                 for queue, routing_key, indices in self._plan(events, producer):
                     self._send_group(events, bodies, indices, queue, routing_key, producer)
             except Exception as exc:
