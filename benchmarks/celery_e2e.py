@@ -71,6 +71,20 @@ def rows(*, quick: bool = False) -> list[Row]:  # noqa: PLR0915 - one scenario, 
 
         return single_n / drain(send)
 
+    def publish_cpu(bus: EventBus, batched: bool) -> float:
+        """The publishing process's CPU time per event (µs): what routing adds is spent there."""
+        n = batched_n if batched else single_n
+        events = [Ping(order_id=f"c-{i}", sequence=i) for i in range(n)]
+        start = time.process_time()
+        if batched:
+            bus.publish(*events)
+        else:
+            for event in events:
+                bus.publish(event)
+        spent = time.process_time() - start
+        drain(lambda: bus.publish(Ping(marker=True)))  # the worker has caught up
+        return spent / n * 1e6
+
     def latencies(send: Callable[[str], None]) -> list[float]:
         client.delete(f"{name}:started")
         found: list[float] = []
@@ -94,7 +108,8 @@ def rows(*, quick: bool = False) -> list[Row]:  # noqa: PLR0915 - one scenario, 
 
     results: dict[str, list[float]] = {
         "batched": [], "single": [], "plain": [], "shared": [], "fan_batched": [],
-        "fan_single": [],
+        "fan_single": [], "cpu_batched": [], "cpu_single": [], "cpu_fan_batched": [],
+        "cpu_fan_single": [],
     }  # fmt: skip
     with (
         celery_worker(
@@ -122,6 +137,11 @@ def rows(*, quick: bool = False) -> list[Row]:  # noqa: PLR0915 - one scenario, 
             results["shared"].append(plain_tasks(name))
             results["fan_batched"].append(tidings_batched(fanout_bus))
             results["fan_single"].append(tidings_single(fanout_bus))
+        for _ in range(rounds * 3):  # cheap and steadier: more rounds
+            results["cpu_single"].append(publish_cpu(bus, batched=False))
+            results["cpu_fan_single"].append(publish_cpu(fanout_bus, batched=False))
+            results["cpu_batched"].append(publish_cpu(bus, batched=True))
+            results["cpu_fan_batched"].append(publish_cpu(fanout_bus, batched=True))
         ours_latency = latencies(send_tidings)
         plain_latency = latencies(send_plain)
     for key in client.scan_iter(f"{name}*"):
@@ -136,6 +156,8 @@ def rows(*, quick: bool = False) -> list[Row]:  # noqa: PLR0915 - one scenario, 
     shared = statistics.median(results["shared"])
     fan_batched = statistics.median(results["fan_batched"])
     fan_single = statistics.median(results["fan_single"])
+    cpu = {key: statistics.median(results[f"cpu_{key}"]) for key in ("single", "fan_single",
+           "batched", "fan_batched")}  # fmt: skip
 
     def pct(values: list[float], q: float) -> float:
         ordered = sorted(values)
@@ -158,6 +180,14 @@ def rows(*, quick: bool = False) -> list[Row]:  # noqa: PLR0915 - one scenario, 
         Row("celery routing by type: single-event publish vs publish_to=[queue]", round(single),
             round(fan_single), "events/s", round(single / fan_single, 2), 0.9,
             single / fan_single >= 0.9),
+        Row("celery publish CPU, single event: routed by type vs publish_to=[queue]",
+            round(cpu["single"], 1), round(cpu["fan_single"], 1), "µs/event",
+            round(cpu["fan_single"] / cpu["single"], 2), 0.9,
+            cpu["fan_single"] / cpu["single"] >= 0.9),
+        Row("celery publish CPU, batched: routed by type vs publish_to=[queue]",
+            round(cpu["batched"], 1), round(cpu["fan_batched"], 1), "µs/event",
+            round(cpu["fan_batched"] / cpu["batched"], 2), 0.9,
+            cpu["fan_batched"] / cpu["batched"] >= 0.9),
         Row("celery latency p50: publish → handler start", round(p50), round(b50), "µs",
             round(b50 / p50, 2), None, None),
         Row("celery latency p99: publish → handler start", round(p99), round(b99), "µs",

@@ -166,12 +166,15 @@ class SubscriptionRegistry:
         """The event types ``queue`` is subscribed to."""
         return {_text(t) for t in client.smembers(self.subscriptions_key(queue))}
 
-    def queues_of(self, client: Any, event_type: str) -> tuple[str, ...]:
-        """The queues subscribed to one event type (:meth:`queues_for` of one, shorter)."""
+    def queues_of(self, channel: Any, event_type: str) -> tuple[str, ...]:
+        """The queues subscribed to one event type (:meth:`queues_for` of one, shorter).
+
+        Takes the kombu channel, whose client is looked up only when Redis must be read.
+        """
         cached = self._cache.get(event_type)
         if cached is not None and time.monotonic() - cached[0] < self.ttl:
             return cached[1]
-        return self.queues_for(client, (event_type,))[event_type]
+        return self.queues_for(channel.client, (event_type,))[event_type]
 
     def queues_for(self, client: Any, event_types: Iterable[str]) -> dict[str, tuple[str, ...]]:
         """The queues subscribed to each of ``event_types``, read again once ``ttl`` passed.

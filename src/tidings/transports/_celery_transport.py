@@ -163,6 +163,7 @@ class CeleryTransport:
         self._serving: dict[str, tuple[str, ...]] | None = None
         self._declared: set[str] = set()
         self._table_logged = False
+        self._routing: bool | None = None
         self.dead_letters = dead_letters
         self.inbox = inbox
         self.codec = default_codec if codec is None else codec
@@ -358,7 +359,7 @@ class CeleryTransport:
             event_type = events[0].event_type
             if self._driver == "amqp":
                 return [(None, event_type, everything)]
-            queues = self._registry.queues_of(producer.channel.client, event_type)
+            queues = self._registry.queues_of(producer.channel, event_type)
             if not queues:
                 self._no_subscriber(event_type, 1)
             return [(queue, None, everything) for queue in queues]
@@ -384,12 +385,19 @@ class CeleryTransport:
         return [(q, None, ids if one else sorted(ids)) for q, ids in by_queue.items()]
 
     def _routes_here(self) -> bool:
-        """Whether this publisher routes by type: not eager, on a broker that routes."""
-        return (
-            self.routes_by_type
-            and not self.app.conf.task_always_eager
-            and self._driver in _ROUTED_DRIVERS
-        )
+        """Whether this publisher routes by type: not eager, on a broker that routes.
+
+        Decided when the publisher connects (reading Celery's configuration costs more than
+        routing an event): an app made eager later reconnects first (:meth:`close`).
+        """
+        routing = self._routing
+        if routing is None:
+            routing = self._routing = (
+                self.routes_by_type
+                and not self.app.conf.task_always_eager
+                and self._driver in _ROUTED_DRIVERS
+            )
+        return routing
 
     def _send_group(  # noqa: PLR0917 - one group's parts
         self,
@@ -526,6 +534,7 @@ class CeleryTransport:
             producer = self.app.amqp.Producer(connection, on_return=on_return)
             self._driver = driver
             self._declared = set()
+            self._routing = None
             if self.routes_by_type and driver not in _ROUTED_DRIVERS:
                 warnings.warn(
                     f"routing by event type needs RabbitMQ or Redis, not a {driver!r} broker: "
