@@ -47,7 +47,7 @@ def prefix(unique_name: str, redis_client, broker: str) -> Iterator[str]:
     if broker.startswith("amqp"):
         with Celery("cleanup", broker=broker).connection_for_write() as connection:
             channel = connection.default_channel
-            for suffix in ("shop", "billing", "a", "b"):
+            for suffix in ("shop", "billing", "unknown", "a", "b"):
                 channel.queue_delete(f"{unique_name}.{suffix}")
                 channel.exchange_delete(f"{unique_name}.{suffix}")
             channel.exchange_delete(f"{unique_name}.events")
