@@ -148,9 +148,20 @@ class SubscriptionRegistry:
     def unsubscribe(
         self, client: Any, queue: str, event_types: Iterable[str] | None = None
     ) -> None:
-        """Remove ``queue``'s subscriptions to ``event_types``, or all of them (idempotent)."""
-        types = self.subscribed(client, queue) if event_types is None else set(event_types)
+        """Remove ``queue``'s subscriptions to ``event_types``, or all of them (idempotent).
+
+        Removing all of them also finds the types whose record of the queue's own set was lost
+        (that key deleted by hand, say): every type's set is looked at then.
+        """
+        if event_types is None:
+            types = self.subscribed(client, queue)
+            for key in client.scan_iter(match=f"{self.prefix}:subscribers:*", count=1000):
+                if client.sismember(key, queue):
+                    types.add(_text(key)[len(f"{self.prefix}:subscribers:") :])
+        else:
+            types = set(event_types)
         if not types:
+            client.srem(self.queues_key, queue)
             return
         pipe = client.pipeline(transaction=True)
         for event_type in types:
