@@ -18,8 +18,9 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks.apps.celery_bench import Ping, make
+from benchmarks.apps.celery_bench import Ping, make, make_fanout
 from benchmarks.harness import Row
+from tidings import EventBus
 from tidings.testing.workers import celery_worker, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,6 +31,9 @@ def rows(*, quick: bool = False) -> list[Row]:  # noqa: PLR0915 - one scenario, 
     name = f"bench_{uuid.uuid4().hex[:8]}"
     stock = f"{name}_stock"
     _, bus, transport, plain, client = make(name, name)
+    # What is measured is the default: events routed by type (the Redis subscription registry).
+    assert transport.routes_by_type
+    fanout_bus, fanout = make_fanout(name, name)
     env = {"BENCH_QUEUE": name, "BENCH_PREFIX": name}
     stock_env = {"BENCH_PLAIN_QUEUE": stock, "BENCH_PREFIX": name}
     rounds = 1 if quick else 3
@@ -42,12 +46,12 @@ def rows(*, quick: bool = False) -> list[Row]:  # noqa: PLR0915 - one scenario, 
         wait_until(lambda: client.get(f"{name}:done"), timeout=300, what="the marker")
         return time.perf_counter() - start
 
-    def tidings_batched() -> float:
+    def tidings_batched(bus: EventBus = bus) -> float:
         events = [Ping(order_id=f"o-{i}", sequence=i) for i in range(batched_n)]
         events.append(Ping(marker=True))
         return batched_n / drain(lambda: bus.publish(*events))
 
-    def tidings_single() -> float:
+    def tidings_single(bus: EventBus = bus) -> float:
         events = [Ping(order_id=f"o-{i}", sequence=i) for i in range(single_n)]
 
         def send() -> None:
@@ -66,6 +70,20 @@ def rows(*, quick: bool = False) -> list[Row]:  # noqa: PLR0915 - one scenario, 
             plain.apply_async(args=({"marker": True},), queue=queue)
 
         return single_n / drain(send)
+
+    def publish_cpu(bus: EventBus, batched: bool) -> float:
+        """The publishing process's CPU time per event (µs): what routing adds is spent there."""
+        n = batched_n if batched else single_n
+        events = [Ping(order_id=f"c-{i}", sequence=i) for i in range(n)]
+        start = time.process_time()
+        if batched:
+            bus.publish(*events)
+        else:
+            for event in events:
+                bus.publish(event)
+        spent = time.process_time() - start
+        drain(lambda: bus.publish(Ping(marker=True)))  # the worker has caught up
+        return spent / n * 1e6
 
     def latencies(send: Callable[[str], None]) -> list[float]:
         client.delete(f"{name}:started")
@@ -88,7 +106,11 @@ def rows(*, quick: bool = False) -> list[Row]:  # noqa: PLR0915 - one scenario, 
     def send_plain(key: str) -> None:
         plain.apply_async(args=({"order_id": key, "latency": True},), queue=stock)
 
-    results: dict[str, list[float]] = {"batched": [], "single": [], "plain": [], "shared": []}
+    results: dict[str, list[float]] = {
+        "batched": [], "single": [], "plain": [], "shared": [], "fan_batched": [],
+        "fan_single": [], "cpu_batched": [], "cpu_single": [], "cpu_fan_batched": [],
+        "cpu_fan_single": [],
+    }  # fmt: skip
     with (
         celery_worker(
             "benchmarks.apps.celery_bench", name, env, pool="prefork", concurrency=1, cwd=ROOT
@@ -113,17 +135,29 @@ def rows(*, quick: bool = False) -> list[Row]:  # noqa: PLR0915 - one scenario, 
             results["single"].append(tidings_single())
             results["plain"].append(plain_tasks(stock))
             results["shared"].append(plain_tasks(name))
+            results["fan_batched"].append(tidings_batched(fanout_bus))
+            results["fan_single"].append(tidings_single(fanout_bus))
+        for _ in range(rounds * 3):  # cheap and steadier: more rounds
+            results["cpu_single"].append(publish_cpu(bus, batched=False))
+            results["cpu_fan_single"].append(publish_cpu(fanout_bus, batched=False))
+            results["cpu_batched"].append(publish_cpu(bus, batched=True))
+            results["cpu_fan_batched"].append(publish_cpu(fanout_bus, batched=True))
         ours_latency = latencies(send_tidings)
         plain_latency = latencies(send_plain)
     for key in client.scan_iter(f"{name}*"):
         client.delete(key)
     transport.close()
+    fanout.close()
     client.close()
 
     batched = statistics.median(results["batched"])
     single = statistics.median(results["single"])
     base = statistics.median(results["plain"])
     shared = statistics.median(results["shared"])
+    fan_batched = statistics.median(results["fan_batched"])
+    fan_single = statistics.median(results["fan_single"])
+    cpu = {key: statistics.median(results[f"cpu_{key}"]) for key in ("single", "fan_single",
+           "batched", "fan_batched")}  # fmt: skip
 
     def pct(values: list[float], q: float) -> float:
         ordered = sorted(values)
@@ -140,6 +174,20 @@ def rows(*, quick: bool = False) -> list[Row]:  # noqa: PLR0915 - one scenario, 
             round(shared), "events/s", round(single / shared, 2), None, None),
         Row("celery e2e: plain task on tidings' worker vs on a stock worker", round(shared),
             round(base), "events/s", round(shared / base, 2), None, None),
+        Row("celery routing by type: batched publish vs publish_to=[queue]", round(batched),
+            round(fan_batched), "events/s", round(batched / fan_batched, 2), 0.9,
+            batched / fan_batched >= 0.9),
+        Row("celery routing by type: single-event publish vs publish_to=[queue]", round(single),
+            round(fan_single), "events/s", round(single / fan_single, 2), 0.9,
+            single / fan_single >= 0.9),
+        Row("celery publish CPU, single event: routed by type vs publish_to=[queue]",
+            round(cpu["single"], 1), round(cpu["fan_single"], 1), "µs/event",
+            round(cpu["fan_single"] / cpu["single"], 2), 0.9,
+            cpu["fan_single"] / cpu["single"] >= 0.9),
+        Row("celery publish CPU, batched: routed by type vs publish_to=[queue]",
+            round(cpu["batched"], 1), round(cpu["fan_batched"], 1), "µs/event",
+            round(cpu["fan_batched"] / cpu["batched"], 2), 0.9,
+            cpu["fan_batched"] / cpu["batched"] >= 0.9),
         Row("celery latency p50: publish → handler start", round(p50), round(b50), "µs",
             round(b50 / p50, 2), None, None),
         Row("celery latency p99: publish → handler start", round(p99), round(b99), "µs",

@@ -71,3 +71,49 @@ def redis_client(redis_url: str) -> Iterator[object]:
         yield client
     finally:
         client.close()
+
+
+def _forget_subscribed_queues(prefix: str) -> None:
+    """Drop the Redis routing subscriptions of the queues whose names start with ``prefix``.
+
+    A Celery transport routing by type records its queue in the broker's Redis
+    (``tidings.events:*``, see ``tidings.transports._celery_routing``); a test's queue is gone
+    with the test, and publishers of later tests (and runs) must not keep sending to it.
+    """
+    try:
+        import redis  # noqa: PLC0415 - only where Redis is installed
+    except ImportError:
+        return
+    from tidings.transports._celery_routing import (  # noqa: PLC0415
+        DEFAULT_EXCHANGE,
+        SubscriptionRegistry,
+    )
+
+    client = redis.Redis.from_url(server_url("redis"), socket_connect_timeout=1)
+    registry = SubscriptionRegistry(DEFAULT_EXCHANGE, 0)
+    try:
+        for queue in registry.queues(client):
+            if queue.startswith(prefix):
+                registry.unsubscribe(client, queue)
+    except (OSError, redis.RedisError):
+        return  # no Redis: nothing was recorded there
+    finally:
+        client.close()
+
+
+@pytest.fixture(autouse=True)
+def _forget_celery_subscriptions(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After a test with a unique name, drop the routing subscriptions of its queues."""
+    if "unique_name" not in request.fixturenames:
+        yield
+        return
+    name = request.getfixturevalue("unique_name")  # the test's own value, made first
+    yield
+    _forget_subscribed_queues(name)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _forget_test_queues_subscriptions() -> Iterator[None]:
+    """At the end of the session, drop the subscriptions of every test queue (``t_*``)."""
+    yield
+    _forget_subscribed_queues("t_")

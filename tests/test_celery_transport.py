@@ -238,12 +238,14 @@ def test_an_app_with_its_own_worker_consumer_is_warned_and_kept(redis_url):
 
 
 def test_an_event_sent_before_any_worker_waits_in_its_declared_queue_on_rabbitmq(unique_name):
-    """On RabbitMQ the transport declares its queue, so an event sent before any worker is kept."""
+    """On RabbitMQ the publisher declares its bus's subscriptions: an early event is kept."""
     app = Celery("t", broker=require_server("rabbitmq"))
     transport = CeleryTransport(
         app, queue=unique_name, dead_letters=MemoryDeadLetterStore(), inbox=None
     )
-    EventBus(transport=transport).publish(celery_shop.ParcelBooked(parcel_id="early"))
+    bus = EventBus(transport=transport)
+    bus.add_handler(lambda event: None, celery_shop.ParcelBooked, name=f"{unique_name}.h")
+    bus.publish(celery_shop.ParcelBooked(parcel_id="early"))
     transport.close()
     with app.connection_for_write() as connection:
         channel = connection.default_channel

@@ -106,16 +106,12 @@ def test_relay_refuses_what_is_not_a_transport_or_bus_and_deletes_nothing(tmp_pa
     assert "pending: 2" in status.output
 
 
-def test_relay_refuses_a_celery_url_without_queues(tmp_path):
-    """A celery+ URL naming no queue is refused at start (no queue guessed); rows stay."""
-    url = _outbox(tmp_path, Probe())
-    spec = "celery+redis://:s3cret@localhost:6379/0"
-    result = CliRunner().invoke(make_cli(), ["relay", "--db", url, "--transport", spec, "--once"])
-    assert result.exit_code == 2, result.output
-    assert "?queues=" in result.output
-    assert "s3cret" not in result.output
-    status = CliRunner().invoke(make_cli(), ["outbox", "status", "--db", url])
-    assert "pending: 1" in status.output
+def test_relay_help_says_a_celery_url_routes_by_type(tmp_path):
+    """`relay --help` says a celery+ URL routes by event type, ?queues= being the fan-out."""
+    result = CliRunner().invoke(make_cli(), ["relay", "--help"])
+    assert result.exit_code == 0, result.output
+    assert "routed by event type" in result.output
+    assert "legacy fan-out" in result.output
 
 
 def test_relay_help_documents_every_transport_form_and_loglevel():

@@ -214,13 +214,16 @@ def test_a_relay_without_the_event_classes_forwards_rows_a_worker_handles(scene:
 
 
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
-def test_a_relay_without_the_classes_feeds_a_real_celery_worker(scene: Scene) -> None:
-    """``celery+redis://...?queues=Q`` from a relay without the classes: the worker handles all."""
+@pytest.mark.parametrize("routed", [True, False], ids=["routed-by-type", "queues"])
+def test_a_relay_without_the_classes_feeds_a_real_celery_worker(scene: Scene, routed: bool) -> None:
+    """``celery+redis://...`` (by type, or ``?queues=Q``) from a relay without the classes."""
     events = [ParcelBooked(parcel_id=f"p-{n}") for n in range(20)]
     _commit(scene, events)
     env = {"SHOP_QUEUE": scene.prefix, "SHOP_PREFIX": scene.prefix}
+    if routed:
+        env["SHOP_ROUTED"] = "1"
     with celery_worker("tests.apps.celery_shop", scene.prefix, env):
-        transport = f"celery+{scene.redis_url}?queues={scene.prefix}"
+        transport = f"celery+{scene.redis_url}" + ("" if routed else f"?queues={scene.prefix}")
         result = scene.tidings("relay", "--db", scene.db_url, "--table", scene.outbox.table.name,
                                "--transport", transport, "--once")  # fmt: skip
         assert result.returncode == 0, result.stdout + result.stderr

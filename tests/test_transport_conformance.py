@@ -23,7 +23,7 @@ from tests.apps.conformance_celery import RedisJournal, make_app, make_bus
 from tests.workers import celery_worker
 
 from conftest import require_server
-from tidings import EventBus
+from tidings import DomainEvent, EventBus
 from tidings.deadletter.redis import RedisDeadLetterStore
 from tidings.ports import DeadLetter
 from tidings.testing.transport import MAIN, Features, TransportConformance
@@ -89,6 +89,8 @@ class CeleryHarness:
         ]
         transport = CeleryTransport(app, queue=queue, dead_letters=self.store, inbox=None)
         bus = EventBus(transport=transport)
+        # Routed by type, the queue receives what its bus subscribes to: every event.
+        bus.add_handler(lambda event: None, DomainEvent, name=f"{queue}.any")
         self._buses.append(bus)
         return bus
 

@@ -41,6 +41,7 @@ def make(queue: str, prefix: str) -> tuple[Celery, EventBus, CeleryTransport, An
     transport = CeleryTransport(
         app,
         queue=queue,
+        exchange=f"{prefix}.events",  # routed by type; the run's own registry, removed with it
         inbox=RedisInbox(client, prefix=f"{prefix}:inbox"),
         dead_letters=RedisDeadLetterStore(client, prefix=f"{prefix}:dlq"),
     )
@@ -54,6 +55,23 @@ def make(queue: str, prefix: str) -> tuple[Celery, EventBus, CeleryTransport, An
             client.set(f"{prefix}:done", "1")
 
     return app, bus, transport, plain_task(app, client, prefix), client
+
+
+def make_fanout(queue: str, prefix: str) -> tuple[EventBus, CeleryTransport]:
+    """A second publisher to the same queue, without routing (``publish_to=[queue]``).
+
+    Its own app (one transport per app); its messages are the same ``tidings.deliver`` tasks
+    the worker of :func:`make` runs, so the two publishers differ only in routing by type.
+    """
+    client = redis.Redis.from_url(REDIS_URL)
+    transport = CeleryTransport(
+        celery_app(queue),
+        queue=queue,
+        publish_to=[queue],
+        inbox=RedisInbox(client, prefix=f"{prefix}:inbox"),
+        dead_letters=RedisDeadLetterStore(client, prefix=f"{prefix}:dlq"),
+    )
+    return EventBus(transport=transport), transport
 
 
 if os.environ.get("BENCH_QUEUE"):

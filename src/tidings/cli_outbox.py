@@ -47,9 +47,12 @@ Where rows go (env TIDINGS_RELAY_TRANSPORT):
       as RedisStreamsTransport workers read them. Options, which must match the workers':
       ?prefix=P (stream prefix, default tidings:stream), &partitions=N with
       &partition_key=ATTR (an attribute of the events' data, e.g. aggregate_id).
-  celery+redis://HOST:PORT/DB?queues=A,B  or  celery+amqp://USER:PASSWORD@HOST//?queues=A,B
-      Celery task messages for CeleryTransport workers, to every queue named: the queues
-      your subscribing services' workers read. queues is required (no queue is guessed).
+  celery+redis://HOST:PORT/DB  or  celery+amqp://USER:PASSWORD@HOST//
+      Celery task messages for CeleryTransport workers, routed by event type: each event
+      goes to the queues of the services subscribed to its type (the Redis subscription
+      registry, or RabbitMQ's exchange bindings), as the workers' own publishers send them.
+      ?exchange=NAME if the services set exchange= (default tidings.events);
+      ?queues=A,B instead sends every event to every queue named (the legacy fan-out).
   memory://  an in-process queue no worker reads: rows are drained and dropped (trying out).
   module:attribute  your EventBus (with its transport) or a Transport object. A transport
       that routes with a function of the event (a custom route, or a partition_key given as
@@ -119,17 +122,16 @@ def _broker_transport(spec: str) -> Transport:
             from tidings.transports.celery import CeleryTransport  # noqa: PLC0415
 
             queues = [q for q in options.get("queues", "").split(",") if q]
-            if not queues:
-                msg = (
-                    f"--transport {redact_url(spec)}: name the queues your services' Celery "
-                    "workers read, e.g. ?queues=shop,billing (each gets every event); the relay "
-                    "does not guess a queue, which no worker might read"
-                )
-                raise click.UsageError(msg)
             app = Celery("tidings-relay", broker=url)
-            # The relay only publishes: no handler runs here, so no inbox (explicitly).
+            # The relay only publishes: no handler runs here, so no inbox (explicitly). Without
+            # ?queues= it routes by type, to the queues the services' workers subscribed.
             transport = CeleryTransport(
-                app, queue=queues[0], publish_to=queues, dead_letters=letters, inbox=None
+                app,
+                queue=queues[0] if queues else "tidings-relay",
+                publish_to=queues or None,
+                dead_letters=letters,
+                inbox=None,
+                **({"exchange": options["exchange"]} if options.get("exchange") else {}),
             )
         else:
             import redis  # noqa: PLC0415 - the redis extra
@@ -207,7 +209,7 @@ def make_relay_command() -> click.Command:
         envvar="TIDINGS_RELAY_TRANSPORT",
         required=True,
         metavar="SPEC",
-        help="redis://..., celery+redis://...?queues=..., celery+amqp://...?queues=..., "
+        help="redis://..., celery+redis://..., celery+amqp://..., "
         "memory:// or module:attribute (your EventBus or Transport); see below. "
         "Env: TIDINGS_RELAY_TRANSPORT.",
     )

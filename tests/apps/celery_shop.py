@@ -36,9 +36,16 @@ class Flaky(Exception):
 
 
 def make(
-    queue: str, prefix: str, *, service: str = "shipping", publish_to: tuple[str, ...] = ()
+    queue: str,
+    prefix: str,
+    *,
+    service: str = "shipping",
+    publish_to: tuple[str, ...] | None = (),
 ) -> tuple[Celery, EventBus, CeleryTransport, redis.Redis]:
-    """Build the service: Celery app, transport with Redis inbox and dead letters, handlers."""
+    """Build the service: Celery app, transport with Redis inbox and dead letters, handlers.
+
+    ``publish_to`` empty sends to ``queue`` alone; ``None`` routes by type (``SHOP_ROUTED``).
+    """
     client = redis.Redis.from_url(REDIS_URL)
     app = Celery(f"shop-{service}", broker=REDIS_URL)
     app.conf.update(
@@ -49,7 +56,7 @@ def make(
     transport = CeleryTransport(
         app,
         queue=queue,
-        publish_to=publish_to or (queue,),
+        publish_to=None if publish_to is None else publish_to or (queue,),
         inbox=RedisInbox(client, prefix=f"{prefix}:inbox"),
         dead_letters=RedisDeadLetterStore(client, prefix=f"{prefix}:dlq"),
         retry=RetryPolicy(max_attempts=3, initial_delay=0.05, max_delay=0.2),
@@ -82,4 +89,5 @@ if os.environ.get("SHOP_QUEUE"):
         os.environ["SHOP_QUEUE"],
         os.environ["SHOP_PREFIX"],
         service=os.environ.get("SHOP_SERVICE", "shipping"),
+        publish_to=None if os.environ.get("SHOP_ROUTED") else (),
     )

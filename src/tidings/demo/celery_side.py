@@ -158,7 +158,12 @@ def build(settings: CelerySettings, *, buffered: bool = False) -> CelerySide:
         worker_prefetch_multiplier=4,
     )
     transport = CeleryTransport(
-        app, queue=settings.prefix, inbox=inbox, dead_letters=dead_letters, retry=RETRY
+        app,
+        queue=settings.prefix,
+        inbox=inbox,
+        dead_letters=dead_letters,
+        retry=RETRY,
+        exchange=f"{settings.prefix}.events",  # the run's own routing keys, removed with it
     )
     bus = EventBus(transport=transport)
     return CelerySide(settings, app, bus, shop, journal, dead_letters, inbox, inbox_engine, client)

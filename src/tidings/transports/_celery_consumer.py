@@ -280,7 +280,9 @@ class WorkerLosses:
         deliver = transport._deliver
         if deliver is None:  # pragma: no cover - tasks exist once bound
             return False
-        queue = (request.delivery_info or {}).get("routing_key") or transport.queue
+        # The service's own queue, never one read from the message (routed by type, its
+        # routing key is the event type).
+        queue = transport.queue
         args, kwargs = tuple(request.args or ()), dict(request.kwargs or {})
         try:
             if request.name == DELIVER_BATCH:

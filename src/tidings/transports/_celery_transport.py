@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 import threading
 import warnings
+import weakref
+from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +33,13 @@ from tidings.events import DomainEvent
 from tidings.ports import DeadLetter, DeadLetterStore, Inbox, StoredEnvelope
 from tidings.retry import RetryPolicy
 from tidings.transports._celery_redis import check_persistence, reuse_redis_clients
+from tidings.transports._celery_routing import (
+    DEFAULT_EXCHANGE,
+    SubscriptionRegistry,
+    describe,
+    driver_of,
+    subscriptions,
+)
 from tidings.transports._defaults import (
     DEFAULT,
     Default,
@@ -55,6 +64,12 @@ DELIVER_BATCH = "tidings.deliver_batch"
 _MAX_BACKOFF_EXPONENT = 6
 # Celery's default for the Redis broker: an unacknowledged message is handed out again after it.
 DEFAULT_VISIBILITY_TIMEOUT = 3600.0
+# Brokers routing by event type is built for; on others the default sends to the own queue.
+_ROUTED_DRIVERS = ("amqp", "redis")
+
+# App -> the transport bound on it (one per app: the task names are the app's).
+_bound: weakref.WeakKeyDictionary[Any, list[CeleryTransport]] = weakref.WeakKeyDictionary()
+_bound_lock = threading.Lock()
 
 
 def _celery() -> Any:
@@ -74,8 +89,10 @@ class CeleryTransport:
             without ``-Q`` a worker of this app consumes ``queue`` as well as the app's own
             queues; with ``-Q`` exactly the queues named (name ``queue`` among them).
         queue: the queue this service's workers consume (and where retries go).
-        publish_to: the queues events are sent to: every service that handles them has its
-            own queue there, and each receives every event. Defaults to ``[queue]``.
+        publish_to: the legacy fan-out: when given, every event is sent to every one of these
+            queues, whatever the services there handle. By default (``None``) events are
+            routed by type: each goes to the queues of the services subscribed to its type
+            (:mod:`tidings.transports._celery_routing`).
         dead_letters: where failures and undecodable messages end (nothing is dropped). Left
             out on a Redis broker (``redis://``, ``rediss://``): a
             :class:`~tidings.deadletter.redis.RedisDeadLetterStore` on the broker's Redis,
@@ -99,6 +116,10 @@ class CeleryTransport:
             requeue, or unacknowledged until the broker hands it out again), never
             acknowledged in silence; such unsent retries count toward this bound too (per
             worker process, by task id).
+        exchange: routing by type: the RabbitMQ exchange, or on Redis the prefix of the
+            subscription registry's keys (``tidings.events``).
+        subscription_ttl: on Redis, how long a publisher uses the subscriptions it read before
+            reading them again, in seconds (a new service's first worker is seen within it).
 
     ``EventBus(transport=CeleryTransport(app, ...))`` registers the two tasks on ``app``,
     installs context propagation for all of the app's tasks and sets the app's
@@ -124,6 +145,8 @@ class CeleryTransport:
         batch_size: int = 500,
         max_worker_losses: int = 3,
         max_infrastructure_retries: int = 10,
+        exchange: str = DEFAULT_EXCHANGE,
+        subscription_ttl: float = 5.0,
     ) -> None:
         _celery()
         if batch_size < 1:
@@ -135,9 +158,28 @@ class CeleryTransport:
         if max_infrastructure_retries < 0:
             msg = "max_infrastructure_retries must be >= 0"
             raise ValueError(msg)
+        if subscription_ttl < 0:
+            msg = "subscription_ttl must be >= 0"
+            raise ValueError(msg)
+        if not exchange:
+            msg = "exchange must be a non-empty name"
+            raise ValueError(msg)
         self.app = app
         self.queue = queue
         self.publish_to = tuple(publish_to) if publish_to else (queue,)
+        self.routes_by_type = not publish_to
+        """Whether events are routed by type (the default) rather than to ``publish_to``."""
+        self.exchange = exchange
+        self.unrouted: Counter[str] = Counter()
+        """Events published that no service subscribes to, by event type (normal pub/sub)."""
+        self._registry = SubscriptionRegistry(exchange, subscription_ttl)
+        self._driver = ""
+        self._returned: list[str] = []
+        self._bus: EventBus | None = None
+        self._serving: dict[str, tuple[str, ...]] | None = None
+        self._declared: set[str] = set()
+        self._table_logged = False
+        self._routing: bool | None = None
         self.dead_letters, self.inbox = _stores_for(app, queue, dead_letters, inbox)
         self.codec = default_codec if codec is None else codec
         self.retry = RetryPolicy() if retry is None else retry
@@ -164,6 +206,8 @@ class CeleryTransport:
             raise UsageError(msg)
         self._check_accept_content()
         self._check_delay(self.retry, "the transport's default retry policy")
+        self._claim_app()
+        self._bus = bus
         self._dispatcher = Dispatcher.serving(bus, self)
         # Worker-side customisations of Celery, which need Celery itself.
         from tidings.transports import _celery_consumer  # noqa: PLC0415
@@ -194,6 +238,9 @@ class CeleryTransport:
 
         self._deliver = self.app.task(name=DELIVER, **options)(deliver)
         self._deliver_batch = self.app.task(name=DELIVER_BATCH, **options)(deliver_batch)
+        from tidings.transports._celery_worker import install  # noqa: PLC0415 - needs Celery
+
+        install(self.app)
         from tidings.transports.celery import install_context_propagation  # noqa: PLC0415
 
         install_context_propagation(self.app)
@@ -219,10 +266,34 @@ class CeleryTransport:
         for handler in bus.handlers:
             self.subscribed(handler)
 
+    def _claim_app(self) -> None:
+        """Register this transport as its app's one transport.
+
+        Raises:
+            UsageError: the app has a transport already. Task names are the app's: a second
+                transport's tasks would replace the first's (Celery's duplicate task name), and
+                a message for either service would run one bus's handlers. Routed by type, a
+                message's task is named by the receiving service, which a publisher cannot
+                tell apart on a shared app.
+        """
+        with _bound_lock:
+            bound = _bound.setdefault(self.app, [])
+            if bound:
+                msg = (
+                    f"this Celery app already has a CeleryTransport (queue {bound[0].queue!r}): "
+                    "a second one would take the same task names, and one bus would run the "
+                    "other's events. Make one Celery app per service, "
+                    f"Celery({self.queue!r}, broker=...), each with its own transport and "
+                    "queue, or subscribe every handler on the first transport's bus"
+                )
+                raise UsageError(msg)
+            bound.append(self)
+
     def subscribed(self, handler: Handler) -> None:
         """Refuse a handler whose retry delay could outlast the broker's visibility timeout."""
         if handler.retry is not None:
             self._check_delay(handler.retry, f"handler {handler.name!r}")
+        self._serving = None  # the subscriptions change with the handlers
 
     def _visibility_timeout(self) -> float | None:
         """The broker's visibility timeout, or ``None`` for brokers without one (AMQP)."""
@@ -257,24 +328,38 @@ class CeleryTransport:
     # -- publishing -------------------------------------------------------------------------
 
     def send(self, events: Sequence[DomainEvent]) -> None:
-        """Encode every event first (nothing is sent if one fails), then send to each queue."""
+        """Encode every event first (nothing is sent if one fails), then send each where it goes.
+
+        Routed by type (the default), each event goes to the queues subscribed to its type,
+        once each; an event no service subscribes to is counted in :attr:`unrouted` and logged
+        at DEBUG (normal pub/sub: nothing to deliver). With ``publish_to``, every event goes to
+        every queue listed. Several events go as batch messages of up to ``batch_size``.
+
+        Raises:
+            UsageError: not bound to a bus; or (routing by type) a handler of the bus
+                subscribes to a class the codec does not know.
+            PublishError: the broker did not accept every message (send again).
+        """
         if self._deliver is None or self._deliver_batch is None:
             msg = "create the EventBus with this transport before publishing"
             raise UsageError(msg)
         bodies = [self.codec.encode(event).decode() for event in events]
+        if self.routes_by_type and self._serving is None:
+            self._own_subscriptions()  # a UsageError here is the developer's, not the broker's
+        self._send_all(events, bodies)
+
+    def _send_all(self, items: Sequence[DomainEvent | StoredEnvelope], bodies: list[str]) -> None:
+        """Send each of ``items`` (events or stored envelopes), whose bodies are ``bodies``."""
         with self._send_lock:
             try:
                 producer = self._producer or self._open_producer()
                 reuse_redis_clients(producer.channel)
-                for queue in self.publish_to:
-                    if len(bodies) == 1:
-                        self._send_one(events[0], bodies[0], queue, producer)
-                        continue
-                    for start in range(0, len(bodies), self.batch_size):
-                        chunk = bodies[start : start + self.batch_size]
-                        self._send_task(
-                            self._deliver_batch, (chunk,), f"<{len(chunk)} events>", queue, producer
-                        )
+                serving = self._serving
+                if serving is not None and self._declared != serving.keys() and self._routes_here():
+                    self._subscribe(producer.channel, list(serving))  # a handler was added
+                types = [item.event_type for item in items]
+                for queue, routing_key, indices in self._plan(types, producer):
+                    self._send_group(items, bodies, indices, queue, routing_key, producer)
             except Exception as exc:
                 msg = (
                     f"the broker did not accept all of {len(bodies)} event(s) ({exc!r}); send "
@@ -283,12 +368,13 @@ class CeleryTransport:
                 raise PublishError(msg) from exc
 
     def send_envelopes(self, envelopes: Sequence[StoredEnvelope]) -> None:
-        """Send stored envelopes unchanged, to the queues of their type (as ``send`` does).
+        """Send stored envelopes unchanged, where ``send`` would send their events.
 
-        An envelope alone on its queue goes as one task message whose headers carry its own
-        context ids, several as batch messages of up to ``batch_size``: the messages ``send``
-        sends, so workers cannot tell a relayed envelope from a published event. Needs no event
-        class (:class:`~tidings.ports.EnvelopeSender`).
+        Routed by type (or to ``publish_to``) by the envelope's ``type``; an envelope alone on
+        its queue goes as one task message whose headers carry its own context ids, several as
+        batch messages of up to ``batch_size``: the messages ``send`` sends, so workers cannot
+        tell a relayed envelope from a published event. Needs no event class
+        (:class:`~tidings.ports.EnvelopeSender`).
 
         Raises:
             UsageError: the transport is not bound to a bus yet (also for an empty batch).
@@ -297,45 +383,116 @@ class CeleryTransport:
         if self._deliver is None or self._deliver_batch is None:
             msg = "create the EventBus with this transport before relaying through it"
             raise UsageError(msg)
-        if not envelopes:
+        if envelopes:
+            self._send_all(envelopes, [envelope.body.decode() for envelope in envelopes])
+
+    def _plan(
+        self, types: Sequence[str], producer: Any
+    ) -> list[tuple[str | None, str | None, list[int]]]:
+        """Where each event goes, by type: (queue, routing key, indices of its events), in order.
+
+        A queue for a direct send (the legacy fan-out, an eager app, a broker without routing,
+        a queue the Redis registry names), or a routing key (its event type) for the exchange.
+        """
+        everything = list(range(len(types)))
+        if not self._routes_here():
+            queues = self.publish_to if not self.routes_by_type else (self.queue,)
+            return [(queue, None, everything) for queue in queues]
+        if len(types) == 1:  # the common case, kept short
+            event_type = types[0]
+            if self._driver == "amqp":
+                return [(None, event_type, everything)]
+            queues = self._registry.queues_of(producer.channel, event_type)
+            if not queues:
+                self._no_subscriber(event_type, 1)
+            return [(queue, None, everything) for queue in queues]
+        by_type: dict[str, list[int]] = {}
+        if len(set(types)) == 1:  # one type: every event, in order
+            by_type[types[0]] = everything
+        else:
+            for index, event_type in enumerate(types):
+                by_type.setdefault(event_type, []).append(index)
+        if self._driver == "amqp":
+            return [(None, event_type, indices) for event_type, indices in by_type.items()]
+        subscribed = self._registry.queues_for(producer.channel.client, by_type)
+        by_queue: dict[str, list[int]] = {}
+        for event_type, indices in by_type.items():
+            queues = subscribed.get(event_type, ())
+            if not queues:
+                self._no_subscriber(event_type, len(indices))
+            for queue in queues:
+                by_queue.setdefault(queue, []).extend(indices)
+        # Each queue's events in publishing order, whatever their types.
+        one = len(by_type) == 1
+        return [(q, None, ids if one else sorted(ids)) for q, ids in by_queue.items()]
+
+    def _routes_here(self) -> bool:
+        """Whether this publisher routes by type: not eager, on a broker that routes.
+
+        Decided when the publisher connects (reading Celery's configuration costs more than
+        routing an event): an app made eager later reconnects first (:meth:`close`).
+        """
+        routing = self._routing
+        if routing is None:
+            routing = self._routing = (
+                self.routes_by_type
+                and not self.app.conf.task_always_eager
+                and self._driver in _ROUTED_DRIVERS
+            )
+        return routing
+
+    def _send_group(  # noqa: PLR0917 - one group's parts
+        self,
+        items: Sequence[DomainEvent | StoredEnvelope],
+        bodies: list[str],
+        indices: list[int],
+        queue: str | None,
+        routing_key: str | None,
+        producer: Any,
+    ) -> None:
+        """Send the events at ``indices`` to one queue or routing key: alone, or in batches."""
+        assert self._deliver_batch is not None  # noqa: S101 - checked by send
+        if len(indices) == 1:
+            index = indices[0]
+            self._send_one(items[index], bodies[index], queue, producer, routing_key)
+            self._check_returned(routing_key, 1)
             return
-        by_queue: dict[str, list[StoredEnvelope]] = {}
-        for envelope in envelopes:
-            for queue in self._destinations(envelope.event_type):
-                by_queue.setdefault(queue, []).append(envelope)
-        with self._send_lock:
-            try:
-                producer = self._producer or self._open_producer()
-                reuse_redis_clients(producer.channel)
-                for queue, group in by_queue.items():
-                    if len(group) == 1:
-                        one = group[0]
-                        token = bind(
-                            EventContext(one.correlation_id, one.causation_id, one.tenant_id)
-                        )
-                        try:
-                            shown = f"<{one.event_type} {one.event_id}>"
-                            args = (one.body.decode(),)
-                            self._send_task(self._deliver, args, shown, queue, producer)
-                        finally:
-                            reset(token)
-                        continue
-                    for start in range(0, len(group), self.batch_size):
-                        chunk = [e.body.decode() for e in group[start : start + self.batch_size]]
-                        self._send_task(self._deliver_batch, (chunk,), f"<{len(chunk)} events>",
-                                        queue, producer)  # fmt: skip
-            except Exception as exc:
-                msg = (
-                    f"the broker did not accept all of {len(envelopes)} envelope(s) ({exc!r}); "
-                    "send them again: handlers' inboxes make the ones already sent harmless"
-                )
-                raise PublishError(msg) from exc
+        every = len(indices) == len(bodies)  # then the indices are 0 … n-1, in order
+        for start in range(0, len(indices), self.batch_size):
+            end = start + self.batch_size
+            chunk = bodies[start:end] if every else [bodies[i] for i in indices[start:end]]
+            self._send_task(
+                self._deliver_batch, (chunk,), f"<{len(chunk)} events>", queue, producer,
+                routing_key,
+            )  # fmt: skip
+            self._check_returned(routing_key, len(chunk))
 
-    def _destinations(self, event_type: str) -> Sequence[str]:
-        """The queues events of ``event_type`` are sent to: every queue of ``publish_to``."""
-        return self.publish_to
+    def _check_returned(self, routing_key: str | None, count: int) -> None:
+        """Count a message the exchange returned (it came back before the broker's confirm)."""
+        if self._returned:
+            self._returned.clear()
+            self._no_subscriber(routing_key or "", count)
 
-    def _send_one(self, event: DomainEvent, body: str, queue: str, producer: Any) -> None:
+    def _on_return(self, exc: Any, exchange: Any, routing_key: Any, message: Any) -> None:
+        """Called by kombu (``on_return``): a ``mandatory`` message no binding took came back."""
+        self._returned.append(str(routing_key))
+
+    def _no_subscriber(self, event_type: str, count: int) -> None:
+        self.unrouted[event_type] += count
+        log.debug(
+            "no service subscribes to %s: %d event(s) not sent (counted in unrouted)",
+            log_safe(event_type, 200),
+            count,
+        )
+
+    def _send_one(
+        self,
+        event: DomainEvent | StoredEnvelope,
+        body: str,
+        queue: str | None,
+        producer: Any,
+        routing_key: str | None = None,
+    ) -> None:
         """Send one event's message, its headers carrying the event's own context ids.
 
         So that Celery's log lines about the message, in a worker, carry them even when it was
@@ -345,13 +502,20 @@ class CeleryTransport:
         token = bind(EventContext(event.correlation_id, event.causation_id, event.tenant_id))
         try:
             self._send_task(
-                self._deliver, (body,), f"<{event.event_type} {event.event_id}>", queue, producer
-            )
+                self._deliver, (body,), f"<{event.event_type} {event.event_id}>", queue,
+                producer, routing_key,
+            )  # fmt: skip
         finally:
             reset(token)
 
-    def _send_task(
-        self, task: Task, args: tuple[Any, ...], argsrepr: str, queue: str, producer: Any
+    def _send_task(  # noqa: PLR0917 - one message's parts
+        self,
+        task: Task,
+        args: tuple[Any, ...],
+        argsrepr: str,
+        queue: str | None,
+        producer: Any,
+        routing_key: str | None = None,
     ) -> None:
         """Send one task message on the transport's producer: what ``apply_async`` would send.
 
@@ -361,14 +525,23 @@ class CeleryTransport:
         it to Celery's own sender, which sends the publish signals and applies the app's
         publish retry policy. An eager app (``task_always_eager``), or one on task protocol 1,
         takes ``apply_async``. ``argsrepr`` is what Celery's logs and monitors show of the
-        arguments (the envelope is in them).
+        arguments (the envelope is in them). With a ``routing_key`` (an event type) the message
+        goes to the transport's exchange instead of a queue, ``mandatory`` (see ``_on_return``).
         """
+        route: dict[str, Any] = (
+            {"queue": queue}
+            if routing_key is None
+            else {
+                "exchange": self.exchange,
+                "routing_key": routing_key,
+                "exchange_type": "direct",
+                "mandatory": True,
+            }
+        )
         app = self.app
         conf = app.conf
         if conf.task_always_eager or conf.task_protocol != 2:
-            task.apply_async(
-                args=args, argsrepr=argsrepr, queue=queue, producer=producer, declare=[]
-            )
+            task.apply_async(args=args, argsrepr=argsrepr, producer=producer, declare=[], **route)
             return
         parent = app.current_worker_task
         request = None if parent is None else parent.request
@@ -384,16 +557,17 @@ class CeleryTransport:
             create_sent_event=conf.task_send_sent_event,
         )
         app.amqp.send_task_message(
-            producer, task.name, message, queue=queue, declare=[], serializer="json"
+            producer, task.name, message, declare=[], serializer="json", **route
         )
 
     def _open_producer(self) -> Any:
-        """Connect for publishing and declare the queues (under the send lock).
+        """Connect for publishing and declare where messages go (under the send lock).
 
         Publisher confirms on AMQP: a publish waits for the broker's ack and raises on a nack,
         so ``send`` returns only once the broker accepted every message. The queues are
         declared once here rather than with every message (Celery's default, a third of the
-        cost of a publish), so that a message sent before any worker started is kept.
+        cost of a publish), so that a message sent before any worker started is kept. Routed
+        by type, that is the exchange (RabbitMQ) and this bus's own subscriptions.
 
         A broker that accepts connections and never answers must fail a publish rather than
         hold it for ever: the connection times out after Celery's ``broker_connection_timeout``
@@ -413,9 +587,27 @@ class CeleryTransport:
         options.update({name: send_timeout for name in names if configured.get(name) is None})
         connection = self.app.connection_for_write(transport_options=options)
         try:
-            producer = self.app.amqp.Producer(connection)
-            for queue in self.publish_to:
-                producer.maybe_declare(self.app.amqp.queues[queue])
+            driver = driver_of(connection)
+            on_return = self._on_return if driver == "amqp" else None
+            producer = self.app.amqp.Producer(connection, on_return=on_return)
+            self._driver = driver
+            self._declared = set()
+            self._routing = None
+            if self.routes_by_type and driver not in _ROUTED_DRIVERS:
+                warnings.warn(
+                    f"routing by event type needs RabbitMQ or Redis, not a {driver!r} broker: "
+                    f"events go to this transport's queue {self.queue!r} only; pass "
+                    "publish_to=[...] to send them to other services' queues",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            if self._routes_here():
+                if driver == "amqp":
+                    self._declare_exchange(producer.channel)
+                self._subscribe(producer.channel, list(self._own_subscriptions()))
+            else:
+                for queue in self.publish_to if not self.routes_by_type else (self.queue,):
+                    producer.maybe_declare(self.app.amqp.queues[queue])
             check_persistence(producer.channel, "the Celery broker, publishing")
         except BaseException:
             connection.release()
@@ -423,14 +615,100 @@ class CeleryTransport:
         self._connection, self._producer = connection, producer
         return producer
 
+    # -- subscriptions ----------------------------------------------------------------------
+
+    def _own_subscriptions(self) -> dict[str, tuple[str, ...]]:
+        """This bus's event types and their handlers (computed again after a subscribe)."""
+        serving = self._serving
+        if serving is None:
+            if self._bus is None:  # pragma: no cover - bound before anything calls it
+                msg = "the transport is not bound to a bus"
+                raise UsageError(msg)
+            serving = self._serving = subscriptions(self._bus, self.codec.registry)
+        return serving
+
+    def _declare_exchange(self, channel: Any) -> None:
+        from kombu import Exchange  # type: ignore[attr-defined]  # noqa: PLC0415 - optional
+
+        Exchange(self.exchange, type="direct", durable=True)(channel).declare()  # type: ignore[no-untyped-call]
+
+    def _subscribe(self, channel: Any, event_types: list[str]) -> None:
+        """Subscribe this transport's queue to ``event_types`` on the broker (idempotent)."""
+        if self._driver == "amqp":
+            self._declare_exchange(channel)
+            bound = self.app.amqp.queues[self.queue](channel)
+            bound.declare()  # as Celery declares it: its own exchange, arguments and binding
+            for event_type in event_types:
+                bound.bind_to(exchange=self.exchange, routing_key=event_type)
+        elif self._driver == "redis":
+            self._registry.subscribe(channel.client, self.queue, event_types)
+        self._declared = set(event_types)
+
+    def unsubscribe(self, *event_types: str) -> None:
+        """Stop routing ``event_types`` to this transport's queue (when the service drops them).
+
+        Subscriptions are durable: a worker that no longer has a handler for a type its queue
+        was subscribed to dead-letters those events, naming this method as one fix. Events
+        of these types already in the queue stay there. With no types given, on Redis every
+        subscription of the queue is removed (a service retired); RabbitMQ drops a queue's
+        bindings with the queue.
+        """
+        with self.app.connection_for_write() as connection:
+            channel = connection.channel()
+            try:
+                driver = driver_of(connection)
+                if driver == "amqp":
+                    for event_type in event_types:
+                        channel.queue_unbind(
+                            queue=self.queue, exchange=self.exchange, routing_key=event_type
+                        )
+                elif driver == "redis":
+                    self._registry.unsubscribe(channel.client, self.queue, event_types or None)
+            finally:
+                channel.close()
+
+    def worker_started(self, connection: Any) -> None:
+        """Subscribe this service's queue to its event types and log the handler table.
+
+        Called by the worker's consumer at start-up and after each reconnection, with its
+        broker connection (a connection error makes the consumer reconnect and call again).
+
+        Raises:
+            UsageError: a handler subscribes to a class the codec does not know (the worker
+                exits: a start-up error).
+        """
+        table = self._own_subscriptions()
+        driver = driver_of(connection)
+        if not self.routes_by_type:
+            how = f"each receiving every event sent to publish_to {list(self.publish_to)}"
+        elif driver in _ROUTED_DRIVERS:
+            how = (
+                f"routed by type through exchange {self.exchange!r}"
+                if driver == "amqp"
+                else f"routed by type through the Redis registry {self.exchange!r}"
+            )
+            channel = connection.channel()
+            try:
+                self._driver = self._driver or driver
+                self._subscribe(channel, list(table))
+            finally:
+                channel.close()
+        else:
+            how = f"not routed by type (a {driver!r} broker): only what is sent to this queue"
+        if not self._table_logged:
+            self._table_logged = True
+            log.info("%s", describe(self.queue, table, how))
+
     def replay(self, letter: DeadLetter) -> None:
-        """Send a dead letter back to its queue, to its handler only when it names one."""
+        """Send a dead letter back to this transport's queue, to its handler when it names one.
+
+        Always this service's own queue, never a destination read from the letter.
+        """
         if self._deliver is None:
             msg = "create the EventBus with this transport before replaying"
             raise UsageError(msg)
-        queue = letter.destination or self.queue
         self._deliver.apply_async(
-            args=(letter.body.decode("utf-8", "replace"), letter.handler, 1), queue=queue
+            args=(letter.body.decode("utf-8", "replace"), letter.handler, 1), queue=self.queue
         )
 
     def close(self) -> None:
@@ -475,7 +753,9 @@ class CeleryTransport:
         if retries is None:
             self._refuse(task, bodies, handler, "the message's retries header is not a counter")
             return
-        queue = self._queue_of(request)
+        # Retries go to this service's own queue, never to a destination read from the message
+        # (on RabbitMQ its routing key is the event type).
+        queue = self.queue
         _, headers, _ = bounded_letter_fields(b"", request.headers or {}, 0)
         messages = [
             Received(
@@ -488,7 +768,11 @@ class CeleryTransport:
             for body in bodies
         ]
         try:
-            for outcome in dispatcher.dispatch_many(messages):
+            for message, outcome in zip(messages, dispatcher.dispatch_many(messages), strict=True):
+                if outcome.event is not None and not (
+                    outcome.handled or outcome.duplicates or outcome.retries or outcome.dead
+                ):
+                    self._no_handler(dispatcher, message, outcome.event)
                 for again in outcome.retries:
                     deliver.apply_async(
                         args=(again.body.decode(), again.handler, again.attempt),
@@ -590,7 +874,7 @@ class CeleryTransport:
     def _refuse(self, task: Task, bodies: list[Any], handler: str | None, reason: str) -> None:
         """Dead-letter each of a message's bodies with ``reason`` (raises if the store fails)."""
         request = task.request
-        queue = self._queue_of(request)
+        queue = self.queue
         for body in bodies:
             raw = body.encode() if isinstance(body, str) else repr(body).encode()
             raw, headers, note = bounded_letter_fields(
@@ -607,10 +891,23 @@ class CeleryTransport:
             self.dead_letters.add(letter)
             log.error("dead-lettered a delivery as %s: %s", letter.id, log_safe(letter.reason))
 
-    def _queue_of(self, request: Any) -> str:
-        delivery = request.delivery_info
-        queue = delivery.get("routing_key") if isinstance(delivery, dict) else None
-        return queue if isinstance(queue, str) and queue else self.queue
+    def _no_handler(self, dispatcher: Dispatcher, message: Received, event: DomainEvent) -> None:
+        """Dead-letter an event that reached this worker with no handler for its type here."""
+        fix = (
+            ", or, if this service no longer handles them, "
+            f"transport.unsubscribe({event.event_type!r})"
+            if self.routes_by_type
+            else ""
+        )
+        refused = LookupError(
+            f"no handler for event type {event.event_type!r} in this worker (queue "
+            f"{self.queue!r}): the module that subscribes them is not imported; use "
+            "bus.autodiscover(...) in the composition root the worker imports" + fix
+        )
+        letter = dispatcher._dead_letter(  # the dispatcher's own letter format
+            message, refused, attempts=0, handler=None, event=event
+        )
+        log.error("dead-lettered a delivery as %s: %s", letter.id, log_safe(letter.reason))
 
     def _countdown(self, delay: float) -> float:
         """A retry's countdown: its delay, below the broker's visibility timeout.
@@ -655,6 +952,12 @@ def _stores_for(
         redis_dead_letters(client, queue) if isinstance(dead_letters, Default) else dead_letters,
         redis_inbox(client, queue) if isinstance(inbox, Default) else inbox,
     )
+
+
+def bound_transports(app: Any) -> tuple[CeleryTransport, ...]:
+    """The transports bound on ``app``, in binding order."""
+    with _bound_lock:
+        return tuple(_bound.get(app, ()))
 
 
 def one_arguments(
