@@ -141,8 +141,7 @@ def build(transport_kind: str, role: str, redis_url: str, db_url: str) -> tuple[
         )
         transport = CeleryTransport(
             app,
-            queue=service,
-            publish_to=list(SERVICES),
+            queue=service,  # routed by type: each service's queue gets every OrderPlaced
             inbox=_inbox(service, engine, client),
             dead_letters=dead_letters,
             retry=RETRY,
