@@ -232,8 +232,10 @@ class DeadLetteringConsumer(Consumer):  # type: ignore[misc]
         raw_headers = message.headers if isinstance(message.headers, dict) else {}
         kept, headers, note = bounded_letter_fields(bytes(body or b""), raw_headers, keep)
         headers["content-type"] = log_safe(message.content_type, 128)
+        # The queue the worker serves, not the message's routing key (on RabbitMQ, routed by
+        # type, that is the event type): a replay goes there.
         delivery = message.delivery_info if isinstance(message.delivery_info, dict) else {}
-        destination = delivery.get("routing_key")
+        destination = delivery.get("routing_key") if transport is None else transport.queue
         letter = DeadLetter(
             body=kept,
             reason=f"{type(exc).__name__}: {exc}"[:4096] + note,
@@ -349,7 +351,7 @@ class WorkerLosses:
             event_id=None if event is None else event.event_id,
             headers=headers,
             transport=self.transport.name,
-            destination=(request.delivery_info or {}).get("routing_key") or self.transport.queue,
+            destination=self.transport.queue,  # its own queue, not the message's routing key
         )
 
 
