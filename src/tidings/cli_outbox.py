@@ -119,6 +119,7 @@ def _broker_transport(spec: str) -> Transport:
         if parts.scheme.startswith("celery+"):
             from celery import Celery  # noqa: PLC0415 - the celery extra
 
+            from tidings.transports._celery_routing import DEFAULT_EXCHANGE  # noqa: PLC0415
             from tidings.transports.celery import CeleryTransport  # noqa: PLC0415
 
             queues = [q for q in options.get("queues", "").split(",") if q]
@@ -131,7 +132,7 @@ def _broker_transport(spec: str) -> Transport:
                 publish_to=queues or None,
                 dead_letters=letters,
                 inbox=None,
-                **({"exchange": options["exchange"]} if options.get("exchange") else {}),
+                exchange=options.get("exchange") or DEFAULT_EXCHANGE,
             )
         else:
             import redis  # noqa: PLC0415 - the redis extra
