@@ -1,0 +1,1 @@
+"""A Django app with a ``handlers`` module, for the handler-discovery test."""
