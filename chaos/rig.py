@@ -269,6 +269,10 @@ class Report:
     stuck_in_outbox: int = 0
     drain_seconds: float | None = None
     rss_growth: dict[str, float] = field(default_factory=dict)
+    lost_ids: dict[str, list[str]] = field(default_factory=dict)
+    """Up to ten lost event ids per service, to look for in the kept logs."""
+    exited: Counter[str] = field(default_factory=Counter)
+    """Processes that exited by themselves (not killed), by kind; the rig started them again."""
 
     @property
     def passed(self) -> bool:
@@ -306,6 +310,15 @@ class Report:
                 f"| {self.dead_lettered.get(service, 0)} "
                 f"| {'-' if growth is None else f'{growth:+.1%}'} |"
             )
+        if self.exited:
+            lines.append("")
+            lines.append(
+                "Exited by themselves and started again: "
+                + ", ".join(f"{kind} {n}" for kind, n in sorted(self.exited.items()))
+            )
+        for service, ids in self.lost_ids.items():
+            if ids:
+                lines.append(f"Lost by {service} (first ten): {', '.join(ids)}")
         return "\n".join(lines)
 
 
@@ -471,6 +484,14 @@ class Rig:
                 self._fault(kind, redis_server, db_url)
             except Exception as exc:  # noqa: BLE001 - a failed fault is reported, not fatal
                 self.log(f"  fault {kind} failed: {type(exc).__name__}: {exc}")
+            self._supervise()
+
+    def _supervise(self) -> None:
+        """Start again what exited by itself (a supervisor's job), counting it in the report."""
+        for slot in self.slots:
+            if slot.process is not None and slot.process.poll() is not None:
+                self.report.exited[slot.name.rsplit("-", 1)[0]] += 1
+                slot.start()
 
     def _sample(self) -> None:
         while not self.stop_nemesis.wait(2.0):
@@ -506,6 +527,7 @@ class Rig:
         return found
 
     def _settled(self, engine: sa.Engine, redis_url: str) -> bool:
+        self._supervise()
         committed, seen, pending = self._counts(engine)
         letters = self._dead_letters(redis_url)
         return pending == 0 and all(
@@ -518,7 +540,9 @@ class Rig:
         self.report.committed = len(committed)
         self.report.stuck_in_outbox = pending
         for service, counts in seen.items():
-            self.report.lost[service] = len(committed - set(counts) - letters[service])
+            lost = committed - set(counts) - letters[service]
+            self.report.lost[service] = len(lost)
+            self.report.lost_ids[service] = sorted(lost)[:10]
             self.report.duplicated[service] = sum(n - 1 for n in counts.values() if n > 1)
             self.report.unexpected[service] = len(set(counts) - committed)
             self.report.dead_lettered[service] = len(letters[service])
