@@ -375,38 +375,23 @@ def _create_quarantine(engine: sa.Engine, outbox: Any) -> None:
 
 def _drain(runner: Any, transport_spec: str, db_url: str | None, *secrets: str) -> None:
     """``--once``: relay until nothing moves; exit 1 if a row could not be relayed."""
-    total = 0
-    quarantined: set[int] = set()
-    failing: set[int] = set()
+    from tidings.outbox._common import Drained, drain  # noqa: PLC0415
+
+    done = Drained()
     try:
-        while True:
-            report = runner.run_batch()
-            total += report.relayed
-            quarantined.update(report.quarantined)
-            failing.difference_update(report.quarantined)
-            failing.update(report.failed)
-            # Rows failing on their own are tried again at once, up to their bound, so that
-            # --once ends with each either relayed or quarantined (with the quarantine table).
-            retry = bool(report.failed) and runner.quarantining
-            if not (report.relayed or report.quarantined or retry):
-                break
+        drain(runner, done)
     except (click.ClickException, click.exceptions.Exit, click.Abort):
         raise
     except Exception as exc:  # an operator needs the cause, not a traceback
         msg = (
-            f"relaying failed after {total} events: {type(exc).__name__}: {exc}; the "
+            f"relaying failed after {done.relayed} events: {type(exc).__name__}: {exc}; the "
             "unpublished rows stay pending for the next run"
         )
         raise click.ClickException(redact_text(msg, transport_spec, db_url, *secrets)) from exc
-    click.echo(f"Relayed {total} events.")
-    if quarantined or failing:
-        shown = ", ".join(str(i) for i in sorted(quarantined | failing)[:20])
-        click.echo(
-            f"{len(quarantined)} row(s) could not be relayed and were quarantined, "
-            f"{len(failing)} could not be relayed and stay pending (ids {shown}); see "
-            "`tidings outbox status` and `tidings dlq outbox list`",
-            err=True,
-        )
+    click.echo(f"Relayed {done.relayed} events.")
+    problem = done.problem()
+    if problem is not None:
+        click.echo(problem, err=True)
         sys.exit(1)
 
 

@@ -34,8 +34,10 @@ __all__ = [
     "Backoff",
     "BatchReport",
     "ClaimedRow",
+    "Drained",
     "RedactingFilter",
     "default_partition_key",
+    "drain",
     "forward_batch",
     "in_key_order",
     "read_stored",
@@ -128,6 +130,45 @@ class BatchReport:
     relayed: int = 0
     failed: tuple[int, ...] = ()
     quarantined: tuple[int, ...] = ()
+
+
+@dataclass
+class Drained:
+    """What :func:`drain` relayed so far (a ``--once`` run), updated as it goes."""
+
+    relayed: int = 0
+    quarantined: set[int] = dataclasses.field(default_factory=set)
+    failing: set[int] = dataclasses.field(default_factory=set)
+
+    def problem(self) -> str | None:
+        """The operator's message when a row could not be relayed, else ``None``."""
+        if not (self.failing or self.quarantined):
+            return None
+        shown = ", ".join(str(i) for i in sorted(self.failing | self.quarantined)[:20])
+        return (
+            f"{len(self.quarantined)} row(s) could not be relayed and were quarantined, "
+            f"{len(self.failing)} could not be relayed and stay pending (ids {shown}); see "
+            "`tidings outbox status` and `tidings dlq outbox list`"
+        )
+
+
+def drain(runner: Any, into: Drained) -> Drained:
+    """Relay batches until nothing moves; each row ends relayed, quarantined or failing.
+
+    ``runner`` is a relay (``run_batch()``, ``quarantining``). Rows failing on their own are
+    tried again at once, up to their bound, so that with the quarantine table each ends
+    relayed or quarantined. ``into`` is updated as batches go, so a caller that catches an
+    exception still knows how far it got.
+    """
+    while True:
+        report = runner.run_batch()
+        into.relayed += report.relayed
+        into.quarantined.update(report.quarantined)
+        into.failing.difference_update(report.quarantined)
+        into.failing.update(report.failed)
+        retry = bool(report.failed) and runner.quarantining
+        if not (report.relayed or report.quarantined or retry):
+            return into
 
 
 class ClaimedRow(Protocol):

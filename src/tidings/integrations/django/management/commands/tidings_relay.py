@@ -14,6 +14,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from tidings._untrusted import log_safe, redact_text
 from tidings.bus import EventBus
 from tidings.errors import UsageError
+from tidings.outbox._common import Drained, drain
 from tidings.ports import Transport
 
 __all__ = ["Command"]
@@ -127,35 +128,19 @@ class Command(BaseCommand):  # type: ignore[misc]  # Django ships no type inform
             raise CommandError(f"--bus {options['bus']}: {exc}") from exc
         secrets = runner.secrets
         if options["once"]:
-            total = 0
-            failing: set[int] = set()
-            quarantined: set[int] = set()
+            done = Drained()
             try:
-                while True:
-                    report = runner.run_batch()
-                    total += report.relayed
-                    quarantined.update(report.quarantined)
-                    failing.difference_update(report.quarantined)
-                    failing.update(report.failed)
-                    # A failing row is tried again at once, up to its bound (then quarantined).
-                    retry = bool(report.failed) and runner.quarantining
-                    if not (report.relayed or report.quarantined or retry):
-                        break
+                drain(runner, done)
             except Exception as exc:  # an operator needs the cause, not a traceback
                 msg = (
-                    f"relaying failed after {total} events: {type(exc).__name__}: {exc}; "
+                    f"relaying failed after {done.relayed} events: {type(exc).__name__}: {exc}; "
                     "the unpublished rows stay pending for the next run"
                 )
                 raise CommandError(redact_text(msg, *secrets)) from exc
-            self.stdout.write(f"Relayed {total} events.")
-            if failing or quarantined:
-                shown = ", ".join(str(i) for i in sorted(failing | quarantined)[:20])
-                msg = (
-                    f"{len(quarantined)} row(s) could not be relayed and were quarantined, "
-                    f"{len(failing)} could not be relayed and stay pending (ids {shown}); see "
-                    "`tidings outbox status` and `tidings dlq outbox list`"
-                )
-                raise CommandError(msg)
+            self.stdout.write(f"Relayed {done.relayed} events.")
+            problem = done.problem()
+            if problem is not None:
+                raise CommandError(problem)
             return
         stop = threading.Event()
 
