@@ -60,6 +60,18 @@ def test_on_a_redis_broker_the_stores_default_to_that_redis_scoped_to_the_queue(
     assert transport.dead_letters.prefix == "tidings:dlq:shop"
 
 
+def test_close_disconnects_the_default_stores_client(redis_url):
+    """close() lets go of the Redis connections the default stores opened; later use reconnects."""
+    transport = CeleryTransport(Celery("t", broker=redis_url), queue="shop-close")
+    assert isinstance(transport.dead_letters, RedisDeadLetterStore)
+    transport.dead_letters.count()  # opens a connection of the default stores' client
+    pool = transport._owned_client.connection_pool
+    assert any(c._sock is not None for c in pool._available_connections)
+    transport.close()
+    assert all(c._sock is None for c in pool._available_connections)
+    assert transport.dead_letters.count() >= 0  # connects again
+
+
 def test_inbox_none_is_the_explicit_opt_out(redis_url):
     """inbox=None means no inbox, while what is given explicitly is kept as it is."""
     store = MemoryDeadLetterStore()

@@ -180,7 +180,9 @@ class CeleryTransport:
         self._declared: set[str] = set()
         self._table_logged = False
         self._routing: bool | None = None
-        self.dead_letters, self.inbox = _stores_for(app, queue, dead_letters, inbox)
+        self.dead_letters, self.inbox, self._owned_client = _stores_for(
+            app, queue, dead_letters, inbox
+        )
         self.codec = default_codec if codec is None else codec
         self.retry = RetryPolicy() if retry is None else retry
         self.batch_size = batch_size
@@ -712,11 +714,17 @@ class CeleryTransport:
         )
 
     def close(self) -> None:
-        """Close the transport's publishing connection (a later send opens a new one)."""
+        """Close the transport's publishing connection (a later send opens a new one).
+
+        Also disconnects the Redis client of the default inbox and dead-letter store, if this
+        transport made them (a later use connects again).
+        """
         with self._send_lock:
             if self._connection is not None:
                 self._connection.release()
             self._connection = self._producer = None
+        if self._owned_client is not None:
+            self._owned_client.connection_pool.disconnect()
 
     # -- working ----------------------------------------------------------------------------
 
@@ -924,14 +932,16 @@ def _stores_for(
     queue: str,
     dead_letters: DeadLetterStore | Default,
     inbox: Inbox | Default | None,
-) -> tuple[DeadLetterStore, Inbox | None]:
-    """The transport's dead-letter store and inbox: those given, else on the broker's Redis.
+) -> tuple[DeadLetterStore, Inbox | None, Any]:
+    """The dead-letter store, the inbox, and the Redis client made for them (or ``None``).
+
+    Those given are kept; one left out is made on the broker's Redis, with one client for both.
 
     Raises:
         UsageError: one is left out and the broker is not Redis; the message says what to pass.
     """
     if not isinstance(dead_letters, Default) and not isinstance(inbox, Default):
-        return dead_letters, inbox
+        return dead_letters, inbox, None
     # kombu takes several URLs, `;`-separated, for fail-over: the first is the broker.
     broker = str(app.conf.broker_url or "").split(";", 1)[0].strip()
     if not broker.lower().startswith(("redis://", "rediss://")):
@@ -951,6 +961,7 @@ def _stores_for(
     return (
         redis_dead_letters(client, queue) if isinstance(dead_letters, Default) else dead_letters,
         redis_inbox(client, queue) if isinstance(inbox, Default) else inbox,
+        client,
     )
 
 
