@@ -579,6 +579,30 @@ def test_a_real_uvicorn_app_answers_health_while_a_publish_to_a_hung_broker_fail
 
 
 @pytest.mark.integration
+@pytest.mark.integration
+def test_lifespan_connects_celery_at_start_and_a_broker_down_is_not_fatal(redis_url, unique_name):
+    """lifespan(bus) opens Celery's publishing connection at start; a down broker only logs."""
+    bus = celery_bus(redis_url, unique_name)
+    transport = bus.transport
+
+    async def start() -> bool:
+        async with lifespan(bus)(None):
+            return transport._producer is not None  # type: ignore[union-attr]
+
+    assert asyncio.run(start())
+    assert transport._producer is None  # type: ignore[union-attr]  # closed at shutdown
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        nobody = probe.getsockname()[1]
+    down = celery_bus(f"redis://127.0.0.1:{nobody}/0", unique_name, broker_connection_timeout=1)
+
+    async def start_down() -> None:
+        async with lifespan(down)(None):
+            pass
+
+    asyncio.run(start_down())  # no exception: logged, and each publish would connect again
+
+
 def test_lifespan_opens_the_loops_client_and_closes_everything_at_shutdown(client, unique_name):
     """Under lifespan(bus) a FastAPI app publishes on its loop's client, closed at shutdown."""
     fastapi = pytest.importorskip("fastapi")

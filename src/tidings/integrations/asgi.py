@@ -289,7 +289,8 @@ def lifespan(bus: EventBus) -> Callable[[Any], contextlib.AbstractAsyncContextMa
     ``aopen`` if it has one (Redis Streams connects its publishing client on the app's event
     loop); a broker that is down then is logged, not raised, so the app starts and serves
     what needs no broker, and each publish connects again (raising ``PublishError`` while the
-    broker is away). Transports without ``aopen`` (Celery) connect on their first publish.
+    broker is away). Celery's ``aopen`` connects its publishing connection in a thread;
+    transports without ``aopen`` connect on their first publish.
     At stop, :meth:`EventBus.aclose <tidings.bus.EventBus.aclose>`: the loop's async clients,
     the transport's connections and the bus's publishing threads are closed, after the sends
     under way finished. A bus without a transport needs nothing and gets nothing.

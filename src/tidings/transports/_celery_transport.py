@@ -14,6 +14,7 @@ only one the tasks accept.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import warnings
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from tidings._ids import new_event_id
 from tidings._letters import bounded_letter_fields
-from tidings._untrusted import log_safe, parse_counter
+from tidings._untrusted import log_safe, parse_counter, redact_text
 from tidings.codec import Codec, default_codec
 from tidings.context import EventContext, bind, reset
 from tidings.delivery import Dispatcher, Received
@@ -712,6 +713,29 @@ class CeleryTransport:
         self._deliver.apply_async(
             args=(letter.body.decode("utf-8", "replace"), letter.handler, 1), queue=self.queue
         )
+
+    async def aopen(self) -> None:
+        """Open the publishing connection now, in a thread (an ASGI app's start-up).
+
+        What the first send would do (connect, declare, subscribe this bus's handlers), done
+        before the first request instead. A broker that is away is logged, not raised: the app
+        starts, and each publish connects again.
+        """
+
+        def connect() -> None:
+            with self._send_lock:
+                if self._producer is None:
+                    self._open_producer()
+
+        try:
+            await asyncio.to_thread(connect)
+        except Exception as exc:  # noqa: BLE001 - a broker down at start-up is not fatal
+            broker = str(self.app.conf.broker_url or "")
+            log.warning(
+                "could not connect to the Celery broker at start-up (%s); each publish "
+                "connects again",
+                log_safe(redact_text(f"{type(exc).__name__}: {exc}", broker)),
+            )
 
     def close(self) -> None:
         """Close the transport's publishing connection (a later send opens a new one).
