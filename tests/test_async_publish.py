@@ -410,6 +410,31 @@ def test_celery_publishing_to_a_hung_broker_fails_within_its_timeouts(hung, sche
 
 
 @pytest.mark.integration
+def test_concurrent_celery_publishers_do_not_wait_for_each_other(hung):
+    """Three publishers on a hung broker all fail within one timeout: none waits behind another."""
+    bus = celery_bus(
+        f"redis://127.0.0.1:{hung.port}/0", task_publish_retry=False, broker_connection_retry=False
+    )
+    failed: list[float] = []
+    started = time.monotonic()
+
+    def publish() -> None:
+        with contextlib.suppress(PublishError):
+            bus.publish(ParcelSent())
+        failed.append(time.monotonic() - started)
+
+    threads = [threading.Thread(target=publish) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(failed) == 3
+    # Queued behind one lock they would end after about 5, 10 and 15 s.
+    assert max(failed) < DEFAULT_TIMEOUT, f"ended after {sorted(failed)}"
+    bus.close()
+
+
+@pytest.mark.integration
 def test_celery_timeouts_default_to_five_seconds_and_the_apps_own_win(client, unique_name):
     """The producer connection gets 5 s socket timeouts unless the app's options set them."""
     url = client.get_connection_kwargs()
@@ -418,7 +443,7 @@ def test_celery_timeouts_default_to_five_seconds_and_the_apps_own_win(client, un
     own = celery_bus(broker, queue=unique_name, broker_transport_options={"socket_timeout": 0.5})
     for bus in (default, own):
         bus.publish(ParcelSent())  # opens the producer connection
-    options = [bus.transport._connection.transport_options for bus in (default, own)]  # type: ignore[union-attr]
+    options = [bus.transport._idle[0].connection.transport_options for bus in (default, own)]  # type: ignore[union-attr]
     assert (options[0]["socket_timeout"], options[0]["socket_connect_timeout"]) == (5.0, 5.0)
     assert (options[1]["socket_timeout"], options[1]["socket_connect_timeout"]) == (0.5, 5.0)
     for bus in (default, own):
@@ -587,10 +612,10 @@ def test_lifespan_connects_celery_at_start_and_a_broker_down_is_not_fatal(redis_
 
     async def start() -> bool:
         async with lifespan(bus)(None):
-            return transport._producer is not None  # type: ignore[union-attr]
+            return len(transport._idle) == 1  # type: ignore[union-attr]
 
     assert asyncio.run(start())
-    assert transport._producer is None  # type: ignore[union-attr]  # closed at shutdown
+    assert transport._idle == []  # type: ignore[union-attr]  # closed at shutdown
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         nobody = probe.getsockname()[1]

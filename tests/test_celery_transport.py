@@ -260,7 +260,7 @@ def test_publishing_reuses_one_redis_client_on_its_channel(shop):
     """The transport's Redis channel hands out one client for its commands, and still publishes."""
     _, bus, transport, client, name = shop
     bus.publish(celery_shop.ParcelBooked(parcel_id="one"))
-    channel = transport._producer.channel
+    channel = transport._idle[0].producer.channel
     first = channel._create_client()
     bus.publish(celery_shop.ParcelBooked(parcel_id="two"))
     assert channel._create_client() is first

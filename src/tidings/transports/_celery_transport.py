@@ -21,6 +21,7 @@ import warnings
 import weakref
 from collections import Counter
 from collections.abc import Sequence
+from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
 from tidings._ids import new_event_id
@@ -175,7 +176,6 @@ class CeleryTransport:
         """Events published that no service subscribes to, by event type (normal pub/sub)."""
         self._registry = SubscriptionRegistry(exchange, subscription_ttl)
         self._driver = ""
-        self._returned: list[str] = []
         self._bus: EventBus | None = None
         self._serving: dict[str, tuple[str, ...]] | None = None
         self._declared: set[str] = set()
@@ -196,9 +196,11 @@ class CeleryTransport:
         # The transport's own broker connection for publishing (kombu pools are shared by
         # every app of a process, so closing one would break the others); one lock, because a
         # producer is not thread-safe.
-        self._send_lock = threading.Lock()
-        self._connection: Any = None
-        self._producer: Any = None
+        # Publishing connections, one per send under way: concurrent publishers never wait
+        # for each other's broker round trips. Idle ones wait here for the next send.
+        self._pool_lock = threading.Lock()
+        self._idle: list[_Publisher] = []
+        self._generation = 0
 
     # -- wiring -----------------------------------------------------------------------------
 
@@ -353,22 +355,42 @@ class CeleryTransport:
 
     def _send_all(self, items: Sequence[DomainEvent | StoredEnvelope], bodies: list[str]) -> None:
         """Send each of ``items`` (events or stored envelopes), whose bodies are ``bodies``."""
-        with self._send_lock:
-            try:
-                producer = self._producer or self._open_producer()
-                reuse_redis_clients(producer.channel)
-                serving = self._serving
-                if serving is not None and self._declared != serving.keys() and self._routes_here():
-                    self._subscribe(producer.channel, list(serving))  # a handler was added
-                types = [item.event_type for item in items]
-                for queue, routing_key, indices in self._plan(types, producer):
-                    self._send_group(items, bodies, indices, queue, routing_key, producer)
-            except Exception as exc:
-                msg = (
-                    f"the broker did not accept all of {len(bodies)} event(s) ({exc!r}); send "
-                    "them again: handlers' inboxes make the ones already sent harmless"
-                )
-                raise PublishError(msg) from exc
+        publisher: _Publisher | None = None
+        try:
+            publisher = self._take_publisher()
+            producer = publisher.producer
+            reuse_redis_clients(producer.channel)
+            serving = self._serving
+            if serving is not None and self._declared != serving.keys() and self._routes_here():
+                self._subscribe(producer.channel, list(serving))  # a handler was added
+            types = [item.event_type for item in items]
+            for queue, routing_key, indices in self._plan(types, producer):
+                self._send_group(items, bodies, indices, queue, routing_key, publisher)
+        except Exception as exc:
+            if publisher is not None:
+                publisher.release()  # a connection that failed is not used again
+            msg = (
+                f"the broker did not accept all of {len(bodies)} event(s) ({exc!r}); send "
+                "them again: handlers' inboxes make the ones already sent harmless"
+            )
+            raise PublishError(msg) from exc
+        self._give_back(publisher)
+
+    def _take_publisher(self) -> _Publisher:
+        """An idle publishing connection, or a new one (opened outside any lock)."""
+        with self._pool_lock:
+            if self._idle:
+                return self._idle.pop()
+            generation = self._generation
+        return self._open_producer(generation)
+
+    def _give_back(self, publisher: _Publisher) -> None:
+        """Keep ``publisher`` for the next send, unless the transport was closed meanwhile."""
+        with self._pool_lock:
+            if publisher.generation == self._generation:
+                self._idle.append(publisher)
+                return
+        publisher.release()
 
     def send_envelopes(self, envelopes: Sequence[StoredEnvelope]) -> None:
         """Send stored envelopes unchanged, where ``send`` would send their events.
@@ -451,14 +473,15 @@ class CeleryTransport:
         indices: list[int],
         queue: str | None,
         routing_key: str | None,
-        producer: Any,
+        publisher: _Publisher,
     ) -> None:
         """Send the events at ``indices`` to one queue or routing key: alone, or in batches."""
         assert self._deliver_batch is not None  # noqa: S101 - checked by send
+        producer = publisher.producer
         if len(indices) == 1:
             index = indices[0]
             self._send_one(items[index], bodies[index], queue, producer, routing_key)
-            self._check_returned(routing_key, 1)
+            self._check_returned(publisher, routing_key, 1)
             return
         every = len(indices) == len(bodies)  # then the indices are 0 … n-1, in order
         for start in range(0, len(indices), self.batch_size):
@@ -468,17 +491,13 @@ class CeleryTransport:
                 self._deliver_batch, (chunk,), f"<{len(chunk)} events>", queue, producer,
                 routing_key,
             )  # fmt: skip
-            self._check_returned(routing_key, len(chunk))
+            self._check_returned(publisher, routing_key, len(chunk))
 
-    def _check_returned(self, routing_key: str | None, count: int) -> None:
+    def _check_returned(self, publisher: _Publisher, routing_key: str | None, count: int) -> None:
         """Count a message the exchange returned (it came back before the broker's confirm)."""
-        if self._returned:
-            self._returned.clear()
+        if publisher.returned:
+            publisher.returned.clear()
             self._no_subscriber(routing_key or "", count)
-
-    def _on_return(self, exc: Any, exchange: Any, routing_key: Any, message: Any) -> None:
-        """Called by kombu (``on_return``): a ``mandatory`` message no binding took came back."""
-        self._returned.append(str(routing_key))
 
     def _no_subscriber(self, event_type: str, count: int) -> None:
         self.unrouted[event_type] += count
@@ -563,8 +582,8 @@ class CeleryTransport:
             producer, task.name, message, declare=[], serializer="json", **route
         )
 
-    def _open_producer(self) -> Any:
-        """Connect for publishing and declare where messages go (under the send lock).
+    def _open_producer(self, generation: int) -> _Publisher:
+        """Connect for publishing and declare where messages go; a new pooled publisher.
 
         Publisher confirms on AMQP: a publish waits for the broker's ack and raises on a nack,
         so ``send`` returns only once the broker accepted every message. The queues are
@@ -591,8 +610,9 @@ class CeleryTransport:
         connection = self.app.connection_for_write(transport_options=options)
         try:
             driver = driver_of(connection)
-            on_return = self._on_return if driver == "amqp" else None
-            producer = self.app.amqp.Producer(connection, on_return=on_return)
+            publisher = _Publisher(connection, generation)
+            on_return = publisher.on_return if driver == "amqp" else None
+            producer = publisher.producer = self.app.amqp.Producer(connection, on_return=on_return)
             self._driver = driver
             self._declared = set()
             self._routing = None
@@ -615,8 +635,7 @@ class CeleryTransport:
         except BaseException:
             connection.release()
             raise
-        self._connection, self._producer = connection, producer
-        return producer
+        return publisher
 
     # -- subscriptions ----------------------------------------------------------------------
 
@@ -723,9 +742,7 @@ class CeleryTransport:
         """
 
         def connect() -> None:
-            with self._send_lock:
-                if self._producer is None:
-                    self._open_producer()
+            self._give_back(self._take_publisher())
 
         try:
             await asyncio.to_thread(connect)
@@ -743,10 +760,11 @@ class CeleryTransport:
         Also disconnects the Redis client of the default inbox and dead-letter store, if this
         transport made them (a later use connects again).
         """
-        with self._send_lock:
-            if self._connection is not None:
-                self._connection.release()
-            self._connection = self._producer = None
+        with self._pool_lock:
+            self._generation += 1  # sends under way release theirs when they finish
+            idle, self._idle = self._idle, []
+        for publisher in idle:
+            publisher.release()
         if self._owned_client is not None:
             self._owned_client.connection_pool.disconnect()
 
@@ -1036,3 +1054,24 @@ class _Counts:
         """Drop ``key``'s count."""
         with self._lock:
             self._counts.pop(key, None)
+
+
+class _Publisher:
+    """One publishing connection of a transport, its producer, and what the broker returned."""
+
+    __slots__ = ("connection", "generation", "producer", "returned")
+
+    def __init__(self, connection: Any, generation: int) -> None:
+        self.connection = connection
+        self.generation = generation
+        self.producer: Any = None
+        self.returned: list[str] = []
+
+    def on_return(self, exc: Any, exchange: Any, routing_key: Any, message: Any) -> None:
+        """Called by kombu (``on_return``): a ``mandatory`` message no binding took came back."""
+        self.returned.append(str(routing_key))
+
+    def release(self) -> None:
+        """Give the connection back to Celery's pool (it may be closed)."""
+        with suppress(Exception):
+            self.connection.release()
