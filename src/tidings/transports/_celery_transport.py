@@ -129,7 +129,8 @@ class CeleryTransport:
     decode or run, whatever its content type or shape, and, on a Redis
     broker, records and acknowledges deliveries without waiting for each reply (every task of
     the worker gains; :mod:`tidings.transports._celery_redis`). Nothing happens before that.
-    Thread-safe for publishing.
+    Thread-safe for publishing: concurrent sends each use a publishing connection of their own
+    (kept for the next send), so no publisher waits for another's broker round trips.
     """
 
     name = "celery"
