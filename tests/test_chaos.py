@@ -11,7 +11,7 @@ from tests.conftest import require_server
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 
-@pytest.mark.parametrize("transport", ["streams", "celery-rabbitmq"])
+@pytest.mark.parametrize("transport", ["streams", "celery-redis", "celery-rabbitmq"])
 def test_a_minute_of_chaos_loses_nothing(transport):
     """Under a minute of kills, stops, broker and database faults: 0 lost, 0 SQL-inbox repeats."""
     require_server("postgresql")
