@@ -1,8 +1,10 @@
-"""The slot tracing plugs into; core code calls it, and nothing here imports a tracer.
+"""The slot tracing, metrics and auditing plug into; core calls it, and nothing here imports them.
 
-``hooks`` is ``None`` until :func:`tidings.integrations.otel.install_tracing` fills it, so with
-tracing not installed each call site costs one global lookup and one ``is None`` test. Core
-calls the hooks at three places:
+``hooks`` is ``None`` until an integration is installed with :func:`install` (as
+:func:`tidings.integrations.otel.install_tracing` does), so with none installed each call site
+costs one global lookup and one ``is None`` test. With one installed, ``hooks`` is that one;
+with several (tracing and metrics, say), a fan-out that calls each in the order installed.
+Core calls the hooks at these places:
 
 - **publish**: around ``EventBus.publish``/``apublish`` and ``Outbox.add`` (and the Django
   ``publish``); an event encoded inside it carries the publish span's ``traceparent``
@@ -11,18 +13,37 @@ calls the hooks at three places:
   of the ``traceparent`` stored in its outbox row, and is sent on with that span's.
 - **handle**: around each handler run, in the in-process bus and in the worker's
   :class:`~tidings.delivery.Dispatcher`; its parent is the envelope's ``traceparent``.
+- **rejected**: a message the worker dead-lettered without running a handler (undecodable, or
+  aimed at a handler that does not take it).
+- **unrouted**: an event no handler subscribes to (a worker received it, or a publisher that
+  routes by type found no subscriber and did not send it).
+
+Every hook must be safe from any thread and must not raise: an error in an observer would
+otherwise become the delivery's error.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from tidings.events import DomainEvent
+    from tidings.ports import DeadLetter
 
-__all__ = ["NO_SPAN", "HandleSpan", "TracingHooks", "hooks", "publishing", "relayed"]
+__all__ = [
+    "NO_SPAN",
+    "HandleSpan",
+    "TracingHooks",
+    "hooks",
+    "install",
+    "installed",
+    "publishing",
+    "relayed",
+    "uninstall",
+]
 
 
 class HandleSpan(Protocol):
@@ -96,9 +117,159 @@ class TracingHooks(Protocol):
         """The W3C ``traceparent`` an envelope of ``event`` encoded now should carry."""
         ...
 
+    def rejected(self, letter: DeadLetter, *, system: str) -> None:
+        """``letter`` was dead-lettered (already stored) without a handler having run."""
+        ...
+
+    def unrouted(self, event_type: str, count: int, *, system: str) -> None:
+        """``count`` events of ``event_type`` found no handler (received) or subscriber (sent)."""
+        ...
+
 
 hooks: TracingHooks | None = None
-"""The installed integration, or ``None`` (tracing off: the only cost is reading this)."""
+"""The installed integration(s), or ``None`` (all off: the only cost is reading this)."""
+
+_installed: dict[str, TracingHooks] = {}
+_lock = threading.Lock()
+
+
+def install(name: str, integration: TracingHooks) -> None:
+    """Install ``integration`` under ``name``, replacing one installed under it before."""
+    global hooks  # noqa: PLW0603 - the one slot every call site reads
+    with _lock:
+        _installed[name] = integration
+        hooks = _combined()
+
+
+def uninstall(name: str) -> None:
+    """Remove the integration installed under ``name``; harmless when there is none."""
+    global hooks  # noqa: PLW0603 - the one slot every call site reads
+    with _lock:
+        _installed.pop(name, None)
+        hooks = _combined()
+
+
+def installed(name: str) -> TracingHooks | None:
+    """The integration installed under ``name``, or ``None``."""
+    return _installed.get(name)
+
+
+def _combined() -> TracingHooks | None:
+    found = list(_installed.values())
+    if not found:
+        return None
+    return found[0] if len(found) == 1 else _Fanout(tuple(found))
+
+
+class _Fanout:
+    """Several integrations as one: each hook calls every one, in the order installed."""
+
+    __slots__ = ("each",)
+
+    def __init__(self, each: tuple[TracingHooks, ...]) -> None:
+        self.each = each
+
+    def publish(
+        self, events: Sequence[DomainEvent], system: str, destination: str | None
+    ) -> AbstractContextManager[object]:
+        return self._all(lambda one: one.publish(events, system, destination))
+
+    def relay(
+        self,
+        events: Sequence[DomainEvent],
+        traceparents: Sequence[str | None],
+        destination: str,
+    ) -> AbstractContextManager[object]:
+        return self._all(lambda one: one.relay(events, traceparents, destination))
+
+    @contextmanager
+    def _all(
+        self, enter: Callable[[TracingHooks], AbstractContextManager[object]]
+    ) -> Iterator[object]:
+        with ExitStack() as stack:
+            for one in self.each:
+                stack.enter_context(enter(one))
+            yield None
+
+    def handle(
+        self,
+        handler: str,
+        event: DomainEvent,
+        *,
+        body: bytes | None,
+        system: str,
+        destination: str,
+        attempt: int,
+    ) -> HandleSpan:
+        return _FanoutSpan(
+            tuple(
+                one.handle(
+                    handler,
+                    event,
+                    body=body,
+                    system=system,
+                    destination=destination,
+                    attempt=attempt,
+                )
+                for one in self.each
+            )
+        )
+
+    def traceparent(self, event: DomainEvent) -> str | None:
+        for one in self.each:
+            found = one.traceparent(event)
+            if found is not None:
+                return found
+        return None
+
+    def rejected(self, letter: DeadLetter, *, system: str) -> None:
+        for one in self.each:
+            one.rejected(letter, system=system)
+
+    def unrouted(self, event_type: str, count: int, *, system: str) -> None:
+        for one in self.each:
+            one.unrouted(event_type, count, system=system)
+
+
+class _FanoutSpan:
+    """The spans of one handler run, one per integration; reports reach each, last first."""
+
+    __slots__ = ("spans",)
+
+    def __init__(self, spans: tuple[HandleSpan, ...]) -> None:
+        self.spans = spans[::-1]  # the first installed started first: it ends last
+
+    def done(self, fresh: bool) -> None:
+        for span in self.spans:
+            span.done(fresh)
+
+    def busy(self, retry_in: float) -> None:
+        for span in self.spans:
+            span.busy(retry_in)
+
+    def failed(
+        self,
+        error: BaseException,
+        *,
+        retry_in: float | None = None,
+        dead_letter: str | None = None,
+    ) -> None:
+        for span in self.spans:
+            span.failed(error, retry_in=retry_in, dead_letter=dead_letter)
+
+    def end(self) -> None:
+        for span in self.spans:
+            span.end()
+
+    def __enter__(self) -> _FanoutSpan:
+        for span in self.spans[::-1]:
+            span.__enter__()
+        return self
+
+    def __exit__(self, kind: object, error: BaseException | None, tb: object) -> None:
+        for span in self.spans:
+            span.__exit__(kind, error, tb)
+
 
 _NOTHING: AbstractContextManager[object] = nullcontext()
 

@@ -242,10 +242,14 @@ class Dispatcher:
             log.error(
                 "dead-lettered an undecodable message %s: %s", letter.id, log_safe(letter.reason)
             )
+            self._rejected(letter)
             return Outcome(None, dead=(letter,))
         event, source = envelope.event, envelope.source
         if received.handler is None:
-            return event, self.bus.handlers_for(type(event)), source
+            handlers = self.bus.handlers_for(type(event))
+            if not handlers and _tracing.hooks is not None:
+                _tracing.hooks.unrouted(event.event_type, 1, system=self.transport or "tidings")
+            return event, handlers, source
         target = self.bus.handler(received.handler)
         if target is None or target not in self.bus.handlers_for(type(event)):
             # A retry or replay names one handler; a forged one could aim any event at any
@@ -261,8 +265,13 @@ class Dispatcher:
                 received, refused, attempts=received.attempt, handler=received.handler, event=event
             )
             log.error("dead-lettered a delivery as %s: %s", letter.id, log_safe(letter.reason))
+            self._rejected(letter)
             return Outcome(event, dead=(letter,))
         return event, (target,), source
+
+    def _rejected(self, letter: DeadLetter) -> None:
+        if _tracing.hooks is not None:
+            _tracing.hooks.rejected(letter, system=self.transport or "tidings")
 
     def _handle(
         self,

@@ -59,6 +59,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from tidings import __version__, _tracing
 from tidings.events import DomainEvent
+from tidings.ports import DeadLetter
 
 __all__ = ["install_tracing", "tracing_installed", "uninstall_tracing"]
 
@@ -74,6 +75,8 @@ class _TraceHeader(msgspec.Struct):
 
 
 _read_header = msgspec.json.Decoder(_TraceHeader).decode
+_NAME = "otel"
+"""The name this integration is installed under (see :func:`tidings._tracing.install`)."""
 
 
 def install_tracing(tracer_provider: trace.TracerProvider | None = None) -> None:
@@ -85,17 +88,17 @@ def install_tracing(tracer_provider: trace.TracerProvider | None = None) -> None
     if the provider must be made there).
     """
     tracer = trace.get_tracer("tidings", __version__, tracer_provider=tracer_provider)
-    _tracing.hooks = _OtelHooks(tracer)
+    _tracing.install(_NAME, _OtelHooks(tracer))
 
 
 def uninstall_tracing() -> None:
     """Stop tracing; spans already started end normally. Harmless when not installed."""
-    _tracing.hooks = None
+    _tracing.uninstall(_NAME)
 
 
 def tracing_installed() -> bool:
     """Whether :func:`install_tracing` is in effect in this process."""
-    return isinstance(_tracing.hooks, _OtelHooks)
+    return isinstance(_tracing.installed(_NAME), _OtelHooks)
 
 
 def _traceparent(span: Span) -> str | None:
@@ -334,3 +337,9 @@ class _OtelHooks:
             f"handle {handler}", context=parent, kind=kind, attributes=attributes, links=links
         )
         return _HandleSpan(span, attempt)
+
+    def rejected(self, letter: DeadLetter, *, system: str) -> None:
+        """Nothing to trace: the refusal is on the dead letter and in the worker's log."""
+
+    def unrouted(self, event_type: str, count: int, *, system: str) -> None:
+        """Nothing to trace: an event nobody takes starts no span."""

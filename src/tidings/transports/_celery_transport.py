@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
+from tidings import _tracing
 from tidings._ids import new_event_id
 from tidings._letters import bounded_letter_fields
 from tidings._untrusted import log_safe, parse_counter, redact_text
@@ -502,6 +503,8 @@ class CeleryTransport:
 
     def _no_subscriber(self, event_type: str, count: int) -> None:
         self.unrouted[event_type] += count
+        if _tracing.hooks is not None:
+            _tracing.hooks.unrouted(event_type, count, system=self.name)
         log.debug(
             "no service subscribes to %s: %d event(s) not sent (counted in unrouted)",
             log_safe(event_type, 200),
