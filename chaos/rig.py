@@ -39,6 +39,10 @@ EXTRA_FAULTS = {
     "celery-rabbitmq": ("kill_child", "kill_rabbitmq"),
 }
 DRAIN_WITHIN = 60.0
+QUALIFYING_EVENTS = 20_000
+QUALIFYING_FAULTS = 40
+"""A run proves the durability claim with at least this many events and faults of every kind."""
+_SHORT = " (too short to qualify: under 20,000 events or under 40 faults of some kind)"
 
 
 def _free_port() -> int:
@@ -286,6 +290,14 @@ class Report:
             and all(growth <= 0.10 for growth in self.rss_growth.values())
         )
 
+    @property
+    def qualifies(self) -> bool:
+        """At least 20,000 committed events and 40 faults of every kind the transport gets."""
+        kinds = [*FAULTS, *EXTRA_FAULTS[self.transport]]
+        return self.committed >= QUALIFYING_EVENTS and all(
+            self.faults[kind] >= QUALIFYING_FAULTS for kind in kinds
+        )
+
     def table(self) -> str:
         """The report as a Markdown table (one row per service)."""
         faults = ", ".join(f"{k} {v}" for k, v in sorted(self.faults.items()))
@@ -296,7 +308,7 @@ class Report:
             f"**{self.transport}**: {self.committed} committed events; faults: {faults} "
             f"(total {sum(self.faults.values())}); stuck in outbox {self.stuck_in_outbox}; "
             f"drained in {drain}; Redis-inbox duplicates per worker fault {per_fault:.1f}; "
-            f"{'PASS' if self.passed else 'FAIL'}",
+            f"{'PASS' if self.passed else 'FAIL'}{'' if self.qualifies else _SHORT}",
             "",
             "| service | inbox | lost | duplicate effects | unexpected | dead-lettered "
             "| worker RSS, last vs first quarter |",
