@@ -64,6 +64,14 @@ def _wait(condition: Callable[[], Any], timeout: float, what: str) -> Any:
         time.sleep(0.05)
 
 
+def _kib(path: Path, key: str) -> int:
+    """The ``key`` line of a ``/proc`` status-like file, in KiB (0 when absent)."""
+    for line in path.read_text().splitlines():
+        if line.startswith(key):
+            return int(line.split()[1])
+    return 0
+
+
 class OwnRedis:
     """A Redis of the rig's own: a free port, AOF with ``appendfsync always``, a temp dir."""
 
@@ -237,14 +245,22 @@ class Slot:
         self.start()
 
     def sample_rss(self) -> None:
-        """Record the resident memory of the process and its children, in KiB."""
-        total = 0
+        """Record the resident memory of the process and its children, in KiB.
+
+        Each sample is also appended to ``<log>.rss`` as ``seconds,total,main,pss`` lines (the
+        main process's own RSS and the proportional set size of the whole group, which counts a
+        page shared by a pool's processes once), to tell a growing main process from children.
+        """
+        rss: list[int] = []
+        pss = 0
         for pid in self.pids():
             with suppress(OSError):
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
+                rss.append(_kib(Path(f"/proc/{pid}/status"), "VmRSS:"))
+                pss += _kib(Path(f"/proc/{pid}/smaps_rollup"), "Pss:")
+        total = sum(rss)
         self.rss.append(total)
+        with self.log.with_suffix(".rss").open("a") as out:
+            out.write(f"{time.monotonic():.0f},{total},{rss[0] if rss else 0},{pss}\n")
 
     def stop(self) -> None:
         """SIGCONT then SIGTERM the group; SIGKILL what is left after 20 s."""
