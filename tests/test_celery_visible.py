@@ -180,7 +180,7 @@ def test_retries_and_dead_letters_show_in_celery_events(
     assert (len(retried), len(failed)) == (failures - dead, dead) == (ATTEMPTS, 1)
 
     # Each handler is told apart: by the task name of its retries, and in the exception text.
-    names = {event["uuid"]: event.get("name") for event in monitor.of("task-received")}
+    names = {event["uuid"]: str(event.get("name")) for event in monitor.of("task-received")}
     doomed = handler_task_name("visible.doomed")
     assert sorted(names[event["uuid"]] for event in retried) == sorted(
         ["tidings.deliver", "tidings.deliver", doomed]
