@@ -39,6 +39,7 @@ __all__ = [
     "Received",
     "Redelivery",
     "Settle",
+    "traceback_line",
 ]
 
 Settle = Callable[[Sequence[Claim], Sequence[Claim]], None]
@@ -69,13 +70,18 @@ class Received(NamedTuple):
 
 
 class Redelivery(NamedTuple):
-    """A handler to try again: the transport sends ``body`` to ``handler`` after ``delay`` s."""
+    """A handler to try again: the transport sends ``body`` to ``handler`` after ``delay`` s.
+
+    ``error`` says why, bounded and fit for a log line (the handler's exception, or that the
+    inbox found the handler busy elsewhere): what monitors are shown, never the event.
+    """
 
     body: bytes
     handler: str
     attempt: int
     delay: float
     headers: Mapping[str, str] = _NO_HEADERS
+    error: str = ""
 
 
 class Outcome(NamedTuple):
@@ -302,7 +308,12 @@ class Dispatcher:
                     span.busy(busy.retry_after)
                     retries.append(
                         Redelivery(
-                            received.body, handler.name, attempt, busy.retry_after, received.headers
+                            received.body,
+                            handler.name,
+                            attempt,
+                            busy.retry_after,
+                            received.headers,
+                            "busy: the inbox has it claimed elsewhere",
                         )
                     )
                 except Exception as exc:  # noqa: BLE001 - a handler's failure is data here
@@ -321,7 +332,12 @@ class Dispatcher:
                         span.failed(exc, retry_in=delay)
                         retries.append(
                             Redelivery(
-                                received.body, handler.name, attempt + 1, delay, received.headers
+                                received.body,
+                                handler.name,
+                                attempt + 1,
+                                delay,
+                                received.headers,
+                                log_safe(repr(exc), 500),
                             )
                         )
                     else:
@@ -329,11 +345,12 @@ class Dispatcher:
                             received, exc, attempts=attempt, handler=handler.name, event=event
                         )
                         log.error(
-                            "handler %s failed on %s after %d attempt(s), dead-lettered as %s",
+                            "handler %s failed on %s after %d attempt(s), dead-lettered as %s: %s",
                             handler.name,
-                            event.event_id,
+                            log_safe(event.event_id),
                             attempt,
                             letter.id,
+                            traceback_line(exc),
                         )
                         span.failed(exc, dead_letter=letter.id)
                         dead.append(letter)
@@ -464,6 +481,25 @@ class _Batch:
         self.claims = claims
         self.done: list[Claim] = []
         self.failed: list[Claim] = []
+
+
+def traceback_line(error: BaseException, *, frames: int = 3, limit: int = 800) -> str:
+    """A failure's traceback summary for one log line: the error, then its innermost frames.
+
+    ``ValueError: boom | at handlers.py:12 in on_order < worker.py:30 in run``: the exception
+    (type and message) first, then up to ``frames`` frames, innermost first, as file name, line
+    and function. Escaped and cut at about ``limit`` characters, the error's text at half of
+    them (:func:`~tidings._untrusted.log_safe`): an error's message may quote a message's data,
+    and must not forge a log line.
+    """
+    summary = traceback.extract_tb(error.__traceback__)[-frames:] if frames > 0 else []
+    where = " < ".join(
+        f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno} in {frame.name}"
+        for frame in reversed(summary)
+    )
+    # The error's own text gets half the room at most, so a long message keeps the frames.
+    text = log_safe(f"{type(error).__name__}: {error}", limit // 2)
+    return text + (f" | at {log_safe(where, limit - len(text) - 6)}" if where else "")
 
 
 def _summary(error: BaseException) -> str:

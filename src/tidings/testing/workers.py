@@ -41,14 +41,23 @@ def running(
     """Run ``command`` as a child process for the block, then :func:`stop` it.
 
     The child runs in its own process group (so :func:`stop` reaches its own children too),
-    with ``cwd`` (default: the current directory) as its directory and on its ``PYTHONPATH``,
+    with ``cwd`` (default: the current directory) as its directory and first on its
+    ``PYTHONPATH`` (the caller's ``PYTHONPATH`` after it),
     and ``env`` added to the environment. Its output is discarded.
     """
     directory = Path.cwd() if cwd is None else cwd
     process = subprocess.Popen(  # noqa: S603 - our own command line
         command,
         cwd=directory,
-        env={**os.environ, "PYTHONPATH": str(directory), **env},
+        # The directory first, then the caller's own path (a worktree's src/ stays ahead of an
+        # installed tidings).
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(
+                part for part in (str(directory), os.environ.get("PYTHONPATH", "")) if part
+            ),
+            **env,
+        },
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,

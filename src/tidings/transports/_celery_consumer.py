@@ -270,8 +270,11 @@ class WorkerLosses:
         self._losses: dict[bytes, int] = {}
         self._lock = threading.Lock()
 
-    def handle(self, request: Any, exc: BaseException) -> bool:
-        """Handle a message whose worker process died; ``False`` lets Celery requeue it.
+    def handle(self, request: Any, exc: BaseException) -> str | None:
+        """Handle a message whose worker process died; ``None`` lets Celery requeue it.
+
+        Returns what became of it otherwise, for Celery's monitors: ``"task-retried"`` (a
+        batch sent again as single messages) or ``"task-failed"`` (dead-lettered).
 
         Runs in the worker's main process. A batch is split into single messages at once, so
         that one poison event does not take the others down with it; a single message is
@@ -281,7 +284,7 @@ class WorkerLosses:
         transport = self.transport
         deliver = transport._deliver
         if deliver is None:  # pragma: no cover - tasks exist once bound
-            return False
+            return None
         # The service's own queue, never one read from the message (routed by type, its
         # routing key is the event type).
         queue = transport.queue
@@ -290,8 +293,11 @@ class WorkerLosses:
             if request.name == DELIVER_BATCH:
                 bodies = args[0] if len(args) == 1 and isinstance(args[0], list) else [args]
                 for body in bodies:
-                    deliver.apply_async(args=(body,), queue=queue)
+                    # Shown as a first delivery is (``<type id>``), never the envelope.
+                    shown = transport._shown([body])
+                    deliver.apply_async(args=(body,), queue=queue, argsrepr=shown, kwargsrepr="{}")
                 log.error("a worker died on a batch of %d events; sent one by one", len(bodies))
+                outcome = "task-retried"
             else:
                 body, handler, _ = one_arguments(args, kwargs)
                 text = body if isinstance(body, str) else repr(body)
@@ -304,7 +310,7 @@ class WorkerLosses:
                         self._losses[digest] = losses
                         while len(self._losses) > 10_000:
                             del self._losses[next(iter(self._losses))]
-                        return False
+                        return None
                 letter = self._letter(request, text, handler, losses, exc)
                 transport.dead_letters.add(letter)
                 log.error(
@@ -313,11 +319,12 @@ class WorkerLosses:
                     log_safe(letter.event_id),
                     letter.id,
                 )
+                outcome = "task-failed"
         except Exception:
             log.exception("could not settle a delivery whose worker died; requeueing it")
-            return False
+            return None
         request.acknowledge()
-        return True
+        return outcome
 
     def _letter(
         self,
@@ -363,8 +370,15 @@ def delivery_request(losses: WorkerLosses) -> type[Any]:
             self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
         ) -> None:
             exc = getattr(exc_info.exception, "exc", exc_info.exception)
-            if isinstance(exc, WorkerLostError) and losses.handle(self, exc):
+            outcome = losses.handle(self, exc) if isinstance(exc, WorkerLostError) else None
+            if outcome is not None:
                 task_ready(self)
+                # Settled by tidings (split, or dead-lettered): what Celery's monitors see.
+                self.send_event(
+                    outcome,
+                    exception=log_safe(repr(exc), 500),
+                    traceback=log_safe(getattr(exc_info, "traceback", "") or "", 2000),
+                )
                 return
             super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
 

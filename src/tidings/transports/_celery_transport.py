@@ -31,7 +31,7 @@ from tidings._untrusted import log_safe, parse_counter, redact_text
 from tidings.codec import Codec, default_codec
 from tidings.context import EventContext, bind, reset
 from tidings.delivery import Dispatcher, Received
-from tidings.errors import PublishError, UsageError
+from tidings.errors import PublishError, TidingsError, UsageError
 from tidings.events import DomainEvent
 from tidings.ports import DeadLetter, DeadLetterStore, Inbox, StoredEnvelope
 from tidings.retry import RetryPolicy
@@ -57,12 +57,16 @@ if TYPE_CHECKING:
 
     from tidings.bus import EventBus, Handler
 
-__all__ = ["CeleryTransport"]
+__all__ = ["CeleryTransport", "DeliveryFailed", "DeliveryRetried", "handler_task_name"]
 
 log = logging.getLogger("tidings.celery")
 
 DELIVER = "tidings.deliver"
 DELIVER_BATCH = "tidings.deliver_batch"
+# What monitors are told of one delivery's retries and dead letters: this many, then a count.
+_LISTED = 5
+# The longest handler name a task name (Celery's shadow header, logged raw) carries.
+_LONGEST_HANDLER = 200
 # The largest exponent of an infrastructure retry's backoff (2**6 s, then capped at 60 s).
 _MAX_BACKOFF_EXPONENT = 6
 # Celery's default for the Redis broker: an unacknowledged message is handed out again after it.
@@ -82,6 +86,47 @@ def _celery() -> Any:
         msg = "the Celery transport needs Celery: pip install 'tidings[celery]'"
         raise ImportError(msg) from exc
     return celery
+
+
+class DeliveryFailed(TidingsError):  # noqa: N818 - named for what monitors show
+    """A delivery task's end when something of it was dead-lettered (the dead letters are stored).
+
+    Raised by ``tidings.deliver`` and ``tidings.deliver_batch`` after every dead letter of the
+    message was stored and every retry of it accepted by the broker, so that Celery records
+    the task as FAILURE: ``task-failed`` in its events (Flower, ``celery events``,
+    celery-exporter), its ``task_failure`` signal (Sentry's Celery integration) and its log.
+    The message is acknowledged all the same (the tasks set ``acks_on_failure_or_timeout``).
+    Its text names each handler, event (``<type id>``) and dead letter, bounded; never the
+    event's data (each letter keeps the handler's traceback). Chained (``__cause__``) to the
+    store's or broker's error when the delivery was dead-lettered for want of them.
+    """
+
+
+class DeliveryRetried(TidingsError):  # noqa: N818 - named for what monitors show
+    """Why a delivery task ended as RETRY: the handlers sent again, and why (the ``exception``).
+
+    The ``exc`` of the :class:`celery.exceptions.Retry` a delivery task raises once every
+    retry of it was accepted by the broker (and nothing was dead-lettered): Celery records the
+    task as RETRY (``task-retried``) and acknowledges its message. Bounded text naming each
+    handler, event (``<type id>``), next attempt and error; never the event's data.
+    """
+
+
+def handler_task_name(handler: str) -> str:
+    """The task name monitors show for a delivery to one handler: ``tidings.deliver[handler]``.
+
+    Retries and replays naming a handler are sent under it (Celery's ``shadow`` option), so
+    Flower and ``celery events`` tell each handler's deliveries apart; the task run is still
+    ``tidings.deliver``. A name longer than 200 characters is cut (it is logged raw).
+    """
+    return f"{DELIVER}[{log_safe(handler, _LONGEST_HANDLER)}]"
+
+
+def short_repr(event: DomainEvent | None) -> str:
+    """What monitors show of a delivery's arguments: ``<type id>``, never the event's data."""
+    if event is None:
+        return "<undecodable message>"
+    return f"<{log_safe(event.event_type, 200)} {log_safe(event.event_id, 100)}>"
 
 
 class CeleryTransport:
@@ -225,6 +270,10 @@ class CeleryTransport:
             "reject_on_worker_lost": True,
             "serializer": "json",
             "ignore_result": True,
+            # A delivery that dead-lettered something ends FAILURE (DeliveryFailed), after the
+            # letters were stored: its message is acknowledged, whatever the app's setting.
+            "acks_on_failure_or_timeout": True,
+            "acks_on_failure": True,
             # Celery's own bound off: _infrastructure_failed bounds the retries it asks for.
             "max_retries": None,
             # The app's own tasks: not offered to every other app of the process, whose own
@@ -733,8 +782,13 @@ class CeleryTransport:
         if self._deliver is None:
             msg = "create the EventBus with this transport before replaying"
             raise UsageError(msg)
+        body = letter.body.decode("utf-8", "replace")
         self._deliver.apply_async(
-            args=(letter.body.decode("utf-8", "replace"), letter.handler, 1), queue=self.queue
+            args=(body, letter.handler, 1),
+            queue=self.queue,
+            shadow=None if letter.handler is None else handler_task_name(letter.handler),
+            argsrepr=self._shown([body]),
+            kwargsrepr="{}",
         )
 
     async def aopen(self) -> None:
@@ -781,13 +835,15 @@ class CeleryTransport:
         if attempt is None:
             retries = task.request.retries
             try:
-                self._refuse(
+                letters = self._refuse(
                     task, [body], handler, "the message's attempt argument is not a counter"
                 )
             except Exception as exc:
                 if not isinstance(retries, int) or parse_counter(retries) is None:
                     raise  # pragma: no cover - tidings' consumer refuses such a header first
                 self._infrastructure_failed(task, [body], handler, retries, exc)
+                return
+            _report(task, [], letters)
             return
         self._run(task, [body], handler, attempt)
 
@@ -805,7 +861,10 @@ class CeleryTransport:
         raw_retries = 0 if request.retries is None else request.retries
         retries = parse_counter(raw_retries) if isinstance(raw_retries, int) else None
         if retries is None:
-            self._refuse(task, bodies, handler, "the message's retries header is not a counter")
+            letters = self._refuse(
+                task, bodies, handler, "the message's retries header is not a counter"
+            )
+            _report(task, [], letters)
             return
         # Retries go to this service's own queue, never to a destination read from the message
         # (on RabbitMQ its routing key is the event type).
@@ -821,23 +880,39 @@ class CeleryTransport:
             )
             for body in bodies
         ]
+        retried: list[str] = []
+        dead: list[str] = []
         try:
             for message, outcome in zip(messages, dispatcher.dispatch_many(messages), strict=True):
+                shown = short_repr(outcome.event)
                 if outcome.event is not None and not (
                     outcome.handled or outcome.duplicates or outcome.retries or outcome.dead
                 ):
-                    self._no_handler(dispatcher, message, outcome.event)
+                    letter = self._no_handler(dispatcher, message, outcome.event)
+                    dead.append(_dead_line(letter, shown))
                 for again in outcome.retries:
                     deliver.apply_async(
                         args=(again.body.decode(), again.handler, again.attempt),
                         countdown=self._countdown(again.delay),
                         queue=queue,
+                        # What monitors show: the handler in the name, never the envelope.
+                        shadow=handler_task_name(again.handler),
+                        argsrepr=shown,
+                        kwargsrepr="{}",
                     )
+                    retried.append(
+                        f"{log_safe(again.handler)} on {shown} (attempt {again.attempt} next): "
+                        f"{again.error or 'retried'}"
+                    )
+                dead.extend(_dead_line(letter, shown) for letter in outcome.dead)
         except Exception as exc:  # noqa: BLE001 - retried, bounded, below
             # The dead-letter store or the broker failed: send this message again later rather
             # than acknowledge it, a bounded number of times. Effects already done are guarded
             # by the inbox.
             self._infrastructure_failed(task, bodies, handler, retries, exc)
+            return
+        # Everything is settled (letters stored, retries accepted): now tell Celery's monitors.
+        _report(task, retried, dead)
 
     def _infrastructure_failed(
         self,
@@ -858,12 +933,13 @@ class CeleryTransport:
                 f"{type(exc).__name__}: {exc}"
             )
             try:
-                self._refuse(task, bodies, handler, reason)
+                letters = self._refuse(task, bodies, handler, reason)
             except Exception:
                 # The store is down too: keep the message on the broker, sent again at the
                 # longest backoff, until the dead letter can be stored.
                 log.exception("could not dead-letter a delivery either; keeping it for later")
             else:
+                _report(task, [], letters, exc)
                 return
         log.error(
             "could not finish a delivery (%s); it will be tried again (retry %d, bound %d)",
@@ -874,7 +950,14 @@ class CeleryTransport:
         # Bounded before it is computed: whatever the retries header said, 2**6 at most.
         countdown = self._countdown(min(60, 2**exponent))
         try:
-            raise task.retry(exc=exc, countdown=countdown) from exc
+            # Celery's retry sends the same arguments again: shown as the first delivery was.
+            raise task.retry(
+                exc=exc,
+                countdown=countdown,
+                argsrepr=self._shown(bodies),
+                kwargsrepr="{}",
+                shadow=None if handler is None else handler_task_name(handler),
+            ) from exc
         except Reject as failed:
             # Celery acknowledges a message whose retry it could not send (Reject without
             # requeue): the event would be gone, neither run, retried nor dead-lettered.
@@ -910,11 +993,12 @@ class CeleryTransport:
                 f"before): {type(exc).__name__}: {exc}"
             )
             try:
-                self._refuse(task, bodies, handler, reason)
+                letters = self._refuse(task, bodies, handler, reason)
             except Exception:
                 log.exception("could not dead-letter a delivery either; leaving it on the broker")
             else:
                 self._unsent_retries.forget(key)
+                _report(task, [], letters, exc)
                 return
         log.error(
             "could not send the retry of a delivery (%s); leaving it on the broker for "
@@ -925,10 +1009,14 @@ class CeleryTransport:
         )
         raise Reject(getattr(failed, "reason", failed), requeue=True) from exc
 
-    def _refuse(self, task: Task, bodies: list[Any], handler: str | None, reason: str) -> None:
-        """Dead-letter each of a message's bodies with ``reason`` (raises if the store fails)."""
+    def _refuse(self, task: Task, bodies: list[Any], handler: str | None, reason: str) -> list[str]:
+        """Dead-letter each of a message's bodies with ``reason`` (raises if the store fails).
+
+        Returns what monitors are told of each letter (see :func:`_report`).
+        """
         request = task.request
         queue = self.queue
+        shown: list[str] = []
         for body in bodies:
             raw = body.encode() if isinstance(body, str) else repr(body).encode()
             raw, headers, note = bounded_letter_fields(
@@ -944,8 +1032,23 @@ class CeleryTransport:
             )
             self.dead_letters.add(letter)
             log.error("dead-lettered a delivery as %s: %s", letter.id, log_safe(letter.reason))
+            shown.append(_dead_line(letter, self._shown([body])))
+        return shown
 
-    def _no_handler(self, dispatcher: Dispatcher, message: Received, event: DomainEvent) -> None:
+    def _shown(self, bodies: list[Any]) -> str:
+        """What monitors show of a message's arguments: ``<type id>``, or ``<N events>``."""
+        if len(bodies) != 1:
+            return f"<{len(bodies)} events>"
+        body = bodies[0]
+        try:
+            raw = body.encode() if isinstance(body, str) else b""
+            return short_repr(self.codec.read(raw).event)
+        except Exception:  # noqa: BLE001 - what cannot be decoded is shown as such
+            return short_repr(None)
+
+    def _no_handler(
+        self, dispatcher: Dispatcher, message: Received, event: DomainEvent
+    ) -> DeadLetter:
         """Dead-letter an event that reached this worker with no handler for its type here."""
         fix = (
             ", or, if this service no longer handles them, "
@@ -962,6 +1065,7 @@ class CeleryTransport:
             message, refused, attempts=0, handler=None, event=event
         )
         log.error("dead-lettered a delivery as %s: %s", letter.id, log_safe(letter.reason))
+        return letter
 
     def _countdown(self, delay: float) -> float:
         """A retry's countdown: its delay, below the broker's visibility timeout.
@@ -971,6 +1075,43 @@ class CeleryTransport:
         """
         timeout = self._visibility_timeout()
         return delay if timeout is None else min(delay, timeout * 0.9)
+
+
+def _dead_line(letter: DeadLetter, shown: str) -> str:
+    """One dead letter as monitors are told of it: handler, event, reason, letter id (bounded)."""
+    who = "no handler" if letter.handler is None else log_safe(letter.handler)
+    return f"{who} on {shown}: {log_safe(letter.reason, 300)} (dead letter {letter.id})"
+
+
+def _listing(entries: list[str]) -> str:
+    """``entries`` joined, the first few only, then how many more (bounded for monitors)."""
+    text = "; ".join(entries[:_LISTED])
+    more = len(entries) - _LISTED
+    return f"{text}; and {more} more" if more > 0 else text
+
+
+def _report(
+    task: Task, retried: list[str], dead: list[str], cause: BaseException | None = None
+) -> None:
+    """End a settled delivery task as Celery's monitors should see it: FAILURE, RETRY or success.
+
+    Called only once every dead letter of the message is stored and every retry accepted by
+    the broker. Something dead-lettered: raises :class:`DeliveryFailed` (``task-failed``);
+    else something retried: raises Celery's ``Retry`` with a :class:`DeliveryRetried`
+    (``task-retried``); else returns (``task-succeeded``). Either way Celery acknowledges the
+    message (late acks on failure and on retry). An eager app (``task_always_eager``) runs
+    deliveries inside ``publish``: nothing is raised there.
+    """
+    if not (retried or dead) or task.request.is_eager:
+        return
+    from celery.exceptions import Retry  # noqa: PLC0415 - Celery is optional
+
+    if dead:
+        text = f"dead-lettered: {_listing(dead)}"
+        if retried:
+            text += f"; retried: {_listing(retried)}"
+        raise DeliveryFailed(text) from cause
+    raise Retry(f"retried: {_listing(retried)}", DeliveryRetried(_listing(retried)))
 
 
 def _stores_for(

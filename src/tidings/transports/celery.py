@@ -60,7 +60,12 @@ from typing import TYPE_CHECKING, Any, Final
 from tidings._ids import new_event_id
 from tidings._untrusted import plain_id
 from tidings.context import EMPTY, EventContext, bind, current_context, reset
-from tidings.transports._celery_transport import CeleryTransport
+from tidings.transports._celery_transport import (
+    CeleryTransport,
+    DeliveryFailed,
+    DeliveryRetried,
+    handler_task_name,
+)
 
 if TYPE_CHECKING:
     import celery
@@ -70,6 +75,9 @@ __all__ = [
     "CORRELATION_HEADER",
     "TENANT_HEADER",
     "CeleryTransport",
+    "DeliveryFailed",
+    "DeliveryRetried",
+    "handler_task_name",
     "install_context_propagation",
 ]
 
