@@ -574,6 +574,8 @@ class Rig:
             self.report.duplicated[service] = sum(n - 1 for n in counts.values() if n > 1)
             self.report.unexpected[service] = len(set(counts) - committed)
             self.report.dead_lettered[service] = len(letters[service])
+            if lost:
+                self._locate(service, sorted(lost)[:50], redis_url)
         for slot in self.slots:
             if slot.witness and len(slot.rss) >= 8:
                 quarter = len(slot.rss) // 4
@@ -581,6 +583,38 @@ class Rig:
                 last = sum(slot.rss[-quarter:]) / quarter
                 service = slot.name.split("-")[0]
                 self.report.rss_growth[service] = last / first - 1
+
+    def _locate(self, service: str, ids: list[str], redis_url: str) -> None:
+        """Write where each lost id still is in the rig's Redis to ``logs/lost-<service>.txt``.
+
+        Every key is searched: lists (queues), hashes (the unacknowledged messages), sorted
+        sets (their index), and key names (inbox claims). An id found nowhere left Redis.
+        """
+        client: Any = redis.Redis.from_url(redis_url)  # replies are bytes (no decoding)
+        found: dict[str, list[str]] = {event_id: [] for event_id in ids}
+        for key in client.scan_iter(count=1000):
+            name = key.decode(errors="replace")
+            kind = client.type(key).decode()
+            values: list[bytes] = []
+            if kind == "list":
+                values = client.lrange(key, 0, -1)
+            elif kind == "hash":
+                values = [k + b"=" + v for k, v in client.hgetall(key).items()]
+            elif kind in ("set", "zset"):
+                values = list(client.smembers(key) if kind == "set" else client.zrange(key, 0, -1))
+            elif kind == "string":
+                values = [client.get(key) or b""]
+            for event_id in ids:
+                if event_id in name:
+                    found[event_id].append(f"key name {name} ({kind}, ttl {client.ttl(key)} s)")
+                raw = event_id.encode()
+                hits = sum(raw in value for value in values)
+                if hits:
+                    found[event_id].append(f"{hits} time(s) in {name} ({kind})")
+        client.close()
+        with (self.workdir / "logs" / f"lost-{service}.txt").open("w") as out:
+            for event_id, places in found.items():
+                out.write(f"{event_id}: {'; '.join(places) or 'nowhere in Redis'}\n")
 
     # -- the run --------------------------------------------------------------------------
 
