@@ -42,7 +42,10 @@ DRAIN_WITHIN = 60.0
 QUALIFYING_EVENTS = 20_000
 QUALIFYING_FAULTS = 40
 """A run proves the durability claim with at least this many events and faults of every kind."""
-_SHORT = " (too short to qualify: under 20,000 events or under 40 faults of some kind)"
+_SHORT = (
+    f" (too short to qualify: under {QUALIFYING_EVENTS:,} events or under {QUALIFYING_FAULTS}"
+    " faults of some kind)"
+)
 
 
 def _free_port() -> int:
