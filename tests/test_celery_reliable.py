@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -197,6 +198,8 @@ def reliable(redis_url: str, unique_name: str) -> Iterator[Callable[..., Any]]:
             env["RELIABLE_VISIBILITY_TIMEOUT"] = str(options["visibility_timeout"])
         if options.get("polling_interval") is not None:
             env["RELIABLE_POLLING_INTERVAL"] = str(options["polling_interval"])
+        if options.get("default_sweep"):
+            env["RELIABLE_DEFAULT_SWEEP"] = "1"
         return bus, client, env
 
     yield build
@@ -298,6 +301,41 @@ def test_a_worker_killed_while_it_waits_for_a_message_loses_no_message(
             timeout=45,
             what="the next worker to handle the event",
         )
+    assert effect(client, unique_name, event) == 1
+
+
+def test_a_message_a_killed_worker_held_is_soon_handled_by_a_running_worker(
+    reliable: Callable[..., Any], unique_name: str, tmp_path: Path
+) -> None:
+    """With the app's sweep options unset, a running worker restores a killed one's message soon.
+
+    kombu alone sweeps one time in ten of its 10 s timer (about every 100 s); tidings' worker
+    sweeps every quarter visibility timeout (at least 1 s), so the event runs within about the
+    visibility timeout plus a second of the kill.
+    """
+    timeout = 4.0
+    bus, client, env = reliable(visibility_timeout=timeout, default_sweep=True)
+    event = ReliableEvent()
+    client.set(f"{unique_name}:gate-on", 1)
+    with worker(env, tmp_path / "holder.log") as holder:
+        bus.publish(event)
+        # The gate holds the first claim: the holder is inside the delivery, unacknowledged.
+        wait_until(lambda: client.exists(f"{unique_name}:claimed"), timeout=60, what="the claim")
+        with worker(env, tmp_path / "sweeper.log"):
+            wait_until(
+                lambda: blocked_clients(client, unique_name),
+                timeout=60,
+                what="the second worker to wait in its fetch",
+            )
+            kill(holder)
+            killed = time.monotonic()
+            wait_until(
+                lambda: effect(client, unique_name, event) == 1,
+                timeout=timeout + 20,
+                what="the second worker to handle the killed worker's event",
+            )
+            took = time.monotonic() - killed
+    assert took < timeout + 6, f"the event waited {took:.1f} s after the kill"
     assert effect(client, unique_name, event) == 1
 
 

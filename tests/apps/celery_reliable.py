@@ -17,6 +17,9 @@ behind the broker's URL, so that cutting the broker does not touch them. Per eve
 ``{prefix}:``: ``effect:<id>`` counts the handler's completed effects (the test wants 1).
 
 - ``RELIABLE_POLLING_INTERVAL``: kombu's ``polling_interval`` (how long its ``BRPOP`` blocks).
+- ``RELIABLE_DEFAULT_SWEEP``: when set, the app leaves kombu's restore sweep options
+  (``unacked_restore_interval``, ``unacked_restore_throttle``) unset, as a user would; else
+  it sweeps every second.
 
 While the key ``{prefix}:gate-on`` exists, the inbox fails the first claim of each event as an
 unreachable inbox would (``redis.ConnectionError``), after setting ``{prefix}:claimed`` and
@@ -90,6 +93,7 @@ def make(
     broker_url: str = REDIS_URL,
     visibility_timeout: float = 3600.0,
     polling_interval: float | None = None,
+    default_sweep: bool = False,
 ) -> tuple[Celery, EventBus, CeleryTransport, redis.Redis]:
     """Build the service: Celery app, transport with a gate inbox, the handler."""
     client = redis.Redis.from_url(REDIS_URL)
@@ -113,9 +117,12 @@ def make(
             "visibility_timeout": visibility_timeout,
             "client_name": prefix,
             # Restore unacknowledged messages older than the visibility timeout every second
-            # (kombu's default sweep is every 100 s).
-            "unacked_restore_interval": 1,
-            "unacked_restore_throttle": 1,
+            # (kombu's default sweep is every 100 s), unless the test wants the defaults.
+            **(
+                {}
+                if default_sweep
+                else {"unacked_restore_interval": 1, "unacked_restore_throttle": 1}
+            ),
             **({} if polling_interval is None else {"polling_interval": polling_interval}),
         },
     )
@@ -164,4 +171,5 @@ if os.environ.get("RELIABLE_QUEUE"):
             if os.environ.get("RELIABLE_POLLING_INTERVAL")
             else None
         ),
+        default_sweep=bool(os.environ.get("RELIABLE_DEFAULT_SWEEP")),
     )

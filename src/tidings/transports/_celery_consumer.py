@@ -45,6 +45,7 @@ from tidings.transports._celery_redis import (
     check_persistence,
     close_fetch_window,
     refuse_malformed_items,
+    restore_promptly,
     reuse_redis_clients,
 )
 from tidings.transports._celery_transport import DELIVER, DELIVER_BATCH, one_arguments
@@ -152,8 +153,9 @@ class DeadLetteringConsumer(Consumer):  # type: ignore[misc]
         """Start the consumer's loop, its Redis channel made cheaper and safer first.
 
         See :mod:`tidings.transports._celery_redis`: clients reused, index writes without
-        waiting, malformed items dead-lettered, and each message taken and recorded in one
-        server-side step (no message lost to a worker killed while fetching).
+        waiting, malformed items dead-lettered, each message taken and recorded in one
+        server-side step (no message lost to a worker killed while fetching), and a dead
+        worker's messages restored soon after the visibility timeout.
         """
         if self.task_consumer is not None:
             reuse_redis_clients(self.task_consumer.channel)
@@ -161,6 +163,7 @@ class DeadLetteringConsumer(Consumer):  # type: ignore[misc]
             refuse_malformed_items(self.task_consumer.channel)
             # Last: it takes over the QoS's append that acknowledge_without_waiting set.
             close_fetch_window(self.task_consumer.channel)
+            restore_promptly(self.task_consumer.channel)
             check_persistence(self.task_consumer.channel, "the Celery broker, from a worker")
         return super().loop_args()  # type: ignore[no-any-return]
 

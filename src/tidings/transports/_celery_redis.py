@@ -34,6 +34,14 @@ consumer's channel instead takes a message and records it in one Lua script (not
 a script), and waits for the next one with ``BLMOVE key key RIGHT RIGHT``, which blocks until
 the list has an item and then puts it back where it was: a waiting worker takes nothing.
 
+A fifth, :func:`restore_promptly`, is about draining: kombu restores the messages of a worker
+that died (left unacknowledged past the visibility timeout) in a sweep that its event loop
+starts every 10 s but runs one time in 10, so about every 100 s, under a Redis mutex that a
+worker killed while holding it keeps for 300 s. A consumer's channel instead sweeps every
+``visibility_timeout / 4`` s (between 1 and 10 s) and holds the mutex for at most one
+visibility timeout (between 5 and 60 s), unless the app's ``broker_transport_options`` set
+those options themselves.
+
 Used by the transport (publishing) and by tidings' worker consumer; imported with them.
 """
 
@@ -57,6 +65,8 @@ __all__ = [
     "check_persistence",
     "close_fetch_window",
     "refuse_malformed_items",
+    "restore_options",
+    "restore_promptly",
     "reuse_redis_clients",
 ]
 
@@ -86,6 +96,38 @@ def check_persistence(channel: Any, what: str) -> None:
     from tidings._redis_persistence import warn_if_forgetful  # noqa: PLC0415
 
     warn_if_forgetful(redis.Redis(connection_pool=channel.client.connection_pool), what)
+
+
+def restore_options(visibility_timeout: float) -> dict[str, float]:
+    """The kombu transport options a worker's channel sweeps its dead peers' messages with.
+
+    ``unacked_restore_interval``: a quarter of ``visibility_timeout``, between 1 and 10 s;
+    ``unacked_restore_throttle`` 1 (every sweep runs); ``unacked_mutex_expire``: the
+    visibility timeout, between 5 and 60 s. A message a killed worker held is then back in
+    its queue at most about ``visibility_timeout`` + the interval after it was taken, or one
+    mutex expiry later if the worker died holding the sweep's mutex.
+    """
+    return {
+        "unacked_restore_interval": min(10.0, max(1.0, visibility_timeout / 4)),
+        "unacked_restore_throttle": 1,
+        "unacked_mutex_expire": min(60.0, max(5.0, visibility_timeout)),
+    }
+
+
+def restore_promptly(channel: Any) -> None:
+    """Make a kombu Redis channel, and those made after it, sweep as :func:`restore_options` says.
+
+    An option the connection's transport options set already (the app's
+    ``broker_transport_options``) is kept. Call it before the event loop starts (it reads the
+    interval then). Other channels are left alone.
+    """
+    if type(channel).__module__ != _KOMBU_REDIS:
+        return
+    options = channel.connection.client.transport_options
+    for name, value in restore_options(float(channel.visibility_timeout)).items():
+        if name not in options:
+            options[name] = value  # the event loop's sweep timer, and channels made later
+            setattr(channel, name, value)
 
 
 def reuse_redis_clients(channel: Any) -> None:
