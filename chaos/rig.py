@@ -595,18 +595,13 @@ class Rig:
         """
         client: Any = redis.Redis.from_url(redis_url)  # replies are bytes (no decoding)
         found: dict[str, list[str]] = {event_id: [] for event_id in ids}
+        records: list[tuple[str, bytes, bytes]] = []  # (event id, hash, field) where found
+        scored: dict[bytes, list[tuple[str, float]]] = {}  # sorted-set member -> (key, score)
         for key in client.scan_iter(count=1000):
             name = key.decode(errors="replace")
-            kind = client.type(key).decode()
-            values: list[bytes] = []
-            if kind == "list":
-                values = client.lrange(key, 0, -1)
-            elif kind == "hash":
-                values = [k + b"=" + v for k, v in client.hgetall(key).items()]
-            elif kind in ("set", "zset"):
-                values = list(client.smembers(key) if kind == "set" else client.zrange(key, 0, -1))
-            elif kind == "string":
-                values = [client.get(key) or b""]
+            kind, values, fields, members = _read_key(client, key)
+            for member, score in members:
+                scored.setdefault(member, []).append((name, score))
             for event_id in ids:
                 if event_id in name:
                     found[event_id].append(f"key name {name} ({kind}, ttl {client.ttl(key)} s)")
@@ -614,6 +609,15 @@ class Rig:
                 hits = sum(raw in value for value in values)
                 if hits:
                     found[event_id].append(f"{hits} time(s) in {name} ({kind})")
+                records += [(event_id, key, tag) for tag, value in fields.items() if raw in value]
+        now = time.time()
+        for event_id, key, tag in records:
+            # A kombu unacknowledged record: is its delivery tag in the index, and since when?
+            index = ", ".join(f"{zset} since {now - at:.1f} s" for zset, at in scored.get(tag, []))
+            found[event_id].append(
+                f"hash {key.decode(errors='replace')} field {tag.decode(errors='replace')}: "
+                + (f"indexed in {index}" if index else "in no sorted set")
+            )
         client.close()
         with (self.workdir / "logs" / f"lost-{service}.txt").open("w") as out:
             for event_id, places in found.items():
@@ -739,3 +743,23 @@ def run(transports: list[str], *, duration: float, rate: float, fault_every: flo
     if report_path is not None:
         report_path.write_text("\n\n".join(r.table() for r in reports) + "\n")
     return 0 if all(r.passed for r in reports) else 1
+
+
+def _read_key(
+    client: Any, key: bytes
+) -> tuple[str, list[bytes], dict[bytes, bytes], list[tuple[bytes, float]]]:
+    """A Redis key's type, its values, its hash fields and its sorted-set members with scores."""
+    kind = client.type(key).decode()
+    if kind == "list":
+        return kind, client.lrange(key, 0, -1), {}, []
+    if kind == "hash":
+        fields = client.hgetall(key)
+        return kind, [k + b"=" + v for k, v in fields.items()], fields, []
+    if kind == "set":
+        return kind, list(client.smembers(key)), {}, []
+    if kind == "zset":
+        members = client.zrange(key, 0, -1, withscores=True)
+        return kind, [member for member, _ in members], {}, members
+    if kind == "string":
+        return kind, [client.get(key) or b""], {}, []
+    return kind, [], {}, []
