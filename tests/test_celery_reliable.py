@@ -339,6 +339,30 @@ def test_a_message_a_killed_worker_held_is_soon_handled_by_a_running_worker(
     assert effect(client, unique_name, event) == 1
 
 
+def test_a_worker_that_reconnects_keeps_one_transport_in_its_event_loop(
+    reliable: Callable[..., Any], unique_name: str, proxy: Proxy, tmp_path: Path
+) -> None:
+    """After three broker cuts, the worker's loop polls one kombu transport, not four."""
+    bus, client, env = reliable(broker_url=proxy.url(), visibility_timeout=3)
+    app = bus.transport.app
+    with worker(env, tmp_path / "worker.log"):
+        for cut in range(3):
+            wait_until(
+                lambda: blocked_clients(client, unique_name),
+                timeout=60,
+                what=f"the worker to wait in its fetch ({cut} cuts)",
+            )
+            refused = proxy.refused
+            proxy.cut()
+            wait_until(
+                lambda before=refused: proxy.refused > before, timeout=60, what="a reconnection"
+            )
+            proxy.restore()
+        app.send_task(celery_reliable.TICKS, queue=unique_name)
+        wait_until(lambda: client.exists(f"{unique_name}:ticks"), timeout=60, what="the count")
+    assert int(client.get(f"{unique_name}:ticks") or 0) == 1
+
+
 # -- a retry that cannot be sent -------------------------------------------------------------
 
 

@@ -30,10 +30,13 @@ While ``{prefix}:fail`` exists the handler raises, and while ``{prefix}:refuse-s
 the app's router refuses every task the worker sends (as a broker refusing writes would): the
 handler's retries and the transport's own cannot be sent. ``{prefix}:started:<id>`` counts the
 handler's runs, ``{prefix}:ran`` the tasks the worker finished (Celery's ``task_postrun``).
+The plain task :data:`TICKS`, run by a solo worker, sets ``{prefix}:ticks`` to the number of
+kombu Redis callbacks in its event loop's ``on_tick`` (one per registered transport).
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from collections.abc import Iterator
@@ -44,6 +47,7 @@ from typing import Any, ClassVar
 import redis
 from celery import Celery
 from celery.signals import task_postrun
+from kombu.asynchronous import Hub
 from kombu.exceptions import OperationalError
 
 from tidings import DomainEvent, EventBus, register_event
@@ -54,6 +58,7 @@ from tidings.transports.celery import CeleryTransport
 
 REDIS_URL = os.environ.get("TIDINGS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 HANDLER = "reliable.apply"
+TICKS = "reliable.count_ticks"
 GATE_LIMIT = 30.0
 """The longest a gated claim waits for the cut key, so no worker waits for ever."""
 
@@ -148,6 +153,19 @@ def make(
         client.incr(f"{prefix}:ran")
 
     task_postrun.connect(ran, weak=False)
+
+    @app.task(name=TICKS)
+    def count_ticks() -> None:
+        # Run by a solo worker in its main process. kombu forgets its current loop when the
+        # loop resets (a reconnection): find the worker's hub among the live objects.
+        hubs = [found for found in gc.get_objects() if isinstance(found, Hub)]
+        ticks = [
+            tick
+            for hub in hubs
+            for tick in hub.on_tick
+            if getattr(tick, "__module__", None) == "kombu.transport.redis"
+        ]
+        client.set(f"{prefix}:ticks", len(ticks))
 
     @bus.subscribe(ReliableEvent, name=HANDLER)
     def apply(event: ReliableEvent) -> None:

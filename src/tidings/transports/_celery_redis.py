@@ -42,6 +42,14 @@ worker killed while holding it keeps for 300 s. A consumer's channel instead swe
 visibility timeout (between 5 and 60 s), unless the app's ``broker_transport_options`` set
 those options themselves.
 
+A sixth, :func:`forget_stale_ticks`, is about memory: kombu's Redis transport adds a callback
+to the event loop's ``on_tick`` set when it registers with the loop and never removes it. A
+worker that reconnects (its broker restarted, a network cut) registers a new transport each
+time, and the old one stays referenced by its callback, with its channels, clients and
+buffers, and is polled on every tick: about half a megabyte of the worker's main process per
+reconnection, measured. The consumer removes the callbacks of transports no longer its own
+before it registers the current one.
+
 Used by the transport (publishing) and by tidings' worker consumer; imported with them.
 """
 
@@ -64,6 +72,7 @@ __all__ = [
     "acknowledge_without_waiting",
     "check_persistence",
     "close_fetch_window",
+    "forget_stale_ticks",
     "refuse_malformed_items",
     "restore_options",
     "restore_promptly",
@@ -128,6 +137,34 @@ def restore_promptly(channel: Any) -> None:
         if name not in options:
             options[name] = value  # the event loop's sweep timer, and channels made later
             setattr(channel, name, value)
+
+
+def forget_stale_ticks(hub: Any, current: Any) -> int:
+    """Remove from ``hub.on_tick`` kombu Redis callbacks of transports other than ``current``.
+
+    ``current`` is the consumer's kombu transport (``connection.transport``). Call it before
+    that transport registers with the loop; return how many callbacks were removed.
+    """
+    stale = [
+        tick
+        for tick in list(hub.on_tick)
+        if getattr(tick, "__module__", None) == _KOMBU_REDIS
+        and getattr(tick, "__name__", None) == "on_poll_start"
+        and not any(
+            getattr(_cell_value(cell), "__self__", None) is current
+            for cell in (getattr(tick, "__closure__", None) or ())
+        )
+    ]
+    for tick in stale:
+        hub.on_tick.discard(tick)
+    return len(stale)
+
+
+def _cell_value(cell: Any) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # an empty cell
+        return None
 
 
 def reuse_redis_clients(channel: Any) -> None:
