@@ -31,6 +31,7 @@ import pytest
 import redis
 import sqlalchemy as sa
 from tests.apps.outbox_faults import Tick
+from tests.tcp_proxy import Proxy
 from tests.workers import ROOT, stop, wait_until
 
 from conftest import require_server
@@ -439,6 +440,37 @@ def test_broker_outage_relay_backs_off_then_drains_the_backlog(
     committed = [event.event_id for event in (*before, *during)]
     assert sorted(set(on_stream)) == sorted(committed), "lost or invented events"
     assert order_violations(rows, on_stream) == []
+
+
+def test_a_relay_started_while_its_database_is_away_waits_for_it_then_relays(
+    scene: Scene, client: redis.Redis, redis_url: str
+) -> None:
+    """A relay whose database refuses it at start-up warns, waits, and relays once it is back."""
+    url = sa.make_url(scene.db_url)
+    proxy = Proxy(url.host or "127.0.0.1", url.port or 5432, cut_off=True)
+    try:
+        through = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+        env = {"OUTBOX_FAULTS_REDIS": redis_url, "OUTBOX_FAULTS_PREFIX": scene.prefix}
+        relay = scene.spawn(
+            "relay",
+            [TIDINGS, "relay", "--db", through, "--table", scene.outbox.table.name,
+             "--transport", PUBLISH, "--poll-interval", "0.1"],
+            env,
+        )  # fmt: skip
+        scene.wait(
+            lambda: "the outbox database cannot be reached" in scene.log("relay"),
+            "the relay to warn that its database is away",
+            "relay",
+        )
+        assert relay.poll() is None, scene.log("relay")
+        committed = scene.commit(ticks(20, keys=4))
+        proxy.restore()
+        scene.wait(lambda: scene.pending() == 0, "the relay to publish", "relay")
+        assert sorted(stream_ids(client, scene.stream)) == sorted(t.event_id for t in committed)
+        relay.send_signal(signal.SIGTERM)
+        assert relay.wait(DEADLINE) == 0, scene.log("relay")
+    finally:
+        proxy.close()
 
 
 # -- 4. three relays, one killed mid-batch ---------------------------------------------------

@@ -16,7 +16,7 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from datetime import timedelta
 from types import FrameType
@@ -310,8 +310,8 @@ def make_relay_command() -> click.Command:
                     shown = redact_text(str(exc), transport_spec, db_url)
                     msg = f"--transport {redact_url(transport_spec)}: {shown}"
                     raise click.UsageError(msg) from exc
-                _create_quarantine(engine, outbox)
                 if once:
+                    _create_quarantine(engine, outbox)
                     _drain(runner, transport_spec, db_url, *runner.secrets)
                     return
                 stop = threading.Event()
@@ -323,6 +323,9 @@ def make_relay_command() -> click.Command:
                     sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
                 }
                 try:
+                    _start_when_reachable(
+                        stop, lambda: _create_quarantine(engine, outbox), db_url, transport_spec
+                    )
                     click.echo(
                         f"Relaying {table} to {redact_url(transport_spec)}; Ctrl-C to stop.",
                         err=True,
@@ -352,6 +355,36 @@ def _echo_broker(transport_spec: str | None) -> None:
     line = None if not transport_spec else describe_url(transport_spec)
     if line is not None:
         click.echo(line)
+
+
+_START_RETRY = (0.5, 5.0)
+"""The first and the longest wait (s) between tries of a relay's start-up query."""
+
+
+def _start_when_reachable(
+    stop: threading.Event, start: Callable[[], None], *secrets: str | None
+) -> None:
+    """Run ``start`` (the relay's start-up query) until it succeeds or ``stop`` is set.
+
+    A long-running relay that finds its database unreachable as it starts (restarted during a
+    failover, or while connections are being terminated) waits and tries again, with a warning
+    each time, as its loop does after a failure, rather than exiting; ``--once`` fails at once.
+    ``secrets`` (the URLs) are redacted from the warning.
+    """
+    wait, longest = _START_RETRY
+    while not stop.is_set():
+        try:
+            start()
+        except Exception as exc:  # noqa: BLE001 - any database error: tried again
+            logging.getLogger("tidings.outbox.relay").warning(
+                "the outbox database cannot be reached (%s); trying again in %.1f s",
+                log_safe(redact_text(f"{type(exc).__name__}: {exc}", *secrets), 300),
+                wait,
+            )
+            stop.wait(wait)
+            wait = min(wait * 2, longest)
+        else:
+            return
 
 
 def _create_quarantine(engine: sa.Engine, outbox: Any) -> None:

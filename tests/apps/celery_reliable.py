@@ -31,7 +31,8 @@ the app's router refuses every task the worker sends (as a broker refusing write
 handler's retries and the transport's own cannot be sent. ``{prefix}:started:<id>`` counts the
 handler's runs, ``{prefix}:ran`` the tasks the worker finished (Celery's ``task_postrun``).
 The plain task :data:`TICKS`, run by a solo worker, sets ``{prefix}:ticks`` to the number of
-kombu Redis callbacks in its event loop's ``on_tick`` (one per registered transport).
+kombu Redis callbacks in its event loop's ``on_tick`` (one per registered transport), and
+``{prefix}:transports`` to the number of kombu Redis transports alive in the process.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from celery import Celery
 from celery.signals import task_postrun
 from kombu.asynchronous import Hub
 from kombu.exceptions import OperationalError
+from kombu.transport import redis as redis_transport
 
 from tidings import DomainEvent, EventBus, register_event
 from tidings.deadletter.redis import RedisDeadLetterStore
@@ -158,14 +160,18 @@ def make(
     def count_ticks() -> None:
         # Run by a solo worker in its main process. kombu forgets its current loop when the
         # loop resets (a reconnection): find the worker's hub among the live objects.
-        hubs = [found for found in gc.get_objects() if isinstance(found, Hub)]
+        gc.collect()
+        live = gc.get_objects()
         ticks = [
             tick
-            for hub in hubs
+            for hub in live
+            if isinstance(hub, Hub)
             for tick in hub.on_tick
             if getattr(tick, "__module__", None) == "kombu.transport.redis"
         ]
+        transports = [found for found in live if isinstance(found, redis_transport.Transport)]
         client.set(f"{prefix}:ticks", len(ticks))
+        client.set(f"{prefix}:transports", len(transports))
 
     @bus.subscribe(ReliableEvent, name=HANDLER)
     def apply(event: ReliableEvent) -> None:

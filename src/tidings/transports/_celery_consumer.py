@@ -44,7 +44,7 @@ from tidings.transports._celery_redis import (
     acknowledge_without_waiting,
     check_persistence,
     close_fetch_window,
-    forget_stale_ticks,
+    forget_stale_transports,
     refuse_malformed_items,
     restore_promptly,
     reuse_redis_clients,
@@ -157,10 +157,10 @@ class DeadLetteringConsumer(Consumer):  # type: ignore[misc]
         waiting, malformed items dead-lettered, each message taken and recorded in one
         server-side step (no message lost to a worker killed while fetching), and a dead
         worker's messages restored soon after the visibility timeout. The loop forgets the
-        transports of earlier connections (kombu keeps each one polled and in memory).
+        transports of earlier connections (kombu keeps each one alive, its timers firing).
         """
         if self.hub is not None and self.connection is not None:
-            forget_stale_ticks(self.hub, self.connection.transport)
+            forget_stale_transports(self.hub, self.connection.transport)
         if self.task_consumer is not None:
             reuse_redis_clients(self.task_consumer.channel)
             acknowledge_without_waiting(self.task_consumer.channel)

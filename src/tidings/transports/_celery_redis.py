@@ -42,12 +42,13 @@ worker killed while holding it keeps for 300 s. A consumer's channel instead swe
 visibility timeout (between 5 and 60 s), unless the app's ``broker_transport_options`` set
 those options themselves.
 
-A sixth, :func:`forget_stale_ticks`, is about memory: kombu's Redis transport adds a callback
-to the event loop's ``on_tick`` set when it registers with the loop and never removes it. A
-worker that reconnects (its broker restarted, a network cut) registers a new transport each
-time, and the old one stays referenced by its callback, with its channels, clients and
-buffers, and is polled on every tick: about half a megabyte of the worker's main process per
-reconnection, measured. The consumer removes the callbacks of transports no longer its own
+A sixth, :func:`forget_stale_transports`, is about memory: kombu's Redis transport, when it
+registers with the event loop, adds a callback to the loop's ``on_tick`` set and five
+repeating timers (restore, health checks, re-authentication, binding expiry), and never
+removes them; it cancels the timers of the same transport only. A worker that reconnects (its
+broker restarted, a network cut) registers a new transport each time, and every old one stays
+alive through them, with its channels, clients, pools and buffers, its timers still firing.
+The consumer removes the callbacks and cancels the timers of transports no longer its own
 before it registers the current one.
 
 Used by the transport (publishing) and by tidings' worker consumer; imported with them.
@@ -72,7 +73,7 @@ __all__ = [
     "acknowledge_without_waiting",
     "check_persistence",
     "close_fetch_window",
-    "forget_stale_ticks",
+    "forget_stale_transports",
     "refuse_malformed_items",
     "restore_options",
     "restore_promptly",
@@ -139,24 +140,31 @@ def restore_promptly(channel: Any) -> None:
             setattr(channel, name, value)
 
 
-def forget_stale_ticks(hub: Any, current: Any) -> int:
-    """Remove from ``hub.on_tick`` kombu Redis callbacks of transports other than ``current``.
+def forget_stale_transports(hub: Any, current: Any) -> int:
+    """Drop the event-loop callbacks and timers of kombu Redis transports other than ``current``.
 
     ``current`` is the consumer's kombu transport (``connection.transport``). Call it before
-    that transport registers with the loop; return how many callbacks were removed.
+    that transport registers with the loop. Each stale ``on_tick`` callback is removed and the
+    repeating timers of its poller (its ``*_tref`` attributes) are cancelled. Returns how many
+    transports were dropped.
     """
-    stale = [
-        tick
-        for tick in list(hub.on_tick)
-        if getattr(tick, "__module__", None) == _KOMBU_REDIS
-        and getattr(tick, "__name__", None) == "on_poll_start"
-        and not any(
-            getattr(_cell_value(cell), "__self__", None) is current
-            for cell in (getattr(tick, "__closure__", None) or ())
-        )
-    ]
-    for tick in stale:
+    stale = []
+    for tick in list(hub.on_tick):
+        if (
+            getattr(tick, "__module__", None) != _KOMBU_REDIS
+            or getattr(tick, "__name__", None) != "on_poll_start"
+        ):
+            continue
+        held = [_cell_value(cell) for cell in (getattr(tick, "__closure__", None) or ())]
+        if not any(getattr(value, "__self__", None) is current for value in held):
+            stale.append((tick, held))
+    for tick, held in stale:
         hub.on_tick.discard(tick)
+        for value in held:
+            if hasattr(value, "_restore_messages_tref"):  # the transport's poller (its cycle)
+                for name, tref in list(vars(value).items()):
+                    if name.endswith("_tref") and hasattr(tref, "cancel"):
+                        tref.cancel()
     return len(stale)
 
 
