@@ -2,7 +2,8 @@
 
 A test takes the ``redis_server`` fixture (import it into the test module) and calls it with
 ``redis-server`` arguments; each server listens on a free port of 127.0.0.1 (or the one given),
-keeps its files in the test's temporary directory, and is stopped after the test.
+keeps its files in the test's temporary directory, and is stopped after the test. A server
+killed by the test can be started again on its port (the same files).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def redis_server(tmp_path: Path) -> Iterator[Server]:
                 probe.bind(("127.0.0.1", 0))
                 port = probe.getsockname()[1]
         directory = tmp_path / f"redis-{port}"
-        directory.mkdir()
+        directory.mkdir(exist_ok=True)  # a server started again on its port keeps its files
         command = [
             "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
             *arguments,

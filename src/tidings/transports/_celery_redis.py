@@ -45,11 +45,15 @@ those options themselves.
 A sixth, :func:`forget_stale_transports`, is about memory: kombu's Redis transport, when it
 registers with the event loop, adds a callback to the loop's ``on_tick`` set and five
 repeating timers (restore, health checks, re-authentication, binding expiry), and never
-removes them; it cancels the timers of the same transport only. A worker that reconnects (its
-broker restarted, a network cut) registers a new transport each time, and every old one stays
-alive through them, with its channels, clients, pools and buffers, its timers still firing.
-The consumer removes the callbacks and cancels the timers of transports no longer its own
-before it registers the current one.
+removes them; it cancels the timers of the same transport only. And its channel's QoS
+registers an exit-time finalizer (restore what is unacknowledged) that only the channel's
+``close`` cancels, which does not get that far when the broker is gone (deleting the
+channel's fanout queues fails first). A worker that reconnects (its broker restarted, a
+network cut) registers a new transport each time, and every old one stayed alive through
+them, with its channels, clients, pools and buffers, its timers still firing. The consumer
+removes the callbacks, cancels the timers and drops the finalizers of transports no longer its
+own before it registers the current one. What an old channel's finalizer would have put back
+at exit is in the unacknowledged index, restored by the sweep after the visibility timeout.
 
 Used by the transport (publishing) and by tidings' worker consumer; imported with them.
 """
@@ -141,14 +145,14 @@ def restore_promptly(channel: Any) -> None:
 
 
 def forget_stale_transports(hub: Any, current: Any) -> int:
-    """Drop the event-loop callbacks and timers of kombu Redis transports other than ``current``.
+    """Drop what keeps kombu Redis transports other than ``current`` alive; return how many.
 
     ``current`` is the consumer's kombu transport (``connection.transport``). Call it before
-    that transport registers with the loop. Each stale ``on_tick`` callback is removed and the
-    repeating timers of its poller (its ``*_tref`` attributes) are cancelled. Returns how many
-    transports were dropped.
+    that transport registers with the loop. For each other transport with a callback in
+    ``hub.on_tick``: the callback is removed, the repeating timers of its poller (its
+    ``*_tref`` attributes) are cancelled, and its channels' exit-time finalizers are dropped.
     """
-    stale = []
+    stale: dict[int, Any] = {}
     for tick in list(hub.on_tick):
         if (
             getattr(tick, "__module__", None) != _KOMBU_REDIS
@@ -156,16 +160,35 @@ def forget_stale_transports(hub: Any, current: Any) -> int:
         ):
             continue
         held = [_cell_value(cell) for cell in (getattr(tick, "__closure__", None) or ())]
-        if not any(getattr(value, "__self__", None) is current for value in held):
-            stale.append((tick, held))
-    for tick, held in stale:
+        owners = {id(owner): owner for value in held if (owner := _transport_of(value))}
+        if not owners or id(current) in owners:
+            continue
         hub.on_tick.discard(tick)
+        stale.update(owners)
         for value in held:
             if hasattr(value, "_restore_messages_tref"):  # the transport's poller (its cycle)
                 for name, tref in list(vars(value).items()):
                     if name.endswith("_tref") and hasattr(tref, "cancel"):
                         tref.cancel()
+    if stale:
+        from multiprocessing import util  # noqa: PLC0415 - where kombu's QoS registers it
+
+        registry = getattr(util, "_finalizer_registry", {})
+        for finalizer in list(registry.values()):
+            qos = getattr(getattr(finalizer, "_callback", None), "__self__", None)
+            channel = getattr(qos, "channel", None)
+            if (
+                type(qos).__module__ == _KOMBU_REDIS
+                and id(getattr(channel, "connection", None)) in stale
+            ):
+                finalizer.cancel()
     return len(stale)
+
+
+def _transport_of(value: Any) -> Any:
+    """The kombu Redis transport a bound method held by an ``on_tick`` callback belongs to."""
+    owner = getattr(value, "__self__", None)
+    return owner if type(owner).__module__ == _KOMBU_REDIS and hasattr(owner, "cycle") else None
 
 
 def _cell_value(cell: Any) -> Any:
