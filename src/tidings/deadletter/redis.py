@@ -29,19 +29,19 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Final, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from tidings.deadletter._bounds import MAX_BODY_BYTES, bounded_letter
 from tidings.errors import UsageError
-from tidings.ports import DeadLetter
+from tidings.ports import DeadLetter, DeadLetterFilter
 
 if TYPE_CHECKING:
     from redis import Redis
     from redis.typing import EncodableT
 
-__all__ = ["MAX_AGE", "MAX_LETTERS", "TRIM_BATCH", "RedisDeadLetterStore"]
+__all__ = ["CLOCK_SLACK", "MAX_AGE", "MAX_LETTERS", "TRIM_BATCH", "RedisDeadLetterStore"]
 
 MAX_AGE: Final = 14 * 24 * 3600.0
 """Default retention of a letter, in seconds: 14 days."""
@@ -51,6 +51,13 @@ MAX_LETTERS: Final = 100_000
 
 TRIM_BATCH: Final = 100
 """Most letters one ``add`` removes for the retention."""
+
+CLOCK_SLACK: Final = 300.0
+"""Seconds before a filter's ``since`` that a search starts reading the index at.
+
+The index is scored by the time of ``add``, which is after the letter's ``failed_at`` when both
+come from one clock; the slack covers a letter made on a host whose clock runs ahead.
+"""
 
 _PURGE_BATCH = 1000
 _URL_OPTIONS: Final = ("max_age", "max_letters", "max_body_bytes")
@@ -261,6 +268,51 @@ class RedisDeadLetterStore:
                 pipe.hgetall(self._key(_decode(letter_id)))
             hashes: list[Any] = pipe.execute()
         return [letter for raw in hashes if (letter := _letter(raw)) is not None]
+
+    def iter_matching(
+        self, where: DeadLetterFilter, *, page_size: int = 500
+    ) -> Iterator[DeadLetter]:
+        """Yield the letters ``where`` matches, newest first, reading ``page_size`` at a time.
+
+        Reads the index from the newest entry down to ``where.since`` (less
+        :data:`CLOCK_SLACK`), one ZREVRANGEBYSCORE and one pipeline of HGETALLs per page, and
+        filters each letter (Redis keeps no index by handler or type). The pages follow the
+        score, not an offset, so removing letters meanwhile skips none.
+
+        Raises:
+            ValueError: ``page_size`` is below 1.
+        """
+        if page_size < 1:
+            msg = f"page_size must be >= 1, not {page_size}"
+            raise ValueError(msg)
+        return self._matching(where, page_size)
+
+    def _matching(self, where: DeadLetterFilter, page_size: int) -> Iterator[DeadLetter]:
+        low = "-inf" if where.since is None else repr(where.since.timestamp() - CLOCK_SLACK)
+        high = "+inf"
+        at_high: set[bytes] = set()  # ids read at score `high`, which the next page repeats
+        while True:
+            entries = cast(
+                "list[tuple[bytes, float]]",
+                self._client.zrevrangebyscore(
+                    self._index, high, low, start=0, num=page_size + len(at_high), withscores=True
+                ),
+            )
+            fresh = [(letter_id, score) for letter_id, score in entries if letter_id not in at_high]
+            if not fresh:
+                return
+            with self._client.pipeline(transaction=False) as pipe:
+                for letter_id, _ in fresh:
+                    pipe.hgetall(self._key(_decode(letter_id)))
+                hashes: list[Any] = pipe.execute()
+            for raw in hashes:
+                letter = _letter(raw)
+                if letter is not None and where.matches(letter):
+                    yield letter
+            last = repr(fresh[-1][1])
+            tied = {letter_id for letter_id, score in fresh if repr(score) == last}
+            at_high = at_high | tied if last == high else tied
+            high = last
 
     def remove(self, letter_id: str) -> bool:
         """Delete one dead letter; return whether it existed."""
