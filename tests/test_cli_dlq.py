@@ -405,12 +405,12 @@ def test_list_since_takes_an_age(target):
     assert _listed_ids(run("list", *target.args, "--json", "--since", "5m")) == []
 
 
-@pytest.mark.parametrize("since", ["yesterday", "1w", "-1h", "2026-13-01"])
+@pytest.mark.parametrize("since", ["yesterday", "1w", "-1h", "2026-13-01", "999999999d"])
 def test_list_since_refuses_what_is_not_a_time_or_an_age(since):
     """A --since that is neither ISO-8601 nor an age like 30m is a usage error saying both."""
     result = run("list", "--store", "memory://", "--since", since)
     assert result.exit_code == 2
-    assert "neither an ISO-8601 time" in result.output
+    assert "neither an ISO-8601 time" in result.output or "before the year 1" in result.output
 
 
 def test_list_json_is_valid_escaped_ascii(target):

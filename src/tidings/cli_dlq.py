@@ -111,7 +111,10 @@ class _Since(click.ParamType):  # type: ignore[type-arg]
         text = str(value).strip()
         if match := _AGO.fullmatch(text):
             amount, unit = match.groups()
-            return datetime.now(UTC) - timedelta(**{_UNITS[unit]: int(amount)})
+            try:
+                return datetime.now(UTC) - timedelta(**{_UNITS[unit]: int(amount)})
+            except OverflowError:
+                self.fail(f"{text!r} reaches back before the year 1", param, ctx)
         try:
             when = datetime.fromisoformat(text)
         except ValueError:
@@ -206,7 +209,7 @@ def _opened(
             )
             raise click.UsageError(msg)
         store = _app_store(app, app_spec)
-        with _failures(redact_url(app_spec)):
+        with _failures(f"of --app {app_spec}"):
             yield store
         return
     if not url:
@@ -228,7 +231,7 @@ def _opened(
     except (TidingsError, ImportError) as exc:  # a URL tidings cannot use, a missing extra
         raise click.UsageError(redact_text(str(exc), url)) from exc
     try:
-        with _failures(redact_url(url), url):
+        with _failures(f"at {redact_url(url)}", url):
             yield store
     finally:
         close = getattr(store, "close", None)
@@ -244,7 +247,7 @@ def _failures(where: str, secret: str = "") -> Iterator[None]:
     except (click.ClickException, click.exceptions.Exit, click.Abort):
         raise
     except Exception as exc:  # an operator needs the cause, not a traceback
-        msg = f"the dead-letter store at {where} failed: {type(exc).__name__}: {exc}"
+        msg = f"the dead-letter store {where} failed: {type(exc).__name__}: {exc}"
         raise click.ClickException(redact_text(msg, secret) if secret else msg) from exc
 
 
@@ -266,7 +269,7 @@ def _summary(letter: DeadLetter) -> dict[str, object]:
         "event_id": letter.event_id,
         "attempts": letter.attempts,
         "reason": letter.reason,
-        "headers": {str(k): str(v) for k, v in letter.headers.items()},
+        "headers": letter.headers,
         "body_bytes": len(letter.body),
     }
 
@@ -285,7 +288,7 @@ def _full(letter: DeadLetter) -> dict[str, object]:
 
 def _echo_json(document: object) -> None:
     """Print ``document`` as JSON in ASCII: every control character from a message escaped."""
-    click.echo(json.dumps(document, ensure_ascii=True, indent=2))
+    click.echo(json.dumps(document, ensure_ascii=True, indent=2, default=str))
 
 
 def _table(letters: list[DeadLetter], title: str) -> Table:
@@ -398,7 +401,7 @@ def _replay_one(store: DeadLetterStore, replayer: Replayer, letter_id: str) -> b
 def make_dlq_group() -> click.Group:
     """Return the ``dlq`` click group: ``list``, ``show``, ``purge`` and ``replay``."""
 
-    @click.group(name="dlq")
+    @click.group(name="dlq", epilog=_SERVICE_HELP)
     def dlq() -> None:
         """Inspect, replay and purge dead letters (deliveries that failed for good)."""
 
