@@ -8,7 +8,7 @@ import sqlalchemy as sa
 
 from conftest import require_server
 from tidings import TidingsError
-from tidings.deadletter import DeadLetterStoreURLError, iter_matching, open_store
+from tidings.deadletter import DeadLetterStoreURLError, find, iter_matching, open_store
 from tidings.deadletter.redis import RedisDeadLetterStore
 from tidings.deadletter.sql import SqlDeadLetterStore, dead_letters_table
 from tidings.errors import UsageError
@@ -349,3 +349,32 @@ def test_iter_matching_pages_a_plain_store_through_list_once_each():
     assert calls == [(2, 0), (2, 2), (2, 4), (2, 6), (2, 7)]
     with pytest.raises(ValueError, match="page_size"):
         iter_matching(store, DeadLetterFilter(), page_size=0)
+
+
+@pytest.mark.integration
+def test_redis_filter_reads_past_one_index_page_and_fetches_only_matches(redis_prefix):
+    """A filter over more letters than one index page finds every match, newest first."""
+    client, prefix = redis_prefix
+    store = RedisDeadLetterStore(client, prefix=prefix)
+    letters = [sample_letter(n, handler="rare" if n % 100 == 7 else "common") for n in range(1050)]
+    for letter in letters:
+        store.add(letter)
+    rare = [letter for letter in reversed(letters) if letter.handler == "rare"]
+    assert list(store.iter_matching(DeadLetterFilter(handler="rare"), page_size=2)) == rare
+    assert find(store, DeadLetterFilter(handler="rare"), limit=3, offset=9) == rare[9:]
+
+
+@pytest.mark.integration
+def test_redis_iter_matching_reads_letters_of_one_score_once_each(redis_prefix):
+    """Letters indexed at the same score (two writers at once) are each yielded once, in pages."""
+    client, prefix = redis_prefix
+    store = RedisDeadLetterStore(client, prefix=prefix)
+    letters = [sample_letter(n) for n in range(7)]
+    for letter in letters:
+        store.add(letter)
+    client.zadd(f"{prefix}:index", {letter.id: 1_700_000_000.5 for letter in letters[2:6]})
+    got = [letter.id for letter in store.iter_matching(DeadLetterFilter(), page_size=2)]
+    assert sorted(got) == sorted(letter.id for letter in letters)
+    assert len(got) == len(letters)
+    where = DeadLetterFilter(reason="EventDecodeError")
+    assert len(list(store.iter_matching(where, page_size=1))) == len(letters)
