@@ -553,6 +553,21 @@ def test_service_with_a_sql_store_or_with_name_is_a_usage_error(tmp_path):
 
 
 @pytest.mark.integration
+def test_a_service_option_wins_over_a_name_from_the_environment(
+    redis_url, unique_name, service_store
+):
+    """--service on the command line wins over TIDINGS_DLQ_NAME, --name over TIDINGS_SERVICE."""
+    letter = sample_letter()
+    service_store.add(letter)
+    args = ["list", "--store", redis_url, "--json"]
+    by_service = run(*args, "--service", unique_name, env={"TIDINGS_DLQ_NAME": "elsewhere"})
+    assert _listed_ids(by_service) == [letter.id]
+    prefix = f"tidings:dlq:{unique_name}"
+    by_name = run(*args, "--name", prefix, env={"TIDINGS_SERVICE": "elsewhere"})
+    assert _listed_ids(by_name) == [letter.id]
+
+
+@pytest.mark.integration
 def test_app_without_store_uses_the_transports_own_store(
     redis_url, unique_name, service_store, replayers
 ):

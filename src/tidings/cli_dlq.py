@@ -199,8 +199,7 @@ def _opened(
     ``--store`` (with ``--name`` or ``--service``) wins; without it, ``--app``'s transport's
     own store is used as it is, and left open (it is the transport's).
     """
-    if name is not None and service is not None:
-        raise click.UsageError("pass --name or --service, not both")
+    name, service = _name_or_service(name, service)
     if not url and app is not None:
         if name is not None or service is not None:
             msg = (
@@ -237,6 +236,20 @@ def _opened(
         close = getattr(store, "close", None)
         if callable(close):
             close()
+
+
+def _name_or_service(name: str | None, service: str | None) -> tuple[str | None, str | None]:
+    """Both given: the one on the command line wins over the other's environment variable."""
+    if name is None or service is None:
+        return name, service
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        env = click.core.ParameterSource.ENVIRONMENT
+        name_from_env = ctx.get_parameter_source("name") == env
+        service_from_env = ctx.get_parameter_source("service") == env
+        if name_from_env != service_from_env:
+            return (None, service) if name_from_env else (name, None)
+    raise click.UsageError("pass --name or --service, not both")
 
 
 @contextmanager
