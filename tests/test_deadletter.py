@@ -8,12 +8,12 @@ import sqlalchemy as sa
 
 from conftest import require_server
 from tidings import TidingsError
-from tidings.deadletter import DeadLetterStoreURLError, open_store
+from tidings.deadletter import DeadLetterStoreURLError, find, iter_matching, open_store
 from tidings.deadletter.redis import RedisDeadLetterStore
 from tidings.deadletter.sql import SqlDeadLetterStore, dead_letters_table
 from tidings.errors import UsageError
 from tidings.memory import MemoryDeadLetterStore
-from tidings.ports import DeadLetter, DeadLetterStore
+from tidings.ports import DeadLetter, DeadLetterFilter, DeadLetterStore, FilteringDeadLetterStore
 from tidings.testing.deadletter import DeadLetterStoreConformance, sample_letter
 
 
@@ -307,3 +307,74 @@ def test_sql_store_cuts_over_long_letters_instead_of_refusing_them(server, tmp_p
         assert got is not None
         assert got.body == b"x" * 10
         assert got.reason.endswith("[cut by the store: body from 100 to 10 bytes]")
+
+
+class _PlainStore:
+    """A third-party store: the DeadLetterStore protocol and nothing more."""
+
+    def __init__(self) -> None:
+        self._inner = MemoryDeadLetterStore()
+        self.add, self.get, self.list = self._inner.add, self._inner.get, self._inner.list
+        self.remove, self.purge, self.count = (
+            self._inner.remove,
+            self._inner.purge,
+            self._inner.count,
+        )
+
+
+class TestPlainDeadLetterStore(DeadLetterStoreConformance):
+    def make_store(self) -> DeadLetterStore:
+        store = _PlainStore()
+        assert isinstance(store, DeadLetterStore)
+        assert not isinstance(store, FilteringDeadLetterStore)
+        return store
+
+
+def test_iter_matching_pages_a_plain_store_through_list_once_each():
+    """A store without iter_matching is read through list, a page at a time, each letter once."""
+    store = _PlainStore()
+    letters = [sample_letter(n, handler=("a", "b")[n % 2]) for n in range(7)]
+    for letter in letters:
+        store.add(letter)
+    calls = []
+    listing = store.list
+
+    def counting_list(*, limit: int = 100, offset: int = 0) -> list[DeadLetter]:
+        calls.append((limit, offset))
+        return listing(limit=limit, offset=offset)
+
+    store.list = counting_list
+    got = list(iter_matching(store, DeadLetterFilter(handler="b"), page_size=2))
+    assert got == letters[5::-2]
+    assert calls == [(2, 0), (2, 2), (2, 4), (2, 6), (2, 7)]
+    with pytest.raises(ValueError, match="page_size"):
+        iter_matching(store, DeadLetterFilter(), page_size=0)
+
+
+@pytest.mark.integration
+def test_redis_filter_reads_past_one_index_page_and_fetches_only_matches(redis_prefix):
+    """A filter over more letters than one index page finds every match, newest first."""
+    client, prefix = redis_prefix
+    store = RedisDeadLetterStore(client, prefix=prefix)
+    letters = [sample_letter(n, handler="rare" if n % 100 == 7 else "common") for n in range(1050)]
+    for letter in letters:
+        store.add(letter)
+    rare = [letter for letter in reversed(letters) if letter.handler == "rare"]
+    assert list(store.iter_matching(DeadLetterFilter(handler="rare"), page_size=2)) == rare
+    assert find(store, DeadLetterFilter(handler="rare"), limit=3, offset=9) == rare[9:]
+
+
+@pytest.mark.integration
+def test_redis_iter_matching_reads_letters_of_one_score_once_each(redis_prefix):
+    """Letters indexed at the same score (two writers at once) are each yielded once, in pages."""
+    client, prefix = redis_prefix
+    store = RedisDeadLetterStore(client, prefix=prefix)
+    letters = [sample_letter(n) for n in range(7)]
+    for letter in letters:
+        store.add(letter)
+    client.zadd(f"{prefix}:index", {letter.id: 1_700_000_000.5 for letter in letters[2:6]})
+    got = [letter.id for letter in store.iter_matching(DeadLetterFilter(), page_size=2)]
+    assert sorted(got) == sorted(letter.id for letter in letters)
+    assert len(got) == len(letters)
+    where = DeadLetterFilter(reason="EventDecodeError")
+    assert len(list(store.iter_matching(where, page_size=1))) == len(letters)

@@ -2,17 +2,23 @@
 
 :func:`tidings.cli.make_cli` attaches the group; this module is imported only then, so click and
 rich (the ``cli`` extra) are imported at the top. The store comes from ``--store URL`` or
-``TIDINGS_DLQ_URL`` (see :func:`tidings.deadletter.open_store`). Everything a dead letter holds
-came from a message, so it is printed as plain text with control characters escaped: no rich
+``TIDINGS_DLQ_URL`` (see :func:`tidings.deadletter.open_store`), its key prefix from ``--name``
+or ``--service`` (a transport's default store, ``tidings:dlq:<service>``), or the whole store
+from ``--app`` (the bus's transport's own). Everything a dead letter holds came from a message,
+so it is printed as plain text with control characters escaped, or as ASCII-only JSON: no rich
 markup, no terminal escape sequences, no import or lookup driven by it.
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TypeVar
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import click
 from rich import box
@@ -22,9 +28,10 @@ from rich.text import Text
 
 from tidings._cli_imports import load_attribute
 from tidings._untrusted import log_safe, redact_text, redact_url
-from tidings.deadletter import open_store
+from tidings.deadletter import find, iter_matching, open_store
 from tidings.errors import TidingsError
-from tidings.ports import DeadLetter, DeadLetterStore, Replayer
+from tidings.ports import DeadLetter, DeadLetterFilter, DeadLetterStore, Replayer
+from tidings.transports._defaults import dead_letter_prefix
 
 __all__ = ["make_dlq_group"]
 
@@ -32,6 +39,13 @@ _F = TypeVar("_F", bound=Callable[..., object])
 _COLUMNS = ("id", "failed_at", "transport", "destination", "handler", "event_type")
 _REASON_WIDTH = 60
 _PAGE = 500
+_AGO = re.compile(r"(\d+)([smhd])")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+_SERVICE_HELP = (
+    "A transport's default store is per service, tidings:dlq:<service>: pass --service (the "
+    "Celery queue, or the Redis Streams service name) or --app; without either, the store is "
+    "tidings:dlq, where letters of older releases and of stores made with the default prefix are."
+)
 
 
 def _safe(text: str | None) -> Text:
@@ -50,6 +64,14 @@ def _console(*, stderr: bool = False) -> Console:
 
 def _store_options(func: _F) -> _F:
     func = click.option(
+        "--service",
+        envvar="TIDINGS_SERVICE",
+        metavar="NAME",
+        help="The service whose default Redis store to open: tidings:dlq:NAME, as the Celery "
+        "(NAME: its queue) and Redis Streams (NAME: its service) transports make it. "
+        "Env: TIDINGS_SERVICE.",
+    )(func)
+    func = click.option(
         "--name",
         envvar="TIDINGS_DLQ_NAME",
         metavar="NAME",
@@ -66,30 +88,220 @@ def _store_options(func: _F) -> _F:
     )(func)
 
 
+def _app_option(*, required: bool, help_text: str) -> Callable[[_F], _F]:
+    return click.option(
+        "--app", "app", required=required, metavar="MODULE:ATTRIBUTE", help=help_text
+    )
+
+
+_APP_STORE_HELP = (
+    "Your EventBus (the same module:attr as `tidings worker --app`): without --store, its "
+    "transport's own dead-letter store is used."
+)
+
+
+class _Since(click.ParamType):  # type: ignore[type-arg]
+    """``--since``: an ISO-8601 time (UTC unless it has an offset) or an age like 30m, 2h, 7d."""
+
+    name = "TIME|AGE"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, datetime):
+            return value
+        text = str(value).strip()
+        if match := _AGO.fullmatch(text):
+            amount, unit = match.groups()
+            try:
+                return datetime.now(UTC) - timedelta(**{_UNITS[unit]: int(amount)})
+            except OverflowError:
+                self.fail(f"{text!r} reaches back before the year 1", param, ctx)
+        try:
+            when = datetime.fromisoformat(text)
+        except ValueError:
+            self.fail(
+                f"{text!r} is neither an ISO-8601 time (2026-12-01T00:00, UTC unless an offset "
+                "is given) nor an age (30s, 15m, 2h, 7d)",
+                param,
+                ctx,
+            )
+        return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def _filter_options(func: _F) -> _F:
+    for option in reversed(
+        (
+            click.option("--handler", metavar="NAME", help="Only letters of this handler."),
+            click.option("--event-type", metavar="TYPE", help="Only letters of this event type."),
+            click.option(
+                "--since",
+                type=_Since(),
+                help="Only letters that failed at or after this time (2026-12-01T00:00, UTC "
+                "unless an offset is given) or within this age (30m, 2h, 7d).",
+            ),
+            click.option(
+                "--reason",
+                metavar="TEXT",
+                help="Only letters whose reason contains TEXT (case-sensitive).",
+            ),
+        )
+    ):
+        func = option(func)
+    return func
+
+
+def _filter(
+    handler: str | None, event_type: str | None, since: datetime | None, reason: str | None
+) -> DeadLetterFilter:
+    return DeadLetterFilter(handler=handler, event_type=event_type, since=since, reason=reason)
+
+
+def _describe(where: DeadLetterFilter) -> str:
+    """The filter as the options that made it, for a title or a prompt."""
+    parts = [
+        f"{flag} {value!r}"
+        for flag, value in (
+            ("--handler", where.handler),
+            ("--event-type", where.event_type),
+            ("--reason", where.reason),
+        )
+        if value is not None
+    ]
+    if where.since is not None:
+        parts.append(f"--since {where.since.astimezone(UTC):%Y-%m-%dT%H:%M:%S}Z")
+    return " ".join(parts)
+
+
+def _app_store(target: object, spec: str) -> DeadLetterStore:
+    """The dead-letter store of the bus (or transport) ``--app`` names."""
+    from tidings.bus import EventBus  # noqa: PLC0415 - keeps `tidings --help` light
+
+    transport = target.transport if isinstance(target, EventBus) else target
+    store = getattr(transport, "dead_letters", None)
+    if not isinstance(store, DeadLetterStore):
+        msg = (
+            f"--app {spec} names a {type(transport).__name__}, which has no dead-letter store "
+            "(no dead_letters attribute): pass --store URL, and --service or --name"
+        )
+        raise click.ClickException(msg)
+    return store
+
+
 @contextmanager
-def _opened(url: str | None, name: str | None) -> Iterator[DeadLetterStore]:
-    """Open the store, close it after, and turn its failures into one-line messages."""
+def _opened(
+    url: str | None,
+    name: str | None,
+    service: str | None = None,
+    app: object | None = None,
+    app_spec: str = "",
+) -> Iterator[DeadLetterStore]:
+    """Open the store, close it after, and turn its failures into one-line messages.
+
+    ``--store`` (with ``--name`` or ``--service``) wins; without it, ``--app``'s transport's
+    own store is used as it is, and left open (it is the transport's).
+    """
+    name, service = _name_or_service(name, service)
+    if not url and app is not None:
+        if name is not None or service is not None:
+            msg = (
+                "--name and --service pick the store at --store URL; without --store, --app's "
+                "transport's own store is used: drop them, or pass --store"
+            )
+            raise click.UsageError(msg)
+        store = _app_store(app, app_spec)
+        with _failures(f"of --app {app_spec}"):
+            yield store
+        return
     if not url:
         msg = (
             "no dead-letter store given: pass --store URL or set TIDINGS_DLQ_URL, e.g. "
-            "redis://localhost:6379/0 or postgresql+psycopg://user@host/db"
+            "redis://localhost:6379/0 or postgresql+psycopg://user@host/db (or pass --app)"
         )
         raise click.UsageError(msg)
+    if service is not None:
+        if urlsplit(url).scheme.lower() not in ("redis", "rediss"):
+            msg = (
+                "--service picks a transport's default store, which is in Redis; a SQL store "
+                "is the table given to the transport: pass --name TABLE"
+            )
+            raise click.UsageError(msg)
+        name = dead_letter_prefix(service)
     try:
         store = open_store(url, name=name, must_exist=True)
     except (TidingsError, ImportError) as exc:  # a URL tidings cannot use, a missing extra
         raise click.UsageError(redact_text(str(exc), url)) from exc
     try:
-        yield store
-    except (click.ClickException, click.exceptions.Exit, click.Abort):
-        raise
-    except Exception as exc:  # an operator needs the cause, not a traceback
-        msg = f"the dead-letter store at {redact_url(url)} failed: {type(exc).__name__}: {exc}"
-        raise click.ClickException(redact_text(msg, url)) from exc
+        with _failures(f"at {redact_url(url)}", url):
+            yield store
     finally:
         close = getattr(store, "close", None)
         if callable(close):
             close()
+
+
+def _name_or_service(name: str | None, service: str | None) -> tuple[str | None, str | None]:
+    """Both given: the one on the command line wins over the other's environment variable."""
+    if name is None or service is None:
+        return name, service
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        env = click.core.ParameterSource.ENVIRONMENT
+        name_from_env = ctx.get_parameter_source("name") == env
+        service_from_env = ctx.get_parameter_source("service") == env
+        if name_from_env != service_from_env:
+            return (None, service) if name_from_env else (name, None)
+    raise click.UsageError("pass --name or --service, not both")
+
+
+@contextmanager
+def _failures(where: str, secret: str = "") -> Iterator[None]:
+    """Turn a store's failure into one line naming ``where`` (secrets of ``secret`` hidden)."""
+    try:
+        yield
+    except (click.ClickException, click.exceptions.Exit, click.Abort):
+        raise
+    except Exception as exc:  # an operator needs the cause, not a traceback
+        msg = f"the dead-letter store {where} failed: {type(exc).__name__}: {exc}"
+        raise click.ClickException(redact_text(msg, secret) if secret else msg) from exc
+
+
+def _is_shared_redis(url: str | None, name: str | None, service: str | None) -> bool:
+    """Whether the store is Redis at the shared default prefix (no --name, --service)."""
+    scheme = urlsplit(url or "").scheme.lower()
+    return scheme in ("redis", "rediss") and name is None and service is None
+
+
+def _summary(letter: DeadLetter) -> dict[str, object]:
+    """The JSON of a letter without its body and traceback (``list --json``)."""
+    return {
+        "id": letter.id,
+        "failed_at": letter.failed_at,
+        "transport": letter.transport,
+        "destination": letter.destination,
+        "handler": letter.handler,
+        "event_type": letter.event_type,
+        "event_id": letter.event_id,
+        "attempts": letter.attempts,
+        "reason": letter.reason,
+        "headers": letter.headers,
+        "body_bytes": len(letter.body),
+    }
+
+
+def _full(letter: DeadLetter) -> dict[str, object]:
+    """The JSON of a whole letter (``show --json``): the body exactly, in base64."""
+    document = _summary(letter)
+    document["traceback"] = letter.traceback
+    document["body_base64"] = base64.b64encode(letter.body).decode("ascii")
+    try:
+        document["body_text"] = letter.body.decode("utf-8")
+    except UnicodeDecodeError:
+        document["body_text"] = None
+    return document
+
+
+def _echo_json(document: object) -> None:
+    """Print ``document`` as JSON in ASCII: every control character from a message escaped."""
+    click.echo(json.dumps(document, ensure_ascii=True, indent=2, default=str))
 
 
 def _table(letters: list[DeadLetter], title: str) -> Table:
@@ -133,8 +345,13 @@ def _print_letter(console: Console, letter: DeadLetter) -> None:
         console.print(Text(f"\n{title}:", style="bold"), text, sep="\n")
 
 
-def _load_replayer(spec: str) -> Replayer:
-    """Import ``module:attribute`` named on the operator's command line; return the Replayer.
+def _load_app(spec: str | None) -> object | None:
+    """Import ``module:attribute`` named on the operator's command line (``--app``)."""
+    return None if spec is None else load_attribute(spec, "--app", "myproject.wiring:bus")
+
+
+def _replayer(target: object, spec: str) -> Replayer:
+    """The Replayer of the ``--app`` object.
 
     The same ``module:attr`` as ``tidings worker --app`` (the composition root's
     :class:`~tidings.EventBus`) names the bus's transport; a transport (any object with a
@@ -142,7 +359,6 @@ def _load_replayer(spec: str) -> Replayer:
     """
     from tidings.bus import EventBus  # noqa: PLC0415 - keeps `tidings --help` light
 
-    target = load_attribute(spec, "--app", "myproject.wiring:bus")
     if isinstance(target, EventBus):
         transport = target.transport
         if not isinstance(transport, Replayer):
@@ -162,13 +378,9 @@ def _load_replayer(spec: str) -> Replayer:
     return target
 
 
-def _all_ids(store: DeadLetterStore) -> list[str]:
-    """Every letter's id, oldest first, read before any replay (so re-dead-letters wait)."""
-    ids: dict[str, None] = {}
-    offset = 0
-    while page := store.list(limit=_PAGE, offset=offset):
-        ids.update(dict.fromkeys(letter.id for letter in page))
-        offset += len(page)
+def _matching_ids(store: DeadLetterStore, where: DeadLetterFilter) -> list[str]:
+    """Every matching letter's id, oldest first, read before acting (so re-dead-letters wait)."""
+    ids = dict.fromkeys(letter.id for letter in iter_matching(store, where, page_size=_PAGE))
     return list(reversed(ids))
 
 
@@ -202,67 +414,159 @@ def _replay_one(store: DeadLetterStore, replayer: Replayer, letter_id: str) -> b
 def make_dlq_group() -> click.Group:
     """Return the ``dlq`` click group: ``list``, ``show``, ``purge`` and ``replay``."""
 
-    @click.group(name="dlq")
+    @click.group(name="dlq", epilog=_SERVICE_HELP)
     def dlq() -> None:
         """Inspect, replay and purge dead letters (deliveries that failed for good)."""
 
-    @dlq.command(name="list")
+    _add_reading_commands(dlq)
+    _add_changing_commands(dlq)
+    dlq.add_command(make_outbox_quarantine_group())
+    return dlq
+
+
+def _add_reading_commands(dlq: click.Group) -> None:
+    """Attach ``list`` and ``show`` to ``dlq``."""
+
+    @dlq.command(name="list", epilog=_SERVICE_HELP)
     @_store_options
+    @_app_option(required=False, help_text=_APP_STORE_HELP)
+    @_filter_options
     @click.option("--limit", type=click.IntRange(min=1), default=50, help="At most this many.")
     @click.option("--offset", type=click.IntRange(min=0), default=0, help="Skip this many.")
-    def list_(store_url: str | None, name: str | None, limit: int, offset: int) -> None:
-        """List dead letters, newest first, a row each."""
-        with _opened(store_url, name) as store:
+    @click.option("--json", "as_json", is_flag=True, help="Print a JSON array (without bodies).")
+    def list_(  # noqa: PLR0917 - click passes every option
+        store_url: str | None,
+        name: str | None,
+        service: str | None,
+        app: str | None,
+        handler: str | None,
+        event_type: str | None,
+        since: datetime | None,
+        reason: str | None,
+        limit: int,
+        offset: int,
+        as_json: bool,
+    ) -> None:
+        """List dead letters, newest first, a row each; the filters all must hold."""
+        where = _filter(handler, event_type, since, reason)
+        with _opened(store_url, name, service, _load_app(app), app or "") as store:
             total = store.count()
-            letters = store.list(limit=limit, offset=offset)
-        if not letters:
-            click.echo(f"No dead letters here ({total} in the store).")
+            letters = find(store, where, limit=limit, offset=offset)
+        if as_json:
+            _echo_json([_summary(letter) for letter in letters])
             return
-        title = f"Dead letters {offset + 1}-{offset + len(letters)} of {total}, newest first"
-        _console().print(_table(letters, title))
+        matching = "" if where.is_empty else f" matching {_describe(where)}"
+        if not letters:
+            click.echo(f"No dead letters here{matching} ({total} in the store).")
+            if not total and _is_shared_redis(store_url, name, service):
+                click.echo(_SERVICE_HELP)
+            return
+        span = f"{offset + 1}-{offset + len(letters)}"
+        title = (
+            f"Dead letters {span} of {total}, newest first"
+            if where.is_empty
+            else f"Dead letters {span}{matching}, newest first ({total} in the store)"
+        )
+        _console().print(_table(letters, _safe(title).plain))
 
     @dlq.command()
     @_store_options
+    @_app_option(required=False, help_text=_APP_STORE_HELP)
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON: the body in base64.")
     @click.argument("letter_id", metavar="ID")
-    def show(store_url: str | None, name: str | None, letter_id: str) -> None:
+    def show(  # noqa: PLR0917 - click passes every option
+        store_url: str | None,
+        name: str | None,
+        service: str | None,
+        app: str | None,
+        as_json: bool,
+        letter_id: str,
+    ) -> None:
         """Show every field of one dead letter: headers, body (text or hex), traceback."""
-        with _opened(store_url, name) as store:
+        with _opened(store_url, name, service, _load_app(app), app or "") as store:
             letter = store.get(letter_id)
         if letter is None:
             raise click.ClickException(f"no dead letter with id {letter_id!r}")
+        if as_json:
+            _echo_json(_full(letter))
+            return
         _print_letter(_console(), letter)
 
-    @dlq.command()
-    @_store_options
-    @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-    def purge(store_url: str | None, name: str | None, yes: bool) -> None:
-        """Delete every dead letter, after confirmation; they cannot be replayed afterwards."""
-        with _opened(store_url, name) as store:
-            count = store.count()
-            if not count:
-                click.echo("No dead letters to purge.")
-                return
-            if not yes:
-                click.confirm(f"Delete all {count} dead letters for good?", abort=True)
-            click.echo(f"Purged {store.purge()} dead letters.")
+
+def _add_changing_commands(dlq: click.Group) -> None:
+    """Attach ``purge`` and ``replay`` to ``dlq``."""
 
     @dlq.command()
     @_store_options
+    @_app_option(required=False, help_text=_APP_STORE_HELP)
+    @_filter_options
+    @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+    def purge(  # noqa: PLR0917 - click passes every option
+        store_url: str | None,
+        name: str | None,
+        service: str | None,
+        app: str | None,
+        handler: str | None,
+        event_type: str | None,
+        since: datetime | None,
+        reason: str | None,
+        yes: bool,
+    ) -> None:
+        """Delete dead letters (every one, or those the filters match), after confirmation.
+
+        They cannot be replayed afterwards. With filters, the letters matching when the command
+        starts are counted, shown in the prompt, and only they are deleted.
+        """
+        where = _filter(handler, event_type, since, reason)
+        with _opened(store_url, name, service, _load_app(app), app or "") as store:
+            if where.is_empty:
+                count = store.count()
+                if not count:
+                    click.echo("No dead letters to purge.")
+                    return
+                if not yes:
+                    click.confirm(f"Delete all {count} dead letters for good?", abort=True)
+                click.echo(f"Purged {store.purge()} dead letters.")
+                return
+            ids = _matching_ids(store, where)
+            matching = _safe(_describe(where)).plain
+            if not ids:
+                click.echo(f"No dead letters matching {matching} to purge.")
+                return
+            if not yes:
+                prompt = f"Delete the {len(ids)} dead letters matching {matching} for good?"
+                click.confirm(prompt, abort=True)
+            purged = sum(store.remove(letter_id) for letter_id in ids)
+        click.echo(f"Purged {purged} dead letters.")
+
+    @dlq.command(epilog=_SERVICE_HELP)
+    @_store_options
+    @_filter_options
     @click.argument("letter_ids", metavar="[ID]...", nargs=-1)
     @click.option("--all", "all_", is_flag=True, help="Replay every dead letter, oldest first.")
-    @click.option(
-        "--app",
-        "app",
+    @_app_option(
         required=True,
-        metavar="MODULE:ATTRIBUTE",
-        help="Your EventBus (the same module:attr as `tidings worker --app`), or its transport "
-        "(any tidings.ports.Replayer), imported from this command line; the current directory "
-        "is searched after installed packages.",
+        help_text="Your EventBus (the same module:attr as `tidings worker --app`), or its "
+        "transport (any tidings.ports.Replayer), imported from this command line; the current "
+        "directory is searched after installed packages. Without --store, the store is the "
+        "transport's own.",
     )
-    def replay(
-        store_url: str | None, name: str | None, letter_ids: tuple[str, ...], all_: bool, app: str
+    def replay(  # noqa: PLR0917 - click passes every option
+        store_url: str | None,
+        name: str | None,
+        service: str | None,
+        handler: str | None,
+        event_type: str | None,
+        since: datetime | None,
+        reason: str | None,
+        letter_ids: tuple[str, ...],
+        all_: bool,
+        app: str,
     ) -> None:
         """Send dead letters back to where they came from, then remove them from the store.
+
+        Name them by ID, or pass --all or filters (--handler, --event-type, --since,
+        --reason): the letters matching when the command starts are replayed, oldest first.
 
         A replay is a real retry: the letter's handler (or every handler, when none is named)
         gets a fresh attempt budget, its retry policy's max_attempts, as a first delivery.
@@ -272,20 +576,21 @@ def make_dlq_group() -> click.Group:
         input, and that input is this command line: nothing in a dead letter's data is ever
         imported or looked up.
         """
-        if all_ == bool(letter_ids):
-            raise click.UsageError("name the letters to replay by ID, or pass --all")
-        replayer = _load_replayer(app)
-        with _opened(store_url, name) as store:
-            ids = _all_ids(store) if all_ else list(letter_ids)
+        where = _filter(handler, event_type, since, reason)
+        by_filter = all_ or not where.is_empty
+        if by_filter == bool(letter_ids):
+            msg = "name the letters to replay by ID, or pass --all or filters (not both)"
+            raise click.UsageError(msg)
+        target = _load_app(app)
+        replayer = _replayer(target, app)
+        with _opened(store_url, name, service, target, app) as store:
+            ids = _matching_ids(store, where) if by_filter else list(letter_ids)
             replayed = sum(_replay_one(store, replayer, letter_id) for letter_id in ids)
         if len(ids) != 1 or replayed != 1:
             click.echo(f"Replayed {replayed} of {len(ids)} dead letters.")
         if replayed < len(ids):
             click.echo(f"{len(ids) - replayed} not replayed (see above).", err=True)
             raise SystemExit(1)
-
-    dlq.add_command(make_outbox_quarantine_group())
-    return dlq
 
 
 # -- the outbox's quarantine: rows the relay gave up on ------------------------------------

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 
 from tidings.errors import InboxBusyError
-from tidings.ports import DeadLetter
+from tidings.ports import DeadLetter, DeadLetterFilter
 
 __all__ = ["MemoryDeadLetterStore", "MemoryInbox"]
 
@@ -88,6 +88,21 @@ class MemoryDeadLetterStore:
         with self._lock:
             newest_first = list(reversed(self._letters.values()))
         return newest_first[offset : offset + limit]
+
+    def iter_matching(
+        self, where: DeadLetterFilter, *, page_size: int = 500
+    ) -> Iterator[DeadLetter]:
+        """Yield the letters ``where`` matches, newest first, from a copy taken now.
+
+        Raises:
+            ValueError: ``page_size`` is below 1 (it is otherwise unused: nothing is paged).
+        """
+        if page_size < 1:
+            msg = f"page_size must be >= 1, not {page_size}"
+            raise ValueError(msg)
+        with self._lock:
+            newest_first = list(reversed(self._letters.values()))
+        return (letter for letter in newest_first if where.matches(letter))
 
     def remove(self, letter_id: str) -> bool:
         """Delete one dead letter; return whether it existed."""

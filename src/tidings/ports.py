@@ -11,9 +11,10 @@ Conformance suites for each contract live in :mod:`tidings.testing`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from tidings._ids import new_event_id, utc_now_iso
@@ -24,9 +25,11 @@ __all__ = [
     "Claim",
     "ClaimPair",
     "DeadLetter",
+    "DeadLetterFilter",
     "DeadLetterStore",
     "EnvelopeRefusedError",
     "EnvelopeSender",
+    "FilteringDeadLetterStore",
     "Inbox",
     "Replayer",
     "StoredEnvelope",
@@ -188,6 +191,68 @@ class DeadLetterStore(Protocol):
 
     def count(self) -> int:
         """Return how many dead letters are stored."""
+        ...
+
+
+@dataclass(frozen=True)
+class DeadLetterFilter:
+    """Which dead letters an operator means: every field given must hold, ``None`` is "any".
+
+    Attributes:
+        handler: the letter's handler, exactly (``handler="billing.charge"``).
+        event_type: the letter's event type, exactly.
+        since: letters that failed at this instant or later; a naive datetime is taken as UTC.
+        reason: text the letter's reason contains (case-sensitive).
+    """
+
+    handler: str | None = None
+    event_type: str | None = None
+    since: datetime | None = None
+    reason: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.since is not None and self.since.tzinfo is None:
+            object.__setattr__(self, "since", self.since.replace(tzinfo=UTC))
+
+    @property
+    def is_empty(self) -> bool:
+        """Whether the filter lets every letter through."""
+        return self == DeadLetterFilter()
+
+    def matches(self, letter: DeadLetter) -> bool:
+        """Whether ``letter`` passes; one whose ``failed_at`` is not ISO-8601 fails ``since``."""
+        if self.handler is not None and letter.handler != self.handler:
+            return False
+        if self.event_type is not None and letter.event_type != self.event_type:
+            return False
+        if self.reason is not None and self.reason not in letter.reason:
+            return False
+        if self.since is None:
+            return True
+        try:
+            failed_at = datetime.fromisoformat(letter.failed_at)
+        except ValueError:
+            return False
+        if failed_at.tzinfo is None:
+            failed_at = failed_at.replace(tzinfo=UTC)
+        return failed_at >= self.since
+
+
+@runtime_checkable
+class FilteringDeadLetterStore(DeadLetterStore, Protocol):
+    """A :class:`DeadLetterStore` that finds the letters of a filter itself (Redis and SQL do).
+
+    Stores without it still work: :func:`tidings.deadletter.iter_matching` pages their ``list``.
+    """
+
+    def iter_matching(
+        self, where: DeadLetterFilter, *, page_size: int = 500
+    ) -> Iterator[DeadLetter]:
+        """Yield the letters ``where`` matches, newest first, reading ``page_size`` at a time.
+
+        A letter removed while this runs is skipped, never another in its place; one added
+        meanwhile may or may not be yielded.
+        """
         ...
 
 

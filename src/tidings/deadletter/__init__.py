@@ -5,18 +5,22 @@ Three implement :class:`~tidings.ports.DeadLetterStore`:
 :class:`~tidings.deadletter.sql.SqlDeadLetterStore` (the ``sql`` extra, plus a driver) and
 :class:`~tidings.memory.MemoryDeadLetterStore` (this process only). :func:`open_store` picks one
 by URL, for the ``tidings dlq`` command and for configuration read from the environment.
+:func:`iter_matching` and :func:`find` pick letters by a :class:`~tidings.ports.DeadLetterFilter`
+from any store: the Redis and SQL stores search themselves, another store is paged through.
 Importing this package imports neither redis-py nor SQLAlchemy.
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 from tidings._untrusted import redact_url
 from tidings.errors import TidingsError
-from tidings.ports import DeadLetterStore
+from tidings.ports import DeadLetter, DeadLetterFilter, DeadLetterStore, FilteringDeadLetterStore
 
-__all__ = ["DeadLetterStoreURLError", "open_store"]
+__all__ = ["DeadLetterStoreURLError", "find", "iter_matching", "open_store"]
 
 _EXAMPLES = (
     "redis://localhost:6379/0, sqlite:///dead-letters.db, "
@@ -65,6 +69,55 @@ def open_store(url: str, *, name: str | None = None, must_exist: bool = False) -
         msg = f"{redact_url(url)!r} is not a dead-letter store URL: use one like {_EXAMPLES}"
         raise DeadLetterStoreURLError(msg)
     return _open_sql(url, scheme, name, must_exist=must_exist)
+
+
+def iter_matching(
+    store: DeadLetterStore, where: DeadLetterFilter, *, page_size: int = 500
+) -> Iterator[DeadLetter]:
+    """Yield the letters of ``store`` that ``where`` matches, newest first, once each.
+
+    A :class:`~tidings.ports.FilteringDeadLetterStore` searches itself; any other store is read
+    through ``list`` a page of ``page_size`` at a time and filtered here (a letter added or
+    removed meanwhile may then shift a page: collect the ids before removing any).
+
+    Raises:
+        ValueError: ``page_size`` is below 1.
+    """
+    if page_size < 1:
+        msg = f"page_size must be >= 1, not {page_size}"
+        raise ValueError(msg)
+    if isinstance(store, FilteringDeadLetterStore):
+        return store.iter_matching(where, page_size=page_size)
+    return _paged(store, where, page_size)
+
+
+def _paged(store: DeadLetterStore, where: DeadLetterFilter, page_size: int) -> Iterator[DeadLetter]:
+    seen: set[str] = set()
+    offset = 0
+    while page := store.list(limit=page_size, offset=offset):
+        offset += len(page)
+        for letter in page:
+            if letter.id not in seen and where.matches(letter):
+                seen.add(letter.id)
+                yield letter
+
+
+def find(
+    store: DeadLetterStore, where: DeadLetterFilter, *, limit: int = 100, offset: int = 0
+) -> list[DeadLetter]:
+    """Return up to ``limit`` letters ``where`` matches, newest first, skipping ``offset`` of them.
+
+    Raises:
+        ValueError: ``limit`` or ``offset`` is negative.
+    """
+    if limit < 0 or offset < 0:
+        msg = f"limit and offset must be >= 0, not {limit} and {offset}"
+        raise ValueError(msg)
+    if limit == 0:
+        return []
+    page_size = min(max(limit + offset, 1), 500)
+    matching = iter_matching(store, where, page_size=page_size)
+    return list(itertools.islice(matching, offset, offset + limit))
 
 
 def _open_sql(url: str, scheme: str, name: str | None, *, must_exist: bool) -> DeadLetterStore:

@@ -29,19 +29,19 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from tidings.deadletter._bounds import MAX_BODY_BYTES, bounded_letter
 from tidings.errors import UsageError
-from tidings.ports import DeadLetter
+from tidings.ports import DeadLetter, DeadLetterFilter
 
 if TYPE_CHECKING:
     from redis import Redis
     from redis.typing import EncodableT
 
-__all__ = ["MAX_AGE", "MAX_LETTERS", "TRIM_BATCH", "RedisDeadLetterStore"]
+__all__ = ["CLOCK_SLACK", "MAX_AGE", "MAX_LETTERS", "TRIM_BATCH", "RedisDeadLetterStore"]
 
 MAX_AGE: Final = 14 * 24 * 3600.0
 """Default retention of a letter, in seconds: 14 days."""
@@ -52,7 +52,16 @@ MAX_LETTERS: Final = 100_000
 TRIM_BATCH: Final = 100
 """Most letters one ``add`` removes for the retention."""
 
+CLOCK_SLACK: Final = 300.0
+"""Seconds before a filter's ``since`` that a search starts reading the index at.
+
+The index is scored by the time of ``add``, which is after the letter's ``failed_at`` when both
+come from one clock; the slack covers a letter made on a host whose clock runs ahead.
+"""
+
 _PURGE_BATCH = 1000
+_SCAN_PAGE = 1000
+_FILTERED = ("handler", "event_type", "reason", "failed_at")
 _URL_OPTIONS: Final = ("max_age", "max_letters", "max_body_bytes")
 _OPTIONAL = ("handler", "event_type", "event_id")
 _TEXT = ("id", "failed_at", "reason", "traceback", "transport", "destination", *_OPTIONAL)
@@ -262,6 +271,75 @@ class RedisDeadLetterStore:
             hashes: list[Any] = pipe.execute()
         return [letter for raw in hashes if (letter := _letter(raw)) is not None]
 
+    def iter_matching(
+        self, where: DeadLetterFilter, *, page_size: int = 500
+    ) -> Iterator[DeadLetter]:
+        """Yield the letters ``where`` matches, newest first, reading ``page_size`` at a time.
+
+        Reads the index from the newest entry down to ``where.since`` (less
+        :data:`CLOCK_SLACK`), a thousand ids at a time, and checks each letter's handler, event
+        type, reason and time (one pipeline of HMGETs: Redis keeps no index by handler or
+        type); only the matches are read whole, at most ``page_size`` in one pipeline. The
+        pages follow the score, not an offset, so removing letters meanwhile skips none.
+
+        Raises:
+            ValueError: ``page_size`` is below 1.
+        """
+        if page_size < 1:
+            msg = f"page_size must be >= 1, not {page_size}"
+            raise ValueError(msg)
+        return self._matching(where, page_size)
+
+    def _matching(self, where: DeadLetterFilter, page_size: int) -> Iterator[DeadLetter]:
+        # With a filter, the index is read _SCAN_PAGE ids at a time and each letter's filtered
+        # fields (not its body) are checked first; only matches are read whole, page_size at a
+        # time. Without one, every letter is a match.
+        scan = page_size if where.is_empty else max(page_size, _SCAN_PAGE)
+        for page in self._index_pages(where, scan):
+            ids = page if where.is_empty else self._prefiltered(page, where)
+            for chunk in range(0, len(ids), page_size):
+                with self._client.pipeline(transaction=False) as pipe:
+                    for letter_id in ids[chunk : chunk + page_size]:
+                        pipe.hgetall(self._key(_decode(letter_id)))
+                    hashes: list[Any] = pipe.execute()
+                for raw in hashes:
+                    letter = _letter(raw)
+                    if letter is not None and where.matches(letter):
+                        yield letter
+
+    def _index_pages(self, where: DeadLetterFilter, size: int) -> Iterator[Sequence[bytes]]:
+        """Ids newest first, down to ``where.since`` less the slack, ``size`` at a time.
+
+        The pages follow the score: each starts at the last score read (ids read at that score
+        are left out), so an id removed meanwhile shifts nothing.
+        """
+        low = "-inf" if where.since is None else repr(where.since.timestamp() - CLOCK_SLACK)
+        high = "+inf"
+        at_high: set[bytes] = set()  # ids read at score `high`, which the next page repeats
+        while True:
+            entries = cast(
+                "list[tuple[bytes, float]]",
+                self._client.zrevrangebyscore(
+                    self._index, high, low, start=0, num=size + len(at_high), withscores=True
+                ),
+            )
+            fresh = [(letter_id, score) for letter_id, score in entries if letter_id not in at_high]
+            if not fresh:
+                return
+            yield [letter_id for letter_id, _ in fresh]
+            last = repr(fresh[-1][1])
+            tied = {letter_id for letter_id, score in fresh if repr(score) == last}
+            at_high = at_high | tied if last == high else tied
+            high = last
+
+    def _prefiltered(self, ids: Sequence[bytes], where: DeadLetterFilter) -> Sequence[bytes]:
+        """The ids whose handler, event type, reason and failed_at pass ``where``."""
+        with self._client.pipeline(transaction=False) as pipe:
+            for letter_id in ids:
+                pipe.hmget(self._key(_decode(letter_id)), _FILTERED)
+            rows = cast("Sequence[Sequence[bytes | None]]", pipe.execute())
+        return [letter_id for letter_id, row in zip(ids, rows, strict=True) if _passes(where, row)]
+
     def remove(self, letter_id: str) -> bool:
         """Delete one dead letter; return whether it existed."""
         with self._client.pipeline(transaction=True) as pipe:
@@ -292,6 +370,22 @@ class RedisDeadLetterStore:
         """Close the client if :meth:`from_url` made it; a client passed in is left open."""
         if self._owns_client:
             self._client.close()
+
+
+def _passes(where: DeadLetterFilter, row: Sequence[bytes | None]) -> bool:
+    """Whether the :data:`_FILTERED` fields of a letter (None: absent) pass ``where``."""
+    handler, event_type, reason, failed_at = row
+    if reason is None or failed_at is None:  # removed meanwhile
+        return False
+    light = DeadLetter(
+        body=b"",
+        reason=_decode(reason),
+        handler=None if handler is None else _decode(handler),
+        event_type=None if event_type is None else _decode(event_type),
+        failed_at=_decode(failed_at),
+        id="",
+    )
+    return where.matches(light)
 
 
 def _letter(raw: Mapping[Any, Any]) -> DeadLetter | None:

@@ -16,11 +16,12 @@ with another offset or spelling comes back as the same instant in that form.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 from tidings.deadletter._bounds import MAX_BODY_BYTES, bounded_letter
-from tidings.ports import DeadLetter
+from tidings.ports import DeadLetter, DeadLetterFilter
 
 try:
     import sqlalchemy as sa
@@ -218,6 +219,68 @@ class SqlDeadLetterStore:
         with self._engine.connect() as conn:
             rows = conn.execute(query).mappings().all()
         return [_letter(row) for row in rows]
+
+    def iter_matching(
+        self, where: DeadLetterFilter, *, page_size: int = 500
+    ) -> Iterator[DeadLetter]:
+        """Yield the letters ``where`` matches, newest first, one query per ``page_size``.
+
+        The filter is a WHERE clause (``since`` on the indexed ``failed_at``; ``reason`` a
+        case-sensitive substring search), and the pages follow ``(failed_at, id)``, not an
+        offset, so removing letters meanwhile skips none.
+
+        Raises:
+            ValueError: ``page_size`` is below 1.
+        """
+        if page_size < 1:
+            msg = f"page_size must be >= 1, not {page_size}"
+            raise ValueError(msg)
+        return self._matching(where, page_size)
+
+    def _matching(self, where: DeadLetterFilter, page_size: int) -> Iterator[DeadLetter]:
+        c = self.table.c
+        conditions = self._conditions(where)
+        after: tuple[Any, str] | None = None
+        while True:
+            page_conditions = conditions
+            if after is not None:
+                at, letter_id = after
+                page_conditions += (
+                    sa.or_(c.failed_at < at, sa.and_(c.failed_at == at, c.id < letter_id)),
+                )
+            query = (
+                self.table.select()
+                .where(sa.true(), *page_conditions)
+                .order_by(c.failed_at.desc(), c.id.desc())
+                .limit(page_size)
+            )
+            with self._engine.connect() as conn:
+                rows = conn.execute(query).mappings().all()
+            for row in rows:
+                yield _letter(row)
+            if len(rows) < page_size:
+                return
+            after = (rows[-1]["failed_at"], rows[-1]["id"])
+
+    def _conditions(self, where: DeadLetterFilter) -> tuple[sa.ColumnElement[bool], ...]:
+        c = self.table.c
+        conditions = []
+        if where.handler is not None:
+            conditions.append(c.handler == _storable(where.handler))
+        if where.event_type is not None:
+            conditions.append(c.event_type == _storable(where.event_type))
+        if where.since is not None:
+            conditions.append(c.failed_at >= where.since.astimezone(UTC))
+        if where.reason is not None:
+            needle = _storable(where.reason)
+            dialect = self._engine.dialect.name
+            if dialect == "postgresql":
+                conditions.append(sa.func.strpos(c.reason, needle) > 0)
+            elif dialect in ("sqlite", "mysql", "mariadb"):  # binary collation: case-sensitive
+                conditions.append(sa.func.instr(c.reason, needle) > 0)
+            else:
+                conditions.append(c.reason.contains(needle, autoescape=True))
+        return tuple(conditions)
 
     def remove(self, letter_id: str) -> bool:
         """Delete one dead letter; return whether it existed."""

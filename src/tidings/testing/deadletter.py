@@ -18,11 +18,17 @@ from __future__ import annotations
 
 import threading
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from tidings.ports import DeadLetter, DeadLetterStore
+from tidings.deadletter import find, iter_matching
+from tidings.ports import (
+    DeadLetter,
+    DeadLetterFilter,
+    DeadLetterStore,
+    FilteringDeadLetterStore,
+)
 
 __all__ = ["DeadLetterStoreConformance", "sample_letter"]
 
@@ -186,3 +192,64 @@ class DeadLetterStoreConformance:
         assert store.count() == _THREADS * _ADDS_PER_THREAD
         listed = store.list(limit=_THREADS * _ADDS_PER_THREAD + 1)
         assert sorted(letter.id for letter in listed) == sorted(added)
+
+    def _mixed(self, store: DeadLetterStore) -> list[DeadLetter]:
+        """Add eight letters of two handlers, two types and two reasons; return them in order."""
+        letters = [
+            sample_letter(
+                n,
+                handler=("billing.charge", "mail.send")[n % 2],
+                event_type=("orders.order_placed", "orders.order_paid")[n // 4],
+                reason=("TimeoutError: gateway took 30 s", "ValueError: amount < 0")[n % 3 == 0],
+            )
+            for n in range(8)
+        ]
+        for letter in letters:
+            store.add(letter)
+        return letters
+
+    def test_find_without_a_filter_is_list(self, store: DeadLetterStore) -> None:
+        """An empty filter finds every letter, newest first, as list does."""
+        self._mixed(store)
+        assert find(store, DeadLetterFilter(), limit=100) == store.list()
+
+    def test_find_filters_by_handler_event_type_and_reason(self, store: DeadLetterStore) -> None:
+        """Each field of a filter must hold: handler and type exactly, reason as a substring."""
+        letters = self._mixed(store)
+        where = DeadLetterFilter(handler="mail.send", event_type="orders.order_placed")
+        assert find(store, where) == [letters[3], letters[1]]
+        assert find(store, DeadLetterFilter(reason="amount <")) == letters[6::-3]
+        assert find(store, DeadLetterFilter(reason="timeouterror")) == []  # case-sensitive
+        assert find(store, DeadLetterFilter(handler="billing")) == []  # exact, not a prefix
+
+    def test_find_filters_by_since(self, store: DeadLetterStore) -> None:
+        """``since`` keeps the letters that failed at that instant or later (naive means UTC)."""
+        letters = self._mixed(store)
+        since = datetime.fromisoformat(letters[5].failed_at)
+        assert find(store, DeadLetterFilter(since=since)) == letters[:4:-1]
+        naive = since.replace(tzinfo=None)
+        assert find(store, DeadLetterFilter(since=naive, handler="billing.charge")) == [letters[6]]
+        later = since.astimezone(timezone(timedelta(hours=5)))
+        assert find(store, DeadLetterFilter(since=later)) == letters[:4:-1]
+
+    def test_find_pages_the_matching_letters(self, store: DeadLetterStore) -> None:
+        """Limit and offset count matching letters only, newest first."""
+        letters = self._mixed(store)
+        billing = letters[6::-2]  # n = 6, 4, 2, 0
+        where = DeadLetterFilter(handler="billing.charge")
+        assert find(store, where, limit=3) == billing[:3]
+        assert find(store, where, limit=3, offset=3) == billing[3:]
+        assert find(store, where, limit=0) == []
+
+    def test_iter_matching_skips_nothing_when_letters_go_meanwhile(
+        self, store: DeadLetterStore
+    ) -> None:
+        """Removing each letter as it is yielded, pages of two still reach every match once."""
+        if not isinstance(store, FilteringDeadLetterStore):
+            pytest.skip("a store without iter_matching is paged by offset (collect ids first)")
+        letters = self._mixed(store)
+        seen = []
+        for letter in iter_matching(store, DeadLetterFilter(), page_size=2):
+            seen.append(letter.id)
+            store.remove(letter.id)
+        assert sorted(seen) == sorted(letter.id for letter in letters)
