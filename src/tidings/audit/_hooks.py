@@ -1,0 +1,440 @@
+"""The audit's tracing hooks and its writer thread: records queued on the path, written off it.
+
+A hook builds an :class:`~tidings.audit.AuditRecord` and appends it to a bounded deque (no
+I/O, no lock unless the queue is full); one daemon thread takes up to ``batch`` records at a
+time and hands them to the store's ``write``. The thread wakes every ``flush_interval``
+seconds, or as soon as a batch is waiting.
+
+**When the store falls behind.** The queue holds at most ``max_queued`` records; past that the
+oldest are dropped, counted, and a WARNING says how many, at most once per ``warn_every``
+seconds. A batch the store refuses is dropped the same way. Never blocking the handler, and
+keeping the newest (what an operator looks for first), is the trade: the audit trail is
+evidence, not the delivery guarantee, which stays with the outbox and the inbox.
+
+**Process life.** :func:`uninstall_audit` and the interpreter's exit write what is queued. In a
+forked child (a Celery prefork worker) the writer starts anew with an empty queue: the parent
+writes what it had queued.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from contextvars import ContextVar
+from typing import TYPE_CHECKING
+
+from tidings import _tracing
+from tidings._untrusted import plain_id
+from tidings.audit._record import AuditRecord, AuditStore
+
+if TYPE_CHECKING:
+    from tidings.events import DomainEvent
+    from tidings.ports import DeadLetter
+
+__all__ = ["audit_installed", "flush_audit", "install_audit", "uninstall_audit"]
+
+log = logging.getLogger("tidings.audit")
+
+_NAME = "audit"
+"""The name the audit is installed under (see :func:`tidings._tracing.install`)."""
+_ID_LIMIT = 255
+_DETAIL_LIMIT = 1000
+# Set while a relayed batch is sent: its publish is the relay, recorded as "relayed".
+_relaying: ContextVar[bool] = ContextVar("tidings_audit_relaying", default=False)
+_hooked_process = threading.Lock()
+_process_hooks_done = False
+
+
+def install_audit(
+    store: AuditStore,
+    *,
+    batch: int = 500,
+    flush_interval: float = 0.5,
+    max_queued: int = 100_000,
+    warn_every: float = 60.0,
+) -> None:
+    """Record every publish, relay and handler run of this process in ``store``.
+
+    Records are written by a background thread in batches of up to ``batch``, at least every
+    ``flush_interval`` seconds; at most ``max_queued`` wait, past which the oldest are dropped
+    with a WARNING at most once per ``warn_every`` seconds (see the module docstring).
+    Installing again replaces (and flushes) the previous installation. The store stays the
+    caller's to close, after :func:`uninstall_audit`.
+
+    Raises:
+        ValueError: a bound is not positive.
+    """
+    if batch < 1 or max_queued < 1 or not flush_interval > 0 or not warn_every > 0:
+        msg = (
+            "batch, max_queued, flush_interval and warn_every must be positive, not "
+            f"{batch!r}, {max_queued!r}, {flush_interval!r}, {warn_every!r}"
+        )
+        raise ValueError(msg)
+    _hook_process()
+    writer = _Writer(store, batch, flush_interval, max_queued, warn_every)
+    previous = _tracing.installed(_NAME)
+    _tracing.install(_NAME, _AuditHooks(writer))
+    if isinstance(previous, _AuditHooks):
+        previous.writer.close()
+
+
+def uninstall_audit() -> None:
+    """Stop recording, write every queued record, and stop the writer; harmless when off."""
+    previous = _tracing.installed(_NAME)
+    _tracing.uninstall(_NAME)
+    if isinstance(previous, _AuditHooks):
+        previous.writer.close()
+
+
+def audit_installed() -> bool:
+    """Whether :func:`install_audit` is in effect in this process."""
+    return isinstance(_tracing.installed(_NAME), _AuditHooks)
+
+
+def flush_audit() -> None:
+    """Write every record queued so far, in the calling thread; harmless when off."""
+    installed = _tracing.installed(_NAME)
+    if isinstance(installed, _AuditHooks):
+        installed.writer.flush()
+
+
+def _hook_process() -> None:
+    """Once per process: flush at exit, and restart the writer in a forked child."""
+    global _process_hooks_done  # noqa: PLW0603 - once per process, like atexit itself
+    with _hooked_process:
+        if _process_hooks_done:
+            return
+        _process_hooks_done = True
+    atexit.register(_at_exit)
+    os.register_at_fork(after_in_child=_after_fork)
+
+
+def _at_exit() -> None:
+    installed = _tracing.installed(_NAME)
+    if isinstance(installed, _AuditHooks):
+        installed.writer.close()
+
+
+def _after_fork() -> None:
+    installed = _tracing.installed(_NAME)
+    if isinstance(installed, _AuditHooks):
+        installed.writer.restart_in_child()
+
+
+class _Writer:
+    """The bounded queue and the thread that empties it into the store."""
+
+    def __init__(
+        self,
+        store: AuditStore,
+        batch: int,
+        flush_interval: float,
+        max_queued: int,
+        warn_every: float,
+    ) -> None:
+        self.store = store
+        self.batch = batch
+        self.flush_interval = flush_interval
+        self.max_queued = max_queued
+        self.warn_every = warn_every
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.dropped = 0
+        self.failed = 0
+        self._error = "none"
+        self._reported = (0, 0)
+        self._warned_at = float("-inf")
+        self._queue: deque[AuditRecord] = deque()
+        self._full = threading.Lock()
+        self._writing = threading.Lock()
+        self._wake = threading.Event()
+        self._closed = False
+        self._thread = self._start()
+
+    def _start(self) -> threading.Thread:
+        thread = threading.Thread(target=self._run, name="tidings-audit-writer", daemon=True)
+        thread.start()
+        return thread
+
+    def put(self, record: AuditRecord) -> None:
+        """Queue ``record``; never blocks on the store."""
+        queued = self._queue
+        if len(queued) >= self.max_queued:
+            with self._full:
+                while len(queued) >= self.max_queued:
+                    try:
+                        queued.popleft()
+                    except IndexError:  # the writer emptied it meanwhile
+                        break
+                    self.dropped += 1
+        queued.append(record)
+        if len(queued) >= self.batch and not self._wake.is_set():
+            self._wake.set()
+
+    def _run(self) -> None:
+        while not self._closed:
+            self._wake.wait(self.flush_interval)
+            self._wake.clear()
+            self.flush()
+
+    def flush(self) -> None:
+        """Write every queued record, a batch at a time; warn of any dropped."""
+        queued = self._queue
+        with self._writing:
+            while queued:
+                records: list[AuditRecord] = []
+                try:
+                    while len(records) < self.batch:
+                        records.append(queued.popleft())
+                except IndexError:
+                    pass
+                self._write(records)
+        self._warn()
+
+    def _write(self, records: Sequence[AuditRecord]) -> None:
+        try:
+            self.store.write(records)
+        except Exception as exc:  # noqa: BLE001 - the audit must never stop the worker
+            self.failed += len(records)
+            self._error = f"{type(exc).__name__}"
+
+    def _warn(self) -> None:
+        counts = (self.dropped, self.failed)
+        if counts == self._reported:
+            return
+        now = time.monotonic()
+        if now - self._warned_at < self.warn_every:
+            return
+        dropped, failed = counts[0] - self._reported[0], counts[1] - self._reported[1]
+        self._reported, self._warned_at = counts, now
+        log.warning(
+            "audit trail: %d record(s) dropped because the queue was full (max_queued) and %d "
+            "because the store refused them (last error: %s); the store is too slow or down",
+            dropped,
+            failed,
+            self._error,
+        )
+
+    def close(self) -> None:
+        """Stop the thread once it has written everything queued; then write any left."""
+        self._closed = True
+        self._wake.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
+        self.flush()
+
+    def restart_in_child(self) -> None:
+        """In a forked child: forget the parent's queue and locks, start a thread of its own."""
+        self._queue = deque()
+        self._full = threading.Lock()
+        self._writing = threading.Lock()
+        self._wake = threading.Event()
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        if not self._closed:
+            self._thread = self._start()
+
+
+def _id(value: object) -> str | None:
+    """An id from an event or a message, if it is one fit to keep (else ``None``)."""
+    return plain_id(value, _ID_LIMIT)
+
+
+def _record(
+    writer: _Writer,
+    kind: str,
+    event: object,
+    *,
+    outcome: str = "ok",
+    handler: str | None = None,
+    attempt: int = 0,
+    at: float,
+    duration: float | None,
+    detail: str = "",
+) -> AuditRecord:
+    return AuditRecord(
+        kind,
+        _id(getattr(event, "event_id", None)),
+        _id(getattr(event, "event_type", None)),
+        _id(getattr(event, "correlation_id", None)),
+        _id(getattr(event, "causation_id", None)),
+        _id(getattr(event, "tenant_id", None)),
+        handler,
+        outcome,
+        attempt,
+        duration,
+        writer.worker,
+        at,
+        detail[:_DETAIL_LIMIT],
+    )
+
+
+def _reason(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+class _AuditSpan:
+    """One handler run: its record is queued when the run reports how it ended."""
+
+    __slots__ = ("_at", "_reported", "_start", "attempt", "event", "handler", "writer")
+
+    def __init__(self, writer: _Writer, handler: str, event: DomainEvent, attempt: int) -> None:
+        self.writer = writer
+        self.handler = handler
+        self.event = event
+        self.attempt = attempt
+        self._reported = False
+        self._at = time.time()
+        self._start = time.perf_counter()
+
+    def _report(self, kind: str, outcome: str, detail: str = "") -> None:
+        if self._reported:
+            return
+        self._reported = True
+        duration = time.perf_counter() - self._start
+        self.writer.put(
+            _record(
+                self.writer,
+                kind,
+                self.event,
+                outcome=outcome,
+                handler=self.handler,
+                attempt=self.attempt,
+                at=self._at,
+                duration=duration,
+                detail=detail,
+            )
+        )
+
+    def done(self, fresh: bool) -> None:
+        if fresh:
+            self._report("handled", "ok")
+        else:
+            self._report("duplicate", "duplicate", "the inbox saw its effect done")
+
+    def busy(self, retry_in: float) -> None:
+        self._report(
+            "retried", "busy", f"the inbox has it claimed elsewhere; again in {retry_in:.3g} s"
+        )
+
+    def failed(
+        self,
+        error: BaseException,
+        *,
+        retry_in: float | None = None,
+        dead_letter: str | None = None,
+    ) -> None:
+        reason = _reason(error)
+        if retry_in is not None:
+            self._report("retried", "retry", f"{reason}; again in {retry_in:.3g} s")
+        elif dead_letter is not None:
+            self._report("dead_lettered", "dead_letter", f"dead letter {dead_letter}: {reason}")
+        else:
+            self._report("handled", "failed", reason)
+
+    def end(self) -> None:
+        self._report("handled", "aborted", "the worker stopped the run (its own error)")
+
+    def __enter__(self) -> _AuditSpan:
+        return self
+
+    def __exit__(self, kind: object, error: BaseException | None, tb: object) -> None:
+        if error is not None:
+            self.failed(error)
+        else:
+            self.done(fresh=True)
+
+
+class _AuditHooks:
+    """:class:`tidings._tracing.TracingHooks` that queue audit records."""
+
+    __slots__ = ("writer",)
+
+    def __init__(self, writer: _Writer) -> None:
+        self.writer = writer
+
+    def traceparent(self, event: DomainEvent) -> str | None:
+        return None
+
+    def publish(
+        self, events: Sequence[DomainEvent], system: str, destination: str | None
+    ) -> AbstractContextManager[object]:
+        return self._timed("published", events, system if destination is None else destination)
+
+    def relay(
+        self,
+        events: Sequence[DomainEvent],
+        traceparents: Sequence[str | None],
+        destination: str,
+    ) -> AbstractContextManager[object]:
+        return self._timed("relayed", events, f"from {destination}")
+
+    @contextmanager
+    def _timed(self, kind: str, events: Sequence[DomainEvent], detail: str) -> Iterator[object]:
+        if _relaying.get():
+            yield None  # the relay's own send: recorded as "relayed"
+            return
+        token = _relaying.set(True) if kind == "relayed" else None
+        at, start, outcome = time.time(), time.perf_counter(), "ok"
+        try:
+            yield None
+        except BaseException as error:
+            outcome, detail = "error", f"{detail}: {_reason(error)}"
+            raise
+        finally:
+            if token is not None:
+                _relaying.reset(token)
+            duration = time.perf_counter() - start
+            writer = self.writer
+            for event in events:
+                writer.put(
+                    _record(
+                        writer,
+                        kind,
+                        event,
+                        outcome=outcome,
+                        at=at,
+                        duration=duration,
+                        detail=detail,
+                    )
+                )
+
+    def handle(
+        self,
+        handler: str,
+        event: DomainEvent,
+        *,
+        body: bytes | None,
+        system: str,
+        destination: str,
+        attempt: int,
+    ) -> _AuditSpan:
+        return _AuditSpan(self.writer, handler, event, attempt)
+
+    def rejected(self, letter: DeadLetter, *, system: str) -> None:
+        headers = letter.headers
+        self.writer.put(
+            AuditRecord(
+                "rejected",
+                _id(letter.event_id or headers.get("tidings_event_id")),
+                _id(letter.event_type or headers.get("tidings_event_type")),
+                _id(headers.get("tidings_correlation_id")),
+                _id(headers.get("tidings_causation_id")),
+                _id(headers.get("tidings_tenant_id")),
+                _id(letter.handler),
+                "rejected",
+                letter.attempts,
+                None,
+                self.writer.worker,
+                time.time(),
+                f"dead letter {letter.id}: {letter.reason}"[:_DETAIL_LIMIT],
+            )
+        )
+
+    def unrouted(self, event_type: str, count: int, *, system: str) -> None:
+        """Nothing to record: an event no handler takes has no run to audit."""
