@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 from tidings import _tracing
 from tidings._untrusted import plain_id
-from tidings.audit._record import AuditRecord, AuditStore
+from tidings.audit._record import AuditRecord, AuditStore, storable
 
 if TYPE_CHECKING:
     from tidings.events import DomainEvent
@@ -270,8 +270,13 @@ def _record(
         duration,
         writer.worker,
         at,
-        detail[:_DETAIL_LIMIT],
+        _text(detail),
     )
+
+
+def _text(detail: str) -> str:
+    """``detail`` cut to its bound, NUL and lone surrogates escaped: every store takes it."""
+    return storable(detail[:_DETAIL_LIMIT])
 
 
 def _reason(error: BaseException) -> str:
@@ -432,7 +437,7 @@ class _AuditHooks:
                 None,
                 self.writer.worker,
                 time.time(),
-                f"dead letter {letter.id}: {letter.reason}"[:_DETAIL_LIMIT],
+                _text(f"dead letter {letter.id}: {letter.reason}"),
             )
         )
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol, runtime_checkable
 
-__all__ = ["KINDS", "AuditRecord", "AuditStore"]
+__all__ = ["KINDS", "AuditRecord", "AuditStore", "storable"]
 
 KINDS: Final = frozenset(
     {"published", "relayed", "handled", "duplicate", "retried", "dead_lettered", "rejected"}
@@ -110,3 +110,14 @@ class AuditStore(Protocol):
     def close(self) -> None:
         """Release the store's connections (those it made itself)."""
         ...
+
+
+def storable(text: str) -> str:
+    """``text`` as every store keeps it: NUL and lone surrogates escaped, the rest unchanged.
+
+    PostgreSQL refuses NUL in text, and no driver or JSON encoder takes a lone surrogate (an
+    exception message may hold one); escaping beats losing the record.
+    """
+    if "\x00" not in text and text.isascii():
+        return text
+    return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")

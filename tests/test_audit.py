@@ -1,0 +1,352 @@
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+
+import pytest
+import redis
+from tests.audit_run import (
+    DEADLINE,
+    EXPECTED,
+    RETRY,
+    STORES,
+    OrderPlaced,
+    PaymentTaken,
+    audit_store,
+    auditing,
+    settled,
+    shop,
+)
+
+from tidings import EventBus, _tracing
+from tidings.audit import (
+    AuditRecord,
+    AuditStore,
+    audit_installed,
+    flush_audit,
+    install_audit,
+    open_audit_store,
+    uninstall_audit,
+)
+from tidings.audit.redis import RedisAuditStore
+from tidings.audit.sql import SqlAuditStore
+from tidings.deadletter.redis import RedisDeadLetterStore
+from tidings.inbox.redis import RedisInbox
+from tidings.memory import MemoryDeadLetterStore, MemoryInbox
+from tidings.testing.workers import wait_until
+from tidings.transports.memory import MemoryBroker, MemoryTransport
+from tidings.transports.redis_streams import RedisStreamsTransport
+
+
+@pytest.fixture(params=STORES)
+def store(request, unique_name, tmp_path) -> Iterator[AuditStore]:
+    with audit_store(request.param, unique_name, tmp_path) as made:
+        yield made
+
+
+def record(kind: str = "handled", **fields: object) -> AuditRecord:
+    values: dict[str, object] = {
+        "event_id": "e-1",
+        "event_type": "t",
+        "correlation_id": "c-1",
+        "tenant_id": "acme",
+        "at": time.time(),
+        **fields,
+    }
+    return AuditRecord(kind, **values)  # type: ignore[arg-type]
+
+
+def outline(records: Sequence[AuditRecord]) -> list[tuple[str, str | None, str | None, int]]:
+    return sorted((r.kind, r.event_type, r.handler, r.attempt) for r in records)
+
+
+SHOP_OUTLINE = sorted(
+    [
+        ("published", OrderPlaced.event_type, None, 0),
+        ("published", PaymentTaken.event_type, None, 0),
+        ("retried", OrderPlaced.event_type, "billing.charge", 1),
+        ("handled", OrderPlaced.event_type, "billing.charge", 2),
+        ("handled", PaymentTaken.event_type, "ledger.record", 1),
+        ("retried", OrderPlaced.event_type, "mail.confirm", 1),
+        ("dead_lettered", OrderPlaced.event_type, "mail.confirm", 2),
+    ]
+)
+
+
+def check_shop_records(records: Sequence[AuditRecord], order: OrderPlaced) -> None:
+    assert outline(records) == SHOP_OUTLINE
+    assert [r.at for r in records] == sorted(r.at for r in records)
+    assert {r.correlation_id for r in records} == {order.correlation_id}
+    assert {r.tenant_id for r in records} == {"acme"}
+    follow_ups = {r.event_id for r in records if r.event_type == PaymentTaken.event_type}
+    assert len(follow_ups) == 1
+    for r in records:
+        expected = order.event_id if r.event_type == PaymentTaken.event_type else None
+        assert r.causation_id == expected
+        assert r.worker.endswith(f":{os.getpid()}")
+        if r.handler is not None:
+            assert r.duration is not None
+            assert r.duration >= 0
+    (dead,) = [r for r in records if r.kind == "dead_lettered"]
+    assert "MailDown: smtp down" in dead.detail
+    (retry,) = [r for r in records if r.kind == "retried" and r.handler == "billing.charge"]
+    assert "CardDeclined" in retry.detail
+    assert retry.outcome == "retry"
+
+
+@pytest.mark.integration
+def test_a_memory_transport_run_comes_back_by_correlation_from_every_store(store, unique_name):
+    """Every publish, retry, run and dead letter of a real run is found by its correlation id."""
+    letters = MemoryDeadLetterStore()
+    transport = MemoryTransport(
+        dead_letters=letters,
+        inbox=MemoryInbox(),
+        retry=RETRY,
+        queue=unique_name,
+        broker=MemoryBroker(),
+    )
+    made = shop(EventBus(transport=transport))
+    with auditing(store):
+        transport.start()
+        try:
+            order = made.place(f"{unique_name}-request")
+            wait_until(
+                lambda: letters.count() == 1 and made.recorded and transport.idle(),
+                timeout=DEADLINE,
+                what="the run to settle",
+            )
+        finally:
+            transport.close()
+        records = settled(store, order.correlation_id, EXPECTED)
+    check_shop_records(records, order)
+    assert outline(store.by_event(order.event_id)) == [
+        entry for entry in SHOP_OUTLINE if entry[1] == OrderPlaced.event_type
+    ]
+    assert len(store.by_tenant("acme", limit=100)) == EXPECTED
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("kind", ["redis", "postgresql"])
+def test_a_redis_streams_worker_run_comes_back_by_correlation(
+    kind, unique_name, tmp_path, redis_url
+):
+    """Through a real Redis stream and consumer, the run's records come back by correlation."""
+    client = redis.Redis.from_url(redis_url)
+    transport = RedisStreamsTransport(
+        client,
+        service="shop",
+        stream_prefix=f"{unique_name}:stream",
+        inbox=RedisInbox(client, prefix=f"{unique_name}:inbox"),
+        dead_letters=RedisDeadLetterStore(client, prefix=f"{unique_name}:dlq"),
+        retry=RETRY,
+        block_ms=50,
+    )
+    made = shop(EventBus(transport=transport))
+    stopping = threading.Event()
+    consumer = threading.Thread(target=transport.run, args=(stopping,), daemon=True)
+    try:
+        with audit_store(kind, f"a_{unique_name}", tmp_path) as audit, auditing(audit):
+            transport.streams()  # the groups exist before the first publish
+            consumer.start()
+            order = made.place(f"{unique_name}-request")
+            records = settled(audit, order.correlation_id, EXPECTED)
+            check_shop_records(records, order)
+    finally:
+        stopping.set()
+        if consumer.ident is not None:
+            consumer.join(DEADLINE)
+        for key in client.scan_iter(f"{unique_name}*"):
+            client.delete(key)
+        transport.close()
+        client.close()
+    assert not consumer.is_alive()
+
+
+@pytest.mark.integration
+def test_by_tenant_gives_the_newest_first_within_limit_and_since(store):
+    """by_tenant reads only that tenant's records, newest first, cut by limit and since."""
+    now = time.time()
+    store.write([record(at=now - 30 + n, event_id=f"e-{n}") for n in range(5)])
+    store.write([record(at=now, tenant_id="other", event_id="x")])
+    assert [r.event_id for r in store.by_tenant("acme", limit=3)] == ["e-4", "e-3", "e-2"]
+    assert [r.event_id for r in store.by_tenant("acme", since=now - 27.5)] == ["e-4", "e-3"]
+    assert store.by_tenant("acme", limit=0) == []
+    assert [r.event_id for r in store.by_tenant("other")] == ["x"]
+    assert store.by_tenant("nobody") == []
+    with pytest.raises(ValueError, match="limit"):
+        store.by_tenant("acme", limit=-1)
+
+
+@pytest.mark.integration
+def test_records_round_trip_every_field(store):
+    """A record written comes back equal, hostile text and all, by correlation and by event."""
+    written = record(
+        "dead_lettered",
+        causation_id="cause",
+        handler="h.one",
+        outcome="dead_letter",
+        attempt=3,
+        duration=0.25,
+        worker="host:12",
+        detail="boom \x1b[31m\x00 é \udcff",
+    )
+    store.write([written])
+    (by_correlation,) = store.by_correlation("c-1")
+    (by_event,) = store.by_event("e-1")
+    assert by_correlation == by_event
+    expected = {**written.to_dict(), "detail": by_event.detail}
+    assert by_event.to_dict() == expected
+    assert by_event.detail.startswith("boom \x1b[31m")
+    assert by_event.detail.endswith(" é \\udcff") or by_event.detail.endswith(" é \udcff")
+    assert store.by_correlation("nobody") == []
+    assert store.by_event("nobody") == []
+
+
+@pytest.mark.integration
+def test_trim_removes_only_the_records_older_than_asked(store):
+    """trim(older_than) removes the older records from every lookup and keeps the newer ones."""
+    store.write([record(event_id="old", at=time.time())])
+    written = time.time()
+    wait_until(lambda: time.time() > written + 0.01, what="the clock to move on")
+    middle = time.time()
+    wait_until(lambda: time.time() > middle + 0.01, what="the clock to move on")
+    store.write([record(event_id="new", at=time.time())])
+    assert store.trim(time.time() - middle) == 1
+    assert [r.event_id for r in store.by_correlation("c-1")] == ["new"]
+    assert [r.event_id for r in store.by_tenant("acme")] == ["new"]
+    assert store.by_event("old") == []
+    assert store.trim(3600) == 0
+    with pytest.raises(ValueError, match="older_than"):
+        store.trim(-1)
+
+
+class ListStore:
+    """An audit store in a list, whose write can be held or made to fail."""
+
+    def __init__(self) -> None:
+        self.records: list[AuditRecord] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.fail = False
+
+    def write(self, records: Sequence[AuditRecord]) -> None:
+        self.gate.wait(DEADLINE)
+        if self.fail:
+            raise ConnectionError("store down")
+        self.records.extend(records)
+
+    def by_correlation(self, correlation_id: str) -> list[AuditRecord]:
+        return [r for r in self.records if r.correlation_id == correlation_id]
+
+    def by_event(self, event_id: str) -> list[AuditRecord]:
+        return [r for r in self.records if r.event_id == event_id]
+
+    def by_tenant(
+        self, tenant_id: str, *, limit: int = 100, since: float | None = None
+    ) -> list[AuditRecord]:
+        return [r for r in self.records if r.tenant_id == tenant_id][:limit]
+
+    def trim(self, older_than: float) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_audit_is_off_until_installed_and_off_after_uninstall():
+    """No hooks before install_audit; after uninstall_audit the slot is empty again."""
+    assert not audit_installed()
+    assert _tracing.installed("audit") is None
+    store = ListStore()
+    install_audit(store)
+    assert audit_installed()
+    uninstall_audit()
+    assert not audit_installed()
+    bus = EventBus()
+    bus.add_handler(lambda event: None, OrderPlaced, name="h")
+    bus.publish(OrderPlaced())
+    flush_audit()
+    assert store.records == []
+
+
+def test_handlers_never_wait_for_the_store_and_uninstall_flushes_the_queue():
+    """With the store's write stuck, publish and handlers finish; uninstall writes everything."""
+    store = ListStore()
+    store.gate.clear()
+    bus = EventBus()
+    bus.add_handler(lambda event: None, OrderPlaced, name="h")
+    install_audit(store, batch=1, flush_interval=0.01)
+    try:
+        started = time.perf_counter()
+        for _ in range(50):
+            bus.publish(OrderPlaced())
+        assert time.perf_counter() - started < 5
+    finally:
+        store.gate.set()
+        uninstall_audit()
+    assert len(store.records) == 100
+    assert {r.kind for r in store.records} == {"published", "handled"}
+
+
+def test_a_full_queue_drops_the_oldest_and_warns_once_per_interval(caplog):
+    """Past max_queued the oldest records go, counted in one WARNING; the newest are kept."""
+    store = ListStore()
+    store.gate.clear()
+    bus = EventBus()
+    install_audit(store, batch=10_000, max_queued=10, flush_interval=60, warn_every=3600)
+    try:
+        events = [OrderPlaced() for _ in range(25)]
+        for event in events:
+            bus.publish(event)
+    finally:
+        store.gate.set()
+        with caplog.at_level(logging.WARNING, logger="tidings.audit"):
+            uninstall_audit()
+    assert [r.event_id for r in store.records] == [e.event_id for e in events[-10:]]
+    (warning,) = [r for r in caplog.records if r.name == "tidings.audit"]
+    assert "15 record(s) dropped" in warning.getMessage()
+
+
+def test_a_failing_store_is_reported_not_raised(caplog):
+    """A store that raises loses its batch with a WARNING; the publisher never sees the error."""
+    store = ListStore()
+    store.fail = True
+    bus = EventBus()
+    bus.add_handler(lambda event: None, OrderPlaced, name="h")
+    install_audit(store)
+    try:
+        bus.publish(OrderPlaced())
+    finally:
+        with caplog.at_level(logging.WARNING, logger="tidings.audit"):
+            uninstall_audit()
+    messages = [r.getMessage() for r in caplog.records if r.name == "tidings.audit"]
+    assert any("2 because the store refused them" in m and "ConnectionError" in m for m in messages)
+
+
+def test_install_audit_refuses_nonsense_bounds():
+    """A batch, queue or interval that is not positive is a ValueError."""
+    for bounds in ({"batch": 0}, {"max_queued": 0}, {"flush_interval": 0}, {"warn_every": -1}):
+        with pytest.raises(ValueError, match="must be positive"):
+            install_audit(ListStore(), **bounds)  # type: ignore[arg-type]
+    assert not audit_installed()
+
+
+def test_an_unknown_kind_is_refused():
+    """An AuditRecord whose kind is not one of KINDS is a ValueError."""
+    with pytest.raises(ValueError, match="kind"):
+        AuditRecord("exploded", "e-1")
+
+
+def test_open_audit_store_picks_the_store_by_scheme(tmp_path):
+    """redis:// gives the Redis store (prefix and max_age from the URL), a SQL URL the SQL one."""
+    redis_store = open_audit_store("redis://127.0.0.1:6379/0?max_age=60", name="app:audit")
+    assert isinstance(redis_store, RedisAuditStore)
+    assert (redis_store.prefix, redis_store.max_age) == ("app:audit", 60.0)
+    redis_store.close()
+    sql_store = open_audit_store(f"sqlite:///{tmp_path / 'a.db'}", name="my_audit")
+    assert isinstance(sql_store, SqlAuditStore)
+    assert sql_store.table.name == "my_audit"
+    sql_store.close()
+    with pytest.raises(ValueError, match="not an audit store URL"):
+        open_audit_store("nowhere")
