@@ -22,8 +22,10 @@ from tidings import DomainEvent, EventBus, event_context, register_event
 from tidings.audit import AuditStore, flush_audit, install_audit, uninstall_audit
 from tidings.audit.redis import RedisAuditStore
 from tidings.audit.sql import SqlAuditStore
+from tidings.memory import MemoryDeadLetterStore, MemoryInbox
 from tidings.retry import RetryPolicy
 from tidings.testing.workers import wait_until
+from tidings.transports.memory import MemoryBroker, MemoryTransport
 
 STORES = ("sqlite", "postgresql", "mariadb", "redis")
 RETRY = RetryPolicy(max_attempts=2, initial_delay=0.01, jitter=0)
@@ -52,11 +54,18 @@ class CardDeclined(Exception):
     pass
 
 
+def store_url(kind: str, tmp_path: Path) -> str:
+    """The URL of the test's audit store of ``kind`` (skipped when its server is absent)."""
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path / 'audit.db'}"
+    return require_server(kind)
+
+
 @contextmanager
 def audit_store(kind: str, name: str, tmp_path: Path) -> Iterator[AuditStore]:
     """An empty audit store of ``kind`` (one of :data:`STORES`) of the test's own, removed after."""
+    url = store_url(kind, tmp_path)
     if kind == "redis":
-        url = require_server("redis")
         store = RedisAuditStore.from_url(url, prefix=name)
         try:
             yield store
@@ -68,7 +77,6 @@ def audit_store(kind: str, name: str, tmp_path: Path) -> Iterator[AuditStore]:
                 client.delete(*keys)
             client.close()
         return
-    url = f"sqlite:///{tmp_path / 'audit.db'}" if kind == "sqlite" else require_server(kind)
     engine = sa.create_engine(url)
     sql_store = SqlAuditStore(engine, table_name=name)
     sql_store.create_tables()
@@ -145,3 +153,25 @@ def settled(store: AuditStore, correlation_id: str, count: int) -> list[object]:
 
 EXPECTED = 7
 """Records the shop's run leaves: 2 published, 2 retried, 2 handled, 1 dead-lettered."""
+
+
+def run_shop(store: AuditStore, name: str) -> tuple[OrderPlaced, list[object]]:
+    """Run the shop on a memory transport with the audit on ``store``; the order, its records."""
+    letters = MemoryDeadLetterStore()
+    transport = MemoryTransport(
+        dead_letters=letters, inbox=MemoryInbox(), retry=RETRY, queue=name, broker=MemoryBroker()
+    )
+    made = shop(EventBus(transport=transport))
+    with auditing(store):
+        transport.start()
+        try:
+            order = made.place(f"{name}-request")
+            wait_until(
+                lambda: letters.count() == 1 and made.recorded and transport.idle(),
+                timeout=DEADLINE,
+                what="the run to settle",
+            )
+        finally:
+            transport.close()
+        records = settled(store, order.correlation_id, EXPECTED)
+    return order, records

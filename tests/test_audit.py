@@ -6,6 +6,8 @@ from collections.abc import Iterator, Sequence
 
 import pytest
 import redis
+import sqlalchemy as sa
+from sqlalchemy import orm
 from tests.audit_run import (
     DEADLINE,
     EXPECTED,
@@ -15,11 +17,12 @@ from tests.audit_run import (
     PaymentTaken,
     audit_store,
     auditing,
+    run_shop,
     settled,
     shop,
 )
 
-from tidings import EventBus, _tracing
+from tidings import EventBus, _tracing, event_context
 from tidings.audit import (
     AuditRecord,
     AuditStore,
@@ -31,9 +34,12 @@ from tidings.audit import (
 )
 from tidings.audit.redis import RedisAuditStore
 from tidings.audit.sql import SqlAuditStore
+from tidings.codec import default_codec
 from tidings.deadletter.redis import RedisDeadLetterStore
+from tidings.delivery import Received
 from tidings.inbox.redis import RedisInbox
-from tidings.memory import MemoryDeadLetterStore, MemoryInbox
+from tidings.memory import MemoryDeadLetterStore
+from tidings.outbox import Outbox, Relay
 from tidings.testing.workers import wait_until
 from tidings.transports.memory import MemoryBroker, MemoryTransport
 from tidings.transports.redis_streams import RedisStreamsTransport
@@ -98,27 +104,7 @@ def check_shop_records(records: Sequence[AuditRecord], order: OrderPlaced) -> No
 @pytest.mark.integration
 def test_a_memory_transport_run_comes_back_by_correlation_from_every_store(store, unique_name):
     """Every publish, retry, run and dead letter of a real run is found by its correlation id."""
-    letters = MemoryDeadLetterStore()
-    transport = MemoryTransport(
-        dead_letters=letters,
-        inbox=MemoryInbox(),
-        retry=RETRY,
-        queue=unique_name,
-        broker=MemoryBroker(),
-    )
-    made = shop(EventBus(transport=transport))
-    with auditing(store):
-        transport.start()
-        try:
-            order = made.place(f"{unique_name}-request")
-            wait_until(
-                lambda: letters.count() == 1 and made.recorded and transport.idle(),
-                timeout=DEADLINE,
-                what="the run to settle",
-            )
-        finally:
-            transport.close()
-        records = settled(store, order.correlation_id, EXPECTED)
+    order, records = run_shop(store, unique_name)
     check_shop_records(records, order)
     assert outline(store.by_event(order.event_id)) == [
         entry for entry in SHOP_OUTLINE if entry[1] == OrderPlaced.event_type
@@ -350,3 +336,67 @@ def test_open_audit_store_picks_the_store_by_scheme(tmp_path):
     sql_store.close()
     with pytest.raises(ValueError, match="not an audit store URL"):
         open_audit_store("nowhere")
+
+
+def test_outbox_add_and_the_relay_are_recorded_once_each(tmp_path):
+    """Outbox.add is one published record, the relay one relayed record and not a second publish."""
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'outbox.db'}")
+    outbox = Outbox()
+    outbox.create_tables(engine)
+    bus = EventBus()
+    bus.add_handler(lambda event: None, OrderPlaced, name="billing.inline")
+    store = ListStore()
+    install_audit(store)
+    try:
+        with event_context(correlation_id="req-outbox"), orm.Session(engine) as session:
+            order = OrderPlaced(order_id="o-2")
+            outbox.add(session, order)
+            session.commit()
+        assert Relay(engine, outbox, bus, listen=False).run_once() == 1
+    finally:
+        uninstall_audit()
+        engine.dispose()
+    assert [(r.kind, r.handler, r.detail) for r in store.by_correlation("req-outbox")] == [
+        ("published", None, "into the outbox tidings_outbox"),
+        ("handled", "billing.inline", ""),
+        ("relayed", None, "from the outbox tidings_outbox"),
+    ]
+    assert {r.event_id for r in store.records} == {order.event_id}
+
+
+def test_a_rejected_delivery_is_recorded_with_the_events_ids(unique_name):
+    """Misaimed and undecodable deliveries are rejected records with whatever ids they carry."""
+    letters = MemoryDeadLetterStore()
+    broker = MemoryBroker()
+    transport = MemoryTransport(dead_letters=letters, queue=unique_name, broker=broker)
+    EventBus(transport=transport)
+    store = ListStore()
+    install_audit(store)
+    transport.start()
+    try:
+        with event_context(correlation_id="req-rejected", tenant_id="acme"):
+            order = OrderPlaced()
+        body = default_codec.encode(order)
+        broker.put(unique_name, Received(body, destination=unique_name, handler="nobody.here"))
+        forged = b'{"id":"x-1","type":"nope.unknown","correlationid":"req-rejected","data":[]}'
+        broker.put(unique_name, Received(forged, destination=unique_name))
+        broker.put(unique_name, Received(b"\xff not json", destination=unique_name))
+        wait_until(lambda: letters.count() == 3 and transport.idle(), what="the dead letters")
+    finally:
+        transport.close()
+        uninstall_audit()
+    (rejected,) = store.by_event(order.event_id)
+    (letter,) = [letter for letter in letters.list() if letter.handler == "nobody.here"]
+    assert (rejected.kind, rejected.handler, rejected.outcome) == (
+        "rejected",
+        "nobody.here",
+        "rejected",
+    )
+    assert (rejected.correlation_id, rejected.tenant_id) == ("req-rejected", "acme")
+    assert rejected.detail.startswith(f"dead letter {letter.id}: LookupError: no handler named")
+    (undecodable,) = store.by_event("x-1")
+    assert (undecodable.kind, undecodable.correlation_id) == ("rejected", "req-rejected")
+    assert undecodable.handler is None
+    (garbage,) = [r for r in store.records if r.event_id is None]
+    assert garbage.kind == "rejected"
+    assert garbage.correlation_id is None

@@ -28,7 +28,9 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import msgspec
 
 from tidings import _tracing
 from tidings._untrusted import plain_id
@@ -49,6 +51,19 @@ _DETAIL_LIMIT = 1000
 # Set while a relayed batch is sent: its publish is the relay, recorded as "relayed".
 _relaying: ContextVar[bool] = ContextVar("tidings_audit_relaying", default=False)
 _hooked_process = threading.Lock()
+
+
+class _Ids(msgspec.Struct):
+    """The envelope attributes a rejected message's record needs; the rest is skipped."""
+
+    id: Any = None
+    type: Any = None
+    correlationid: Any = None
+    causationid: Any = None
+    tenantid: Any = None
+
+
+_read_ids = msgspec.json.Decoder(_Ids).decode
 _process_hooks_done = False
 
 
@@ -369,7 +384,8 @@ class _AuditHooks:
     def publish(
         self, events: Sequence[DomainEvent], system: str, destination: str | None
     ) -> AbstractContextManager[object]:
-        return self._timed("published", events, system if destination is None else destination)
+        where = f"via {system}" if destination is None else f"into the outbox {destination}"
+        return self._timed("published", events, where)
 
     def relay(
         self,
@@ -377,7 +393,7 @@ class _AuditHooks:
         traceparents: Sequence[str | None],
         destination: str,
     ) -> AbstractContextManager[object]:
-        return self._timed("relayed", events, f"from {destination}")
+        return self._timed("relayed", events, f"from the outbox {destination}")
 
     @contextmanager
     def _timed(self, kind: str, events: Sequence[DomainEvent], detail: str) -> Iterator[object]:
@@ -423,14 +439,19 @@ class _AuditHooks:
 
     def rejected(self, letter: DeadLetter, *, system: str) -> None:
         headers = letter.headers
+        try:
+            # Bounded already: the worker cut the letter's body to the codec's size limit.
+            found = _read_ids(letter.body)
+        except (msgspec.DecodeError, UnicodeDecodeError):
+            found = _Ids()  # not an envelope: the headers may still say whose it was
         self.writer.put(
             AuditRecord(
                 "rejected",
-                _id(letter.event_id or headers.get("tidings_event_id")),
-                _id(letter.event_type or headers.get("tidings_event_type")),
-                _id(headers.get("tidings_correlation_id")),
-                _id(headers.get("tidings_causation_id")),
-                _id(headers.get("tidings_tenant_id")),
+                _id(letter.event_id or found.id or headers.get("tidings_event_id")),
+                _id(letter.event_type or found.type or headers.get("tidings_event_type")),
+                _id(found.correlationid or headers.get("tidings_correlation_id")),
+                _id(found.causationid or headers.get("tidings_causation_id")),
+                _id(found.tenantid or headers.get("tidings_tenant_id")),
                 _id(letter.handler),
                 "rejected",
                 letter.attempts,
