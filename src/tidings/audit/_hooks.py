@@ -25,9 +25,9 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
-from contextvars import ContextVar
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
+from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -260,32 +260,54 @@ def _id(value: object) -> str | None:
     return plain_id(value, _ID_LIMIT)
 
 
-def _record(
+def _ids(event: object) -> tuple[str | None, str | None, str | None, str | None, str | None]:
+    """The event's id, type, correlation, causation and tenant ids (a non-str one as ``None``).
+
+    No further check: a received event's ids passed the codec's (printable ASCII, bounded), and
+    the stores bound and escape what they keep; the hot path of every handler run pays for
+    five attribute reads only.
+    """
+    try:
+        ids = (
+            event.event_id,  # type: ignore[attr-defined]
+            event.event_type,  # type: ignore[attr-defined]
+            event.correlation_id,  # type: ignore[attr-defined]
+            event.causation_id,  # type: ignore[attr-defined]
+            event.tenant_id,  # type: ignore[attr-defined]
+        )
+    except AttributeError:  # not an event: publish() refuses it, after this hook
+        return (None, None, None, None, None)
+    if all(value is None or value.__class__ is str for value in ids):
+        return ids
+    return tuple(value if value.__class__ is str else None for value in ids)  # type: ignore[return-value]
+
+
+def _record(  # noqa: PLR0917 - called on every handler run: positional is cheaper
     writer: _Writer,
     kind: str,
     event: object,
-    *,
-    outcome: str = "ok",
-    handler: str | None = None,
-    attempt: int = 0,
+    handler: str | None,
+    outcome: str,
+    attempt: int,
     at: float,
     duration: float | None,
-    detail: str = "",
+    detail: str,
 ) -> AuditRecord:
+    event_id, event_type, correlation_id, causation_id, tenant_id = _ids(event)
     return AuditRecord(
         kind,
-        _id(getattr(event, "event_id", None)),
-        _id(getattr(event, "event_type", None)),
-        _id(getattr(event, "correlation_id", None)),
-        _id(getattr(event, "causation_id", None)),
-        _id(getattr(event, "tenant_id", None)),
+        event_id,
+        event_type,
+        correlation_id,
+        causation_id,
+        tenant_id,
         handler,
         outcome,
         attempt,
         duration,
         writer.worker,
         at,
-        _text(detail),
+        _text(detail) if detail else "",
     )
 
 
@@ -317,17 +339,18 @@ class _AuditSpan:
             return
         self._reported = True
         duration = time.perf_counter() - self._start
-        self.writer.put(
+        writer = self.writer
+        writer.put(
             _record(
-                self.writer,
+                writer,
                 kind,
                 self.event,
-                outcome=outcome,
-                handler=self.handler,
-                attempt=self.attempt,
-                at=self._at,
-                duration=duration,
-                detail=detail,
+                self.handler,
+                outcome,
+                self.attempt,
+                self._at,
+                duration,
+                detail,
             )
         )
 
@@ -370,6 +393,41 @@ class _AuditSpan:
             self.done(fresh=True)
 
 
+class _Timed:
+    """A publish or a relay: one record per event, queued when the block ends."""
+
+    __slots__ = ("at", "detail", "events", "kind", "start", "token", "writer")
+
+    def __init__(
+        self, writer: _Writer, kind: str, events: Sequence[DomainEvent], detail: str
+    ) -> None:
+        self.writer = writer
+        self.kind = kind
+        self.events = events
+        self.detail = detail
+        self.token: Token[bool] | None = None
+
+    def __enter__(self) -> None:
+        if self.kind == "relayed":
+            self.token = _relaying.set(True)
+        self.at = time.time()
+        self.start = time.perf_counter()
+
+    def __exit__(self, kind: object, error: BaseException | None, tb: object) -> None:
+        duration = time.perf_counter() - self.start
+        if self.token is not None:
+            _relaying.reset(self.token)
+        outcome, detail = "ok", self.detail
+        if error is not None:
+            outcome, detail = "error", f"{detail}: {_reason(error)}"
+        writer, at = self.writer, self.at
+        for event in self.events:
+            writer.put(_record(writer, self.kind, event, None, outcome, 0, at, duration, detail))
+
+
+_NOTHING: AbstractContextManager[object] = nullcontext()
+
+
 class _AuditHooks:
     """:class:`tidings._tracing.TracingHooks` that queue audit records."""
 
@@ -395,35 +453,12 @@ class _AuditHooks:
     ) -> AbstractContextManager[object]:
         return self._timed("relayed", events, f"from the outbox {destination}")
 
-    @contextmanager
-    def _timed(self, kind: str, events: Sequence[DomainEvent], detail: str) -> Iterator[object]:
+    def _timed(
+        self, kind: str, events: Sequence[DomainEvent], detail: str
+    ) -> AbstractContextManager[object]:
         if _relaying.get():
-            yield None  # the relay's own send: recorded as "relayed"
-            return
-        token = _relaying.set(True) if kind == "relayed" else None
-        at, start, outcome = time.time(), time.perf_counter(), "ok"
-        try:
-            yield None
-        except BaseException as error:
-            outcome, detail = "error", f"{detail}: {_reason(error)}"
-            raise
-        finally:
-            if token is not None:
-                _relaying.reset(token)
-            duration = time.perf_counter() - start
-            writer = self.writer
-            for event in events:
-                writer.put(
-                    _record(
-                        writer,
-                        kind,
-                        event,
-                        outcome=outcome,
-                        at=at,
-                        duration=duration,
-                        detail=detail,
-                    )
-                )
+            return _NOTHING  # the relay's own send: recorded as "relayed"
+        return _Timed(self.writer, kind, events, detail)
 
     def handle(
         self,

@@ -16,7 +16,7 @@ copies of each record for the event and tenant lookups; one stream alone would n
 
 ``write`` runs one Lua script per batch: ``XADD`` each record, ``ZADD`` its id to its indexes,
 so a batch costs one round trip and is never half indexed. **Retention** is ``max_age`` (7 days
-by default): each write trims the stream to it (``XADD MINID ~``, in whole stream nodes) and
+by default): each write trims the stream to it (``XTRIM MINID ~``, in whole stream nodes) and
 the tenant indexes it touches, and sets every index it touches to expire after it (a
 correlation's tree expires together, ``max_age`` after its last record). :meth:`trim` removes
 records older than any age at once, stream entries and index entries both, judged (to the
@@ -50,33 +50,36 @@ _TRIM_BATCH = 1000
 
 # KEYS[1]: the stream. ARGV[1]: the prefix; ARGV[2]: the stream's MINID ('' for none);
 # ARGV[3]: index TTL in seconds (0 for none); ARGV[4]: the oldest score kept in a tenant index
-# ('-inf' for all); then five per record: its JSON, at, and its three index suffixes ('' none).
+# ('-inf' for all); then one per record: "at NUL correlation NUL event NUL tenant NUL json"
+# (an absent id empty; JSON holds no raw NUL). One argument a record: redis-py encodes each
+# argument in Python, the larger part of a write's cost in the writing process.
 _WRITE = """
 local prefix, minid, ttl, oldest = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local kinds = {':c:', ':e:', ':t:'}
 local touched = {}
-for i = 5, #ARGV, 5 do
-  local id
-  if minid ~= '' then
-    id = redis.call('XADD', KEYS[1], 'MINID', '~', minid, '*', 'r', ARGV[i])
-  else
-    id = redis.call('XADD', KEYS[1], '*', 'r', ARGV[i])
-  end
-  for j = 2, 4 do
-    local suffix = ARGV[i + j]
-    if suffix ~= '' then
-      local key = prefix .. suffix
-      redis.call('ZADD', key, ARGV[i + 1], id)
+for i = 5, #ARGV do
+  local at, c, e, t, record =
+    string.match(ARGV[i], '^([^%z]*)%z([^%z]*)%z([^%z]*)%z([^%z]*)%z(.*)$')
+  local id = redis.call('XADD', KEYS[1], '*', 'r', record)
+  local ids = {c, e, t}
+  for j = 1, 3 do
+    if ids[j] ~= '' then
+      local key = prefix .. kinds[j] .. ids[j]
+      redis.call('ZADD', key, at, id)
       touched[key] = j
     end
   end
 end
 for key, j in pairs(touched) do
-  if j == 4 and oldest ~= '-inf' then
+  if j == 3 and oldest ~= '-inf' then
     redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. oldest)
   end
   if ttl > 0 then
     redis.call('EXPIRE', key, ttl)
   end
+end
+if minid ~= '' then
+  redis.call('XTRIM', KEYS[1], 'MINID', '~', minid)
 end
 return 0
 """
@@ -100,8 +103,8 @@ end
 return found
 """
 
-_encode = msgspec.json.encode
-_decode = msgspec.json.decode
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder(AuditRecord).decode
 
 
 class RedisAuditStore:
@@ -184,7 +187,9 @@ class RedisAuditStore:
             ttl, oldest = max(1, int(self.max_age)), repr(now - self.max_age)
         args: list[Any] = [self._prefix, minid, ttl, oldest]
         for record in records:
-            args += (_json(record), repr(record.at), *_suffixes(record))
+            ids = (record.correlation_id, record.event_id, record.tenant_id)
+            head = "\0".join(("" if i is None or "\0" in i else i) for i in ids)
+            args.append(b"%b\0%b\0%b" % (repr(record.at).encode(), _key(head), _json(record)))
         self._write(keys=[self._log], args=args)
 
     def by_correlation(self, correlation_id: str) -> list[AuditRecord]:
@@ -213,7 +218,7 @@ class RedisAuditStore:
 
     def _lookup(self, suffix: str, *args: str | int) -> list[AuditRecord]:
         found = cast("list[bytes]", self._read(keys=[self._log, self._prefix + suffix], args=args))
-        return [AuditRecord.from_dict(_decode(raw)) for raw in found]
+        return [_decode(raw) for raw in found]
 
     def trim(self, older_than: float) -> int:
         """Remove every record the store received more than ``older_than`` s ago; how many.
@@ -238,7 +243,7 @@ class RedisAuditStore:
             with self._client.pipeline(transaction=True) as pipe:
                 for entry_id, fields in entries:
                     raw = cast("bytes | str", fields.get(b"r", fields.get("r")))
-                    record = AuditRecord.from_dict(_decode(raw))
+                    record = _decode(raw)
                     for suffix in _suffixes(record):
                         if suffix:
                             pipe.zrem(self._prefix + suffix, entry_id)
@@ -253,11 +258,20 @@ class RedisAuditStore:
 
 
 def _json(record: AuditRecord) -> bytes:
-    fields = record.to_dict()
-    for name, value in fields.items():
-        if isinstance(value, str) and not value.isascii():
-            fields[name] = storable(value)
-    return _encode(fields)
+    try:
+        return _encode(record)
+    except UnicodeEncodeError:  # a lone surrogate, in an error message say: escape it
+        fields = record.to_dict()
+        for name, value in fields.items():
+            if isinstance(value, str):
+                fields[name] = storable(value)
+        return _encode(fields)
+
+
+def _key(text: str) -> bytes:
+    # surrogatepass: an id written straight to the store (not through the hooks, which keep
+    # printable ASCII ones only) is indexed under the very bytes the lookups will send.
+    return text.encode("utf-8", "surrogatepass")
 
 
 def _suffixes(record: AuditRecord) -> tuple[str, str, str]:

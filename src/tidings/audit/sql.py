@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from tidings.audit._record import AuditRecord, storable
+from tidings.audit._record import FIELDS, AuditRecord, storable
 
 try:
     import sqlalchemy as sa
@@ -30,7 +30,6 @@ __all__ = ["SqlAuditStore", "audit_table"]
 
 _ID = 255
 _TRIM_BATCH = 5000
-_FIELDS = AuditRecord.__slots__
 
 
 def _id_column(name: str, *, nullable: bool = True) -> sa.Column[Any]:
@@ -45,7 +44,7 @@ def audit_table(metadata: sa.MetaData, name: str = "tidings_audit") -> sa.Table:
     """
     existing = metadata.tables.get(name)
     if existing is not None:
-        if tuple(existing.columns.keys()) != ("id", *_FIELDS):
+        if tuple(existing.columns.keys()) != ("id", *FIELDS):
             msg = f"table {name!r} on this MetaData is not an audit table: pick another name"
             raise ValueError(msg)
         return existing
@@ -216,4 +215,4 @@ def _row(record: AuditRecord) -> dict[str, Any]:
 
 
 def _record(row: Any) -> AuditRecord:
-    return AuditRecord(**{name: row[name] for name in _FIELDS})
+    return AuditRecord(**{name: row[name] for name in FIELDS})
