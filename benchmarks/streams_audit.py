@@ -9,6 +9,11 @@ handled, and that final flush is not timed (the writer threads work during the r
 same two cores). Both workers run for the whole measurement and the rounds alternate, as in
 :mod:`benchmarks.streams_e2e`; throughput counts from the first publish until the marker has
 been handled.
+
+Two rows by default: with no store (``NoStore``: what the hooks and the writer thread cost the
+two processes) and with the Redis store (that, plus encoding each batch and Redis's own work,
+on the Redis server the stream uses). ``rows(kinds=("postgresql",))`` measures the SQL store
+on the local PostgreSQL.
 """
 
 from __future__ import annotations
@@ -25,11 +30,21 @@ from benchmarks.streams_e2e import CHUNK, ROOT, _cleanup, _pop, _worker
 from tidings.audit import install_audit, uninstall_audit
 from tidings.testing.workers import running
 
+_STORES = {
+    "none": "hooks and writer thread, no store",
+    "redis": "Redis store",
+    "postgresql": "PostgreSQL store",
+}
 TARGET = 0.9
 """The audited rate must be at least this share of the plain one (at most 10% slower)."""
 
 
-def rows(*, quick: bool = False, kind: str = "redis") -> list[Row]:
+def rows(*, quick: bool = False, kinds: tuple[str, ...] = ("none", "redis")) -> list[Row]:
+    """The audit-on vs audit-off Streams rows, one for each store kind of ``kinds``."""
+    return [row for kind in kinds for row in _rows(quick=quick, kind=kind)]
+
+
+def _rows(*, quick: bool, kind: str) -> list[Row]:
     """Measure and return the audit-on vs audit-off Streams row, recording into ``kind``."""
     plain_name = f"bench_audit_off_{uuid.uuid4().hex[:8]}"
     audited_name = f"bench_audit_on_{uuid.uuid4().hex[:8]}"
@@ -78,6 +93,6 @@ def rows(*, quick: bool = False, kind: str = "redis") -> list[Row]:
         client.close()
     on, off = statistics.median(results["on"]), statistics.median(results["off"])
     return [
-        Row(f"streams e2e with the audit trail on ({kind} store) vs off, same run",
+        Row(f"streams e2e: audit trail on ({_STORES[kind]}) vs off, same run",
             round(on), round(off), "events/s", round(on / off, 2), TARGET, on / off >= TARGET),
     ]  # fmt: skip

@@ -400,3 +400,25 @@ def test_a_rejected_delivery_is_recorded_with_the_events_ids(unique_name):
     (garbage,) = [r for r in store.records if r.event_id is None]
     assert garbage.kind == "rejected"
     assert garbage.correlation_id is None
+
+
+@pytest.mark.integration
+def test_redis_lookups_span_buckets_and_indexes_expire_after_max_age(redis_url, unique_name):
+    """Records of one request in two buckets are found together; every index key expires."""
+    client = redis.Redis.from_url(redis_url)
+    store = RedisAuditStore(client, prefix=unique_name, max_age=2)
+    try:
+        store.write([record(event_id="first")])
+        bucket = int(time.time() // 2)
+        wait_until(lambda: int(time.time() // 2) > bucket, timeout=5, what="the next bucket")
+        store.write([record(event_id="second")])
+        assert [r.event_id for r in store.by_correlation("c-1")] == ["first", "second"]
+        assert [r.event_id for r in store.by_tenant("acme", limit=1)] == ["second"]
+        assert [r.event_id for r in store.by_tenant("acme")] == ["second", "first"]
+        indexes = [k for k in client.scan_iter(f"{unique_name}:*") if not k.endswith(b":log")]
+        assert len(indexes) == 6
+        assert all(0 < client.ttl(key) <= 2 + 2 + 1 for key in indexes)
+    finally:
+        for key in client.scan_iter(f"{unique_name}:*"):
+            client.delete(key)
+        client.close()

@@ -2,26 +2,28 @@
 
 Keys, for the default prefix ``tidings:audit``:
 
-- ``tidings:audit:log``: a stream with one entry per record (field ``r``: the record as
-  JSON), in the order the store received them. It is the only copy of each record.
-- ``tidings:audit:c:<correlation id>``, ``tidings:audit:e:<event id>`` and
-  ``tidings:audit:t:<tenant id>``: sorted sets of stream entry ids, scored by the record's
-  ``at``.
+- ``tidings:audit:log``: a stream with one entry per record (field ``r``: the record as JSON;
+  ``b``: its index bucket), in the order the store received them: the only copy of a record.
+- ``tidings:audit:c:<bucket>``, ``tidings:audit:e:<bucket>`` and ``tidings:audit:t:<bucket>``:
+  the correlation, event and tenant indexes of the records received in one time bucket (a
+  day, or ``max_age`` if shorter), each a sorted set of members ``<id> NUL <at> NUL <entry
+  id>`` all scored 0, so that they sort by id, then by time (``at`` is written fixed-width).
 
-Why this layout: each lookup is one sorted-set range plus one ``XRANGE id id`` per record found
-(O(log n) each), run server-side in one script, so it reads the records it returns and nothing
-else, however long the trail; the record is stored once (an index entry is a 15-byte id), and
-the stream lets a reader follow the whole trail in order. A list per correlation would need
-copies of each record for the event and tenant lookups; one stream alone would need a scan.
+Why this layout: a lookup is one lexical range (``ZRANGEBYLEX``) per bucket of the retention
+(8 for the default 7 days) and one ``XRANGE id id`` per record found, run server-side in one
+script: it reads the records it returns and nothing else, however long the trail. A write adds
+to three sorted sets that already exist, so a record creates no key and sets no expiry of its
+own: Redis's cost per record is an ``XADD`` and up to three ``ZADD``, about half of what a
+sorted set per correlation id (made, and given an expiry, for every request) costs. The record
+is stored once; an index entry is its ids and a 15-byte pointer.
 
-``write`` runs one Lua script per batch: ``XADD`` each record, ``ZADD`` its id to its indexes,
-so a batch costs one round trip and is never half indexed. **Retention** is ``max_age`` (7 days
-by default): each write trims the stream to it (``XTRIM MINID ~``, in whole stream nodes) and
-the tenant indexes it touches, and sets every index it touches to expire after it (a
-correlation's tree expires together, ``max_age`` after its last record). :meth:`trim` removes
-records older than any age at once, stream entries and index entries both, judged (to the
-millisecond) by when the store received them. An index entry whose record was trimmed is
-skipped by the lookups.
+``write`` runs one Lua script per batch, so a batch costs one round trip and is never half
+indexed. **Retention** is ``max_age`` (7 days by default): each write trims the stream to it
+(``XTRIM MINID ~``, in whole stream nodes), and a bucket's indexes expire ``max_age`` after
+the bucket ends, so an index entry outlives its record by at most one bucket (the lookups
+skip it). :meth:`RedisAuditStore.trim` removes the records received more than any age ago, and
+their index entries, at once. With ``max_age=None`` one bucket holds every record, until
+:meth:`~RedisAuditStore.trim`.
 
 On Redis Cluster, put the prefix in a hash tag (``prefix="{tidings:audit}"``): the scripts
 reach keys they derive from the prefix, which must share one slot.
@@ -48,34 +50,32 @@ MAX_AGE: Final = 7 * 24 * 3600.0
 
 _TRIM_BATCH = 1000
 
-# KEYS[1]: the stream. ARGV[1]: the prefix; ARGV[2]: the stream's MINID ('' for none);
-# ARGV[3]: index TTL in seconds (0 for none); ARGV[4]: the oldest score kept in a tenant index
-# ('-inf' for all); then one per record: "at NUL correlation NUL event NUL tenant NUL json"
-# (an absent id empty; JSON holds no raw NUL). One argument a record: redis-py encodes each
-# argument in Python, the larger part of a write's cost in the writing process.
+# KEYS[1]: the stream. ARGV[1]: the prefix; ARGV[2]: the bucket; ARGV[3]: when its indexes
+# expire (Unix seconds, 0 for never); ARGV[4]: the stream's MINID ('' for none); then one per
+# record: "at NUL correlation NUL event NUL tenant NUL json" (an id not indexed is empty; JSON
+# holds no raw NUL). One argument a record: redis-py encodes each argument in Python, the
+# larger part of a write's cost in the writing process.
 _WRITE = """
-local prefix, minid, ttl, oldest = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
-local kinds = {':c:', ':e:', ':t:'}
-local touched = {}
+local prefix, bucket, expire_at, minid = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local keys = {prefix .. ':c:' .. bucket, prefix .. ':e:' .. bucket, prefix .. ':t:' .. bucket}
+local used = {false, false, false}
 for i = 5, #ARGV do
   local at, c, e, t, record =
     string.match(ARGV[i], '^([^%z]*)%z([^%z]*)%z([^%z]*)%z([^%z]*)%z(.*)$')
-  local id = redis.call('XADD', KEYS[1], '*', 'r', record)
+  local id = redis.call('XADD', KEYS[1], '*', 'r', record, 'b', bucket)
   local ids = {c, e, t}
   for j = 1, 3 do
     if ids[j] ~= '' then
-      local key = prefix .. kinds[j] .. ids[j]
-      redis.call('ZADD', key, at, id)
-      touched[key] = j
+      redis.call('ZADD', keys[j], 0, ids[j] .. '\\0' .. at .. '\\0' .. id)
+      used[j] = true
     end
   end
 end
-for key, j in pairs(touched) do
-  if j == 3 and oldest ~= '-inf' then
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. oldest)
-  end
-  if ttl > 0 then
-    redis.call('EXPIRE', key, ttl)
+if expire_at > 0 then
+  for j = 1, 3 do
+    if used[j] then
+      redis.call('EXPIREAT', keys[j], expire_at)
+    end
   end
 end
 if minid ~= '' then
@@ -84,25 +84,44 @@ end
 return 0
 """
 
-# KEYS[1]: the stream; KEYS[2]: an index. ARGV[1]: 'all' (oldest first) or 'newest' with
-# ARGV[2] the lowest score and ARGV[3] the limit. Returns the records' JSON.
+# KEYS[1]: the stream. ARGV[1]: an index's key prefix (prefix:c:); ARGV[2]: the id; ARGV[3],
+# ARGV[4]: the first and last bucket; ARGV[5]: 'all' (oldest first), or 'newest' with ARGV[6]
+# the earliest fixed-width at ('' for any) and ARGV[7] the limit. Returns the records' JSON.
 _READ = """
-local ids
-if ARGV[1] == 'all' then
-  ids = redis.call('ZRANGE', KEYS[2], 0, -1)
-else
-  ids = redis.call('ZREVRANGEBYSCORE', KEYS[2], '+inf', ARGV[2], 'LIMIT', 0, ARGV[3])
-end
+local index, id, first, last = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local skip = #id + 20
 local found = {}
-for _, id in ipairs(ids) do
-  local entry = redis.call('XRANGE', KEYS[1], id, id)[1]
-  if entry then
-    found[#found + 1] = entry[2][2]
+local function take(members)
+  for _, member in ipairs(members) do
+    local entry_id = string.sub(member, skip)
+    local entry = redis.call('XRANGE', KEYS[1], entry_id, entry_id)[1]
+    if entry then
+      found[#found + 1] = entry[2][2]
+    end
+  end
+end
+if ARGV[5] == 'all' then
+  for b = first, last do
+    take(redis.call('ZRANGEBYLEX', index .. b, '[' .. id .. '\\0', '(' .. id .. '\\1'))
+  end
+else
+  local remaining = tonumber(ARGV[7])
+  local low = '[' .. id .. '\\0' .. ARGV[6]
+  for b = last, first, -1 do
+    if remaining <= 0 then
+      break
+    end
+    local members = redis.call(
+      'ZREVRANGEBYLEX', index .. b, '(' .. id .. '\\1', low, 'LIMIT', 0, remaining)
+    remaining = remaining - #members
+    take(members)
   end
 end
 return found
 """
 
+_DAY = 86400
+_AT_LIMIT = 9_999_999_999.0
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(AuditRecord).decode
 
@@ -133,6 +152,7 @@ class RedisAuditStore:
         self._prefix = prefix
         self._log = f"{prefix}:log"
         self.max_age = max_age
+        self._bucket = None if max_age is None else max(1, int(min(_DAY, max_age)))
         self._write = client.register_script(_WRITE)
         self._read = client.register_script(_READ)
         self._owns_client = False
@@ -175,30 +195,37 @@ class RedisAuditStore:
         """The key prefix every key of this store starts with."""
         return self._prefix
 
+    def _buckets(self, now: float) -> tuple[int, int]:
+        """The first and last bucket a live record can be in (a bucket more each side)."""
+        if self._bucket is None or self.max_age is None:
+            return 0, 0
+        return int((now - self.max_age) // self._bucket) - 1, int(now // self._bucket) + 1
+
     def write(self, records: Sequence[AuditRecord]) -> None:
         """Store ``records`` and index them, in one script (one round trip)."""
         if not records:
             return
         now = time.time()
-        if self.max_age is None:
-            minid, ttl, oldest = "", 0, "-inf"
+        if self._bucket is None or self.max_age is None:
+            bucket, expire_at, minid = 0, 0, ""
         else:
+            bucket = int(now // self._bucket)
+            expire_at = int((bucket + 1) * self._bucket + self.max_age) + 1
             minid = str(int((now - self.max_age) * 1000))
-            ttl, oldest = max(1, int(self.max_age)), repr(now - self.max_age)
-        args: list[Any] = [self._prefix, minid, ttl, oldest]
+        args: list[Any] = [self._prefix, bucket, expire_at, minid]
         for record in records:
             ids = (record.correlation_id, record.event_id, record.tenant_id)
             head = "\0".join(("" if i is None or "\0" in i else i) for i in ids)
-            args.append(b"%b\0%b\0%b" % (repr(record.at).encode(), _key(head), _json(record)))
+            args.append(b"%b\0%b\0%b" % (_at(record.at), _key(head), _json(record)))
         self._write(keys=[self._log], args=args)
 
     def by_correlation(self, correlation_id: str) -> list[AuditRecord]:
         """Every record of this correlation id, oldest first."""
-        return self._lookup(f":c:{correlation_id}", "all")
+        return self._all("c", correlation_id)
 
     def by_event(self, event_id: str) -> list[AuditRecord]:
         """Every record of this event, oldest first."""
-        return self._lookup(f":e:{event_id}", "all")
+        return self._all("e", event_id)
 
     def by_tenant(
         self, tenant_id: str, *, limit: int = 100, since: float | None = None
@@ -213,17 +240,29 @@ class RedisAuditStore:
             raise ValueError(msg)
         if limit == 0:
             return []
-        lowest = "-inf" if since is None else repr(since)
-        return self._lookup(f":t:{tenant_id}", "newest", lowest, limit)
+        earliest = b"" if since is None else _at(since)
+        found = self._lookup("t", tenant_id, "newest", earliest, limit)
+        found.sort(key=lambda record: record.at, reverse=True)
+        return found[:limit]
 
-    def _lookup(self, suffix: str, *args: str | int) -> list[AuditRecord]:
-        found = cast("list[bytes]", self._read(keys=[self._log, self._prefix + suffix], args=args))
+    def _all(self, index: str, value: str) -> list[AuditRecord]:
+        found = self._lookup(index, value, "all", b"", 0)
+        found.sort(key=lambda record: record.at)
+        return found
+
+    def _lookup(
+        self, index: str, value: str, mode: str, earliest: bytes, limit: int
+    ) -> list[AuditRecord]:
+        first, last = self._buckets(time.time())
+        args = (f"{self._prefix}:{index}:", _key(value), first, last, mode, earliest, limit)
+        found = cast("list[bytes]", self._read(keys=[self._log], args=args))
         return [_decode(raw) for raw in found]
 
     def trim(self, older_than: float) -> int:
         """Remove every record the store received more than ``older_than`` s ago; how many.
 
-        Works in batches of the oldest stream entries, each removed with its index entries.
+        Works in batches of the oldest stream entries, each removed with its index entries in
+        one transaction.
 
         Raises:
             ValueError: ``older_than`` is negative.
@@ -242,14 +281,25 @@ class RedisAuditStore:
                 break
             with self._client.pipeline(transaction=True) as pipe:
                 for entry_id, fields in entries:
-                    raw = cast("bytes | str", fields.get(b"r", fields.get("r")))
-                    record = _decode(raw)
-                    for suffix in _suffixes(record):
-                        if suffix:
-                            pipe.zrem(self._prefix + suffix, entry_id)
+                    self._unindex(pipe, entry_id, fields)
                 pipe.xdel(self._log, *(entry_id for entry_id, _ in entries))
                 removed += int(pipe.execute()[-1])
         return removed
+
+    def _unindex(self, pipe: Any, entry_id: bytes | str, fields: dict[Any, Any]) -> None:
+        """Queue the removal of one stream entry's index members."""
+        record = _decode(cast("bytes | str", fields.get(b"r", fields.get("r"))))
+        bucket = fields.get(b"b", fields.get("b"))
+        pointer = entry_id if isinstance(entry_id, bytes) else entry_id.encode()
+        bucket_text = bucket.decode() if isinstance(bucket, bytes) else str(bucket)
+        for index, value in (
+            ("c", record.correlation_id),
+            ("e", record.event_id),
+            ("t", record.tenant_id),
+        ):
+            if value is not None and "\0" not in value:
+                member = b"%b\0%b\0%b" % (_key(value), _at(record.at), pointer)
+                pipe.zrem(f"{self._prefix}:{index}:{bucket_text}", member)
 
     def close(self) -> None:
         """Close the client if :meth:`from_url` made it; a client passed in is left open."""
@@ -274,10 +324,6 @@ def _key(text: str) -> bytes:
     return text.encode("utf-8", "surrogatepass")
 
 
-def _suffixes(record: AuditRecord) -> tuple[str, str, str]:
-    """The record's index keys after the prefix ('' where it has no such id)."""
-    return (
-        "" if record.correlation_id is None else f":c:{record.correlation_id}",
-        "" if record.event_id is None else f":e:{record.event_id}",
-        "" if record.tenant_id is None else f":t:{record.tenant_id}",
-    )
+def _at(at: float) -> bytes:
+    """``at`` written fixed-width, so that index members sort by time as text."""
+    return b"%017.6f" % min(max(at, 0.0), _AT_LIMIT)
