@@ -422,3 +422,34 @@ def test_redis_lookups_span_buckets_and_indexes_expire_after_max_age(redis_url, 
         for key in client.scan_iter(f"{unique_name}:*"):
             client.delete(key)
         client.close()
+
+
+@pytest.mark.integration
+def test_a_forked_child_writes_its_own_records_and_not_its_parents(store, unique_name):
+    """After fork the child's writer records the child's runs; the parent's queue stays its own."""
+    bus = EventBus()
+    bus.add_handler(lambda event: None, OrderPlaced, name="h")
+    install_audit(store, flush_interval=60)
+    try:
+        with event_context(correlation_id=f"{unique_name}-parent"):
+            bus.publish(OrderPlaced())  # queued, not yet written, when the child is forked
+        pid = os.fork()
+        if pid == 0:  # the child: publish, flush, leave without running the parent's atexit
+            code = 1
+            try:
+                with event_context(correlation_id=f"{unique_name}-child"):
+                    bus.publish(OrderPlaced())
+                uninstall_audit()
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        uninstall_audit()
+    child = store.by_correlation(f"{unique_name}-child")
+    assert [r.kind for r in child] == ["published", "handled"]
+    assert {r.worker.rsplit(":", 1)[1] for r in child} == {str(pid)}
+    parent = store.by_correlation(f"{unique_name}-parent")
+    assert [r.kind for r in parent] == ["published", "handled"]
+    assert {r.worker.rsplit(":", 1)[1] for r in parent} == {str(os.getpid())}

@@ -1,30 +1,17 @@
-"""The audit's tracing hooks and its writer thread: records queued on the path, written off it.
+"""The audit's tracing hooks: each publish, relay and handler run queues an audit record.
 
-A hook builds an :class:`~tidings.audit.AuditRecord` and appends it to a bounded deque (no
-I/O, no lock unless the queue is full); one daemon thread takes up to ``batch`` records at a
-time and hands them to the store's ``write``. The thread wakes every ``flush_interval``
-seconds, or as soon as a batch is waiting.
-
-**When the store falls behind.** The queue holds at most ``max_queued`` records; past that the
-oldest are dropped, counted, and a WARNING says how many, at most once per ``warn_every``
-seconds. A batch the store refuses is dropped the same way. Never blocking the handler, and
-keeping the newest (what an operator looks for first), is the trade: the audit trail is
-evidence, not the delivery guarantee, which stays with the outbox and the inbox.
-
-**Process life.** :func:`uninstall_audit` and the interpreter's exit write what is queued. In a
-forked child (a Celery prefork worker) the writer starts anew with an empty queue: the parent
-writes what it had queued.
+The records go to a :class:`~tidings.audit._writer.Writer`, whose thread writes them off the
+handler's path (see there for what happens when the store falls behind). :func:`uninstall_audit`
+and the interpreter's exit write what is queued. In a forked child (a Celery prefork worker)
+the writer starts anew with an empty queue: the parent writes what it had queued.
 """
 
 from __future__ import annotations
 
 import atexit
-import logging
 import os
-import socket
 import threading
 import time
-from collections import deque
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from contextvars import ContextVar, Token
@@ -35,14 +22,13 @@ import msgspec
 from tidings import _tracing
 from tidings._untrusted import plain_id
 from tidings.audit._record import AuditRecord, AuditStore, storable
+from tidings.audit._writer import Writer
 
 if TYPE_CHECKING:
     from tidings.events import DomainEvent
     from tidings.ports import DeadLetter
 
 __all__ = ["audit_installed", "flush_audit", "install_audit", "uninstall_audit"]
-
-log = logging.getLogger("tidings.audit")
 
 _NAME = "audit"
 """The name the audit is installed under (see :func:`tidings._tracing.install`)."""
@@ -93,7 +79,7 @@ def install_audit(
         )
         raise ValueError(msg)
     _hook_process()
-    writer = _Writer(store, batch, flush_interval, max_queued, warn_every)
+    writer = Writer(store, batch, flush_interval, max_queued, warn_every)
     previous = _tracing.installed(_NAME)
     _tracing.install(_NAME, _AuditHooks(writer))
     if isinstance(previous, _AuditHooks):
@@ -143,118 +129,6 @@ def _after_fork() -> None:
         installed.writer.restart_in_child()
 
 
-class _Writer:
-    """The bounded queue and the thread that empties it into the store."""
-
-    def __init__(
-        self,
-        store: AuditStore,
-        batch: int,
-        flush_interval: float,
-        max_queued: int,
-        warn_every: float,
-    ) -> None:
-        self.store = store
-        self.batch = batch
-        self.flush_interval = flush_interval
-        self.max_queued = max_queued
-        self.warn_every = warn_every
-        self.worker = f"{socket.gethostname()}:{os.getpid()}"
-        self.dropped = 0
-        self.failed = 0
-        self._error = "none"
-        self._reported = (0, 0)
-        self._warned_at = float("-inf")
-        self._queue: deque[AuditRecord] = deque()
-        self._full = threading.Lock()
-        self._writing = threading.Lock()
-        self._wake = threading.Event()
-        self._closed = False
-        self._thread = self._start()
-
-    def _start(self) -> threading.Thread:
-        thread = threading.Thread(target=self._run, name="tidings-audit-writer", daemon=True)
-        thread.start()
-        return thread
-
-    def put(self, record: AuditRecord) -> None:
-        """Queue ``record``; never blocks on the store."""
-        queued = self._queue
-        if len(queued) >= self.max_queued:
-            with self._full:
-                while len(queued) >= self.max_queued:
-                    try:
-                        queued.popleft()
-                    except IndexError:  # the writer emptied it meanwhile
-                        break
-                    self.dropped += 1
-        queued.append(record)
-        if len(queued) >= self.batch and not self._wake.is_set():
-            self._wake.set()
-
-    def _run(self) -> None:
-        while not self._closed:
-            self._wake.wait(self.flush_interval)
-            self._wake.clear()
-            self.flush()
-
-    def flush(self) -> None:
-        """Write every queued record, a batch at a time; warn of any dropped."""
-        queued = self._queue
-        with self._writing:
-            while queued:
-                records: list[AuditRecord] = []
-                try:
-                    while len(records) < self.batch:
-                        records.append(queued.popleft())
-                except IndexError:
-                    pass
-                self._write(records)
-        self._warn()
-
-    def _write(self, records: Sequence[AuditRecord]) -> None:
-        try:
-            self.store.write(records)
-        except Exception as exc:  # noqa: BLE001 - the audit must never stop the worker
-            self.failed += len(records)
-            self._error = f"{type(exc).__name__}"
-
-    def _warn(self) -> None:
-        counts = (self.dropped, self.failed)
-        if counts == self._reported:
-            return
-        now = time.monotonic()
-        if now - self._warned_at < self.warn_every:
-            return
-        dropped, failed = counts[0] - self._reported[0], counts[1] - self._reported[1]
-        self._reported, self._warned_at = counts, now
-        log.warning(
-            "audit trail: %d record(s) dropped because the queue was full (max_queued) and %d "
-            "because the store refused them (last error: %s); the store is too slow or down",
-            dropped,
-            failed,
-            self._error,
-        )
-
-    def close(self) -> None:
-        """Stop the thread once it has written everything queued; then write any left."""
-        self._closed = True
-        self._wake.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(timeout=30)
-        self.flush()
-
-    def restart_in_child(self) -> None:
-        """In a forked child: forget the parent's queue and locks, start a thread of its own."""
-        self._queue = deque()
-        self._full = threading.Lock()
-        self._writing = threading.Lock()
-        self._wake = threading.Event()
-        self.worker = f"{socket.gethostname()}:{os.getpid()}"
-        if not self._closed:
-            self._thread = self._start()
-
-
 def _id(value: object) -> str | None:
     """An id from an event or a message, if it is one fit to keep (else ``None``)."""
     return plain_id(value, _ID_LIMIT)
@@ -283,7 +157,7 @@ def _ids(event: object) -> tuple[str | None, str | None, str | None, str | None,
 
 
 def _record(  # noqa: PLR0917 - called on every handler run: positional is cheaper
-    writer: _Writer,
+    writer: Writer,
     kind: str,
     event: object,
     handler: str | None,
@@ -325,7 +199,7 @@ class _AuditSpan:
 
     __slots__ = ("_at", "_reported", "_start", "attempt", "event", "handler", "writer")
 
-    def __init__(self, writer: _Writer, handler: str, event: DomainEvent, attempt: int) -> None:
+    def __init__(self, writer: Writer, handler: str, event: DomainEvent, attempt: int) -> None:
         self.writer = writer
         self.handler = handler
         self.event = event
@@ -399,7 +273,7 @@ class _Timed:
     __slots__ = ("at", "detail", "events", "kind", "start", "token", "writer")
 
     def __init__(
-        self, writer: _Writer, kind: str, events: Sequence[DomainEvent], detail: str
+        self, writer: Writer, kind: str, events: Sequence[DomainEvent], detail: str
     ) -> None:
         self.writer = writer
         self.kind = kind
@@ -433,7 +307,7 @@ class _AuditHooks:
 
     __slots__ = ("writer",)
 
-    def __init__(self, writer: _Writer) -> None:
+    def __init__(self, writer: Writer) -> None:
         self.writer = writer
 
     def traceparent(self, event: DomainEvent) -> str | None:

@@ -13,7 +13,9 @@ autogenerate sees it); :meth:`SqlAuditStore.create_tables` creates it when missi
 
 from __future__ import annotations
 
+import os
 import time
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -101,6 +103,7 @@ class SqlAuditStore:
         self.metadata = metadata if metadata is not None else sa.MetaData()
         self.table = audit_table(self.metadata, table_name)
         self._owns_engine = False
+        _fresh_pool_in_children(engine)
 
     @classmethod
     def from_url(
@@ -200,6 +203,22 @@ class SqlAuditStore:
         """Dispose of the engine if :meth:`from_url` made it; one passed in is left alone."""
         if self._owns_engine:
             self._engine.dispose()
+
+
+def _fresh_pool_in_children(engine: sa.Engine) -> None:
+    """In a forked child (a Celery prefork worker), drop the parent's pooled connections.
+
+    The child's audit writer would otherwise talk on sockets the parent uses too; this is
+    SQLAlchemy's advice (``dispose(close=False)``), and leaves the parent's connections alone.
+    """
+    ref = weakref.ref(engine)
+
+    def after_fork() -> None:
+        found = ref()
+        if found is not None:
+            found.dispose(close=False)
+
+    os.register_at_fork(after_in_child=after_fork)
 
 
 def _row(record: AuditRecord) -> dict[str, Any]:
