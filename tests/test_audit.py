@@ -1,8 +1,11 @@
 import logging
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import pytest
 import redis
@@ -38,7 +41,7 @@ from tidings.codec import default_codec
 from tidings.deadletter.redis import RedisDeadLetterStore
 from tidings.delivery import Received
 from tidings.inbox.redis import RedisInbox
-from tidings.memory import MemoryDeadLetterStore
+from tidings.memory import MemoryDeadLetterStore, MemoryInbox
 from tidings.outbox import Outbox, Relay
 from tidings.testing.workers import wait_until
 from tidings.transports.memory import MemoryBroker, MemoryTransport
@@ -453,3 +456,96 @@ def test_a_forked_child_writes_its_own_records_and_not_its_parents(store, unique
     parent = store.by_correlation(f"{unique_name}-parent")
     assert [r.kind for r in parent] == ["published", "handled"]
     assert {r.worker.rsplit(":", 1)[1] for r in parent} == {str(os.getpid())}
+
+
+def test_a_redelivered_event_is_a_duplicate_record(unique_name):
+    """The same envelope delivered twice behind an inbox is one handled and one duplicate record."""
+    broker = MemoryBroker()
+    transport = MemoryTransport(
+        dead_letters=MemoryDeadLetterStore(), inbox=MemoryInbox(), queue=unique_name, broker=broker
+    )
+    bus = EventBus(transport=transport)
+    bus.add_handler(lambda event: None, OrderPlaced, name="billing.once")
+    store = ListStore()
+    install_audit(store)
+    transport.start()
+    try:
+        order = OrderPlaced()
+        body = default_codec.encode(order)
+        for _ in range(2):
+            broker.put(unique_name, Received(body, destination=unique_name))
+        wait_until(transport.idle, what="both deliveries")
+    finally:
+        transport.close()
+        uninstall_audit()
+    assert [(r.kind, r.outcome) for r in store.by_event(order.event_id)] == [
+        ("handled", "ok"),
+        ("duplicate", "duplicate"),
+    ]
+
+
+def test_the_audit_records_beside_opentelemetry_tracing():
+    """With tracing installed too, both see every publish and run (the hooks fan out)."""
+    from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415 - the otel extra
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: PLC0415
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: PLC0415
+        InMemorySpanExporter,
+    )
+
+    from tidings.integrations.otel import install_tracing, uninstall_tracing  # noqa: PLC0415
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    store = ListStore()
+    install_tracing(provider)
+    install_audit(store)
+    try:
+        bus = EventBus()
+        bus.add_handler(lambda event: None, OrderPlaced, name="h")
+        bus.publish(OrderPlaced())
+    finally:
+        uninstall_audit()
+        uninstall_tracing()
+        provider.shutdown()
+    assert sorted(r.kind for r in store.records) == ["handled", "published"]
+    assert sorted(span.name.split()[0] for span in exporter.get_finished_spans()) == [
+        "handle",
+        "publish",
+    ]
+
+
+def test_records_still_queued_are_written_when_the_process_exits(tmp_path):
+    """A process that exits without uninstall_audit still writes what its queue held."""
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    program = f"""
+from dataclasses import dataclass
+from typing import ClassVar
+
+from tidings import DomainEvent, EventBus, event_context, register_event
+from tidings.audit import install_audit
+from tidings.audit.sql import SqlAuditStore
+
+
+@register_event
+@dataclass(frozen=True)
+class OrderPlaced(DomainEvent):
+    event_type: ClassVar[str] = "audit_exit.order_placed"
+
+
+store = SqlAuditStore.from_url({url!r})
+store.create_tables()
+install_audit(store, flush_interval=3600)  # only the exit can write in time
+bus = EventBus()
+bus.add_handler(lambda event: None, OrderPlaced, name="h")
+with event_context(correlation_id="at-exit"):
+    bus.publish(OrderPlaced())
+"""
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root)])}
+    subprocess.run([sys.executable, "-c", program], check=True, cwd=root, env=env, timeout=60)  # noqa: S603
+    store = SqlAuditStore.from_url(url)
+    try:
+        assert [r.kind for r in store.by_correlation("at-exit")] == ["published", "handled"]
+    finally:
+        store.close()

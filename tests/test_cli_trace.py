@@ -176,3 +176,7 @@ def test_a_causation_cycle_and_a_deep_chain_keep_every_record_once():
     every = ids(found.roots, [])
     assert sorted(every) == sorted(r.event_id for r in [*cycle, *chain])
     assert found.count == len(cycle) + len(chain)
+    out = io.StringIO()
+    Console(file=out, width=4000).print(render(found))
+    assert out.getvalue().count(" ms  ") == 2 * found.count  # each event: its line, its record
+    assert len(json.dumps(found.to_dict())) > 0

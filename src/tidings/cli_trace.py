@@ -53,7 +53,7 @@ def _record_label(trace: Trace, record: AuditRecord) -> Text:
             _safe(record.handler), " ", (record.kind, style), f" (attempt {record.attempt})"
         )
         if record.kind == "handled" and record.outcome != "ok":
-            what.append(f": {record.outcome}", style=style)
+            what.append(": ", style=style).append_text(Text(_safe(record.outcome).plain, style))
     label = Text.assemble(_when(trace, record.at), what, _took(record))
     if record.detail:
         label.append("  ").append_text(_safe(record.detail))
