@@ -210,6 +210,10 @@ def test_trim_removes_only_the_records_older_than_asked(store):
         store.trim(-1)
 
 
+def at(record: AuditRecord) -> float:
+    return record.at
+
+
 class ListStore:
     """An audit store in a list, whose write can be held or made to fail."""
 
@@ -226,10 +230,10 @@ class ListStore:
         self.records.extend(records)
 
     def by_correlation(self, correlation_id: str) -> list[AuditRecord]:
-        return [r for r in self.records if r.correlation_id == correlation_id]
+        return sorted((r for r in self.records if r.correlation_id == correlation_id), key=at)
 
     def by_event(self, event_id: str) -> list[AuditRecord]:
-        return [r for r in self.records if r.event_id == event_id]
+        return sorted((r for r in self.records if r.event_id == event_id), key=at)
 
     def by_tenant(
         self, tenant_id: str, *, limit: int = 100, since: float | None = None
@@ -342,12 +346,16 @@ def test_open_audit_store_picks_the_store_by_scheme(tmp_path):
 
 
 def test_outbox_add_and_the_relay_are_recorded_once_each(tmp_path):
-    """Outbox.add is one published record, the relay one relayed record and not a second publish."""
+    """Outbox.add and the relay are one record each; a handler's follow-up inside is recorded."""
     engine = sa.create_engine(f"sqlite:///{tmp_path / 'outbox.db'}")
     outbox = Outbox()
     outbox.create_tables(engine)
     bus = EventBus()
-    bus.add_handler(lambda event: None, OrderPlaced, name="billing.inline")
+    bus.add_handler(
+        lambda event: bus.publish(PaymentTaken(order_id=event.order_id)),
+        OrderPlaced,
+        name="billing.inline",
+    )
     store = ListStore()
     install_audit(store)
     try:
@@ -359,12 +367,14 @@ def test_outbox_add_and_the_relay_are_recorded_once_each(tmp_path):
     finally:
         uninstall_audit()
         engine.dispose()
-    assert [(r.kind, r.handler, r.detail) for r in store.by_correlation("req-outbox")] == [
-        ("published", None, "into the outbox tidings_outbox"),
-        ("handled", "billing.inline", ""),
-        ("relayed", None, "from the outbox tidings_outbox"),
+    records = store.by_correlation("req-outbox")
+    assert [(r.kind, r.event_type, r.handler, r.detail) for r in records] == [
+        ("published", OrderPlaced.event_type, None, "into the outbox tidings_outbox"),
+        ("relayed", OrderPlaced.event_type, None, "from the outbox tidings_outbox"),
+        ("handled", OrderPlaced.event_type, "billing.inline", ""),
+        ("published", PaymentTaken.event_type, None, "via tidings"),
     ]
-    assert {r.event_id for r in store.records} == {order.event_id}
+    assert records[3].causation_id == order.event_id
 
 
 def test_a_rejected_delivery_is_recorded_with_the_events_ids(unique_name):

@@ -65,7 +65,7 @@ def install_audit(
 
     Records are written by a background thread in batches of up to ``batch``, at least every
     ``flush_interval`` seconds; at most ``max_queued`` wait, past which the oldest are dropped
-    with a WARNING at most once per ``warn_every`` seconds (see the module docstring).
+    with a WARNING at most once per ``warn_every`` seconds. Hooks never wait on the store.
     Installing again replaces (and flushes) the previous installation. The store stays the
     caller's to close, after :func:`uninstall_audit`.
 
@@ -197,7 +197,7 @@ def _reason(error: BaseException) -> str:
 class _AuditSpan:
     """One handler run: its record is queued when the run reports how it ended."""
 
-    __slots__ = ("_at", "_reported", "_start", "attempt", "event", "handler", "writer")
+    __slots__ = ("_at", "_relay", "_reported", "_start", "attempt", "event", "handler", "writer")
 
     def __init__(self, writer: Writer, handler: str, event: DomainEvent, attempt: int) -> None:
         self.writer = writer
@@ -205,6 +205,8 @@ class _AuditSpan:
         self.event = event
         self.attempt = attempt
         self._reported = False
+        # A handler run inline by the relay publishes events of its own: they are recorded.
+        self._relay = _relaying.set(False) if _relaying.get() else None
         self._at = time.time()
         self._start = time.perf_counter()
 
@@ -213,6 +215,8 @@ class _AuditSpan:
             return
         self._reported = True
         duration = time.perf_counter() - self._start
+        if self._relay is not None:
+            _relaying.reset(self._relay)
         writer = self.writer
         writer.put(
             _record(
