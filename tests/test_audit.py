@@ -29,6 +29,7 @@ from tidings import EventBus, _tracing, event_context
 from tidings.audit import (
     AuditRecord,
     AuditStore,
+    _writer,
     audit_installed,
     flush_audit,
     install_audit,
@@ -559,3 +560,30 @@ with event_context(correlation_id="at-exit"):
         assert [r.kind for r in store.by_correlation("at-exit")] == ["published", "handled"]
     finally:
         store.close()
+
+
+def _tracing_queue_length() -> int:
+    installed = _tracing.installed("audit")
+    assert installed is not None
+    return len(installed.writer._queue)  # type: ignore[attr-defined]
+
+
+def test_a_hung_store_cannot_hang_uninstall(monkeypatch, caplog):
+    """With the store's write stuck, uninstall_audit returns after its timeouts and warns."""
+    monkeypatch.setattr(_writer, "CLOSE_TIMEOUT", 0.2)
+    store = ListStore()
+    store.gate.clear()
+    bus = EventBus()
+    install_audit(store, batch=1, flush_interval=0.01)
+    try:
+        bus.publish(OrderPlaced())  # the writer takes it and hangs in write
+        wait_until(lambda: not _tracing_queue_length(), what="the writer to take the record")
+        bus.publish(OrderPlaced())  # this one waits in the queue
+        started = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="tidings.audit"):
+            uninstall_audit()
+        assert time.monotonic() - started < 5
+    finally:
+        store.gate.set()
+    messages = [r.getMessage() for r in caplog.records if r.name == "tidings.audit"]
+    assert any("1 because the store refused them" in m and "under way" in m for m in messages)

@@ -27,6 +27,9 @@ __all__ = ["Writer"]
 
 log = logging.getLogger("tidings.audit")
 
+CLOSE_TIMEOUT = 10.0
+"""Seconds :meth:`Writer.close` waits for the thread, then for a write under way."""
+
 
 class Writer:
     """The bounded queue and the daemon thread that empties it into ``store``, in batches.
@@ -90,9 +93,19 @@ class Writer:
             self.flush()
 
     def flush(self, *, last: bool = False) -> None:
-        """Write every queued record, a batch at a time; warn of any lost (``last``: now)."""
+        """Write every queued record, a batch at a time; warn of any lost (``last``: now).
+
+        The last flush (:meth:`close`, at exit) waits at most :data:`CLOSE_TIMEOUT` seconds for
+        a write under way in the thread, so a store that hangs cannot hang the process's exit;
+        what it could not write is counted and reported as lost.
+        """
         queued = self._queue
-        with self._writing:
+        if not self._writing.acquire(timeout=CLOSE_TIMEOUT if last else -1):
+            self.failed += len(queued)
+            self._error = "a write still under way when the audit was closed"
+            self._warn(last)
+            return
+        try:
             while queued:
                 records: list[AuditRecord] = []
                 try:
@@ -102,6 +115,8 @@ class Writer:
                     pass
                 self._write(records)
             self._warn(last)
+        finally:
+            self._writing.release()
 
     def _write(self, records: Sequence[AuditRecord]) -> None:
         try:
@@ -132,7 +147,7 @@ class Writer:
         self._closed = True
         self._wake.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(timeout=30)
+            self._thread.join(timeout=CLOSE_TIMEOUT)
         self.flush(last=True)
 
     def restart_in_child(self) -> None:
