@@ -117,7 +117,7 @@ def test_a_memory_transport_run_comes_back_by_correlation_from_every_store(store
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("kind", ["redis", "postgresql"])
+@pytest.mark.parametrize("kind", STORES)
 def test_a_redis_streams_worker_run_comes_back_by_correlation(
     kind, unique_name, tmp_path, redis_url
 ):
