@@ -6,7 +6,7 @@ from collections.abc import Iterator
 import pytest
 from click.testing import CliRunner
 from rich.console import Console
-from tests.audit_run import OrderPlaced, PaymentTaken, audit_store, run_shop, store_url
+from tests.audit_run import STORES, OrderPlaced, PaymentTaken, audit_store, run_shop, store_url
 
 from tidings.audit import AuditRecord, AuditStore
 from tidings.audit.tree import MAX_DEPTH, causal_tree
@@ -14,7 +14,7 @@ from tidings.cli import make_cli
 from tidings.cli_trace import render
 
 
-@pytest.fixture(params=["sqlite", "redis", "mariadb"])
+@pytest.fixture(params=STORES)
 def filled(request, unique_name, tmp_path) -> Iterator[tuple[AuditStore, list[str], OrderPlaced]]:
     """A store of each kind holding a real shop run; the CLI options that reach it; the order."""
     with audit_store(request.param, unique_name, tmp_path) as store:
