@@ -251,6 +251,8 @@ class RedisAuditStore:
         if limit == 0:
             return []
         earliest = b"" if since is None else _at(since)
+        # Buckets go by when the store received a record, ``at`` by when it started: near a
+        # bucket's edge the two differ by the writer's delay, which the sort below evens out.
         found = self._lookup("t", tenant_id, "newest", earliest, limit)
         found.sort(key=lambda record: record.at, reverse=True)
         return found[:limit]
