@@ -18,7 +18,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from benchmarks import celery_e2e, core, outbox_bench, streams_e2e
+from benchmarks import celery_e2e, core, outbox_bench, streams_audit, streams_e2e
 from benchmarks.harness import measure, table
 
 RESULTS = Path(__file__).with_name("results.json")
@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             print("Redis is not reachable on 127.0.0.1:6379: the Streams rows are skipped\n")
         elif args.only != "streams-memory":
             rows += streams_e2e.rows(quick=args.quick)
+            rows += streams_audit.rows(quick=args.quick)
         if args.only != "streams" and redis_reachable():
             rows += streams_e2e.memory_rows(quick=args.quick)
     if args.only in (None, "outbox"):

@@ -5,7 +5,8 @@ module with it set builds ``bus``, for ``tidings worker --app benchmarks.apps.st
 a :class:`~tidings.transports.redis_streams.RedisStreamsTransport` with a
 :class:`~tidings.inbox.redis.RedisInbox` and a
 :class:`~tidings.deadletter.redis.RedisDeadLetterStore`, and one handler that does nothing
-but record latency probes and markers. ``BENCH_MAXLEN``, when set, makes the worker trim.
+but record latency probes and markers. ``BENCH_MAXLEN``, when set, makes the worker trim;
+``BENCH_AUDIT``, when set, installs the audit trail on a Redis store under the same prefix.
 
 ``python -m benchmarks.apps.streams_bench`` (same environment) runs the baseline instead: a
 redis-py consumer of the raw stream ``{BENCH_PREFIX}:raw``, reading with ``XREADGROUP COUNT
@@ -109,6 +110,13 @@ if os.environ.get("BENCH_PREFIX"):
     bus, transport, _client = make(
         os.environ["BENCH_PREFIX"], maxlen=int(_maxlen) if _maxlen else None
     )
+
+if os.environ.get("BENCH_PREFIX") and os.environ.get("BENCH_AUDIT"):
+    # The audited worker of benchmarks.streams_audit: its handler runs are recorded too.
+    from benchmarks.apps.audit_store import bench_store
+    from tidings.audit import install_audit
+
+    install_audit(bench_store(os.environ["BENCH_AUDIT"], os.environ["BENCH_PREFIX"], _client))
 
 if __name__ == "__main__":
     consume_raw(os.environ["BENCH_PREFIX"])
