@@ -1,4 +1,4 @@
-"""``--metrics-port``: real ``tidings worker`` and ``tidings relay`` processes serve /metrics."""
+"""Served metrics: real ``tidings worker``, ``tidings relay`` and Celery worker processes."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import orm
+from tests.apps import celery_metrics
 from tests.apps.metrics_streams import Cooked, make_bus
-from tests.workers import ROOT, wait_until
+from tests.workers import ROOT, celery_worker, wait_until
 
 from tidings.cli import make_cli
 from tidings.outbox import Outbox
@@ -30,13 +31,18 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    """Every sample served on ``port``, by name and labels; empty while nothing answers."""
+def page(port: int) -> str | None:
+    """The text served on ``port`` at /metrics, ``None`` while nothing answers."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as answer:
-            text = answer.read().decode()
+            return str(answer.read().decode())
     except OSError:
-        return {}
+        return None
+
+
+def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample served on ``port``, by name and labels; empty while nothing answers."""
+    text = page(port) or ""
     return {
         (sample.name, frozenset(sample.labels.items())): sample.value
         for family in text_string_to_metric_families(text)
@@ -152,3 +158,63 @@ def test_a_metrics_port_in_use_is_a_clear_error_before_anything_runs(tmp_path):
     assert "Traceback" not in result.output
     assert outbox.status(engine).pending == 1
     engine.dispose()
+
+
+@pytest.mark.integration
+def test_a_prefork_celery_worker_serves_the_sum_over_its_children(redis_url, unique_name, tmp_path):
+    """serve_celery_metrics with PROMETHEUS_MULTIPROC_DIR serves what the pool's children count."""
+    _app, bus, transport, client = celery_metrics.make(unique_name, unique_name)
+    port = free_port()
+    shared = tmp_path / "prometheus"
+    shared.mkdir()
+    env = {"METRICS_QUEUE": unique_name, "METRICS_PREFIX": unique_name,
+           "METRICS_PORT": str(port), "PROMETHEUS_MULTIPROC_DIR": str(shared)}  # fmt: skip
+    run = {"service": "bakery", "system": "celery",
+           "event_type": celery_metrics.LoafBaked.event_type, "handler": "bakery.bake"}  # fmt: skip
+    try:
+        with celery_worker(
+            "tests.apps.celery_metrics", unique_name, env, pool="prefork", concurrency=2
+        ) as worker:
+            # Nothing counted yet: in multiprocess mode the page is empty, but it answers.
+            wait_until(lambda: page(port) is not None, timeout=DEADLINE, what="the endpoint")
+            bus.publish(*(celery_metrics.LoafBaked() for _ in range(6)))
+            wait_until(
+                lambda: sample(port, "tidings_handled_total", **run, outcome="done") == 6,
+                timeout=DEADLINE,
+                what="six handled runs served",
+            )
+            assert sample(port, "tidings_handler_duration_seconds_count", **run) == 6
+            assert sample(port, "tidings_delivery_latency_seconds_count", **run) == 6
+            children = {int(pid) for pid in client.smembers(f"{unique_name}:pids")}
+            assert children
+            assert worker.pid not in children  # the handlers ran in the pool's children
+        assert client.llen(f"{unique_name}:baked") == 6
+    finally:
+        for key in client.scan_iter(f"{unique_name}*"):
+            client.delete(key)
+        transport.close()
+        client.close()
+
+
+@pytest.mark.integration
+def test_a_prefork_celery_worker_without_a_multiprocess_directory_serves_nothing(
+    redis_url, unique_name
+):
+    """Without PROMETHEUS_MULTIPROC_DIR a prefork worker serves no misleading, empty metrics."""
+    _app, bus, transport, client = celery_metrics.make(unique_name, unique_name)
+    port = free_port()
+    env = {"METRICS_QUEUE": unique_name, "METRICS_PREFIX": unique_name, "METRICS_PORT": str(port)}
+    try:
+        with celery_worker("tests.apps.celery_metrics", unique_name, env, pool="prefork"):
+            bus.publish(celery_metrics.LoafBaked())
+            wait_until(
+                lambda: client.llen(f"{unique_name}:baked") == 1,
+                timeout=DEADLINE,
+                what="the handler's effect",
+            )
+            assert page(port) is None
+    finally:
+        for key in client.scan_iter(f"{unique_name}*"):
+            client.delete(key)
+        transport.close()
+        client.close()
