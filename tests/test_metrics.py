@@ -12,15 +12,19 @@ from typing import ClassVar
 import pytest
 import redis
 import sqlalchemy as sa
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry
 from sqlalchemy import orm
 from tests.workers import wait_until
 
-from tidings import DomainEvent, EventBus, HandlerFailedError, _tracing, register_event
+from tidings import DomainEvent, EventBus, HandlerFailedError, _tracing, read, register_event
 from tidings.codec import default_codec
 from tidings.deadletter.redis import RedisDeadLetterStore
 from tidings.delivery import Dispatcher, Received
 from tidings.inbox.redis import RedisInbox
+from tidings.integrations.otel import install_tracing, uninstall_tracing
 from tidings.integrations.prometheus import (
     install_metrics,
     metrics_installed,
@@ -175,6 +179,48 @@ def test_a_memory_transport_worker_counts_retries_dead_letters_and_duplicates(re
     assert value(registry, "tidings_dead_letters_total", **labels, reason="handler") == 2
     assert value(registry, "tidings_handler_duration_seconds_count", **jammed) == 4
     assert value(registry, "tidings_handler_duration_seconds_count", **record) == 1  # not the skip
+
+
+def test_a_claim_held_elsewhere_is_a_busy_retry_not_a_failure(registry):
+    """A handler whose inbox claim another worker holds counts a busy retry, no failure or run."""
+    bus = EventBus()
+    bus.add_handler(lambda event: None, PlateServed, name="kitchen.claimed")
+    inbox = MemoryInbox()
+    worker = Dispatcher(bus, dead_letters=MemoryDeadLetterStore(), inbox=inbox, transport="test")
+    event = PlateServed()
+    body = default_codec.encode(event)
+    with inbox.guard("kitchen.claimed", event.event_id, source=read(body).source):
+        outcome = worker.dispatch(Received(body, destination="q"))
+    assert len(outcome.retries) == 1
+    run = {"system": "test", "event_type": PlateServed.event_type, "handler": "kitchen.claimed"}
+    assert value(registry, "tidings_retries_total", **run, cause="busy") == 1
+    assert value(registry, "tidings_retries_total", **run, cause="error") == 0
+    assert value(registry, "tidings_handler_failures_total", **run) == 0
+    assert value(registry, "tidings_handler_duration_seconds_count", **run) == 0
+
+
+def test_metrics_and_tracing_installed_together_each_see_every_run(registry):
+    """Beside OpenTelemetry tracing, a run is both a span and a count, and envelopes keep traces."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    install_tracing(provider)
+    try:
+        bus = EventBus()
+        bus.add_handler(lambda event: None, PlateServed, name="kitchen.traced")
+        with provider.get_tracer("test").start_as_current_span("request"):
+            bus.publish(PlateServed())
+            body = default_codec.encode(PlateServed())
+    finally:
+        uninstall_tracing()
+        provider.shutdown()
+    assert [s.name for s in exporter.get_finished_spans()][:2] == [
+        "handle kitchen.traced",
+        f"publish {PlateServed.event_type}",
+    ]
+    assert read(body).traceparent is not None
+    run = {"system": "tidings", "event_type": PlateServed.event_type, "handler": "kitchen.traced"}
+    assert value(registry, "tidings_handled_total", **run, outcome="done") == 1
 
 
 def test_rejected_and_unrouted_messages_are_counted_without_their_ids(registry):
