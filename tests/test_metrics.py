@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,7 +19,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry
 from sqlalchemy import orm
-from tests.workers import wait_until
+from tests.workers import ROOT, wait_until
 
 from tidings import DomainEvent, EventBus, HandlerFailedError, _tracing, read, register_event
 from tidings.codec import default_codec
@@ -357,3 +359,46 @@ def test_a_redis_streams_worker_counts_what_it_handled(registry, redis_url, uniq
             client.delete(key)
         transport.close()
         client.close()
+
+
+def test_the_grafana_dashboard_queries_only_series_and_labels_the_integration_serves(
+    registry, sqlite_outbox
+):
+    """Every series docs/grafana/tidings.json queries exists here, with the labels it groups by."""
+    engine, outbox = sqlite_outbox
+    watch_outbox(engine, outbox, registry)
+    labels: dict[str, set[str]] = {}
+    for family in registry.collect():
+        suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}
+        for suffix in suffixes.get(family.type, [""]):
+            labels[family.name + suffix] = set()
+    # A labelled family shows its label names only once it has a sample: make one of each.
+    bus = EventBus()
+    bus.add_handler(lambda event: None, PlateServed, name="kitchen.everything")
+    bus.publish(PlateServed())
+    worker = Dispatcher(bus, dead_letters=MemoryDeadLetterStore(), transport="test")
+    worker.dispatch(Received(b"{", destination="q"))
+    worker.dispatch(Received(default_codec.encode(BillPaid()), destination="q"))
+    with orm.Session(engine) as session:
+        outbox.add(session, PlateServed())
+        session.commit()
+    Relay(engine, outbox, bus, listen=False).run_once()
+    for family in registry.collect():
+        for sample in family.samples:
+            labels.setdefault(sample.name, set()).update(sample.labels)
+    dashboard = json.loads((ROOT / "docs" / "grafana" / "tidings.json").read_text())
+    assert dashboard["title"] == "tidings"
+    panels = [panel for panel in dashboard["panels"] if panel["type"] != "row"]
+    assert len(panels) >= 10
+    for panel in panels:
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            expr = target["expr"]
+            used = re.findall(r"\btidings_[a-z_]+", expr)
+            assert used, expr
+            for name in used:
+                assert name in labels, f"{panel['title']}: {name} is not served"
+                grouped = {g.strip() for by in re.findall(r"by \(([^)]*)\)", expr)
+                           for g in by.split(",")}  # fmt: skip
+                assert grouped <= labels[name] | {"le"}, f"{panel['title']}: {grouped}"
+                assert 'service=~"$service"' in expr
