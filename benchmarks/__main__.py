@@ -19,7 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from benchmarks import celery_e2e, core, outbox_bench, streams_e2e
-from benchmarks.harness import measure, table
+from benchmarks.harness import Row, measure, table
 
 RESULTS = Path(__file__).with_name("results.json")
 
@@ -40,6 +40,16 @@ def postgres_reachable() -> bool:
             return True
     except OSError:
         return False
+
+
+def _metrics_rows(*, quick: bool) -> list[Row]:
+    """The Streams row with metrics against the same without; none without prometheus_client."""
+    try:
+        from benchmarks import metrics_e2e  # noqa: PLC0415 - needs the prometheus extra
+    except ImportError:
+        print("prometheus_client is not installed: the metrics row is skipped\n")
+        return []
+    return metrics_e2e.rows(quick=quick)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             print("Redis is not reachable on 127.0.0.1:6379: the Streams rows are skipped\n")
         elif args.only != "streams-memory":
             rows += streams_e2e.rows(quick=args.quick)
+            rows += _metrics_rows(quick=args.quick)
         if args.only != "streams" and redis_reachable():
             rows += streams_e2e.memory_rows(quick=args.quick)
     if args.only in (None, "outbox"):

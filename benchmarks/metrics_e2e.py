@@ -1,0 +1,117 @@
+"""What Prometheus metrics cost end to end over Redis Streams: the same run with and without.
+
+Two ``tidings worker`` processes (one consumer each, inbox on, the no-op handler of
+:mod:`benchmarks.apps.streams_bench`), each on its own streams: one started with
+``--metrics-port`` (metrics installed, served), one without. The publisher (this process)
+installs the metrics on a registry of its own for the rounds of the first and uninstalls them
+for the second; the rounds alternate, both workers running throughout. Throughput counts from
+the first publish until a marker, sent last, has been handled. The issue's budget: at most 5%.
+"""
+
+from __future__ import annotations
+
+import socket
+import statistics
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from benchmarks.apps.streams_bench import StreamPing, make
+from benchmarks.harness import Row
+from benchmarks.streams_e2e import CHUNK, _cleanup, _pop
+from tidings.integrations.prometheus import install_metrics, uninstall_metrics
+from tidings.testing.workers import running
+
+ROOT = Path(__file__).resolve().parent.parent
+TIDINGS = str(Path(sys.executable).parent / "tidings")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _worker(*extra: str) -> list[str]:
+    app = "benchmarks.apps.streams_bench:bus"
+    return [TIDINGS, "worker", "--app", app, "--concurrency", "1", "--loglevel", "WARNING", *extra]
+
+
+def _handled(port: int) -> float:
+    """The ``tidings_handled_total`` the worker on ``port`` serves, summed (0 if it is down)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as answer:
+            text = answer.read().decode()
+    except OSError:
+        return 0.0
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "tidings_handled_total"
+    )
+
+
+def rows(*, quick: bool = False) -> list[Row]:
+    """Measure and return the row: Streams e2e with metrics against the same without."""
+    plain_name, counted_name = (f"bench_metrics_{uuid.uuid4().hex[:8]}" for _ in range(2))
+    plain, plain_transport, client = make(plain_name)
+    counted, counted_transport, counted_client = make(counted_name)
+    rounds = 1 if quick else 5
+    n = 10_000 if quick else 100_000
+    registry = CollectorRegistry()
+    port = _free_port()
+
+    def drain(name: str, publish: Callable[..., None]) -> float:
+        """Publish n events and a marker through ``publish``; return events/s to the marker."""
+        events = [StreamPing(order_id=f"o-{i}", sequence=i) for i in range(n)]
+        events.append(StreamPing(marker=True))
+        chunks = [events[i : i + CHUNK] for i in range(0, len(events), CHUNK)]
+        client.delete(f"{name}:done")
+        start = time.perf_counter()
+        for chunk in chunks:
+            publish(*chunk)
+        _pop(client, f"{name}:done", 300, "the marker")
+        return n / (time.perf_counter() - start)
+
+    with_metrics: list[float] = []
+    without: list[float] = []
+    sent = 0
+    try:
+        with (
+            running(_worker(), {"BENCH_PREFIX": plain_name}, cwd=ROOT),
+            running(_worker("--metrics-port", str(port)), {"BENCH_PREFIX": counted_name}, cwd=ROOT),
+        ):
+            for name, bus in ((plain_name, plain), (counted_name, counted)):
+                bus.publish(StreamPing(marker=True))
+                _pop(client, f"{name}:done", 60, "a tidings worker to start")
+            for _ in range(rounds):
+                without.append(drain(plain_name, plain.publish))
+                install_metrics(registry, service="bench")
+                try:
+                    with_metrics.append(drain(counted_name, counted.publish))
+                finally:
+                    uninstall_metrics()
+                sent += n + 1
+            served = _handled(port)
+            # The warm-up marker, then every event and marker of the rounds, once each.
+            assert served == sent + 1, f"the worker counted {served} runs, not {sent + 1}"
+    finally:
+        for name in (plain_name, counted_name):
+            _cleanup(client, name)
+        plain_transport.close()
+        counted_transport.close()
+        client.close()
+        counted_client.close()
+    ours, base = statistics.median(with_metrics), statistics.median(without)
+    return [
+        Row("streams e2e with metrics (worker --metrics-port, publisher install_metrics) "
+            "vs the same without", round(ours), round(base), "events/s", round(ours / base, 2),
+            0.95, ours / base >= 0.95),
+    ]  # fmt: skip
