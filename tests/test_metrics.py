@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from sqlalchemy import orm
 from tests.workers import ROOT, wait_until
 
@@ -26,6 +26,7 @@ from tidings.codec import default_codec
 from tidings.deadletter.redis import RedisDeadLetterStore
 from tidings.delivery import Dispatcher, Received
 from tidings.inbox.redis import RedisInbox
+from tidings.integrations._histogram import FastHistogram
 from tidings.integrations.otel import install_tracing, uninstall_tracing
 from tidings.integrations.prometheus import (
     install_metrics,
@@ -402,3 +403,24 @@ def test_the_grafana_dashboard_queries_only_series_and_labels_the_integration_se
                            for g in by.split(",")}  # fmt: skip
                 assert grouped <= labels[name] | {"le"}, f"{panel['title']}: {grouped}"
                 assert 'service=~"$service"' in expr
+
+
+def test_the_fast_histogram_exposes_what_prometheus_clients_histogram_does():
+    """Same observations, same exposition: buckets (edges included), sums and counts per label."""
+    buckets = (0.001, 0.01, 0.1, 1.0, 10.0)
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    fast = FastHistogram("probe_seconds", "A probe", ["kind"], buckets)
+    ours.register(fast)
+    reference = Histogram("probe_seconds", "A probe", ["kind"], buckets=buckets, registry=theirs)
+    for kind, amounts in (("a", [0.0, 0.001, 0.0011, 0.5, 10.0, 11.0]), ("b", [0.01, 3.0])):
+        for amount in amounts:
+            fast.labels(kind).observe(amount)
+            reference.labels(kind).observe(amount)
+
+    def exposed(registry: CollectorRegistry) -> list[str]:
+        return [line for line in generate_latest(registry).decode().splitlines()
+                if "_created" not in line]  # fmt: skip
+
+    assert exposed(ours) == exposed(theirs)
+    with pytest.raises(ValueError, match="takes 1 label values"):
+        fast.labels("a", "b")

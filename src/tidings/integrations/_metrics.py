@@ -14,11 +14,12 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.registry import Collector
 
 from tidings._untrusted import log_safe
 from tidings.errors import HandlerFailedError
+from tidings.integrations._histogram import histogram
 
 if TYPE_CHECKING:
     from tidings.events import DomainEvent
@@ -27,6 +28,10 @@ if TYPE_CHECKING:
 __all__ = ["Metrics", "MetricsHooks", "label"]
 
 _LABEL_LIMIT = 100
+_DURATION_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+)  # fmt: skip
 _LATENCY_BUCKETS = (
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
     900.0, 3600.0,
@@ -95,29 +100,23 @@ class Metrics:
         )
         self.unrouted = _counter("unrouted", "Events no handler or subscriber took", event)
         self.relayed = _counter("relayed", "Outbox events sent on", [*table, "event_type"])
-        self.duration = Histogram(
-            "tidings_handler_duration_seconds", "Handler run time", run, registry=None
+        self.duration = histogram(
+            "tidings_handler_duration_seconds", "Handler run time", run, _DURATION_BUCKETS
         )
-        self.latency = Histogram(
+        self.latency = histogram(
             "tidings_delivery_latency_seconds",
             "From the event's occurred_at to a handler run's start",
             run,
-            buckets=_LATENCY_BUCKETS,
-            registry=None,
+            _LATENCY_BUCKETS,
         )
-        self.batch_size = Histogram(
-            "tidings_relay_batch_size",
-            "Events per relayed batch",
-            table,
-            buckets=_BATCH_BUCKETS,
-            registry=None,
+        self.batch_size = histogram(
+            "tidings_relay_batch_size", "Events per relayed batch", table, _BATCH_BUCKETS
         )
-        self.relay_lag = Histogram(
+        self.relay_lag = histogram(
             "tidings_relay_lag_seconds",
             "From the event's occurred_at to the relay's send",
             table,
-            buckets=_LATENCY_BUCKETS,
-            registry=None,
+            _LATENCY_BUCKETS,
         )
         self._runs: dict[tuple[str, str, str], _RunSeries] = {}
         self._events: dict[tuple[str, str], Any] = {}
@@ -255,9 +254,12 @@ class _Published(AbstractContextManager[object]):
         # An in-process publish whose handlers failed did publish: every handler ran.
         if error is not None and not isinstance(error, HandlerFailedError):
             return
+        counts: dict[str, int] = {}  # one increment per type, not per event
         for event in self.events:
             event_type = getattr(event, "event_type", "")
-            self.metrics.published_series(self.system, event_type).inc()
+            counts[event_type] = counts.get(event_type, 0) + 1
+        for event_type, count in counts.items():
+            self.metrics.published_series(self.system, event_type).inc(count)
 
 
 class _Relayed(AbstractContextManager[object]):

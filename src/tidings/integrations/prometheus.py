@@ -39,7 +39,6 @@ from typing import TYPE_CHECKING, Any
 try:
     from prometheus_client import REGISTRY, CollectorRegistry
     from prometheus_client import start_http_server as _start_http_server
-    from prometheus_client import values as prometheus_values
     from prometheus_client.core import GaugeMetricFamily
     from prometheus_client.multiprocess import MultiProcessCollector
     from prometheus_client.registry import Collector
@@ -48,6 +47,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(msg) from exc
 
 from tidings import _tracing
+from tidings.integrations._histogram import multiprocess
 from tidings.integrations._metrics import Metrics, MetricsHooks, label
 
 if TYPE_CHECKING:
@@ -127,17 +127,12 @@ def serve_metrics(port: int, host: str = "127.0.0.1", *, service: str | None = N
         msg = f"the metrics port must be between 1 and 65535, not {port}"
         raise ValueError(msg)
     served = REGISTRY
-    if _multiprocess():
+    if multiprocess():
         served = CollectorRegistry()
         MultiProcessCollector(served)  # type: ignore[no-untyped-call]
     _start_http_server(port, addr=host, registry=served)
     _served = served
     install_metrics(service=service)
-
-
-def _multiprocess() -> bool:
-    """Whether prometheus_client keeps its values in ``PROMETHEUS_MULTIPROC_DIR`` files."""
-    return bool(getattr(prometheus_values.ValueClass, "_multiprocess", False))
 
 
 def serve_celery_metrics(
@@ -165,7 +160,7 @@ def serve_celery_metrics(
         if getattr(sender, "app", app) is not app:
             return  # a worker of another app in this process
         pool = get_implementation(getattr(sender, "pool_cls", None) or "prefork")
-        if isinstance(pool, type) and issubclass(pool, TaskPool) and not _multiprocess():
+        if isinstance(pool, type) and issubclass(pool, TaskPool) and not multiprocess():
             log.error(
                 "tidings metrics are not served: the prefork pool runs handlers in child "
                 "processes; set PROMETHEUS_MULTIPROC_DIR to an empty directory for the worker"
