@@ -42,14 +42,14 @@ def postgres_reachable() -> bool:
         return False
 
 
-def _metrics_rows(*, quick: bool) -> list[Row]:
-    """The Streams row with metrics against the same without; none without prometheus_client."""
+def _metrics_rows(*, quick: bool, celery: bool = False) -> list[Row]:
+    """A row with metrics against the same without (Streams, or Celery); none without the extra."""
     try:
         from benchmarks import metrics_e2e  # noqa: PLC0415 - needs the prometheus extra
     except ImportError:
-        print("prometheus_client is not installed: the metrics row is skipped\n")
+        print("prometheus_client is not installed: the metrics rows are skipped\n")
         return []
-    return metrics_e2e.rows(quick=quick)
+    return metrics_e2e.celery_rows(quick=quick) if celery else metrics_e2e.rows(quick=quick)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in (None, "celery"):
         if redis_reachable():
             rows += celery_e2e.rows(quick=args.quick)
+            rows += _metrics_rows(quick=args.quick, celery=True)
         else:
             print("Redis is not reachable on 127.0.0.1:6379: the Celery rows are skipped\n")
     if args.only in (None, "streams", "streams-memory"):

@@ -26,7 +26,7 @@ from tidings.codec import default_codec
 from tidings.deadletter.redis import RedisDeadLetterStore
 from tidings.delivery import Dispatcher, Received
 from tidings.inbox.redis import RedisInbox
-from tidings.integrations._histogram import FastHistogram
+from tidings.integrations._families import FastHistogram
 from tidings.integrations.otel import install_tracing, uninstall_tracing
 from tidings.integrations.prometheus import (
     install_metrics,

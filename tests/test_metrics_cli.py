@@ -23,6 +23,8 @@ from tidings.testing.workers import running
 
 TIDINGS = str(Path(sys.executable).parent / "tidings")
 DEADLINE = 30.0
+BAKED = {"service": "bakery", "system": "celery", "handler": "bakery.bake",
+         "event_type": celery_metrics.LoafBaked.event_type}  # fmt: skip
 
 
 def free_port() -> int:
@@ -162,29 +164,28 @@ def test_a_metrics_port_in_use_is_a_clear_error_before_anything_runs(tmp_path):
 
 @pytest.mark.integration
 def test_a_prefork_celery_worker_serves_the_sum_over_its_children(redis_url, unique_name, tmp_path):
-    """serve_celery_metrics with PROMETHEUS_MULTIPROC_DIR serves what the pool's children count."""
+    """serve_celery_metrics serves what two pool children counted, beside multiprocess mode."""
     _app, bus, transport, client = celery_metrics.make(unique_name, unique_name)
     port = free_port()
     shared = tmp_path / "prometheus"
     shared.mkdir()
+    # An application already in prometheus_client's multiprocess mode keeps it.
     env = {"METRICS_QUEUE": unique_name, "METRICS_PREFIX": unique_name,
            "METRICS_PORT": str(port), "PROMETHEUS_MULTIPROC_DIR": str(shared)}  # fmt: skip
-    run = {"service": "bakery", "system": "celery",
-           "event_type": celery_metrics.LoafBaked.event_type, "handler": "bakery.bake"}  # fmt: skip
     try:
         with celery_worker(
             "tests.apps.celery_metrics", unique_name, env, pool="prefork", concurrency=2
         ) as worker:
-            # Nothing counted yet: in multiprocess mode the page is empty, but it answers.
             wait_until(lambda: page(port) is not None, timeout=DEADLINE, what="the endpoint")
-            bus.publish(*(celery_metrics.LoafBaked() for _ in range(6)))
+            for _ in range(6):
+                bus.publish(celery_metrics.LoafBaked())
             wait_until(
-                lambda: sample(port, "tidings_handled_total", **run, outcome="done") == 6,
+                lambda: sample(port, "tidings_handled_total", **BAKED, outcome="done") == 6,
                 timeout=DEADLINE,
                 what="six handled runs served",
             )
-            assert sample(port, "tidings_handler_duration_seconds_count", **run) == 6
-            assert sample(port, "tidings_delivery_latency_seconds_count", **run) == 6
+            assert sample(port, "tidings_handler_duration_seconds_count", **BAKED) == 6
+            assert sample(port, "tidings_delivery_latency_seconds_count", **BAKED) == 6
             children = {int(pid) for pid in client.smembers(f"{unique_name}:pids")}
             assert children
             assert worker.pid not in children  # the handlers ran in the pool's children
@@ -197,22 +198,28 @@ def test_a_prefork_celery_worker_serves_the_sum_over_its_children(redis_url, uni
 
 
 @pytest.mark.integration
-def test_a_prefork_celery_worker_without_a_multiprocess_directory_serves_nothing(
-    redis_url, unique_name
-):
-    """Without PROMETHEUS_MULTIPROC_DIR a prefork worker serves no misleading, empty metrics."""
+def test_the_runs_of_pool_children_that_exited_stay_counted(redis_url, unique_name):
+    """Children replaced after each task (max tasks per child 1) leave every run counted."""
     _app, bus, transport, client = celery_metrics.make(unique_name, unique_name)
     port = free_port()
-    env = {"METRICS_QUEUE": unique_name, "METRICS_PREFIX": unique_name, "METRICS_PORT": str(port)}
+    env = {"METRICS_QUEUE": unique_name, "METRICS_PREFIX": unique_name,
+           "METRICS_PORT": str(port), "METRICS_MAX_TASKS": "1"}  # fmt: skip
     try:
         with celery_worker("tests.apps.celery_metrics", unique_name, env, pool="prefork"):
-            bus.publish(celery_metrics.LoafBaked())
+            wait_until(lambda: page(port) is not None, timeout=DEADLINE, what="the endpoint")
+            for _ in range(4):
+                bus.publish(celery_metrics.LoafBaked())
             wait_until(
-                lambda: client.llen(f"{unique_name}:baked") == 1,
+                lambda: client.llen(f"{unique_name}:baked") == 4,
                 timeout=DEADLINE,
-                what="the handler's effect",
+                what="four loaves baked",
             )
-            assert page(port) is None
+            wait_until(
+                lambda: sample(port, "tidings_handled_total", **BAKED, outcome="done") == 4,
+                timeout=DEADLINE,
+                what="four handled runs served",
+            )
+            assert len(client.smembers(f"{unique_name}:pids")) == 4  # four children, one each
     finally:
         for key in client.scan_iter(f"{unique_name}*"):
             client.delete(key)

@@ -1,9 +1,10 @@
 """A Celery service for the metrics tests: ``serve_celery_metrics`` under the prefork pool.
 
 The worker subprocess is started as ``celery -A tests.apps.celery_metrics worker -Q <queue>``
-with ``METRICS_QUEUE``, ``METRICS_PREFIX`` (Redis key prefix), ``METRICS_PORT`` and
-``PROMETHEUS_MULTIPROC_DIR`` set; the test process calls :func:`make` itself to publish. The
-handler ``bakery.bake`` pushes each event's id and its process id to Redis.
+with ``METRICS_QUEUE``, ``METRICS_PREFIX`` (Redis key prefix) and ``METRICS_PORT`` set, and
+``METRICS_MAX_TASKS`` (a pool child exits after that many tasks) if wanted; the test process
+calls :func:`make` itself to publish. The handler ``bakery.bake`` pushes each event's id and
+its process id to Redis.
 """
 
 from __future__ import annotations
@@ -58,4 +59,6 @@ if os.environ.get("METRICS_QUEUE"):
     from tidings.integrations.prometheus import serve_celery_metrics
 
     app, bus, transport, _client = make(os.environ["METRICS_QUEUE"], os.environ["METRICS_PREFIX"])
+    if os.environ.get("METRICS_MAX_TASKS"):
+        app.conf.worker_max_tasks_per_child = int(os.environ["METRICS_MAX_TASKS"])
     serve_celery_metrics(app, port=int(os.environ["METRICS_PORT"]), service="bakery")

@@ -14,12 +14,11 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-from prometheus_client import CollectorRegistry, Counter
-from prometheus_client.registry import Collector
+from prometheus_client import CollectorRegistry
 
 from tidings._untrusted import log_safe
 from tidings.errors import HandlerFailedError
-from tidings.integrations._histogram import histogram
+from tidings.integrations._families import Family, FastCounter, FastHistogram
 
 if TYPE_CHECKING:
     from tidings.events import DomainEvent
@@ -72,9 +71,9 @@ def _age(occurred_at: object, now: float) -> float | None:
     return max(0.0, now - moment.timestamp())
 
 
-def _counter(name: str, documentation: str, labels: list[str]) -> Counter:
+def _counter(name: str, documentation: str, labels: list[str]) -> FastCounter:
     """A counter ``tidings_<name>_total``, not registered yet."""
-    return Counter(f"tidings_{name}", documentation, labels, registry=None)
+    return FastCounter(f"tidings_{name}", documentation, labels)
 
 
 class Metrics:
@@ -100,19 +99,19 @@ class Metrics:
         )
         self.unrouted = _counter("unrouted", "Events no handler or subscriber took", event)
         self.relayed = _counter("relayed", "Outbox events sent on", [*table, "event_type"])
-        self.duration = histogram(
+        self.duration = FastHistogram(
             "tidings_handler_duration_seconds", "Handler run time", run, _DURATION_BUCKETS
         )
-        self.latency = histogram(
+        self.latency = FastHistogram(
             "tidings_delivery_latency_seconds",
             "From the event's occurred_at to a handler run's start",
             run,
             _LATENCY_BUCKETS,
         )
-        self.batch_size = histogram(
+        self.batch_size = FastHistogram(
             "tidings_relay_batch_size", "Events per relayed batch", table, _BATCH_BUCKETS
         )
-        self.relay_lag = histogram(
+        self.relay_lag = FastHistogram(
             "tidings_relay_lag_seconds",
             "From the event's occurred_at to the relay's send",
             table,
@@ -120,26 +119,35 @@ class Metrics:
         )
         self._runs: dict[tuple[str, str, str], _RunSeries] = {}
         self._events: dict[tuple[str, str], Any] = {}
-        registered: list[Collector] = []
+        registered: list[Family] = []
         try:
-            for metric in self._all():
-                registry.register(metric)
-                registered.append(metric)
+            for family in self.families():
+                registry.register(family)
+                registered.append(family)
         except BaseException:  # a name taken by another collector: leave the registry as found
-            for metric in registered:
-                registry.unregister(metric)
+            for family in registered:
+                registry.unregister(family)
             raise
 
-    def _all(self) -> tuple[Collector, ...]:
+    def families(self) -> tuple[Family, ...]:
+        """Every family of this installation."""
         return (
             self.published, self.handled, self.failures, self.retries, self.dead_letters,
             self.rejected, self.unrouted, self.relayed, self.duration, self.latency,
             self.batch_size, self.relay_lag,
         )  # fmt: skip
 
+    def reset(self) -> None:
+        """Forget every value (a forked child starts from none: its parent's are counted)."""
+        self._runs = {}
+        self._events = {}
+        for family in self.families():
+            family.reset()
+
     def unregister(self) -> None:
-        for metric in self._all():
-            self.registry.unregister(metric)
+        """Take every family off the registry."""
+        for family in self.families():
+            self.registry.unregister(family)
 
     def run_series(self, system: str, event_type: str, handler: str) -> _RunSeries:
         key = (system, event_type, handler)

@@ -7,12 +7,12 @@ Install it once in each process (web, relay, worker), then expose the registry a
     install_metrics(service="shop")  # or install_metrics(registry, service="shop")
 
 ``tidings worker`` and ``tidings relay`` do both with ``--metrics-port``; a Celery app's module
-calls :func:`serve_celery_metrics` (prefork workers need ``PROMETHEUS_MULTIPROC_DIR``). Nothing
-happens on import. Every series has the labels ``service`` (the ``service=`` given here, else
-empty) and ``system`` (the transport's name, ``tidings`` in-process and for the outbox), and,
-where it applies, ``event_type`` and ``handler``. Labels never hold ids or message text:
-their values are the registered event types, the handlers' names and fixed words, cut to 100
-printable characters.
+calls :func:`serve_celery_metrics` (prefork children included). Nothing happens on import.
+Every series has the labels ``service`` (the ``service=`` given here, else empty) and
+``system`` (the transport's name, ``tidings`` in-process and for the outbox), and, where it
+applies, ``event_type`` and ``handler``. Labels never hold ids or message text: their values
+are the registered event types, the handlers' names and fixed words, cut to 100 printable
+characters.
 
 Counters: ``tidings_published_total`` (events a bus published or an outbox stored),
 ``tidings_handled_total`` (``outcome``: ``done``, or ``duplicate`` when the inbox skipped it),
@@ -31,14 +31,18 @@ relay's send, per event). :func:`watch_outbox` adds the gauges of an outbox tabl
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 try:
     from prometheus_client import REGISTRY, CollectorRegistry
     from prometheus_client import start_http_server as _start_http_server
+    from prometheus_client import values as prometheus_values
     from prometheus_client.core import GaugeMetricFamily
     from prometheus_client.multiprocess import MultiProcessCollector
     from prometheus_client.registry import Collector
@@ -47,7 +51,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(msg) from exc
 
 from tidings import _tracing
-from tidings.integrations._histogram import multiprocess
+from tidings.integrations._families import Family, Gathered, Snapshots
 from tidings.integrations._metrics import Metrics, MetricsHooks, label
 
 if TYPE_CHECKING:
@@ -115,24 +119,41 @@ def serve_metrics(port: int, host: str = "127.0.0.1", *, service: str | None = N
 
     The server runs in a daemon thread for the life of the process. In prometheus_client's
     multiprocess mode (``PROMETHEUS_MULTIPROC_DIR`` set before it was imported) it serves the
-    sum over every process writing to that directory instead. ``port`` 0 is refused: nobody
-    could find the port to scrape.
+    application's own series summed over the processes writing there, and tidings' series of
+    this process. ``port`` 0 is refused: nobody could find the port to scrape.
 
     Raises:
         ValueError: ``port`` is not between 1 and 65535.
         OSError: the port cannot be bound (in use, or not allowed).
     """
+    _serve(port, host, service, None)
+
+
+def _serve(port: int, host: str, service: str | None, children: Path | None) -> None:
+    """Serve as :func:`serve_metrics`, adding the states child processes write in ``children``."""
     global _served  # noqa: PLW0603 - the one registry this process serves
     if not 0 < port < 65536:
         msg = f"the metrics port must be between 1 and 65535, not {port}"
         raise ValueError(msg)
     served = REGISTRY
-    if multiprocess():
+    if children is not None or _multiprocess():
         served = CollectorRegistry()
-        MultiProcessCollector(served)  # type: ignore[no-untyped-call]
+        if _multiprocess():  # the application's own series, from the processes' files
+            MultiProcessCollector(served)  # type: ignore[no-untyped-call]
+        served.register(Gathered(children, _families))
     _start_http_server(port, addr=host, registry=served)
     _served = served
     install_metrics(service=service)
+
+
+def _families() -> tuple[Family, ...]:
+    installed = _current
+    return installed[0].families() if installed else ()
+
+
+def _multiprocess() -> bool:
+    """Whether prometheus_client keeps its values in ``PROMETHEUS_MULTIPROC_DIR`` files."""
+    return bool(getattr(prometheus_values.ValueClass, "_multiprocess", False))
 
 
 def serve_celery_metrics(
@@ -140,13 +161,14 @@ def serve_celery_metrics(
 ) -> None:
     """Serve the metrics of ``app``'s Celery workers on ``host:port``, once a worker starts.
 
-    Call it in the module that makes the Celery app: it only connects to Celery's
-    ``worker_init`` signal, so publishers importing the module serve nothing. When a worker of
-    ``app`` starts, it serves the metrics (:func:`serve_metrics`) from the worker's main
-    process. Under the prefork pool the handlers run in child processes: set
-    ``PROMETHEUS_MULTIPROC_DIR`` to an empty directory in the worker's environment (it must be
-    set before prometheus_client is imported), and the main process serves the sum over its
-    children. A prefork worker without it serves nothing and logs an error saying so.
+    Call it in the module that makes the Celery app: it only connects to Celery's worker
+    signals, so publishers importing the module serve nothing. When a worker of ``app`` starts,
+    its main process serves the metrics (:func:`serve_metrics`). Under the prefork pool, where
+    handlers run in child processes, each child writes its counts to a private temporary
+    directory every second and when it exits, and the main process serves their sum: a scrape
+    sees a child's runs at most about a second late, and the runs of children that exited stay
+    counted. The directory is removed when the worker stops. A port that cannot be bound is
+    logged as an error; the worker runs on without metrics.
     """
     try:
         from celery import signals  # noqa: PLC0415 - the celery extra
@@ -155,23 +177,46 @@ def serve_celery_metrics(
     except ImportError as exc:  # pragma: no cover - depends on the environment
         msg = "serve_celery_metrics needs Celery: pip install 'tidings[celery,prometheus]'"
         raise ImportError(msg) from exc
+    state: dict[str, Any] = {}  # "children": the directory; in a child, "writer" too
 
     def on_worker_init(sender: Any = None, **_: Any) -> None:
         if getattr(sender, "app", app) is not app:
             return  # a worker of another app in this process
         pool = get_implementation(getattr(sender, "pool_cls", None) or "prefork")
-        if isinstance(pool, type) and issubclass(pool, TaskPool) and not multiprocess():
-            log.error(
-                "tidings metrics are not served: the prefork pool runs handlers in child "
-                "processes; set PROMETHEUS_MULTIPROC_DIR to an empty directory for the worker"
-            )
-            return
+        forks = isinstance(pool, type) and issubclass(pool, TaskPool)
+        children = Path(tempfile.mkdtemp(prefix="tidings-metrics-")) if forks else None
         try:
-            serve_metrics(port, host, service=service)
+            _serve(port, host, service, children)
         except OSError as exc:
             log.error("tidings metrics are not served: cannot listen on %s:%d: %s", host, port, exc)
+            if children is not None:
+                shutil.rmtree(children, ignore_errors=True)
+            return
+        state["children"] = children
+
+    def on_process_init(**_: Any) -> None:
+        children = state.get("children")
+        if children is None or not _current:
+            return
+        _current[0].reset()  # the parent's counts are its own; this child counts from zero
+        writer = Snapshots(children, _families)
+        writer.start()
+        state["writer"] = writer
+
+    def on_process_shutdown(**_: Any) -> None:
+        writer = state.get("writer")
+        if writer is not None:
+            writer.stop()
+
+    def on_worker_shutdown(**_: Any) -> None:
+        children = state.pop("children", None)
+        if children is not None and "writer" not in state:  # the main process
+            shutil.rmtree(children, ignore_errors=True)
 
     signals.worker_init.connect(on_worker_init, weak=False)
+    signals.worker_process_init.connect(on_process_init, weak=False)
+    signals.worker_process_shutdown.connect(on_process_shutdown, weak=False)
+    signals.worker_shutdown.connect(on_worker_shutdown, weak=False)
 
 
 def watch_outbox(
