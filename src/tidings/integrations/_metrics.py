@@ -7,10 +7,11 @@ install); see it for the series and their labels.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
 from contextvars import ContextVar
 from datetime import UTC, datetime
+from threading import get_ident
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -19,6 +20,19 @@ from prometheus_client import CollectorRegistry
 from tidings._untrusted import log_safe
 from tidings.errors import HandlerFailedError
 from tidings.integrations._families import Family, FastCounter, FastHistogram
+from tidings.integrations._runs import (
+    BUSY,
+    DEAD,
+    DONE,
+    DUPLICATE,
+    FAILED,
+    LATENCY_BUCKETS,
+    RETRIED,
+    Run,
+    RunCounter,
+    RunHistogram,
+    RunSeries,
+)
 
 if TYPE_CHECKING:
     from tidings.events import DomainEvent
@@ -27,14 +41,6 @@ if TYPE_CHECKING:
 __all__ = ["Metrics", "MetricsHooks", "label"]
 
 _LABEL_LIMIT = 100
-_DURATION_BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-    60.0,
-)  # fmt: skip
-_LATENCY_BUCKETS = (
-    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
-    900.0, 3600.0,
-)  # fmt: skip
 _BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000)
 
 # While a relayed batch is sent: its events are counted as relayed, not published again.
@@ -86,12 +92,22 @@ class Metrics:
         run = [*event, "handler"]
         table = ["service", "table"]
         self.published = _counter("published", "Events published or stored in an outbox", event)
-        self.handled = _counter("handled", "Handler runs that succeeded", [*run, "outcome"])
-        self.failures = _counter("handler_failures", "Handler runs that raised", run)
-        self.retries = _counter("retries", "Handler runs scheduled again", [*run, "cause"])
-        self.dead_letters = _counter(
-            "dead_letters", "Messages stored as dead letters", [*event, "reason"]
+        runs = self._all_runs
+        self.handled = RunCounter(
+            "tidings_handled", "Handler runs that succeeded", [*run, "outcome"], runs,
+            [(DONE, ("done",)), (DUPLICATE, ("duplicate",))],
+        )  # fmt: skip
+        self.failures = RunCounter(
+            "tidings_handler_failures", "Handler runs that raised", run, runs, [(FAILED, ())]
         )
+        self.retries = RunCounter(
+            "tidings_retries", "Handler runs scheduled again", [*run, "cause"], runs,
+            [(RETRIED, ("error",)), (BUSY, ("busy",))],
+        )  # fmt: skip
+        self.dead_letters = RunCounter(
+            "tidings_dead_letters", "Messages stored as dead letters", [*event, "reason"], runs,
+            [(DEAD, ("handler",))], width=3,
+        )  # fmt: skip
         self.rejected = _counter(
             "rejected",
             "Messages dead-lettered with no handler run",
@@ -99,14 +115,15 @@ class Metrics:
         )
         self.unrouted = _counter("unrouted", "Events no handler or subscriber took", event)
         self.relayed = _counter("relayed", "Outbox events sent on", [*table, "event_type"])
-        self.duration = FastHistogram(
-            "tidings_handler_duration_seconds", "Handler run time", run, _DURATION_BUCKETS
+        self.duration = RunHistogram(
+            "tidings_handler_duration_seconds", "Handler run time", run, runs, latency=False
         )
-        self.latency = FastHistogram(
+        self.latency = RunHistogram(
             "tidings_delivery_latency_seconds",
             "From the event's occurred_at to a handler run's start",
             run,
-            _LATENCY_BUCKETS,
+            runs,
+            latency=True,
         )
         self.batch_size = FastHistogram(
             "tidings_relay_batch_size", "Events per relayed batch", table, _BATCH_BUCKETS
@@ -115,9 +132,9 @@ class Metrics:
             "tidings_relay_lag_seconds",
             "From the event's occurred_at to the relay's send",
             table,
-            _LATENCY_BUCKETS,
+            LATENCY_BUCKETS,
         )
-        self._runs: dict[tuple[str, str, str], _RunSeries] = {}
+        self._runs: dict[tuple[int, str, str, str], RunSeries] = {}
         self._events: dict[tuple[str, str], Any] = {}
         registered: list[Family] = []
         try:
@@ -149,14 +166,16 @@ class Metrics:
         for family in self.families():
             self.registry.unregister(family)
 
-    def run_series(self, system: str, event_type: str, handler: str) -> _RunSeries:
-        key = (system, event_type, handler)
+    def _all_runs(self) -> Iterable[RunSeries]:
+        return self._runs.values()
+
+    def run_series(self, system: str, event_type: str, handler: str) -> RunSeries:
+        """This thread's series of ``handler``'s runs on ``event_type``, made on first use."""
+        key = (get_ident(), system, event_type, handler)
         series = self._runs.get(key)
         if series is None:
-            series = self._runs.setdefault(
-                key,
-                _RunSeries(self, self.service, label(system), label(event_type), label(handler)),
-            )
+            labels = (self.service, label(system), label(event_type), label(handler))
+            series = self._runs.setdefault(key, RunSeries(labels))
         return series
 
     def published_series(self, system: str, event_type: str) -> Any:
@@ -167,85 +186,6 @@ class Metrics:
                 key, self.published.labels(self.service, label(system), label(event_type))
             )
         return child
-
-
-class _RunSeries:
-    """The bound series of one (system, event type, handler): labels resolved once."""
-
-    __slots__ = ("busy", "dead", "done", "duplicate", "duration", "failures", "latency", "retries")
-
-    def __init__(
-        self, metrics: Metrics, service: str, system: str, event_type: str, handler: str
-    ) -> None:
-        labels = (service, system, event_type, handler)
-        self.done = metrics.handled.labels(*labels, "done")
-        self.duplicate = metrics.handled.labels(*labels, "duplicate")
-        self.failures = metrics.failures.labels(*labels)
-        self.retries = metrics.retries.labels(*labels, "error")
-        self.busy = metrics.retries.labels(*labels, "busy")
-        self.dead = metrics.dead_letters.labels(service, system, event_type, "handler")
-        self.duration = metrics.duration.labels(*labels)
-        self.latency = metrics.latency.labels(*labels)
-
-
-class _Run:
-    """One handler run: its duration and outcome are counted when it reports how it ended."""
-
-    __slots__ = ("ended", "series", "start")
-
-    def __init__(self, series: _RunSeries) -> None:
-        self.series = series
-        self.ended = False
-        self.start = time.perf_counter()
-
-    def _ran(self) -> bool:
-        """Mark the run ended; ``False`` when it already was (each run counts once)."""
-        if self.ended:
-            return False
-        self.ended = True
-        self.series.duration.observe(time.perf_counter() - self.start)
-        return True
-
-    def done(self, fresh: bool) -> None:
-        if not fresh:  # the inbox skipped it: no handler ran, no duration
-            if not self.ended:
-                self.ended = True
-                self.series.duplicate.inc()
-            return
-        if self._ran():
-            self.series.done.inc()
-
-    def busy(self, retry_in: float) -> None:
-        if not self.ended:  # the handler did not run: no duration
-            self.ended = True
-            self.series.busy.inc()
-
-    def failed(
-        self,
-        error: BaseException,
-        *,
-        retry_in: float | None = None,
-        dead_letter: str | None = None,
-    ) -> None:
-        if not self._ran():
-            return
-        self.series.failures.inc()
-        if retry_in is not None:
-            self.series.retries.inc()
-        elif dead_letter is not None:
-            self.series.dead.inc()
-
-    def end(self) -> None:
-        self.ended = True  # cut short by the worker: no outcome to count
-
-    def __enter__(self) -> _Run:
-        return self
-
-    def __exit__(self, kind: object, error: BaseException | None, tb: object) -> None:
-        if error is not None:
-            self.failed(error)
-        else:
-            self.done(fresh=True)
 
 
 class _Published(AbstractContextManager[object]):
@@ -357,12 +297,8 @@ class MetricsHooks:
         system: str,
         destination: str,
         attempt: int,
-    ) -> _Run:
-        series = self.metrics.run_series(system, event.event_type, handler)
-        age = _age(event.occurred_at, time.time())
-        if age is not None:
-            series.latency.observe(age)
-        return _Run(series)
+    ) -> Run:
+        return Run(self.metrics.run_series(system, event.event_type, handler), event.occurred_at)
 
     def traceparent(self, event: DomainEvent) -> str | None:
         return None
