@@ -26,7 +26,7 @@ from tidings.codec import default_codec
 from tidings.deadletter.redis import RedisDeadLetterStore
 from tidings.delivery import Dispatcher, Received
 from tidings.inbox.redis import RedisInbox
-from tidings.integrations._families import FastHistogram
+from tidings.integrations._families import FastCounter, FastHistogram, Gathered, Snapshots
 from tidings.integrations.otel import install_tracing, uninstall_tracing
 from tidings.integrations.prometheus import (
     install_metrics,
@@ -424,3 +424,29 @@ def test_the_fast_histogram_exposes_what_prometheus_clients_histogram_does():
     assert exposed(ours) == exposed(theirs)
     with pytest.raises(ValueError, match="takes 1 label values"):
         fast.labels("a", "b")
+
+
+def test_gathered_sums_this_process_and_every_childs_snapshot(tmp_path):
+    """Gathered adds each snapshot written to this process's live counts; bad entries skip."""
+    counter = FastCounter("probe_runs", "Runs", ["kind"])
+    timing = FastHistogram("probe_seconds", "A probe", ["kind"], (0.1, 1.0))
+    families = (counter, timing)
+    counter.labels("a").inc(2)
+    timing.labels("a").observe(0.5)
+    Snapshots(tmp_path, lambda: families).write()  # as a child would, under this pid
+    (tmp_path / "tidings-1.json").write_text(
+        json.dumps({"probe_runs": [[["a"], [3.0]], [["b"], [1.0]]],
+                    "probe_seconds": [[["a"], [1.0, 0.0, 0.0, 0.05]], [["c"], [1.0]]]})
+    )  # fmt: skip
+    (tmp_path / "tidings-2.json").write_text("{torn")
+    counter.labels("a").inc()  # this process counts on after its own snapshot
+    registry = CollectorRegistry()
+    registry.register(Gathered(tmp_path, lambda: families))
+    assert registry.get_sample_value("probe_runs_total", {"kind": "a"}) == 2 + 3 + 3
+    assert registry.get_sample_value("probe_runs_total", {"kind": "b"}) == 1
+    assert registry.get_sample_value("probe_seconds_count", {"kind": "a"}) == 1 + 1 + 1
+    assert registry.get_sample_value("probe_seconds_bucket", {"kind": "a", "le": "0.1"}) == 1
+    assert registry.get_sample_value("probe_seconds_sum", {"kind": "a"}) == 0.5 + 0.5 + 0.05
+    assert (
+        registry.get_sample_value("probe_seconds_count", {"kind": "c"}) is None
+    )  # not a histogram

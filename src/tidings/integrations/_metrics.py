@@ -94,7 +94,8 @@ class Metrics:
         self.published = _counter("published", "Events published or stored in an outbox", event)
         runs = self._all_runs
         self.handled = RunCounter(
-            "tidings_handled", "Handler runs that succeeded", [*run, "outcome"], runs,
+            "tidings_handled", "Handler runs returned, or skipped as duplicates",
+            [*run, "outcome"], runs,
             [(DONE, ("done",)), (DUPLICATE, ("duplicate",))],
         )  # fmt: skip
         self.failures = RunCounter(
