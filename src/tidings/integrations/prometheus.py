@@ -75,7 +75,8 @@ _NAME = "metrics"
 """The name this integration is installed under (see :func:`tidings._tracing.install`)."""
 
 _lock = threading.Lock()
-_served: CollectorRegistry = REGISTRY  # what serve_metrics serves (its own in multiprocess mode)
+_served: CollectorRegistry = REGISTRY  # what this process serves (a registry of its own when
+# it gathers children's counts or prometheus_client's multiprocess files)
 _current: list[Metrics] = []  # the installed metrics (none or one), to unregister them
 
 
@@ -87,8 +88,9 @@ def install_metrics(
     ``registry`` defaults to prometheus_client's global ``REGISTRY`` (what
     ``start_http_server`` serves); ``service`` is the ``service`` label of every series.
     Installing again replaces the previous installation and unregisters its series. Thread-safe,
-    but meant for the composition root, once per process (in each forked worker child, with
-    prometheus_client's multiprocess mode).
+    but meant for the composition root, once per process. A forked child counts on in its own
+    copy, which its parent does not serve: :func:`serve_celery_metrics` gathers the children of
+    Celery's prefork pool.
     """
     with _lock:
         _drop()
