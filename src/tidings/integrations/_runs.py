@@ -72,10 +72,9 @@ class RunSeries:
 class Run:
     """One handler run, counted once when it reports how it ended (nothing if cut short).
 
-    Made, and ended, in the thread whose :class:`RunSeries` it counts into.
-
     The latency is taken then too, from the end less the run's duration to the event's
-    ``occurred_at`` (never below 0; none if it does not parse).
+    ``occurred_at`` (never below 0; none if it does not parse). Made, and ended, in the thread
+    whose :class:`RunSeries` it counts into.
     """
 
     __slots__ = ("ended", "occurred", "series", "start")
