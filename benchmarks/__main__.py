@@ -19,7 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from benchmarks import celery_e2e, core, outbox_bench, streams_audit, streams_e2e
-from benchmarks.harness import measure, table
+from benchmarks.harness import Row, measure, table
 
 RESULTS = Path(__file__).with_name("results.json")
 
@@ -42,6 +42,16 @@ def postgres_reachable() -> bool:
         return False
 
 
+def _metrics_rows(*, quick: bool, celery: bool = False) -> list[Row]:
+    """A row with metrics against the same without (Streams, or Celery); none without the extra."""
+    try:
+        from benchmarks import metrics_e2e  # noqa: PLC0415 - needs the prometheus extra
+    except ImportError:
+        print("prometheus_client is not installed: the metrics rows are skipped\n")
+        return []
+    return metrics_e2e.celery_rows(quick=quick) if celery else metrics_e2e.rows(quick=quick)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run every case, print the table, write results.json; return the exit status."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks")
@@ -61,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in (None, "celery"):
         if redis_reachable():
             rows += celery_e2e.rows(quick=args.quick)
+            rows += _metrics_rows(quick=args.quick, celery=True)
         else:
             print("Redis is not reachable on 127.0.0.1:6379: the Celery rows are skipped\n")
     if args.only in (None, "streams", "streams-memory"):
@@ -69,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.only != "streams-memory":
             rows += streams_e2e.rows(quick=args.quick)
             rows += streams_audit.rows(quick=args.quick)
+            rows += _metrics_rows(quick=args.quick)
         if args.only != "streams" and redis_reachable():
             rows += streams_e2e.memory_rows(quick=args.quick)
     if args.only in (None, "outbox"):

@@ -2,7 +2,8 @@
 
 ``BENCH_QUEUE`` and ``BENCH_PREFIX`` (Redis keys) come from the environment. This module's worker
 serves the tidings tasks and the plain task on that queue; the baseline itself runs on a stock
-Celery worker (:mod:`benchmarks.apps.celery_plain`).
+Celery worker (:mod:`benchmarks.apps.celery_plain`). With ``BENCH_METRICS_PORT`` set (and
+``PROMETHEUS_MULTIPROC_DIR``) the worker serves Prometheus metrics there.
 """
 
 from __future__ import annotations
@@ -78,3 +79,7 @@ if os.environ.get("BENCH_QUEUE"):
     app, bus, transport, plain, _client = make(
         os.environ["BENCH_QUEUE"], os.environ["BENCH_PREFIX"]
     )
+    if os.environ.get("BENCH_METRICS_PORT"):  # the metrics row (benchmarks.metrics_e2e)
+        from tidings.integrations.prometheus import serve_celery_metrics
+
+        serve_celery_metrics(app, port=int(os.environ["BENCH_METRICS_PORT"]), service="bench")

@@ -30,6 +30,7 @@ from rich.table import Table
 from rich.text import Text
 
 from tidings._cli_imports import configure_logging, import_module, load_attribute
+from tidings._cli_metrics import metrics_options, serve
 from tidings._redis_persistence import describe_url, warn_url_if_forgetful
 from tidings._untrusted import log_safe, redact_text, redact_url
 from tidings.bus import EventBus
@@ -258,6 +259,7 @@ def make_relay_command() -> click.Command:
         default="INFO",
         show_default=True,
     )
+    @metrics_options
     def relay(  # noqa: PLR0917 - click passes every option
         db_url: str | None,
         table: str,
@@ -270,6 +272,8 @@ def make_relay_command() -> click.Command:
         max_attempts: int,
         once: bool,
         loglevel: str,
+        metrics_port: int | None,
+        metrics_host: str,
     ) -> None:
         """Forward committed outbox rows to the broker, in order per partition key.
 
@@ -277,7 +281,8 @@ def make_relay_command() -> click.Command:
         marked) only after the broker confirmed. A row that cannot be relayed holds its key
         for up to --max-attempts tries, then moves to the quarantine table (`tidings outbox
         status`, `tidings dlq outbox`). Several relays may run against PostgreSQL or MariaDB;
-        SQLite takes one. Stops cleanly on SIGINT/SIGTERM.
+        SQLite takes one. Stops cleanly on SIGINT/SIGTERM. With --metrics-port, Prometheus
+        metrics (relayed events, batch sizes, lag, the table's backlog) are served.
         """
         configure_logging(loglevel, db_url, transport_spec)
         for module in imports:
@@ -310,6 +315,10 @@ def make_relay_command() -> click.Command:
                     shown = redact_text(str(exc), transport_spec, db_url)
                     msg = f"--transport {redact_url(transport_spec)}: {shown}"
                     raise click.UsageError(msg) from exc
+                if serve(metrics_port, metrics_host, service=None):
+                    from tidings.integrations.prometheus import watch_outbox  # noqa: PLC0415
+
+                    watch_outbox(engine, outbox)
                 if once:
                     _create_quarantine(engine, outbox)
                     _drain(runner, transport_spec, db_url, *runner.secrets)

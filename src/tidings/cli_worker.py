@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 import click
 
 from tidings._cli_imports import configure_logging, load_attribute
+from tidings._cli_metrics import metrics_options, serve
 from tidings._untrusted import redact_text, redact_url
 from tidings.bus import EventBus
 from tidings.errors import TidingsError
@@ -62,13 +63,22 @@ def make_worker_command() -> click.Command:
         default="INFO",
         show_default=True,
     )
-    def worker(app: str, transport_url: str | None, concurrency: int, loglevel: str) -> None:
+    @metrics_options
+    def worker(  # noqa: PLR0917 - click passes every option
+        app: str,
+        transport_url: str | None,
+        concurrency: int,
+        loglevel: str,
+        metrics_port: int | None,
+        metrics_host: str,
+    ) -> None:
         """Consume the bus's streams until SIGTERM or SIGINT, then finish what it holds and exit.
 
         Each consumer reads batches, runs the handlers (inbox, retries, dead letters), and
         acknowledges each batch after; on a stop signal every consumer reads no more, handles
         and acknowledges the batches it holds, then exits. Redis being down is waited out with
-        bounded backoff.
+        bounded backoff. With --metrics-port, Prometheus metrics (label service: the
+        transport's service) are served for as long as it runs.
         """
         from tidings.outbox._common import secret_urls  # noqa: PLC0415
         from tidings.transports.redis_streams import (  # noqa: PLC0415 - needs redis-py
@@ -95,6 +105,7 @@ def make_worker_command() -> click.Command:
             import redis  # noqa: PLC0415 - present: the transport module imported it
 
             transport.client = redis.Redis.from_url(transport_url)
+        serve(metrics_port, metrics_host, service=transport.service)
         click.echo(
             f"tidings worker: service {transport.service}, {concurrency} consumer(s), "
             f"streams {', '.join(transport.streams().read)}",
