@@ -39,6 +39,13 @@ def make_ui_command() -> click.Command:
         help="The audit store searched for traces. Env: TIDINGS_AUDIT_URL.",
     )
     @click.option(
+        "--audit-name",
+        envvar="TIDINGS_AUDIT_NAME",
+        metavar="NAME",
+        help="The audit store's SQL table or Redis key prefix, if not the default. "
+        "Env: TIDINGS_AUDIT_NAME.",
+    )
+    @click.option(
         "--store",
         "store_url",
         envvar="TIDINGS_DLQ_URL",
@@ -94,6 +101,7 @@ def make_ui_command() -> click.Command:
                   show_default=True)  # fmt: skip
     def ui(  # noqa: PLR0917 - click passes every option
         audit_url: str | None,
+        audit_name: str | None,
         store_url: str | None,
         name: str | None,
         service: str | None,
@@ -134,7 +142,9 @@ def make_ui_command() -> click.Command:
             from tidings.audit import open_audit_store  # noqa: PLC0415
 
             config.audit = _open(
-                "--audit", audit_url, lambda: open_audit_store(audit_url, must_exist=True)
+                "--audit",
+                audit_url,
+                lambda: open_audit_store(audit_url, name=audit_name, must_exist=True),
             )  # type: ignore[assignment]
         if store_url:
             from tidings.deadletter import open_store  # noqa: PLC0415

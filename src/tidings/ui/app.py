@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import parse_qsl
 
 try:
     import jinja2
@@ -45,6 +46,8 @@ _TENANT_RECORDS = 500
 _FIELD_CHARS = 400
 _BLOCK_CHARS = 100_000
 _COUNTERS_REFRESH = 5
+_FORM_BYTES = 64 * 1024
+_FORM_FIELDS = 20
 _HEADERS = {
     "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
     "img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
@@ -387,8 +390,12 @@ class _Pages:
         """POST /letters/replay or /letters/purge: checked, then done in the thread pool."""
         from starlette.concurrency import run_in_threadpool  # noqa: PLC0415
 
-        form = await request.form()
-        fields = {key: str(value) for key, value in form.items()}
+        body = await request.body()
+        kind = request.headers.get("content-type", "").partition(";")[0].strip()
+        if kind != "application/x-www-form-urlencoded" or len(body) > _FORM_BYTES:
+            return self.render("error.html", 400, reason="a small url-encoded form is expected")
+        pairs = parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)
+        fields = dict(pairs[:_FORM_FIELDS])
         return await run_in_threadpool(self.guarded(lambda r: self._act(r, fields)), request)
 
     def _act(self, request: Request, form: dict[str, str]) -> Response:
