@@ -35,7 +35,7 @@ from tidings.audit import AuditRecord, AuditStore
 from tidings.audit.tree import causal_tree
 from tidings.deadletter import find, iter_matching
 from tidings.ports import DeadLetter, DeadLetterFilter, DeadLetterStore, Replayer
-from tidings.ui.graph import layout
+from tidings.ui.graph import LEGEND, layout
 
 __all__ = ["OpsConfig", "create_app"]
 
@@ -258,6 +258,7 @@ class _Pages:
             correlation_id=_safe(correlation_id),
             trace=found,
             picture=layout(found),
+            legend=LEGEND,
             records=[_record_row(found.start, record) for record in ordered],
             started=_when(found.start),
         )

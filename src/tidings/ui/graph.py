@@ -14,7 +14,7 @@ from tidings._untrusted import log_safe
 from tidings.audit import AuditRecord
 from tidings.audit.tree import EventNode, Trace
 
-__all__ = ["MAX_ROWS", "Edge", "Picture", "Row", "Tick", "layout"]
+__all__ = ["LEGEND", "MAX_ROWS", "Edge", "Picture", "Row", "Tick", "layout"]
 
 MAX_ROWS = 1000
 """Most rows one picture draws; the rest are counted in :attr:`Picture.hidden`."""
@@ -41,6 +41,17 @@ _COLOUR = {
 }
 _FAILED = "#e67e22"
 _EVENT = "#333333"
+
+LEGEND = (
+    ("event", _EVENT),
+    ("published / relayed", _COLOUR["published"]),
+    ("handled", _COLOUR["handled"]),
+    ("handler failed", _FAILED),
+    ("retried", _COLOUR["retried"]),
+    ("duplicate", _COLOUR["duplicate"]),
+    ("dead-lettered / rejected", _COLOUR["dead_lettered"]),
+)
+"""The picture's colours, as the trace page's legend lists them."""
 
 
 @dataclass(frozen=True)
@@ -135,6 +146,16 @@ def _record_text(record: AuditRecord) -> str:
     return text
 
 
+def _ticks(span_ms: float) -> tuple[Tick, ...]:
+    return tuple(
+        Tick(
+            round(AXIS_X0 + (AXIS_X1 - AXIS_X0) * step / (_TICKS - 1), 2),
+            f"{span_ms * step / (_TICKS - 1):.1f} ms",
+        )
+        for step in range(_TICKS)
+    )
+
+
 def layout(trace: Trace) -> Picture:
     """Lay ``trace`` out: a row per event and per record, in causal then time order."""
     end = max(
@@ -158,7 +179,7 @@ def layout(trace: Trace) -> Picture:
             return None
         return TOP + ROW * (len(rows) + 1)
 
-    def record_row(record: AuditRecord, depth: int) -> None:
+    def record_row(record: AuditRecord, depth: int) -> Row | None:
         colour = _COLOUR[record.kind]
         if record.kind == "handled" and record.outcome != "ok":
             colour = _FAILED
@@ -169,23 +190,23 @@ def layout(trace: Trace) -> Picture:
             title += f"\n{record.detail}"
         y = next_y()
         if y is None:
-            return
-        rows.append(
-            Row(
-                y=y,
-                label_x=LABEL_X + INDENT * depth,
-                label=_short(text),
-                title=log_safe(title, _TITLE_CHARS, keep_newlines=True),
-                x=x_of(record.at),
-                width=round(max((record.duration or 0.0) * scale, 3.0), 2),
-                colour=colour,
-                timing=f"+{trace.offset_ms(record.at):.1f} ms{took}",
-                is_event=False,
-                kind=record.kind,
-            )
+            return None
+        row = Row(
+            y=y,
+            label_x=LABEL_X + INDENT * depth,
+            label=_short(text),
+            title=log_safe(title, _TITLE_CHARS, keep_newlines=True),
+            x=x_of(record.at),
+            width=round(max((record.duration or 0.0) * scale, 3.0), 2),
+            colour=colour,
+            timing=f"+{trace.offset_ms(record.at):.1f} ms{took}",
+            is_event=False,
+            kind=record.kind,
         )
+        rows.append(row)
+        return row
 
-    def event_row(node: EventNode, depth: int, parent: Row | None) -> None:
+    def event_row(node: EventNode, depth: int, cause: tuple[float, int] | None) -> None:
         kind = node.event_type or "(unknown type)"
         title = f"{kind} {node.event_id}"
         if node.tenant_id is not None:
@@ -206,36 +227,34 @@ def layout(trace: Trace) -> Picture:
                 kind="event",
             )
             rows.append(row)
-            if parent is not None:
-                edges.append(Edge(parent.x, parent.y, row.x, row.y))
+            if cause is not None:
+                edges.append(Edge(cause[0], cause[1], row.x, row.y))
         items: list[tuple[float, int, AuditRecord | EventNode]] = [
             (record.at, 0, record) for record in node.records
         ]
         items += [(child.at, 1, child) for child in node.caused]
+        # A follow-up's arrow starts at the end of the handler run it came from (the last run
+        # to start before it), or at this event when no run did.
+        source = None if row is None else (row.x, row.y)
         for _, _, item in sorted(items, key=lambda entry: (entry[0], entry[1])):
             if isinstance(item, EventNode):
-                event_row(item, depth + 1, row)
+                event_row(item, depth + 1, source)
             else:
-                record_row(item, depth + 1)
+                drawn = record_row(item, depth + 1)
+                if drawn is not None and item.handler is not None:
+                    source = (drawn.x + drawn.width, drawn.y)
 
     for node in trace.roots:
         event_row(node, 0, None)
     for record in trace.unattached:
         record_row(record, 0)
     span_ms = round(span * 1000, 3)
-    ticks = tuple(
-        Tick(
-            round(AXIS_X0 + (AXIS_X1 - AXIS_X0) * step / (_TICKS - 1), 2),
-            f"{span_ms * step / (_TICKS - 1):.1f} ms",
-        )
-        for step in range(_TICKS)
-    )
     return Picture(
         width=WIDTH,
         height=TOP + ROW * (len(rows) + 2),
         rows=tuple(rows),
         edges=tuple(edges),
-        ticks=ticks,
+        ticks=_ticks(span_ms),
         span_ms=span_ms,
         hidden=hidden,
     )
