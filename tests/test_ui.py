@@ -215,3 +215,15 @@ def test_the_command_needs_something_to_show_and_defaults_to_localhost():
     help_text = runner.invoke(make_cli(), ["ui", "--help"]).output
     assert "127.0.0.1" in help_text
     assert "--allow-replay" in help_text
+
+
+def test_a_store_the_command_cannot_open_is_a_usage_error_without_its_password(tmp_path):
+    """A missing SQLite file or an unknown dialect is refused in one line, password hidden."""
+    runner = CliRunner()
+    missing = runner.invoke(make_cli(), ["ui", "--audit", f"sqlite:///{tmp_path / 'no.db'}"])
+    assert missing.exit_code == 2
+    assert "--audit" in missing.output
+    assert not (tmp_path / "no.db").exists()
+    unknown = runner.invoke(make_cli(), ["ui", "--db", "nosuchdb://app:s3cret-pw@db/x"])
+    assert unknown.exit_code == 2
+    assert "s3cret-pw" not in unknown.output

@@ -8,6 +8,8 @@ URLs are printed only redacted.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import click
@@ -18,10 +20,13 @@ from tidings.transports._defaults import dead_letter_prefix
 
 __all__ = ["make_ui_command"]
 
+_T = TypeVar("_T")
 
-def _open(what: str, url: str, opener: object) -> object:
+
+def _open(what: str, url: str, opener: Callable[[], _T]) -> _T:
+    """``opener()``, its failure a one-line usage error with ``url``'s secrets redacted."""
     try:
-        return opener() if callable(opener) else None
+        return opener()
     except Exception as exc:  # a URL tidings cannot use, a missing extra or driver
         msg = f"cannot open {what}: {type(exc).__name__}: {exc}"
         raise click.UsageError(redact_text(msg, url)) from exc
@@ -145,7 +150,7 @@ def make_ui_command() -> click.Command:
                 "--audit",
                 audit_url,
                 lambda: open_audit_store(audit_url, name=audit_name, must_exist=True),
-            )  # type: ignore[assignment]
+            )
         if store_url:
             from tidings.deadletter import open_store  # noqa: PLC0415
 
@@ -155,7 +160,7 @@ def make_ui_command() -> click.Command:
                 name = dead_letter_prefix(service)
             config.dead_letters = _open(
                 "--store", store_url, lambda: open_store(store_url, name=name, must_exist=True)
-            )  # type: ignore[assignment]
+            )
         elif target is not None:
             config.dead_letters = _app_store(target, app or "")
         if db_url:
