@@ -38,9 +38,8 @@ def client_for(scene: Scene, *, allow_replay: bool = False, csrf: str = "") -> T
         outbox_engine=engine,
         replayer=scene.bus.transport,  # type: ignore[arg-type]
         allow_replay=allow_replay,
+        **({"csrf_token": csrf} if csrf else {}),
     )
-    if csrf:
-        config.csrf_token = csrf
     return TestClient(create_app(config))
 
 

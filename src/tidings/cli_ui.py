@@ -9,14 +9,19 @@ URLs are printed only redacted.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlsplit
 
 import click
 
 from tidings._untrusted import redact_text, redact_url
+from tidings.audit import AuditStore
 from tidings.cli_dlq import _app_store, _load_app, _replayer
+from tidings.ports import DeadLetterStore
 from tidings.transports._defaults import dead_letter_prefix
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
 
 __all__ = ["make_ui_command"]
 
@@ -30,6 +35,29 @@ def _open(what: str, url: str, opener: Callable[[], _T]) -> _T:
     except Exception as exc:  # a URL tidings cannot use, a missing extra or driver
         msg = f"cannot open {what}: {type(exc).__name__}: {exc}"
         raise click.UsageError(redact_text(msg, url)) from exc
+
+
+def _audit(url: str, name: str | None) -> AuditStore:
+    from tidings.audit import open_audit_store  # noqa: PLC0415 - imported when asked for
+
+    return _open("--audit", url, lambda: open_audit_store(url, name=name, must_exist=True))
+
+
+def _dead_letters(url: str, name: str | None, service: str | None) -> DeadLetterStore:
+    """The store at ``url``: ``--name``'s prefix or table, or ``--service``'s default."""
+    from tidings.deadletter import open_store  # noqa: PLC0415 - imported when asked for
+
+    if service is not None:
+        if urlsplit(url).scheme.lower() not in ("redis", "rediss"):
+            raise click.UsageError("--service picks a Redis store: pass --name TABLE")
+        name = dead_letter_prefix(service)
+    return _open("--store", url, lambda: open_store(url, name=name, must_exist=True))
+
+
+def _outbox(url: str) -> sa.Engine:
+    from tidings._sql import create_engine  # noqa: PLC0415 - the sql extra
+
+    return _open("--db", url, lambda: create_engine(url, must_exist=True))
 
 
 def make_ui_command() -> click.Command:
@@ -135,43 +163,26 @@ def make_ui_command() -> click.Command:
             raise click.UsageError(msg)
         if name is not None and service is not None:
             raise click.UsageError("pass --name or --service, not both")
+        target = _load_app(app)
+        dead_letters: DeadLetterStore | None = None
+        if store_url:
+            dead_letters = _dead_letters(store_url, name, service)
+        elif target is not None:
+            dead_letters = _app_store(target, app or "")
         config = OpsConfig(
+            audit=_audit(audit_url, audit_name) if audit_url else None,
+            dead_letters=dead_letters,
+            outbox_engine=_outbox(db_url) if db_url else None,
             outbox_table=table,
+            replayer=None if target is None else _replayer(target, app or ""),
             allow_replay=allow_replay,
             redact=tuple(url for url in (audit_url, store_url, db_url) if url),
         )
-        target = _load_app(app)
-        if target is not None:
-            config.replayer = _replayer(target, app or "")
-        if audit_url:
-            from tidings.audit import open_audit_store  # noqa: PLC0415
-
-            config.audit = _open(
-                "--audit",
-                audit_url,
-                lambda: open_audit_store(audit_url, name=audit_name, must_exist=True),
-            )
-        if store_url:
-            from tidings.deadletter import open_store  # noqa: PLC0415
-
-            if service is not None:
-                if urlsplit(store_url).scheme.lower() not in ("redis", "rediss"):
-                    raise click.UsageError("--service picks a Redis store: pass --name TABLE")
-                name = dead_letter_prefix(service)
-            config.dead_letters = _open(
-                "--store", store_url, lambda: open_store(store_url, name=name, must_exist=True)
-            )
-        elif target is not None:
-            config.dead_letters = _app_store(target, app or "")
-        if db_url:
-            from tidings._sql import create_engine  # noqa: PLC0415 - the sql extra
-
-            config.outbox_engine = _open(
-                "--db", db_url, lambda: create_engine(db_url, must_exist=True)
-            )
         mode = "replay and purge allowed" if allow_replay else "read-only"
         shown = ", ".join(redact_url(url) for url in config.redact)
         click.echo(f"tidings ui on http://{host}:{port} ({mode}) over {shown or app}", err=True)
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            click.echo(f"warning: the page has no login, and {host} is not localhost", err=True)
         uvicorn.run(create_app(config), host=host, port=port, log_level="warning", access_log=False)
 
     return ui
