@@ -124,6 +124,10 @@ def test_dead_letters_are_listed_by_filter_and_shown_in_full(scene):
     shown = web.get(f"/letters/{letter.id}").text
     assert "MailDown" in shown
     assert "o-1" in shown  # the body, as UTF-8 text
+    (link,) = re.findall(r'id="event-trace" href="([^"]+)"', shown)
+    found = web.get(link.replace("&amp;", "&"))
+    assert found.status_code == 200
+    assert scene.order.correlation_id in found.text  # the letter's event leads to its request
     assert web.get("/letters/no-such-letter").status_code == 404
 
 

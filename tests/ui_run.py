@@ -10,6 +10,7 @@ replayed letter is handled.
 from __future__ import annotations
 
 import threading
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -82,7 +83,7 @@ def shop_run(kind: str, name: str, tmp_path: Path) -> Iterator[Scene]:
         with audit_store(kind, f"a_{name}", tmp_path) as audit, auditing(audit):
             transport.streams()  # the groups exist before the first publish
             consumer.start()
-            with event_context(correlation_id=f"{name}-request", tenant_id="acme"):
+            with event_context(correlation_id=f"req-{uuid.uuid4().hex[:8]}", tenant_id="acme"):
                 order = ui_shop.OrderPlaced(order_id="o-1")
                 bus.publish(order)
             wait_until(lambda: transport.dead_letters.count() == 1, what="the dead letter")

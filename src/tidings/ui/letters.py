@@ -144,6 +144,7 @@ class LetterPages(Pages):
             letter=_letter_row(letter),
             letter_id=letter.id,
             event_id=safe(letter.event_id),
+            event_query=letter.event_id or "",
             reason=block(letter.reason),
             headers=headers,
             body=body,
