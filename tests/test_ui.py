@@ -230,3 +230,21 @@ def test_a_store_the_command_cannot_open_is_a_usage_error_without_its_password(t
     unknown = runner.invoke(make_cli(), ["ui", "--db", "nosuchdb://app:s3cret-pw@db/x"])
     assert unknown.exit_code == 2
     assert "s3cret-pw" not in unknown.output
+
+
+def test_a_huge_trace_draws_at_most_max_rows_and_counts_the_rest():
+    """Past MAX_ROWS rows the picture stops drawing, says how many it left out, and stays sane."""
+    from tidings.audit import AuditRecord  # noqa: PLC0415
+    from tidings.audit.tree import causal_tree  # noqa: PLC0415
+    from tidings.ui.graph import MAX_ROWS, layout  # noqa: PLC0415
+
+    records = [
+        AuditRecord("handled", "e-1", event_type="t\x1b[2J", correlation_id="c", handler="h",
+                    attempt=1, at=1000.0 + n / 1000, duration=0.0005)
+        for n in range(MAX_ROWS + 50)
+    ]  # fmt: skip
+    picture = layout(causal_tree("c", records))
+    assert len(picture.rows) == MAX_ROWS
+    assert picture.hidden == 51  # the event's row is drawn first
+    assert "\x1b" not in picture.rows[0].label
+    assert all(picture.axis_x0 <= row.x <= picture.axis_x1 for row in picture.rows)
