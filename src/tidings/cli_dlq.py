@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -28,7 +27,7 @@ from rich.text import Text
 
 from tidings._cli_imports import load_attribute
 from tidings._untrusted import log_safe, redact_text, redact_url
-from tidings.deadletter import find, iter_matching, open_store
+from tidings.deadletter import find, iter_matching, open_store, parse_since
 from tidings.errors import TidingsError
 from tidings.ports import DeadLetter, DeadLetterFilter, DeadLetterStore, Replayer
 from tidings.transports._defaults import dead_letter_prefix
@@ -39,8 +38,6 @@ _F = TypeVar("_F", bound=Callable[..., object])
 _COLUMNS = ("id", "failed_at", "transport", "destination", "handler", "event_type")
 _REASON_WIDTH = 60
 _PAGE = 500
-_AGO = re.compile(r"(\d+)([smhd])")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 _SERVICE_HELP = (
     "A transport's default store is per service, tidings:dlq:<service>: pass --service (the "
     "Celery queue, or the Redis Streams service name) or --app; without either, the store is "
@@ -108,23 +105,10 @@ class _Since(click.ParamType):  # type: ignore[type-arg]
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if isinstance(value, datetime):
             return value
-        text = str(value).strip()
-        if match := _AGO.fullmatch(text):
-            amount, unit = match.groups()
-            try:
-                return datetime.now(UTC) - timedelta(**{_UNITS[unit]: int(amount)})
-            except OverflowError:
-                self.fail(f"{text!r} reaches back before the year 1", param, ctx)
         try:
-            when = datetime.fromisoformat(text)
-        except ValueError:
-            self.fail(
-                f"{text!r} is neither an ISO-8601 time (2026-12-01T00:00, UTC unless an offset "
-                "is given) nor an age (30s, 15m, 2h, 7d)",
-                param,
-                ctx,
-            )
-        return when if when.tzinfo else when.replace(tzinfo=UTC)
+            return parse_since(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
 
 
 def _filter_options(func: _F) -> _F:

@@ -13,14 +13,16 @@ Importing this package imports neither redis-py nor SQLAlchemy.
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
 
 from tidings._untrusted import redact_url
 from tidings.errors import TidingsError
 from tidings.ports import DeadLetter, DeadLetterFilter, DeadLetterStore, FilteringDeadLetterStore
 
-__all__ = ["DeadLetterStoreURLError", "find", "iter_matching", "open_store"]
+__all__ = ["DeadLetterStoreURLError", "find", "iter_matching", "open_store", "parse_since"]
 
 _EXAMPLES = (
     "redis://localhost:6379/0, sqlite:///dead-letters.db, "
@@ -30,6 +32,40 @@ _DRIVER_FIXES = {
     "postgresql": "pip install 'tidings[postgres]' and use a postgresql+psycopg:// URL",
     "mysql": "pip install 'tidings[mysql]' and use a mysql+pymysql:// URL",
 }
+
+
+_AGO = re.compile(r"(\d{1,6})([smhd])")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def parse_since(text: str) -> datetime | None:
+    """An operator's ``since``: an ISO-8601 time (UTC unless it has an offset) or an age.
+
+    An age is a whole number of at most six digits and a unit, ``30s``, ``15m``, ``2h`` or
+    ``7d``, counted back from now. Empty text is ``None`` (no bound).
+
+    Raises:
+        ValueError: neither form, or an age reaching back before the year 1.
+    """
+    text = text.strip()
+    if not text:
+        return None
+    if match := _AGO.fullmatch(text):
+        amount, unit = match.groups()
+        try:
+            return datetime.now(UTC) - timedelta(**{_UNITS[unit]: int(amount)})
+        except OverflowError:
+            msg = f"{text!r} reaches back before the year 1"
+            raise ValueError(msg) from None
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        msg = (
+            f"{text[:40]!r} is neither an ISO-8601 time (2026-12-01T00:00, UTC unless an "
+            "offset is given) nor an age (30s, 15m, 2h, 7d)"
+        )
+        raise ValueError(msg) from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 class DeadLetterStoreURLError(TidingsError, ValueError):
@@ -115,6 +151,8 @@ def find(
         raise ValueError(msg)
     if limit == 0:
         return []
+    if where.is_empty:
+        return store.list(limit=limit, offset=offset)  # the store's own paging, no letter read
     page_size = min(max(limit + offset, 1), 500)
     matching = iter_matching(store, where, page_size=page_size)
     return list(itertools.islice(matching, offset, offset + limit))

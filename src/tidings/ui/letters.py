@@ -9,8 +9,7 @@ matching the filters, oldest first), as ``tidings dlq`` does.
 from __future__ import annotations
 
 import hmac
-import re
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -18,33 +17,23 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tidings.deadletter import find, iter_matching
+from tidings.deadletter import find, iter_matching, parse_since
 from tidings.ports import DeadLetter, DeadLetterFilter, DeadLetterStore, Replayer
 from tidings.ui._base import Pages, RefusedError, block, safe
 
 __all__ = ["LetterPages"]
 
-_AGO = re.compile(r"(\d{1,6})([smhd])")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 _PAGE = 50
 _FORM_BYTES = 64 * 1024
 _FORM_FIELDS = 20
 
 
 def _since(text: str) -> datetime | None:
-    """An ISO-8601 time (UTC unless it has an offset) or an age like 30m, 2h, 7d."""
-    text = text.strip()
-    if not text:
-        return None
-    if match := _AGO.fullmatch(text):
-        amount, unit = match.groups()
-        return datetime.now(UTC) - timedelta(**{_UNITS[unit]: int(amount)})
+    """An ISO-8601 time or an age like 30m (see :func:`~tidings.deadletter.parse_since`)."""
     try:
-        when = datetime.fromisoformat(text)
-    except ValueError:
-        reason = "since is neither an ISO-8601 time (2026-12-01T00:00) nor an age (30m, 2h, 7d)"
-        raise RefusedError(400, reason) from None
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
+        return parse_since(text)
+    except ValueError as exc:
+        raise RefusedError(400, f"since: {exc}") from None
 
 
 def _filter(params: Any) -> DeadLetterFilter:
