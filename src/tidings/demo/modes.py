@@ -143,7 +143,7 @@ class CeleryMode:
         self.side.create_tables(TENANTS)
         command = [
             sys.executable, "-m", "celery", "-A", "tidings.demo.worker_app", "worker",
-            "-Q", self.settings.prefix, "--pool=prefork", f"--concurrency={self.workers}",
+            "-Q", self.settings.prefix, "--pool=prefork", f"--concurrency={self.workers}", "-E",
             "--without-heartbeat", "--without-gossip", "--without-mingle",
             "--loglevel=WARNING", "-n", f"{self.settings.prefix}@%h",
         ]  # fmt: skip
