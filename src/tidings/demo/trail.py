@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import shlex
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
-from tidings.demo.modes import redacted
+from tidings._untrusted import redact_url
 
 __all__ = ["Trail"]
 
@@ -48,4 +49,14 @@ class Trail:
     @staticmethod
     def shown(arguments: list[str]) -> str:
         """``tidings`` and ``arguments`` as a shell command line, passwords replaced."""
-        return shlex.join(["tidings", *(redacted(argument) for argument in arguments)])
+        return shlex.join(["tidings", *(_redacted(argument) for argument in arguments)])
+
+
+def _redacted(argument: str) -> str:
+    """A URL with its secrets as ``***``; anything else (and a URL without any) as it is."""
+    try:
+        parts = urlsplit(argument)
+        secret = parts.password is not None or bool(parts.query)
+    except ValueError:
+        secret = "@" in argument
+    return redact_url(argument) if secret else argument

@@ -33,7 +33,7 @@ if _settings is not None:
     if _settings.metrics_port:
         from tidings.integrations.prometheus import serve_celery_metrics
 
-        serve_celery_metrics(app, port=_settings.metrics_port, service=_settings.prefix)
+        serve_celery_metrics(app, port=_settings.metrics_port, service="shop")
     _logger = logging.getLogger("tidings")
     _logger.addHandler(JournalLogHandler(side.shop.journal))
     _logger.setLevel(logging.INFO)
