@@ -15,7 +15,7 @@ import sys
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
@@ -126,13 +126,21 @@ def _series(line: str) -> tuple[str, tuple[tuple[str, str], ...]] | None:
     return None
 
 
-def scrape(
-    url: str | None, registry: CollectorRegistry, handled: int, timeout: float = 10.0
-) -> str:
-    """The handlers' metrics from ``url`` (else ``registry``), once they count ``handled`` runs.
+def _reached(found: Mapping[str, float], expected: Mapping[str, int]) -> bool:
+    return all(found.get(what, 0) >= count for what, count in expected.items())
 
-    A Celery worker's prefork children report about once a second: wait for them, up to
-    ``timeout`` seconds, then return the last scrape as it is.
+
+def scrape(
+    url: str | None,
+    registry: CollectorRegistry,
+    expected: Mapping[str, int],
+    timeout: float = 10.0,
+) -> str:
+    """The handlers' metrics from ``url`` (else ``registry``), once they count ``expected``.
+
+    ``expected`` is what the journal and the dead-letter store hold, by :data:`COUNTED`'s
+    keys. A Celery worker's prefork children report about once a second: wait for them, up
+    to ``timeout`` seconds, then return the last scrape as it is.
     """
     from prometheus_client import generate_latest  # noqa: PLC0415 - the prometheus extra
 
@@ -144,7 +152,7 @@ def scrape(
 
     deadline = time.monotonic() + timeout
     scraped = read()
-    while counted(scraped)["handled"] < handled and time.monotonic() < deadline:
+    while not _reached(counted(scraped), expected) and time.monotonic() < deadline:
         time.sleep(0.2)
         scraped = read()
     return scraped
@@ -161,15 +169,15 @@ def audited(store: AuditStore, tenants: Sequence[str]) -> Counter[str]:
 
 
 def wait_for_audit(
-    store: AuditStore, tenants: Sequence[str], handled: int, timeout: float = 10.0
+    store: AuditStore, tenants: Sequence[str], expected: Mapping[str, int], timeout: float = 10.0
 ) -> None:
-    """Return once ``store`` holds ``handled`` completed runs, or after ``timeout`` seconds.
+    """Return once ``store`` holds the ``expected`` records by kind, or after ``timeout`` s.
 
     This process's records are written at once; a worker's, a moment after they happen.
     """
     flush_audit()
     deadline = time.monotonic() + timeout
-    while audited(store, tenants)["handled"] < handled and time.monotonic() < deadline:
+    while not _reached(audited(store, tenants), expected) and time.monotonic() < deadline:
         time.sleep(0.1)
 
 

@@ -250,9 +250,9 @@ def _run(
         finally:
             stop.set()
             relaying.join(timeout=10)
-        handled = mode.journal.count("handled")
-        scraped = scrape(mode.metrics_url, registry, handled)
-        wait_for_audit(mode.audit, TENANTS, handled)
+        expected = _so_far(mode)
+        scraped = scrape(mode.metrics_url, registry, expected)
+        wait_for_audit(mode.audit, TENANTS, expected)
         mode.close()
     mode.journal.flush()
     sales, placed = _tables(mode.shop)
@@ -270,6 +270,17 @@ def _run(
     where = "this process" if mode.metrics_url is None else f"the Celery worker, {mode.metrics_url}"
     trace = audit_trace(mode.audit, result.traced_correlation_id)
     return replace(result, look=Look(mode.trail, where, scraped, trace))
+
+
+def _so_far(mode: Mode) -> dict[str, int]:
+    """Handler runs done, retries and dead letters the journal and the store hold so far."""
+    letters = mode.dead_letters.list(limit=10_000)
+    failed, busy = mode.journal.count("failed"), mode.journal.count("busy")
+    return {
+        "handled": mode.journal.count("handled"),
+        "retried": failed - sum(1 for letter in letters if letter.handler) + busy,
+        "dead_lettered": len(letters),
+    }
 
 
 def _expected(answers: Sequence[Answer]) -> int:

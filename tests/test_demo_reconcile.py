@@ -1,0 +1,167 @@
+"""A demo run with a real Celery worker on Redis: every view counts its retries and dead letters.
+
+The demo reports its retries and dead letters (from its journal and its dead-letter store).
+The same must be seen, in equal numbers, by a real Celery event receiver (what
+``celery events --dump`` and Flower read: ``task-retried`` and ``task-failed``), by the worker's
+Prometheus metrics (scraped), and by the audit trail (``tidings trace --json`` for every
+request of the run).
+
+Celery's events count messages, and one message may carry several (handler, event) pairs:
+the relay sends batches, whose ``task-retried`` names each retried pair, and the demo has four
+handlers of ``OrderPlaced``: ``loyalty.award_points`` fails, and any of them may find its claim
+held elsewhere (a batch the relay sent twice) and be retried as busy. So every view is counted
+per handler, the events by the pairs their ``exception`` text names (the first five, then
+"and N more", whose handlers are unknown).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from typing import Any
+
+import pytest
+from celery import Celery
+from click.testing import CliRunner
+from prometheus_client.parser import text_string_to_metric_families
+from tests.test_celery_visible import Monitor, monitoring
+from tests.workers import wait_until
+
+from tidings.cli import make_cli
+from tidings.demo import DemoOptions, DemoResult, run_demo
+
+pytestmark = pytest.mark.integration
+
+FAILING = "loyalty.award_points"
+_RETRIED = re.compile(r"(?:^|; )(\S+) on <[^>]*> \(attempt \d+ next\)")
+_DEAD = re.compile(r"(?:^|; )(\S+) on <[^>]*>: .*? \(dead letter [^)]*\)")
+_MORE = re.compile(r"; and (\d+) more$")
+
+
+def _pairs(listing: str, entry: re.Pattern[str]) -> Counter[str]:
+    """The (handler, event) pairs a listing names, per handler; ``...`` for "and N more"."""
+    named = Counter(entry.findall(listing))
+    more = _MORE.search(listing)
+    if more:
+        named["..."] += int(more.group(1))
+    return named
+
+
+def _text(event: dict[str, Any]) -> str:
+    """The text of a task event's exception, shown as ``DeliveryRetried('...')`` or the like."""
+    shown = re.fullmatch(r"\w+\((['\"])(.*)\1\)", str(event["exception"]), re.DOTALL)
+    assert shown is not None, event["exception"]
+    return shown.group(2)
+
+
+def _named(monitor: Monitor) -> tuple[Counter[str], Counter[str]]:
+    """Retries and dead letters named by the task events received so far, per handler."""
+    retried: Counter[str] = Counter()
+    dead: Counter[str] = Counter()
+    for event in monitor.of("task-retried"):
+        retried += _pairs(_text(event), _RETRIED)
+    for event in monitor.of("task-failed"):
+        body = _text(event).removeprefix("dead-lettered: ")
+        dead_part, _, retried_part = body.partition("; retried: ")
+        dead += _pairs(dead_part, _DEAD)
+        if retried_part:
+            retried += _pairs(retried_part, _RETRIED)
+    return retried, dead
+
+
+def _audited(node: dict[str, Any], found: Counter[tuple[str, str]]) -> None:
+    """Count ``node``'s records and its follow-ups' by (kind, handler)."""
+    for record in node["records"]:
+        found[record["kind"], record["handler"] or "-"] += 1
+    for child in node["caused"]:
+        _audited(child, found)
+
+
+def _of(counts: Counter[tuple[str, str]], kind: str) -> Counter[str]:
+    return Counter({handler: n for (k, handler), n in counts.items() if k == kind})
+
+
+def _reported(result: DemoResult) -> tuple[Counter[str], Counter[str]]:
+    """The retries and dead letters the demo reports, per handler (its journal and its store)."""
+    dead = Counter(handler for handler, _, _ in result.dead_letters)
+    retried = Counter(e.name for e in result.entries if e.kind in {"failed", "busy"})
+    retried.subtract(dead)
+    assert sum(retried.values()) == result.retries
+    return +retried, dead
+
+
+def _scraped(text: str) -> tuple[Counter[str], float]:
+    """The metrics' retries per handler, and dead letters (a series without a handler)."""
+    retried: Counter[str] = Counter()
+    dead = 0.0
+    for family in text_string_to_metric_families(text):
+        for item in family.samples:
+            if item.name == "tidings_retries_total" and item.value:
+                retried[item.labels["handler"]] += int(item.value)
+            elif item.name == "tidings_dead_letters_total":
+                dead += item.value
+    return retried, dead
+
+
+def test_celery_events_metrics_and_the_audit_trail_count_the_demo_s_retries_and_dead_letters(
+    redis_url: str, unique_name: str
+) -> None:
+    """Retries and dead letters are equal in the demo, celery events, the metrics and the trail."""
+    prefix = unique_name.replace("-", "_")
+    audited: Counter[tuple[str, str]] = Counter()
+    traced: list[str] = []
+
+    def trace_every_request(result: DemoResult) -> None:
+        # While the run's stores still exist: `tidings trace --json` for each request.
+        assert result.look is not None
+        trail = result.look.trail
+        runner = CliRunner()
+        for correlation_id in {e.correlation_id for e in result.entries if e.kind == "request"}:
+            assert correlation_id is not None
+            outcome = runner.invoke(make_cli(), [*trail.trace(correlation_id), "--json"])
+            assert outcome.exit_code == 0, outcome.output
+            for node in json.loads(outcome.output)["events"]:
+                _audited(node, audited)
+            traced.append(correlation_id)
+
+    monitor_app = Celery(f"monitor-{prefix}", broker=redis_url)
+    with monitoring(monitor_app, f"{prefix}@") as monitor:
+        result = run_demo(
+            DemoOptions(requests=150, broker=redis_url, workers=2, timeout=120, prefix=prefix),
+            while_kept=trace_every_request,
+        )
+        retries, dead_letters = result.retries, len(result.dead_letters)
+
+        def named() -> tuple[int, int]:
+            retried, dead = _named(monitor)
+            return sum(retried.values()), sum(dead.values())
+
+        wait_until(
+            lambda: named() >= (retries, dead_letters),
+            timeout=30,
+            what=f"the task events of {retries} retries and {dead_letters} dead letters",
+        )
+    assert result.problems == ()
+    assert retries > 0
+    assert dead_letters > 0
+    assert len(traced) == result.accepted == 150
+    reported_retries, reported_dead = _reported(result)
+    assert reported_dead == Counter({FAILING: dead_letters})
+
+    # celery events: the pairs task-retried and task-failed name, per handler.
+    retried, dead = _named(monitor)
+    assert named() == (retries, dead_letters)
+    unknown = retried.pop("...", 0)
+    assert all(retried[handler] <= n for handler, n in reported_retries.items())
+    assert sum((reported_retries - retried).values()) == unknown
+    assert dead == reported_dead
+
+    # The worker's metrics, scraped: retries (errors, and claims found busy) and dead letters.
+    assert result.look is not None
+    assert _scraped(result.look.metrics) == (reported_retries, dead_letters)
+
+    # The audit trail, through `tidings trace --json` for every request of the run.
+    assert _of(audited, "retried") == reported_retries
+    assert _of(audited, "dead_lettered") == reported_dead
+    assert sum(_of(audited, "handled").values()) == result.handled
