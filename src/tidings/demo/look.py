@@ -201,17 +201,21 @@ def print_look(look: Look, console: Console, *, ui: bool) -> None:
     from tidings.cli_trace import render  # noqa: PLC0415 - needs click and rich too
 
     trail = look.trail
+
+    def line(text: str, style: str) -> None:  # as it is: a command is copied, not wrapped
+        console.print(Text(f"    {text}", style=style), soft_wrap=True)
+
     console.print("[bold]Where to look[/]")
     console.print(f"  metrics ({look.metrics_source}):", highlight=False)
-    for line in sample(look.metrics):
-        console.print(Text(f"    {line}", style="dim"))
+    for scraped in sample(look.metrics):
+        line(scraped, "dim")
     console.print("  one request, from the audit trail:")
-    console.print(Text(f"    {trail.shown(trail.trace(look.trace.correlation_id))}", style="bold"))
+    line(trail.shown(trail.trace(look.trace.correlation_id)), "bold")
     console.print(render(look.trace))
     console.print("  the dead letters:")
-    console.print(Text(f"    {trail.shown(trail.dlq_list())}", style="bold"))
+    line(trail.shown(trail.dlq_list()), "bold")
     console.print("  the ops page:")
-    console.print(Text(f"    {trail.shown(trail.ui())}", style="bold"))
+    line(trail.shown(trail.ui()), "bold")
     if not ui:
         console.print(
             "  The run's stores are removed when the demo ends: `tidings demo --ui` keeps them "
@@ -228,9 +232,14 @@ def print_look(look: Look, console: Console, *, ui: bool) -> None:
 
 def run_ui(trail: Trail, console: Console) -> int:
     """Run ``tidings ui`` on the run's stores, in a child process, until Ctrl-C; its status."""
+    from rich.text import Text  # noqa: PLC0415 - rich is the `cli` extra
+
     arguments = trail.ui()
     command = [sys.executable, "-c", "import sys; from tidings.cli import main; main(sys.argv[1:])"]
-    console.print(f"starting {trail.shown(arguments)}  (Ctrl-C stops it and ends the demo)")
+    console.print(
+        Text(f"starting {trail.shown(arguments)}  (Ctrl-C stops it and ends the demo)"),
+        soft_wrap=True,
+    )
     process = subprocess.Popen([*command, *arguments])  # noqa: S603 - our own command line
     try:
         return process.wait()

@@ -1,0 +1,133 @@
+"""The end of the demo: where to look (metrics sample, the audit tree, the commands, --ui)."""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+
+import pytest
+from click.testing import CliRunner
+from rich.console import Console
+
+from tidings.audit import open_audit_store
+from tidings.cli import make_cli
+from tidings.demo import DemoOptions, DemoResult, run_demo
+from tidings.demo import look as demo_look
+from tidings.demo.look import counted, run_ui, sample
+from tidings.demo.trail import Trail
+
+SCRAPE = """\
+# HELP tidings_handled_total Handler runs returned, or skipped as duplicates
+# TYPE tidings_handled_total counter
+tidings_handled_total{handler="loyalty.award_points",outcome="done",service="shop"} 59.0
+tidings_handled_total{handler="loyalty.award_points",outcome="duplicate",service="shop"} 3.0
+tidings_handled_total{handler="reporting.project_sales",outcome="done",service="shop"} 60.0
+# TYPE tidings_retries_total counter
+tidings_retries_total{cause="error",handler="loyalty.award_points",service="shop"} 9.0
+tidings_retries_total{cause="busy",handler="loyalty.award_points",service="shop"} 0.0
+tidings_retries_total{cause="busy",handler="reporting.project_sales",service="shop"} 2.0
+# TYPE tidings_dead_letters_total counter
+tidings_dead_letters_total{reason="handler",service="shop"} 1.0
+"""
+
+
+@pytest.fixture(scope="module")
+def embedded() -> DemoResult:
+    return run_demo(DemoOptions(requests=60, seed=7))
+
+
+def test_the_sample_shows_the_failing_handler_and_the_dead_letters_only():
+    """The sample keeps the failing handler's runs done and retries and the dead letters."""
+    assert sample(SCRAPE) == [
+        'tidings_handled_total{handler="loyalty.award_points",outcome="done",service="shop"} 59.0',
+        'tidings_retries_total{cause="error",handler="loyalty.award_points",service="shop"} 9.0',
+        'tidings_dead_letters_total{reason="handler",service="shop"} 1.0',
+    ]
+    assert counted(SCRAPE) == {"handled": 119.0, "retried": 11.0, "dead_lettered": 1.0}
+
+
+def test_the_embedded_run_s_metrics_and_audit_trail_agree_with_its_report(embedded):
+    """Embedded, this process's metrics and the audit tree count what the demo reports."""
+    assert embedded.look is not None
+    metrics = counted(embedded.look.metrics)
+    assert metrics == {
+        "handled": embedded.handled,
+        "retried": embedded.retries,
+        "dead_lettered": len(embedded.dead_letters),
+    }
+    assert embedded.retries > 0
+    trace = embedded.look.trace
+    assert trace.correlation_id == embedded.traced_correlation_id
+    kinds = Counter(r.kind for node in trace.roots for r in node.records)
+    assert kinds["retried"] >= 1  # the traced request is one whose handler was retried
+    assert kinds["handled"] == 4  # OrderPlaced's four handlers; StockReserved's is nested
+    assert [child.event_type for child in trace.roots[0].caused] == ["shop.stock_reserved"]
+
+
+def test_the_cli_demo_ends_with_where_to_look(monkeypatch):
+    """`tidings demo` ends with a metrics sample, the trace command and tree, dlq list and ui."""
+    monkeypatch.setattr(demo_look, "ui_available", lambda: False)
+    outcome = CliRunner().invoke(make_cli(), ["demo", "--requests", "20"])
+    assert outcome.exit_code == 0, outcome.output
+    where = outcome.output[outcome.output.index("Where to look") :]
+    for text in (
+        "metrics (this process)",
+        'tidings_handled_total{event_type="shop.order_placed",handler="loyalty.award_points"',
+        "tidings trace ",
+        " --audit sqlite:////",
+        "record(s)",
+        "loyalty.award_points handled (attempt",
+        "tidings dlq list --store sqlite:////",
+        "tidings ui --audit sqlite:////",
+        "tidings demo --ui",
+    ):
+        assert text in where, text
+
+
+def test_ui_starts_on_the_run_s_stores_while_they_exist(monkeypatch):
+    """With --ui and the ops page installed, it runs on the run's audit trail before clean-up."""
+    seen: list[int] = []
+
+    def fake_ui(trail: Trail, console: Console) -> int:
+        store = open_audit_store(trail.audit_url, name=trail.audit_name, must_exist=True)
+        try:
+            seen.append(len(store.by_tenant("acme", limit=1000)))
+        finally:
+            store.close()
+        return 0
+
+    monkeypatch.setattr(demo_look, "ui_available", lambda: True)
+    monkeypatch.setattr(demo_look, "run_ui", fake_ui)
+    outcome = CliRunner().invoke(make_cli(), ["demo", "--requests", "10", "--ui"])
+    assert outcome.exit_code == 0, outcome.output
+    assert len(seen) == 1
+    assert seen[0] > 0
+    assert "tidings demo --ui" not in outcome.output  # no hint to ask for what was asked
+
+
+def test_ui_without_the_ops_page_prints_the_command(monkeypatch):
+    """With --ui and no tidings.ui installed, the demo prints the command and says why."""
+    monkeypatch.setattr(demo_look, "ui_available", lambda: False)
+    outcome = CliRunner().invoke(make_cli(), ["demo", "--requests", "5", "--ui"])
+    assert outcome.exit_code == 0, outcome.output
+    assert "tidings ui --audit" in outcome.output
+    assert "The ops page is not installed" in outcome.output
+
+
+def test_run_ui_runs_the_tidings_ui_command_line(tmp_path):
+    """run_ui runs `tidings ui` with the trail's arguments in a child and returns its status."""
+    if demo_look.ui_available():
+        pytest.skip("the ops page is installed: it would serve until stopped")
+    trail = Trail(f"sqlite:///{tmp_path}/a.db", "t_audit", f"sqlite:///{tmp_path}/a.db", ())
+    shown = io.StringIO()
+    status = run_ui(trail, Console(file=shown))
+    assert "starting tidings ui --audit sqlite:///" in shown.getvalue()
+    assert status == 2  # click's usage error: no `ui` command without the ops page
+
+
+def test_the_commands_hide_passwords_and_keep_urls_intact():
+    """Shown command lines replace a URL's password and leave password-less URLs as they are."""
+    trail = Trail("redis://:s3cret@cache:6379/0", "p:audit", "sqlite:////tmp/x.db", ("--name", "d"))
+    assert "s3cret" not in trail.shown(trail.trace("abc"))
+    assert "redis://:***@cache:6379/0" in trail.shown(trail.ui())
+    assert trail.shown(trail.dlq_list()) == "tidings dlq list --store sqlite:////tmp/x.db --name d"
