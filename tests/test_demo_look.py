@@ -118,7 +118,8 @@ def test_run_ui_runs_the_tidings_ui_command_line(tmp_path):
     """run_ui runs `tidings ui` with the trail's arguments in a child and returns its status."""
     if demo_look.ui_available():
         pytest.skip("the ops page is installed: it would serve until stopped")
-    trail = Trail(f"sqlite:///{tmp_path}/a.db", "t_audit", f"sqlite:///{tmp_path}/a.db", ())
+    db = f"sqlite:///{tmp_path}/a.db"
+    trail = Trail(db, "t_audit", db, ("--name", "t_letters"), db, "t_outbox")
     shown = io.StringIO()
     status = run_ui(trail, Console(file=shown))
     assert "starting tidings ui --audit sqlite:///" in shown.getvalue()
@@ -127,7 +128,12 @@ def test_run_ui_runs_the_tidings_ui_command_line(tmp_path):
 
 def test_the_commands_hide_passwords_and_keep_urls_intact():
     """Shown command lines replace a URL's password and leave password-less URLs as they are."""
-    trail = Trail("redis://:s3cret@cache:6379/0", "p:audit", "sqlite:////tmp/x.db", ("--name", "d"))
+    redis, sqlite = "redis://:s3cret@cache:6379/0", "sqlite:////tmp/x.db"
+    trail = Trail(redis, "p:audit", sqlite, ("--name", "d"), "postgresql://shop:pw@db/x", "o")
     assert "s3cret" not in trail.shown(trail.trace("abc"))
     assert "redis://:***@cache:6379/0" in trail.shown(trail.ui())
     assert trail.shown(trail.dlq_list()) == "tidings dlq list --store sqlite:////tmp/x.db --name d"
+    assert trail.shown(trail.ui()) == (
+        "tidings ui --audit 'redis://:***@cache:6379/0' --audit-name p:audit --store "
+        "sqlite:////tmp/x.db --name d --db 'postgresql://shop:***@db/x' --table o"
+    )

@@ -143,6 +143,7 @@ def build(settings: CelerySettings, *, buffered: bool = False) -> CelerySide:
     journal = SqlJournal(engine, table_name=f"{settings.prefix}_journal")
     writer: Journal = BufferedJournal(journal) if buffered else journal
     shop = Shop(engine, writer, seed=settings.seed, prefix=settings.prefix)
+    outbox = shop.outbox.table.name
     client: Any = None
     inbox_engine = engine
     inner: Inbox
@@ -162,7 +163,8 @@ def build(settings: CelerySettings, *, buffered: bool = False) -> CelerySide:
         dead_letters = RedisDeadLetterStore(client, prefix=dead_letter_prefix(settings.prefix))
         audit = RedisAuditStore(client, prefix=f"{settings.prefix}:audit")
         audit_name = f"{settings.prefix}:audit"
-        trail = Trail(settings.broker, audit_name, settings.broker, ("--service", settings.prefix))
+        letters = ("--service", settings.prefix)
+        trail = Trail(settings.broker, audit_name, settings.broker, letters, settings.db, outbox)
     else:
         from tidings.audit.sql import SqlAuditStore  # noqa: PLC0415
         from tidings.deadletter.sql import SqlDeadLetterStore  # noqa: PLC0415
@@ -178,6 +180,8 @@ def build(settings: CelerySettings, *, buffered: bool = False) -> CelerySide:
             f"{settings.prefix}_audit",
             settings.db,
             ("--name", f"{settings.prefix}_dead_letters"),
+            settings.db,
+            outbox,
         )
     inbox = CountingInbox(inner, writer)
     app = Celery(f"tidings-demo-{settings.prefix}", broker=settings.broker)

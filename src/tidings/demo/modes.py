@@ -89,7 +89,8 @@ class EmbeddedMode:
         self.dead_letters: DeadLetterStore = self._letters
         self._audit = SqlAuditStore(self.shop.engine, table_name=f"{prefix}_audit")
         self.audit: AuditStore = self._audit
-        self.trail = Trail(db, f"{prefix}_audit", db, ("--name", f"{prefix}_dead_letters"))
+        letters = ("--name", f"{prefix}_dead_letters")
+        self.trail = Trail(db, f"{prefix}_audit", db, letters, db, self.shop.outbox.table.name)
         self.metrics_url: str | None = None
         self.transport = MemoryTransport(
             dead_letters=self.dead_letters,

@@ -3,7 +3,8 @@
 Every process of a run (the demo's own: web, relay and, embedded, the workers; and the Celery
 worker's) installs the audit trail on the same store: in Redis with a Redis broker, else a
 table in the shop's database. :class:`Trail` says where, so the end of the run can print
-``tidings trace``, ``tidings dlq list`` and ``tidings ui`` command lines that open them.
+``tidings trace``, ``tidings dlq list`` and ``tidings ui`` command lines that open them (and,
+for the ops page, the shop's outbox).
 """
 
 from __future__ import annotations
@@ -27,12 +28,16 @@ class Trail:
         dlq_url: the dead-letter store's URL.
         dlq_options: what selects the run's letters in it: ``("--service", queue)`` for a
             transport's default Redis store, ``("--name", table)`` for a SQL table.
+        outbox_url: the shop's database, where the outbox is.
+        outbox_table: the outbox's table.
     """
 
     audit_url: str
     audit_name: str
     dlq_url: str
     dlq_options: tuple[str, ...]
+    outbox_url: str
+    outbox_table: str
 
     def trace(self, correlation_id: str) -> list[str]:
         """The ``tidings trace`` arguments for one request of the run."""
@@ -43,8 +48,13 @@ class Trail:
         return ["dlq", "list", "--store", self.dlq_url, *self.dlq_options]
 
     def ui(self) -> list[str]:
-        """The ``tidings ui`` arguments for the run's audit trail."""
-        return ["ui", "--audit", self.audit_url, "--name", self.audit_name]
+        """The ``tidings ui`` arguments for the run's audit trail, dead letters and outbox."""
+        return [
+            "ui",
+            "--audit", self.audit_url, "--audit-name", self.audit_name,
+            "--store", self.dlq_url, *self.dlq_options,
+            "--db", self.outbox_url, "--table", self.outbox_table,
+        ]  # fmt: skip
 
     @staticmethod
     def shown(arguments: list[str]) -> str:
