@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from collections import Counter
 
 import pytest
@@ -82,6 +83,31 @@ def test_the_cli_demo_ends_with_where_to_look(monkeypatch):
         "tidings demo --ui",
     ):
         assert text in where, text
+
+
+def test_the_printed_commands_open_the_run_s_stores():
+    """While the run's stores exist, its trace and dlq list commands find the run's records."""
+    outputs: dict[str, str] = {}
+
+    def run_them(result: DemoResult) -> None:
+        assert result.look is not None
+        trail, runner = result.look.trail, CliRunner()
+        for name, arguments in (
+            ("trace", trail.trace(result.traced_correlation_id)),
+            ("dlq", [*trail.dlq_list(), "--json"]),
+        ):
+            outcome = runner.invoke(make_cli(), arguments)
+            assert outcome.exit_code == 0, outcome.output
+            outputs[name] = outcome.output
+
+    result = run_demo(DemoOptions(requests=15), while_kept=run_them)
+    assert "loyalty.award_points" in outputs["trace"]
+    assert result.traced_correlation_id in outputs["trace"]
+    letters = json.loads(outputs["dlq"])
+    assert [letter["handler"] for letter in letters] == ["loyalty.award_points"] * len(
+        result.dead_letters
+    )
+    assert len(letters) >= 1  # order 13 fails every attempt
 
 
 def test_ui_starts_on_the_run_s_stores_while_they_exist(monkeypatch):

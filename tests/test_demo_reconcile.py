@@ -111,6 +111,7 @@ def test_celery_events_metrics_and_the_audit_trail_count_the_demo_s_retries_and_
     prefix = unique_name.replace("-", "_")
     audited: Counter[tuple[str, str]] = Counter()
     traced: list[str] = []
+    letters: list[str] = []
 
     def trace_every_request(result: DemoResult) -> None:
         # While the run's stores still exist: `tidings trace --json` for each request.
@@ -124,6 +125,9 @@ def test_celery_events_metrics_and_the_audit_trail_count_the_demo_s_retries_and_
             for node in json.loads(outcome.output)["events"]:
                 _audited(node, audited)
             traced.append(correlation_id)
+        listed = runner.invoke(make_cli(), [*trail.dlq_list(), "--json", "--limit", "1000"])
+        assert listed.exit_code == 0, listed.output
+        letters.extend(letter["id"] for letter in json.loads(listed.output))
 
     monitor_app = Celery(f"monitor-{prefix}", broker=redis_url)
     with monitoring(monitor_app, f"{prefix}@") as monitor:
@@ -164,4 +168,7 @@ def test_celery_events_metrics_and_the_audit_trail_count_the_demo_s_retries_and_
     # The audit trail, through `tidings trace --json` for every request of the run.
     assert _of(audited, "retried") == reported_retries
     assert _of(audited, "dead_lettered") == reported_dead
+
+    # And `tidings dlq list --service QUEUE`, the command the demo prints, lists them all.
+    assert len(letters) == dead_letters
     assert sum(_of(audited, "handled").values()) == result.handled

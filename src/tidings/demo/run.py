@@ -141,8 +141,9 @@ def run_demo(
     """Run the shop once and return what happened; show progress on ``console`` if given.
 
     The run installs the audit trail (on its own store) and the metrics (in a registry of its
-    own) in this process, and removes both, with the run's tables and keys, before it
-    returns; ``while_kept`` is called with the result while they still exist.
+    own) in this process, replacing any installation this process had, and uninstalls both
+    and removes the run's tables and keys before it returns; ``while_kept`` is called with
+    the result while they still exist (the workers have stopped by then).
 
     Raises:
         ImportError: FastAPI, uvicorn or httpx (the ``demo`` extra), prometheus_client, or
