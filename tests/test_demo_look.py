@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from click.testing import CliRunner
@@ -14,8 +16,10 @@ from tidings.audit import open_audit_store
 from tidings.cli import make_cli
 from tidings.demo import DemoOptions, DemoResult, run_demo
 from tidings.demo import look as demo_look
+from tidings.demo.journal import CountingInbox, MemoryJournal
 from tidings.demo.look import counted, run_ui, sample
 from tidings.demo.trail import Trail
+from tidings.errors import InboxBusyError
 
 SCRAPE = """\
 # HELP tidings_handled_total Handler runs returned, or skipped as duplicates
@@ -163,3 +167,20 @@ def test_the_commands_hide_passwords_and_keep_urls_intact():
         "tidings ui --audit 'redis://:***@cache:6379/0' --audit-name p:audit --store "
         "sqlite:////tmp/x.db --name d --db 'postgresql://shop:***@db/x' --table o"
     )
+
+
+def test_a_claim_found_busy_is_journaled_and_still_raised():
+    """CountingInbox journals a busy claim (a retry the demo reports) and lets the worker see it."""
+
+    class Held:
+        @contextmanager
+        def guard(self, handler: str, event_id: str) -> Iterator[bool]:
+            raise InboxBusyError("claimed elsewhere", retry_after=1.0)
+            yield True  # pragma: no cover - a generator, as an inbox's guard is
+
+    journal = MemoryJournal()
+    inbox = CountingInbox(Held(), journal)
+    with pytest.raises(InboxBusyError), inbox.guard("reporting.project_sales", "e-1"):
+        pass  # pragma: no cover - the claim is refused before the block
+    [entry] = journal.entries()
+    assert (entry.kind, entry.name, entry.event_id) == ("busy", "reporting.project_sales", "e-1")
