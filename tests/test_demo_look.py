@@ -184,3 +184,11 @@ def test_a_claim_found_busy_is_journaled_and_still_raised():
         pass  # pragma: no cover - the claim is refused before the block
     [entry] = journal.entries()
     assert (entry.kind, entry.name, entry.event_id) == ("busy", "reporting.project_sales", "e-1")
+
+
+def test_a_run_s_prefix_must_be_a_plain_name():
+    """A prefix that could not name tables, keys and a queue as it is is refused."""
+    for bad in ("", "1abc", "a-b", "a b", "x" * 41, "a;drop"):
+        with pytest.raises(ValueError, match="prefix"):
+            DemoOptions(prefix=bad)
+    assert DemoOptions(prefix="t_ok_1").prefix == "t_ok_1"

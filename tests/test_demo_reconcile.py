@@ -108,7 +108,7 @@ def test_celery_events_metrics_and_the_audit_trail_count_the_demo_s_retries_and_
     redis_url: str, unique_name: str
 ) -> None:
     """Retries and dead letters are equal in the demo, celery events, the metrics and the trail."""
-    prefix = unique_name.replace("-", "_")
+    prefix = f"t_reconcile_{unique_name[-8:]}"  # unique_name ends in 8 random hex digits
     audited: Counter[tuple[str, str]] = Counter()
     traced: list[str] = []
     letters: list[str] = []

@@ -9,6 +9,7 @@ run (this one: web, relay and embedded workers; a Celery worker) records.
 from __future__ import annotations
 
 import logging
+import re
 import tempfile
 import threading
 import time
@@ -42,6 +43,7 @@ log = logging.getLogger("tidings.demo")
 
 LOST_CONFIRMATIONS: Final = frozenset({2, 5})
 """The relay batches (1-based) whose broker confirmation the demo loses, so they go twice."""
+_PREFIX: Final = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,39}")
 RUNS_PER_ORDER: Final = len(HANDLERS[OrderPlaced.event_type]) + len(
     HANDLERS[StockReserved.event_type]
 )
@@ -61,7 +63,8 @@ class DemoOptions:
         workers: worker threads (embedded) or Celery pool processes.
         concurrency: requests in flight at once.
         timeout: seconds the run may take before it gives up waiting.
-        prefix: the run's name (its queue, tables and keys); ``None``: a new random one.
+        prefix: the run's name, the first part of its queue, tables and keys (a letter,
+            then up to 39 letters, digits or ``_``); ``None``: a new random one.
     """
 
     requests: int = 300
@@ -76,6 +79,9 @@ class DemoOptions:
     def __post_init__(self) -> None:
         if self.requests < 1 or self.workers < 1 or self.concurrency < 1 or self.timeout <= 0:
             msg = "the demo needs requests, workers and concurrency >= 1 and a positive timeout"
+            raise ValueError(msg)
+        if self.prefix is not None and not _PREFIX.fullmatch(self.prefix):
+            msg = "the demo's prefix is a letter, then up to 39 letters, digits or _"
             raise ValueError(msg)
 
 
@@ -151,8 +157,11 @@ def run_demo(
         RuntimeError: the Celery worker did not start.
         TimeoutError: the events were not all settled within ``options.timeout``.
     """
-    from prometheus_client import CollectorRegistry  # noqa: PLC0415 - the prometheus extra
-
+    try:
+        from prometheus_client import CollectorRegistry  # noqa: PLC0415 - in the demo extra
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        msg = "the demo's metrics need prometheus_client: pip install 'tidings[demo]'"
+        raise ImportError(msg) from exc
     from tidings.integrations.prometheus import (  # noqa: PLC0415
         install_metrics,
         uninstall_metrics,
