@@ -10,6 +10,7 @@ from contextlib import contextmanager
 
 import pytest
 from click.testing import CliRunner
+from prometheus_client import CollectorRegistry
 from rich.console import Console
 
 from tidings.audit import open_audit_store
@@ -18,6 +19,7 @@ from tidings.demo import DemoOptions, DemoResult, run_demo
 from tidings.demo import look as demo_look
 from tidings.demo.journal import CountingInbox, MemoryJournal
 from tidings.demo.look import counted, run_ui, sample
+from tidings.demo.modes import _free_port
 from tidings.demo.trail import Trail
 from tidings.errors import InboxBusyError
 
@@ -192,3 +194,9 @@ def test_a_run_s_prefix_must_be_a_plain_name():
         with pytest.raises(ValueError, match="prefix"):
             DemoOptions(prefix=bad)
     assert DemoOptions(prefix="t_ok_1").prefix == "t_ok_1"
+
+
+def test_a_worker_that_serves_no_metrics_does_not_fail_the_run():
+    """Scraping a port nobody listens on returns nothing once the deadline passes."""
+    url = f"http://127.0.0.1:{_free_port()}/metrics"
+    assert demo_look.scrape(url, CollectorRegistry(), {"handled": 1}, timeout=0.5) == ""

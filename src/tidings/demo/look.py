@@ -140,21 +140,25 @@ def scrape(
 
     ``expected`` is what the journal and the dead-letter store hold, by :data:`COUNTED`'s
     keys. A Celery worker's prefork children report about once a second: wait for them, up
-    to ``timeout`` seconds, then return the last scrape as it is.
+    to ``timeout`` seconds, then return the last scrape as it is ("" if ``url`` never
+    answered: the worker logs why it serves no metrics, and runs on).
     """
     from prometheus_client import generate_latest  # noqa: PLC0415 - the prometheus extra
 
     def read() -> str:
         if url is None:
             return generate_latest(registry).decode()
-        with urllib.request.urlopen(url, timeout=2.0) as answer:  # noqa: S310 - our worker
-            return bytes(answer.read()).decode()
+        try:
+            with urllib.request.urlopen(url, timeout=2.0) as answer:  # noqa: S310 - our worker
+                return bytes(answer.read()).decode()
+        except OSError:  # not listening (yet): the metrics are a view, not the run
+            return ""
 
     deadline = time.monotonic() + timeout
     scraped = read()
     while not _reached(counted(scraped), expected) and time.monotonic() < deadline:
         time.sleep(0.2)
-        scraped = read()
+        scraped = read() or scraped
     return scraped
 
 
@@ -209,6 +213,8 @@ def print_look(look: Look, console: Console, *, ui: bool) -> None:
     console.print(f"  metrics ({look.metrics_source}):", highlight=False)
     for scraped in sample(look.metrics):
         line(scraped, "dim")
+    if not look.metrics:
+        line("(nothing could be scraped: see the worker's log)", "dim")
     console.print("  one request, from the audit trail:")
     line(trail.shown(trail.trace(look.trace.correlation_id)), "bold")
     console.print(render(look.trace))
