@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint format bench chaos clean
+.PHONY: demo test test-slow lint format bench chaos clean browser
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,16 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests benchmarks chaos
 	$(BIN)/mypy
 
-test: lint
+# The ops page's browser test (tests/test_ui_browser.py) drives Debian's headless Chromium through
+# chromedriver. As root (CI, the development machines), install them when missing; otherwise say
+# how (the test then skips, except under CI=true, where it fails).
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	else echo "browser tests: run 'sudo apt-get install -y chromium chromium-driver' to enable them"; fi
+
+test: lint browser
 	$(BIN)/pytest -m "not slow"
 
 test-slow: $(STAMP)

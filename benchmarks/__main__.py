@@ -52,6 +52,21 @@ def _metrics_rows(*, quick: bool, celery: bool = False) -> list[Row]:
     return metrics_e2e.celery_rows(quick=quick) if celery else metrics_e2e.rows(quick=quick)
 
 
+def _ui_rows(only: str | None, *, quick: bool) -> list[Row]:
+    """The ops page's trace-search rows (Redis; PostgreSQL too when reachable), if asked."""
+    if only not in (None, "ui"):
+        return []
+    if not redis_reachable():
+        print("Redis is not reachable on 127.0.0.1:6379: the ops page rows are skipped\n")
+        return []
+    try:
+        from benchmarks import ui_trace  # noqa: PLC0415 - needs the ui extra
+    except ImportError:
+        print("the ui extra is not installed: the ops page rows are skipped\n")
+        return []
+    return ui_trace.rows(quick=quick, postgres=postgres_reachable())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run every case, print the table, write results.json; return the exit status."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks")
@@ -60,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument(
         "--only",
-        choices=["core", "celery", "streams", "streams-memory", "outbox"],
+        choices=["core", "celery", "streams", "streams-memory", "outbox", "ui"],
         help="run one group (default: all)",
     )
     args = parser.parse_args(argv)
@@ -88,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += outbox_bench.rows(quick=args.quick)
         else:
             print("PostgreSQL or Redis is not reachable locally: the outbox rows are skipped\n")
+    rows += _ui_rows(args.only, quick=args.quick)
     print(table(rows))
     print(
         f"\nin-process rows: medians of {rounds} alternating rounds; Celery rows: medians of "

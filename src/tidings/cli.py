@@ -1,4 +1,4 @@
-"""The ``tidings`` command: demo, dlq, relay, outbox, inbox, worker and trace.
+"""The ``tidings`` command: demo, dlq, relay, outbox, inbox, worker, trace and ui.
 
 It needs the ``cli`` extra (click and rich). Without it, :func:`main` prints one line naming
 the extra to install and exits with status 2; ``demo`` also needs the ``demo`` extra (FastAPI,
@@ -145,6 +145,7 @@ def make_cli() -> click.Group:
     from tidings.cli_inbox import make_inbox_group  # noqa: PLC0415
     from tidings.cli_outbox import make_outbox_group, make_relay_command  # noqa: PLC0415
     from tidings.cli_trace import make_trace_command  # noqa: PLC0415
+    from tidings.cli_ui import make_ui_command  # noqa: PLC0415
     from tidings.cli_worker import make_worker_command  # noqa: PLC0415
 
     for command in (
@@ -154,6 +155,7 @@ def make_cli() -> click.Group:
         make_inbox_group(),
         make_worker_command(),
         make_trace_command(),
+        make_ui_command(),
     ):
         tidings.add_command(command)
     return tidings

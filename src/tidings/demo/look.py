@@ -48,6 +48,7 @@ COUNTED: Final = {
 }
 """The counters the sample shows, by what they count."""
 _ALL: Final = 1_000_000  # more records than a demo run writes
+_UI_EXTRA: Final = ("starlette", "jinja2", "uvicorn")
 _SHOWN: Final = "loyalty.award_points"  # the handler that fails, in the demo
 
 
@@ -191,11 +192,8 @@ def audit_trace(store: AuditStore, correlation_id: str) -> Trace:
 
 
 def ui_available() -> bool:
-    """Whether the ops page (``tidings.ui``) is installed."""
-    try:
-        return importlib.util.find_spec("tidings.ui") is not None
-    except (ImportError, ValueError):
-        return False
+    """Whether ``tidings ui`` can serve here: the ``ui`` extra (Starlette, Jinja2, uvicorn)."""
+    return all(importlib.util.find_spec(name) is not None for name in _UI_EXTRA)
 
 
 def print_look(look: Look, console: Console, *, ui: bool) -> None:
@@ -230,9 +228,10 @@ def print_look(look: Look, console: Console, *, ui: bool) -> None:
         )
     elif not ui_available():
         console.print(
-            "  The ops page is not installed in this environment (tidings.ui): run the command "
-            "above against your own stores once it is.",
-            highlight=False,
+            Text(
+                "  The ops page needs the ui extra: pip install 'tidings[ui]', then run "
+                "`tidings demo --ui` again."
+            )
         )
 
 

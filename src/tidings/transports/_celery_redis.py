@@ -69,6 +69,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from contextlib import suppress
 from typing import Any, NamedTuple
 
 from tidings._untrusted import log_safe
@@ -170,6 +171,10 @@ def forget_stale_transports(hub: Any, current: Any) -> int:
                 for name, tref in list(vars(value).items()):
                     if name.endswith("_tref") and hasattr(tref, "cancel"):
                         tref.cancel()
+                        # A cancelled entry waits in the timer's queue until it is due (up to
+                        # 25 s), holding its function: let go of the poller now.
+                        with suppress(AttributeError):
+                            tref.fun, tref.args, tref.kwargs = _nothing, [], {}
     if stale:
         from multiprocessing import util  # noqa: PLC0415 - where kombu's QoS registers it
 
@@ -183,6 +188,10 @@ def forget_stale_transports(hub: Any, current: Any) -> int:
             ):
                 finalizer.cancel()
     return len(stale)
+
+
+def _nothing() -> None:
+    """What a cancelled timer entry of a dropped transport holds instead of its function."""
 
 
 def _transport_of(value: Any) -> Any:
