@@ -3,8 +3,9 @@
 The demo reports its retries and dead letters (from its journal and its dead-letter store).
 The same must be seen, in equal numbers, by a real Celery event receiver (what
 ``celery events --dump`` and Flower read: ``task-retried`` and ``task-failed``), by the worker's
-Prometheus metrics (scraped), and by the audit trail (``tidings trace --json`` for every
-request of the run).
+Prometheus metrics (scraped), by the audit trail (``tidings trace --json`` for every request of
+the run) and by the ops page (``tidings ui``'s app on the run's stores: every request's trace
+page, and the dead letters it counts).
 
 Celery's events count messages, and one message may carry several (handler, event) pairs:
 the relay sends batches, whose ``task-retried`` names each retried pair, and the demo has four
@@ -16,8 +17,10 @@ per handler, the events by the pairs their ``exception`` text names (the first f
 
 from __future__ import annotations
 
+import html
 import json
 import re
+import warnings
 from collections import Counter
 from typing import Any
 
@@ -28,14 +31,28 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.test_celery_visible import Monitor, monitoring
 from tests.workers import wait_until
 
+from tidings.audit import open_audit_store
 from tidings.cli import make_cli
+from tidings.deadletter import open_store
 from tidings.demo import DemoOptions, DemoResult, run_demo
+from tidings.demo.trail import Trail
+from tidings.transports._defaults import dead_letter_prefix
+from tidings.ui import OpsConfig, create_app
+
+with warnings.catch_warnings():
+    # Starlette >= 1.x prefers its httpx2 fork for the TestClient (see test_asgi_middleware).
+    warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
+    from starlette.testclient import TestClient
 
 pytestmark = pytest.mark.integration
 
 FAILING = "loyalty.award_points"
 _RETRIED = re.compile(r"(?:^|; )(\S+) on <[^>]*> \(attempt \d+ next\)")
 _DEAD = re.compile(r"(?:^|; )(\S+) on <[^>]*>: .*? \(dead letter [^)]*\)")
+_RECORD_ROW = re.compile(  # a row of the trace page's records: +ms, kind, type, id, handler
+    r'<tr><td class="num">[^<]*</td><td>([^<]*)</td><td>[^<]*</td><td class="mono">[^<]*</td>'
+    r"<td>([^<]*)</td>"
+)
 _MORE = re.compile(r"; and (\d+) more$")
 
 
@@ -104,14 +121,37 @@ def _scraped(text: str) -> tuple[Counter[str], float]:
     return retried, dead
 
 
-def test_celery_events_metrics_and_the_audit_trail_count_the_demo_s_retries_and_dead_letters(
+def _read_the_ops_page(trail: Trail, requests: list[str], found: Counter[tuple[str, str]]) -> None:
+    """Count, by (kind, handler), the records on each request's trace page of the ops page."""
+    audit = open_audit_store(trail.audit_url, name=trail.audit_name, must_exist=True)
+    service = trail.dlq_options[trail.dlq_options.index("--service") + 1]
+    letters = open_store(trail.dlq_url, name=dead_letter_prefix(service), must_exist=True)
+    try:
+        web = TestClient(create_app(OpsConfig(audit=audit, dead_letters=letters)))
+        for correlation_id in requests:
+            page = web.get("/trace", params={"id": correlation_id})
+            assert page.status_code == 200, page.text
+            table = page.text[page.text.index('<table id="records">') :]
+            for kind, handler in _RECORD_ROW.findall(table):
+                found[html.unescape(kind), html.unescape(handler) or "-"] += 1
+        counters = web.get("/counters").text
+        shown = re.search(r'<div>dead letters</div><div class="value">(\d+)</div>', counters)
+        assert shown is not None, counters
+        found["counter", "dead letters"] = int(shown.group(1))
+    finally:
+        audit.close()
+        letters.close()
+
+
+def test_celery_events_metrics_the_audit_trail_and_the_ops_page_count_the_demo_s_failures(
     redis_url: str, unique_name: str
 ) -> None:
-    """Retries and dead letters are equal in the demo, celery events, the metrics and the trail."""
+    """Retries and dead letters are equal in the demo, celery events, metrics, trail, ops page."""
     prefix = f"t_reconcile_{unique_name[-8:]}"  # unique_name ends in 8 random hex digits
     audited: Counter[tuple[str, str]] = Counter()
     traced: list[str] = []
     letters: list[str] = []
+    paged: Counter[tuple[str, str]] = Counter()
 
     def trace_every_request(result: DemoResult) -> None:
         # While the run's stores still exist: `tidings trace --json` for each request.
@@ -128,6 +168,7 @@ def test_celery_events_metrics_and_the_audit_trail_count_the_demo_s_retries_and_
         listed = runner.invoke(make_cli(), [*trail.dlq_list(), "--json", "--limit", "1000"])
         assert listed.exit_code == 0, listed.output
         letters.extend(letter["id"] for letter in json.loads(listed.output))
+        _read_the_ops_page(trail, traced, paged)
 
     monitor_app = Celery(f"monitor-{prefix}", broker=redis_url)
     with monitoring(monitor_app, f"{prefix}@") as monitor:
@@ -171,4 +212,9 @@ def test_celery_events_metrics_and_the_audit_trail_count_the_demo_s_retries_and_
 
     # And `tidings dlq list --service QUEUE`, the command the demo prints, lists them all.
     assert len(letters) == dead_letters
+
+    # The ops page: the records of every request's trace page, and its dead-letter counter.
+    assert _of(paged, "retried") == reported_retries
+    assert _of(paged, "dead_lettered") == reported_dead
+    assert paged["counter", "dead letters"] == dead_letters
     assert sum(_of(audited, "handled").values()) == result.handled
