@@ -82,6 +82,12 @@ def make_cli() -> click.Group:
         show_default=True,
         help="Seconds to wait for every event to be handled before giving up.",
     )
+    @click.option(
+        "--ui",
+        is_flag=True,
+        help="At the end, start `tidings ui` (the ops page) on the run's audit trail and keep "
+        "the run's stores until Ctrl-C.",
+    )
     def demo(  # noqa: PLR0917 - click passes every option
         requests: int,
         broker: str | None,
@@ -90,6 +96,7 @@ def make_cli() -> click.Group:
         concurrency: int,
         seed: int,
         timeout: float,
+        ui: bool,
     ) -> None:
         """Run a small shop end to end and trace one request through it.
 
@@ -98,8 +105,11 @@ def make_cli() -> click.Group:
         them; handlers send a fake email, update a read model, raise a follow-up event, and
         one fails now and then (retries, a dead letter). Ends with a summary, one request's
         trace, and a reconciliation: exits 1 if an event was not handled once per handler.
+        Then where to look: a sample of the metrics, the `tidings trace` command for that
+        request and its tree from the audit trail, `tidings dlq list` and `tidings ui`.
         """
-        from tidings.demo import DemoOptions, print_report, run_demo  # noqa: PLC0415
+        from tidings.demo import DemoOptions, DemoResult, print_report, run_demo  # noqa: PLC0415
+        from tidings.demo.look import print_look, run_ui, ui_available  # noqa: PLC0415
 
         console = rich.console.Console()
         options = DemoOptions(
@@ -111,15 +121,22 @@ def make_cli() -> click.Group:
             concurrency=concurrency,
             timeout=timeout,
         )
+
+        def show(result: DemoResult) -> None:
+            print_report(result, console)
+            if result.look is not None:
+                print_look(result.look, console, ui=ui)
+                if ui and ui_available():
+                    run_ui(result.look.trail, console)
+
         try:
-            result = run_demo(options, console=console)
+            result = run_demo(options, console=console, while_kept=show)
         except (ImportError, RuntimeError, TimeoutError) as exc:
             from tidings._untrusted import redact_text  # noqa: PLC0415
 
             reason = redact_text(str(exc), broker, db)
             console.print(f"[bold red]tidings demo failed[/]: {reason}", highlight=False)
             raise SystemExit(1) from None
-        print_report(result, console)
         if result.problems:
             raise SystemExit(1)
 

@@ -15,9 +15,11 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from tidings.audit import AuditStore
 from tidings.bus import EventBus
 from tidings.demo.journal import BufferedJournal, CountingInbox, Journal, SqlJournal
 from tidings.demo.shop import RETRY, Shop, make_engine
+from tidings.demo.trail import Trail
 from tidings.ports import DeadLetterStore, Inbox
 
 __all__ = ["CelerySettings", "CelerySide", "build"]
@@ -34,12 +36,14 @@ class CelerySettings:
         db: the SQLAlchemy URL of the shop's database.
         prefix: this run's name: the queue, the tables' and the Redis keys' prefix.
         seed: the shop's seed (which orders the loyalty handler fails on).
+        metrics_port: where the worker serves its Prometheus metrics (0: nowhere).
     """
 
     broker: str
     db: str
     prefix: str
     seed: int = 0
+    metrics_port: int = 0
 
     @property
     def redis_broker(self) -> bool:
@@ -53,6 +57,7 @@ class CelerySettings:
             f"{_ENV}DB": self.db,
             f"{_ENV}PREFIX": self.prefix,
             f"{_ENV}SEED": str(self.seed),
+            f"{_ENV}METRICS_PORT": str(self.metrics_port),
         }
 
     @classmethod
@@ -65,6 +70,7 @@ class CelerySettings:
             os.environ[f"{_ENV}DB"],
             os.environ[f"{_ENV}PREFIX"],
             int(os.environ.get(f"{_ENV}SEED", "0")),
+            int(os.environ.get(f"{_ENV}METRICS_PORT", "0")),
         )
 
 
@@ -81,19 +87,27 @@ class CelerySide:
     inbox: Inbox
     inbox_engine: sa.Engine
     redis: Any
+    audit: AuditStore
+    trail: Trail
 
     def create_tables(self, tenants: tuple[str, ...]) -> None:
         """Create the shop's, the journal's, the inbox's and the dead letters' tables."""
         self.shop.create_tables(tenants)
         self.journal.create_tables()
-        for store in (self.dead_letters, getattr(self.inbox, "inner", None)):
+        for store in (self.dead_letters, getattr(self.inbox, "inner", None), self.audit):
             create = getattr(store, "create_tables", None)
             if create is not None:
                 create()
 
+    def dead_letters_prefix(self) -> str:
+        """The Redis key prefix of the run's dead letters (its queue's default store)."""
+        from tidings.transports._defaults import dead_letter_prefix  # noqa: PLC0415
+
+        return dead_letter_prefix(self.settings.prefix)
+
     def clean_up(self) -> None:
         """Drop the run's tables and Redis keys, and release connections."""
-        for store in (self.dead_letters, getattr(self.inbox, "inner", None)):
+        for store in (self.dead_letters, getattr(self.inbox, "inner", None), self.audit):
             table = getattr(store, "table", None)
             engine = getattr(store, "engine", None) or getattr(store, "_engine", None)
             if isinstance(table, sa.Table) and engine is not None:
@@ -101,8 +115,9 @@ class CelerySide:
         self.journal.drop_tables()
         self.shop.drop_tables()
         if self.redis is not None:
-            for key in self.redis.scan_iter(f"{self.settings.prefix}*"):
-                self.redis.delete(key)
+            for pattern in (f"{self.settings.prefix}*", f"{self.dead_letters_prefix()}*"):
+                for key in self.redis.scan_iter(pattern):
+                    self.redis.delete(key)
             self.redis.close()
         transport = self.bus.transport
         if transport is not None:
@@ -128,20 +143,30 @@ def build(settings: CelerySettings, *, buffered: bool = False) -> CelerySide:
     journal = SqlJournal(engine, table_name=f"{settings.prefix}_journal")
     writer: Journal = BufferedJournal(journal) if buffered else journal
     shop = Shop(engine, writer, seed=settings.seed, prefix=settings.prefix)
+    outbox = shop.outbox.table.name
     client: Any = None
     inbox_engine = engine
     inner: Inbox
     dead_letters: DeadLetterStore
+    audit: AuditStore
     if settings.redis_broker:
         import redis  # noqa: PLC0415
 
+        from tidings.audit.redis import RedisAuditStore  # noqa: PLC0415
         from tidings.deadletter.redis import RedisDeadLetterStore  # noqa: PLC0415
         from tidings.inbox.redis import RedisInbox  # noqa: PLC0415
+        from tidings.transports._defaults import dead_letter_prefix  # noqa: PLC0415
 
         client = redis.Redis.from_url(settings.broker)
         inner = RedisInbox(client, prefix=f"{settings.prefix}:inbox", lease=5.0, keep=3600.0)
-        dead_letters = RedisDeadLetterStore(client, prefix=f"{settings.prefix}:dlq")
+        # The queue's default store, so that `tidings dlq list --service QUEUE` finds it.
+        dead_letters = RedisDeadLetterStore(client, prefix=dead_letter_prefix(settings.prefix))
+        audit = RedisAuditStore(client, prefix=f"{settings.prefix}:audit")
+        audit_name = f"{settings.prefix}:audit"
+        letters = ("--service", settings.prefix)
+        trail = Trail(settings.broker, audit_name, settings.broker, letters, settings.db, outbox)
     else:
+        from tidings.audit.sql import SqlAuditStore  # noqa: PLC0415
         from tidings.deadletter.sql import SqlDeadLetterStore  # noqa: PLC0415
         from tidings.inbox.sql import SqlInbox  # noqa: PLC0415
 
@@ -149,6 +174,15 @@ def build(settings: CelerySettings, *, buffered: bool = False) -> CelerySide:
             inbox_engine = make_engine(str(engine.url).replace(".db", "-inbox.db"))
         inner = SqlInbox(inbox_engine, table_name=f"{settings.prefix}_inbox")
         dead_letters = SqlDeadLetterStore(engine, table_name=f"{settings.prefix}_dead_letters")
+        audit = SqlAuditStore(engine, table_name=f"{settings.prefix}_audit")
+        trail = Trail(
+            settings.db,
+            f"{settings.prefix}_audit",
+            settings.db,
+            ("--name", f"{settings.prefix}_dead_letters"),
+            settings.db,
+            outbox,
+        )
     inbox = CountingInbox(inner, writer)
     app = Celery(f"tidings-demo-{settings.prefix}", broker=settings.broker)
     app.conf.update(
@@ -166,4 +200,6 @@ def build(settings: CelerySettings, *, buffered: bool = False) -> CelerySide:
         exchange=f"{settings.prefix}.events",  # the run's own routing keys, removed with it
     )
     bus = EventBus(transport=transport)
-    return CelerySide(settings, app, bus, shop, journal, dead_letters, inbox, inbox_engine, client)
+    return CelerySide(
+        settings, app, bus, shop, journal, dead_letters, inbox, inbox_engine, client, audit, trail
+    )

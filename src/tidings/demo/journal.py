@@ -12,13 +12,14 @@ import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import astuple, dataclass
 from typing import Any, Final, Protocol
 
 import sqlalchemy as sa
 
 from tidings.context import current_context
+from tidings.errors import InboxBusyError
 from tidings.integrations.logging import ContextFilter
 from tidings.ports import Inbox
 
@@ -317,8 +318,9 @@ class JournalLogHandler(logging.Handler):
 class CountingInbox:
     """Wraps an inbox and journals every duplicate it suppresses (a ``duplicate`` entry).
 
-    Only ``guard`` is offered (not the batch capability), so each (handler, event) pair is
-    claimed on its own and every skip can be counted.
+    A claim found busy elsewhere (:class:`~tidings.errors.InboxBusyError`, which the worker
+    retries) is journaled as ``busy``. Only ``guard`` is offered (not the batch capability),
+    so each (handler, event) pair is claimed on its own and every skip can be counted.
     """
 
     def __init__(self, inner: Inbox, journal: Journal) -> None:
@@ -327,8 +329,13 @@ class CountingInbox:
 
     @contextmanager
     def guard(self, handler: str, event_id: str) -> Iterator[bool]:
-        """Claim through the wrapped inbox; journal the pair when it is a duplicate."""
-        with self.inner.guard(handler, event_id) as fresh:
+        """Claim through the wrapped inbox; journal the pair when it is a duplicate or busy."""
+        with ExitStack() as claim:
+            try:
+                fresh = claim.enter_context(self.inner.guard(handler, event_id))
+            except InboxBusyError:
+                self.journal.add(record("busy", name=handler, event_id=event_id))
+                raise
             if not fresh:
                 self.journal.add(record("duplicate", name=handler, event_id=event_id))
             yield fresh

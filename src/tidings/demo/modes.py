@@ -1,24 +1,29 @@
 """Where the demo's handlers run: worker threads in this process, or Celery worker processes.
 
-A mode provides the shop, the bus the relay publishes to, the journal and the dead-letter
-store; :meth:`start` makes the workers consume, :meth:`idle` says when nothing is left to do,
-:meth:`close` stops the workers and :meth:`clean_up` removes what the run stored.
+A mode provides the shop, the bus the relay publishes to, the journal, the dead-letter store,
+the audit store and where both are (:class:`~tidings.demo.trail.Trail`), and where the
+handlers' metrics are scraped; :meth:`start` makes the workers consume, :meth:`idle` says
+when nothing is left to do, :meth:`close` stops the workers and :meth:`clean_up` removes what
+the run stored.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Protocol
 
+from tidings.audit import AuditStore
 from tidings.bus import EventBus
 from tidings.demo.journal import CountingInbox, Journal, MemoryJournal
 from tidings.demo.shop import RETRY, TENANTS, Shop, make_engine
-from tidings.memory import MemoryDeadLetterStore, MemoryInbox
+from tidings.demo.trail import Trail
+from tidings.memory import MemoryInbox
 from tidings.ports import DeadLetterStore
 from tidings.transports.memory import MemoryBroker, MemoryTransport
 
@@ -38,6 +43,10 @@ class Mode(Protocol):
     bus: EventBus
     journal: Journal
     dead_letters: DeadLetterStore
+    audit: AuditStore
+    trail: Trail
+    metrics_url: str | None
+    """Where the handlers' metrics are served; ``None``: in this process."""
 
     def start(self, timeout: float) -> None:
         """Create the tables and make the workers consume; return once they do."""
@@ -56,13 +65,33 @@ class Mode(Protocol):
         ...
 
 
+def _free_port() -> int:
+    """A local TCP port nobody listens on now (the worker binds it a moment later)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 class EmbeddedMode:
-    """Handlers in worker threads of this process (:class:`MemoryTransport`), memory inbox."""
+    """Handlers in worker threads of this process (:class:`MemoryTransport`), memory inbox.
+
+    The dead letters and the audit trail are tables in the shop's database, so that the
+    ``tidings`` commands can open them.
+    """
 
     def __init__(self, db: str, prefix: str, seed: int, workers: int) -> None:
+        from tidings.audit.sql import SqlAuditStore  # noqa: PLC0415 - the sql extra
+        from tidings.deadletter.sql import SqlDeadLetterStore  # noqa: PLC0415
+
         self.journal: Journal = MemoryJournal()
         self.shop = Shop(make_engine(db), self.journal, seed=seed, prefix=prefix)
-        self.dead_letters: DeadLetterStore = MemoryDeadLetterStore()
+        self._letters = SqlDeadLetterStore(self.shop.engine, table_name=f"{prefix}_dead_letters")
+        self.dead_letters: DeadLetterStore = self._letters
+        self._audit = SqlAuditStore(self.shop.engine, table_name=f"{prefix}_audit")
+        self.audit: AuditStore = self._audit
+        letters = ("--name", f"{prefix}_dead_letters")
+        self.trail = Trail(db, f"{prefix}_audit", db, letters, db, self.shop.outbox.table.name)
+        self.metrics_url: str | None = None
         self.transport = MemoryTransport(
             dead_letters=self.dead_letters,
             queue=prefix,
@@ -82,6 +111,8 @@ class EmbeddedMode:
     def start(self, timeout: float) -> None:
         """Create the tables and start the worker threads."""
         self.shop.create_tables(TENANTS)
+        self._letters.create_tables()
+        self._audit.create_tables()
         self.transport.start()
 
     def idle(self) -> bool:
@@ -94,6 +125,8 @@ class EmbeddedMode:
 
     def clean_up(self) -> None:
         """Drop the shop's tables and release its connections."""
+        for table in (self._letters.table, self._audit.table):
+            table.drop(self.shop.engine, checkfirst=True)
         self.shop.drop_tables()
         self.shop.engine.dispose()
 
@@ -101,9 +134,10 @@ class EmbeddedMode:
 class CeleryMode:
     """Handlers in a real Celery worker (prefork, ``workers`` processes) started for the run.
 
-    The worker runs ``celery -A tidings.demo.worker_app worker`` with this run's settings in
-    its environment; its output goes to ``worker.log`` in ``directory``, shown if it fails to
-    start. The worker's journal entries come back through the database.
+    The worker runs ``celery -A tidings.demo.worker_app worker -E`` (task events on, for
+    ``celery events`` and Flower) with this run's settings in its environment, and serves its
+    metrics on a free local port; its output goes to ``worker.log`` in ``directory``, shown if
+    it fails to start. The worker's journal entries come back through the database.
     """
 
     def __init__(
@@ -111,12 +145,15 @@ class CeleryMode:
     ) -> None:
         from tidings.demo.celery_side import CelerySettings, build  # noqa: PLC0415
 
-        self.settings = CelerySettings(broker, db, prefix, seed)
+        self.settings = CelerySettings(broker, db, prefix, seed, metrics_port=_free_port())
         self.side = build(self.settings, buffered=True)
         self.shop = self.side.shop
         self.bus = self.side.bus
         self.journal: Journal = self.shop.journal
         self.dead_letters = self.side.dead_letters
+        self.audit = self.side.audit
+        self.trail = self.side.trail
+        self.metrics_url: str | None = f"http://127.0.0.1:{self.settings.metrics_port}/metrics"
         self.workers = workers
         self.log_path = directory / "worker.log"
         self._process: subprocess.Popen[bytes] | None = None
@@ -143,7 +180,7 @@ class CeleryMode:
         self.side.create_tables(TENANTS)
         command = [
             sys.executable, "-m", "celery", "-A", "tidings.demo.worker_app", "worker",
-            "-Q", self.settings.prefix, "--pool=prefork", f"--concurrency={self.workers}",
+            "-Q", self.settings.prefix, "--pool=prefork", f"--concurrency={self.workers}", "-E",
             "--without-heartbeat", "--without-gossip", "--without-mingle",
             "--loglevel=WARNING", "-n", f"{self.settings.prefix}@%h",
         ]  # fmt: skip

@@ -1,26 +1,31 @@
 """One demo run, from starting the workers to the reconciled result.
 
 Start the workers, the relay and the web server; send the requests; wait until every event is
-settled; then summarise and reconcile what the journal recorded.
+settled; then summarise and reconcile what the journal recorded, and gather where to look:
+the handlers' metrics and one request's tree from the audit trail, which every process of the
+run (this one: web, relay and embedded workers; a Celery worker) records.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 import sqlalchemy as sa
 
+from tidings.audit import install_audit, uninstall_audit
 from tidings.bus import EventBus
 from tidings.demo.events import OrderPlaced, StockReserved
 from tidings.demo.journal import Journal, JournalLogHandler
+from tidings.demo.look import Look, audit_trace, scrape, wait_for_audit
 from tidings.demo.modes import CeleryMode, EmbeddedMode, Mode
 from tidings.demo.shop import ALWAYS, HANDLERS, TENANTS, Shop, event_entry, planned_failures
 from tidings.demo.summary import DemoResult, summarise
@@ -29,6 +34,7 @@ from tidings.events import DomainEvent
 from tidings.outbox import Backoff, Relay
 
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
     from rich.console import Console
 
 __all__ = ["LOST_CONFIRMATIONS", "DemoOptions", "LossyPublish", "run_demo"]
@@ -37,6 +43,7 @@ log = logging.getLogger("tidings.demo")
 
 LOST_CONFIRMATIONS: Final = frozenset({2, 5})
 """The relay batches (1-based) whose broker confirmation the demo loses, so they go twice."""
+_PREFIX: Final = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,39}")
 RUNS_PER_ORDER: Final = len(HANDLERS[OrderPlaced.event_type]) + len(
     HANDLERS[StockReserved.event_type]
 )
@@ -56,6 +63,8 @@ class DemoOptions:
         workers: worker threads (embedded) or Celery pool processes.
         concurrency: requests in flight at once.
         timeout: seconds the run may take before it gives up waiting.
+        prefix: the run's name, the first part of its queue, tables and keys (a letter,
+            then up to 39 letters, digits or ``_``); ``None``: a new random one.
     """
 
     requests: int = 300
@@ -65,10 +74,14 @@ class DemoOptions:
     workers: int = 4
     concurrency: int = 16
     timeout: float = 120.0
+    prefix: str | None = None
 
     def __post_init__(self) -> None:
         if self.requests < 1 or self.workers < 1 or self.concurrency < 1 or self.timeout <= 0:
             msg = "the demo needs requests, workers and concurrency >= 1 and a positive timeout"
+            raise ValueError(msg)
+        if self.prefix is not None and not _PREFIX.fullmatch(self.prefix):
+            msg = "the demo's prefix is a letter, then up to 39 letters, digits or _"
             raise ValueError(msg)
 
 
@@ -125,26 +138,54 @@ def _tables(shop: Shop) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[int
     )
 
 
-def run_demo(options: DemoOptions | None = None, *, console: Console | None = None) -> DemoResult:
+def run_demo(
+    options: DemoOptions | None = None,
+    *,
+    console: Console | None = None,
+    while_kept: Callable[[DemoResult], None] | None = None,
+) -> DemoResult:
     """Run the shop once and return what happened; show progress on ``console`` if given.
 
+    The run installs the audit trail (on its own store) and the metrics (in a registry of its
+    own) in this process, replacing any installation this process had, and uninstalls both
+    and removes the run's tables and keys before it returns; ``while_kept`` is called with
+    the result while they still exist (the workers have stopped by then).
+
     Raises:
-        ImportError: FastAPI, uvicorn or httpx (the ``demo`` extra), or Celery for a broker.
+        ImportError: FastAPI, uvicorn or httpx (the ``demo`` extra), prometheus_client, or
+            Celery for a broker.
         RuntimeError: the Celery worker did not start.
         TimeoutError: the events were not all settled within ``options.timeout``.
     """
+    try:
+        from prometheus_client import CollectorRegistry  # noqa: PLC0415 - in the demo extra
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        msg = "the demo's metrics need prometheus_client: pip install 'tidings[demo]'"
+        raise ImportError(msg) from exc
+    from tidings.integrations.prometheus import (  # noqa: PLC0415
+        install_metrics,
+        uninstall_metrics,
+    )
+
     options = DemoOptions() if options is None else options
     started = time.perf_counter()
-    prefix = f"tdemo_{uuid.uuid4().hex[:10]}"
+    prefix = options.prefix or f"tdemo_{uuid.uuid4().hex[:10]}"
     with tempfile.TemporaryDirectory(prefix="tidings-demo-") as directory:
         mode = _make_mode(options, Path(directory), prefix)
         logger, capture = logging.getLogger("tidings"), JournalLogHandler(mode.journal)
         level = logger.level
         logger.addHandler(capture)
         logger.setLevel(logging.INFO)
+        registry = CollectorRegistry()
+        install_metrics(registry, service="shop")
         try:
-            return _run(options, mode, started, console)
+            result = _run(options, mode, started, console, registry)
+            if while_kept is not None:
+                while_kept(result)
+            return result
         finally:
+            uninstall_audit()
+            uninstall_metrics()
             logger.removeHandler(capture)
             logger.setLevel(level)
             for step in (mode.close, mode.clean_up):
@@ -154,7 +195,13 @@ def run_demo(options: DemoOptions | None = None, *, console: Console | None = No
                     log.warning("the demo could not %s: %s", step.__name__.replace("_", " "), exc)
 
 
-def _run(options: DemoOptions, mode: Mode, started: float, console: Console | None) -> DemoResult:
+def _run(
+    options: DemoOptions,
+    mode: Mode,
+    started: float,
+    console: Console | None,
+    registry: CollectorRegistry,
+) -> DemoResult:
     progress = _Progress(console, options.requests, options.requests * RUNS_PER_ORDER)
     with progress:
         progress.say(
@@ -163,6 +210,7 @@ def _run(options: DemoOptions, mode: Mode, started: float, console: Console | No
         )
         progress.say("starting the workers")
         mode.start(timeout=min(60.0, options.timeout))
+        install_audit(mode.audit, flush_interval=0.2)
         publish = LossyPublish(mode.bus, mode.journal, LOST_CONFIRMATIONS)
         relay = Relay(
             mode.shop.engine,
@@ -212,11 +260,14 @@ def _run(options: DemoOptions, mode: Mode, started: float, console: Console | No
         finally:
             stop.set()
             relaying.join(timeout=10)
+        expected = _so_far(mode)
+        scraped = scrape(mode.metrics_url, registry, expected)
+        wait_for_audit(mode.audit, TENANTS, expected)
         mode.close()
     mode.journal.flush()
     sales, placed = _tables(mode.shop)
     doomed = {c.order_id for c in customers if planned_failures(options.seed, c.order_id) == ALWAYS}
-    return summarise(
+    result = summarise(
         mode=mode.description,
         answers=answers,
         entries=mode.journal.entries(),
@@ -226,6 +277,20 @@ def _run(options: DemoOptions, mode: Mode, started: float, console: Console | No
         doomed=doomed,
         seconds=time.perf_counter() - started,
     )
+    where = "this process" if mode.metrics_url is None else f"the Celery worker, {mode.metrics_url}"
+    trace = audit_trace(mode.audit, result.traced_correlation_id)
+    return replace(result, look=Look(mode.trail, where, scraped, trace))
+
+
+def _so_far(mode: Mode) -> dict[str, int]:
+    """Handler runs done, retries and dead letters the journal and the store hold so far."""
+    letters = mode.dead_letters.list(limit=10_000)
+    failed, busy = mode.journal.count("failed"), mode.journal.count("busy")
+    return {
+        "handled": mode.journal.count("handled"),
+        "retried": failed - sum(1 for letter in letters if letter.handler) + busy,
+        "dead_lettered": len(letters),
+    }
 
 
 def _expected(answers: Sequence[Answer]) -> int:

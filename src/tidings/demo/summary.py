@@ -5,12 +5,16 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from tidings.demo.events import OrderPlaced, StockReserved
 from tidings.demo.journal import Entry
 from tidings.demo.shop import HANDLERS
 from tidings.demo.web import Answer
 from tidings.ports import DeadLetter
+
+if TYPE_CHECKING:
+    from tidings.demo.look import Look
 
 __all__ = ["DemoResult", "TraceLine", "reconcile", "summarise", "trace"]
 
@@ -44,6 +48,8 @@ class DemoResult:
         events_handled: events whose every handler completed (or was dead-lettered).
         handled: handler runs that completed.
         failures: handler attempts that raised (each was retried or dead-lettered).
+        retries: handler runs sent again: the failed attempts that were not dead-lettered, and
+            the deliveries the inbox found claimed elsewhere (``busy``).
         duplicates: deliveries the inbox suppressed because their effect had taken place.
         dead_letters: (handler, event id, reason) of each dead letter.
         per_handler: completed runs per handler.
@@ -55,6 +61,7 @@ class DemoResult:
         problems: what reconciliation found wrong; empty when the run reconciles.
         seconds: wall-clock time of the run.
         entries: the whole journal.
+        look: where to look after the run (metrics, the audit trail's tree, the commands).
     """
 
     mode: str
@@ -65,6 +72,7 @@ class DemoResult:
     events_handled: int
     handled: int
     failures: int
+    retries: int
     duplicates: int
     dead_letters: tuple[tuple[str, str, str], ...]
     per_handler: Mapping[str, int]
@@ -76,6 +84,7 @@ class DemoResult:
     problems: tuple[str, ...]
     seconds: float
     entries: tuple[Entry, ...]
+    look: Look | None = None
 
 
 def _percentile(values: Sequence[float], fraction: float) -> float:
@@ -120,6 +129,7 @@ def summarise(
         events_handled=_events_handled(entries, letters),
         handled=kinds["handled"],
         failures=kinds["failed"],
+        retries=kinds["failed"] - sum(1 for d in letters if d.handler) + kinds["busy"],
         duplicates=kinds["duplicate"],
         dead_letters=dead,
         per_handler=dict(sorted(Counter(e.name for e in entries if e.kind == "handled").items())),
