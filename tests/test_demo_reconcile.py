@@ -127,7 +127,9 @@ def _read_the_ops_page(trail: Trail, requests: list[str], found: Counter[tuple[s
     service = trail.dlq_options[trail.dlq_options.index("--service") + 1]
     letters = open_store(trail.dlq_url, name=dead_letter_prefix(service), must_exist=True)
     try:
-        web = TestClient(create_app(OpsConfig(audit=audit, dead_letters=letters)))
+        web = TestClient(
+            create_app(OpsConfig(audit=audit, dead_letters=letters)), base_url="http://127.0.0.1"
+        )
         for correlation_id in requests:
             page = web.get("/trace", params={"id": correlation_id})
             assert page.status_code == 200, page.text

@@ -1,8 +1,10 @@
 """The ops page (tidings.ui) over the stores a real run filled, through Starlette's TestClient."""
 
+import html
 import re
 import warnings
 from collections.abc import Iterator
+from dataclasses import replace
 from urllib.parse import quote
 
 import pytest
@@ -30,6 +32,10 @@ def scene(request, unique_name, tmp_path, redis_url) -> Iterator[Scene]:
         yield made
 
 
+LOCAL = "http://127.0.0.1"
+"""The address the page's tests reach it at (a host it serves)."""
+
+
 def client_for(scene: Scene, *, allow_replay: bool = False, csrf: str = "") -> TestClient:
     engine = sa.create_engine(scene.outbox_url)
     config = OpsConfig(
@@ -40,13 +46,20 @@ def client_for(scene: Scene, *, allow_replay: bool = False, csrf: str = "") -> T
         allow_replay=allow_replay,
         **({"csrf_token": csrf} if csrf else {}),
     )
-    return TestClient(create_app(config))
+    return TestClient(create_app(config), base_url=LOCAL)
 
 
 def csrf_of(page: str) -> str:
     match = re.search(r'name="csrf" value="([^"]+)"', page)
     assert match, "the confirmation form carries a CSRF token"
     return match.group(1)
+
+
+def form_of(page: str) -> dict[str, str]:
+    """The hidden fields of a confirmation page's form, as a browser would POST them."""
+    fields = dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)">', page))
+    assert "csrf" in fields, "the confirmation form carries a CSRF token"
+    return {name: html.unescape(value) for name, value in fields.items()}
 
 
 def test_a_search_by_correlation_id_lands_on_the_trace_drawn_as_a_causal_timeline(scene):
@@ -152,7 +165,7 @@ def test_replay_after_confirmation_sends_the_letter_back_and_it_is_handled(scene
     form = {"id": letter.id, "confirm": "yes", "csrf": "not-the-token"}
     assert web.post("/letters/replay", data=form).status_code == 403
     confirm = web.get("/letters/confirm", params={"action": "replay", "id": letter.id}).text
-    form["csrf"] = csrf_of(confirm)
+    form = form_of(confirm)
     scene.client.delete(f"{scene.prefix}:broken")
     done = web.post("/letters/replay", data=form)
     assert done.status_code == 200
@@ -174,11 +187,45 @@ def test_purge_by_filter_after_confirmation_deletes_only_the_matching_letters(sc
     assert "nothing to purge" in confirm
     confirm = web.get("/letters/confirm", params={"action": "purge", "handler": "mail.confirm"})
     assert letter.id in confirm.text
-    form = {"handler": "mail.confirm", "confirm": "yes", "csrf": csrf_of(confirm.text)}
+    form = form_of(confirm.text)
     assert web.post("/letters/purge", data={**form, "confirm": ""}).status_code == 400
     done = web.post("/letters/purge", data=form)
     assert "purged" in done.text
     assert kept.count() == 0
+
+
+def test_a_page_addressed_to_another_host_or_posted_from_another_site_is_refused(scene):
+    """A rebound name (Host) gets 400 and a cross-site POST (Origin) 403; the letter stays."""
+    web = client_for(scene, allow_replay=True)
+    (letter,) = scene.letters.list()
+    assert web.get("/letters", headers={"host": "attacker.example"}).status_code == 400
+    form = form_of(web.get("/letters/confirm", params={"action": "purge", "id": letter.id}).text)
+    posted = web.post("/letters/purge", data=form, headers={"origin": "http://attacker.example"})
+    assert posted.status_code == 403
+    assert scene.letters.get(letter.id) is not None
+    same_site = web.post("/letters/purge", data=form, headers={"origin": "http://127.0.0.1:8050"})
+    assert same_site.status_code == 200
+    assert scene.letters.get(letter.id) is None
+
+
+def test_a_purge_acts_only_on_the_letters_its_confirmation_showed(scene):
+    """A letter dead-lettered after the confirmation is kept; a changed match is refused."""
+    web = client_for(scene, allow_replay=True)
+    (letter,) = scene.letters.list()
+    page = web.get("/letters/confirm", params={"action": "purge", "since": "1h"}).text
+    form = form_of(page)
+    assert form["count"] == "1"
+    assert form["since"] != "1h", "the age is fixed when the page is shown"
+    later = replace(letter, id="came-later", failed_at="2999-01-01T00:00:00+00:00")
+    scene.letters.add(later)
+    done = web.post("/letters/purge", data=form)
+    assert done.status_code == 200, done.text
+    assert scene.letters.get(letter.id) is None
+    assert scene.letters.get("came-later") is not None
+    page = web.get("/letters/confirm", params={"action": "purge", "id": "came-later"}).text
+    form = form_of(page)
+    scene.letters.remove("came-later")
+    assert web.post("/letters/purge", data=form).status_code == 409
 
 
 def test_the_counters_page_totals_the_stores_and_refreshes_itself(scene):
@@ -194,7 +241,7 @@ def test_a_failing_store_is_a_page_without_its_password(unique_name):
     """An unreachable store gives an error page naming the failure, its password hidden."""
     url = "redis://:s3cret-pw@127.0.0.1:1/0"
     store = RedisDeadLetterStore.from_url(url, prefix=unique_name)
-    web = TestClient(create_app(OpsConfig(dead_letters=store, redact=(url,))))
+    web = TestClient(create_app(OpsConfig(dead_letters=store, redact=(url,))), base_url=LOCAL)
     page = web.get("/letters")
     assert page.status_code == 500
     assert "ConnectionError" in page.text
@@ -204,7 +251,7 @@ def test_a_failing_store_is_a_page_without_its_password(unique_name):
 
 def test_pages_without_their_store_say_which_option_gives_it():
     """Each page names the option that configures what it shows."""
-    web = TestClient(create_app(OpsConfig()))
+    web = TestClient(create_app(OpsConfig()), base_url=LOCAL)
     assert "--audit" in web.get("/", params={"q": "x"}).text
     assert "--db" in web.get("/outbox").text
     assert "--store" in web.get("/letters").text

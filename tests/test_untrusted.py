@@ -56,6 +56,8 @@ def test_log_safe_escapes_control_characters_and_caps_length():
         ("postgresql://app@db/x?password=s3cret&sslmode=require", None),
         ("redis://localhost:6379/1", "redis://localhost:6379/1"),
         ("celery+redis://u:p%40ss@h/0?queues=a,b", "celery+redis://u:***@h/0?queues=a,b"),
+        ("sqlite:////tmp/x.db", "sqlite:////tmp/x.db"),
+        ("sqlite:///relative.db", "sqlite:///relative.db"),
     ],
 )
 def test_redact_url_hides_passwords(url, expected):

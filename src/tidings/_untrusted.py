@@ -101,18 +101,20 @@ def redact_url(url: str) -> str:
         password = parts.password
     except ValueError:
         return "***@" + url.rsplit("@", 1)[1] if "@" in url else url
+    changed = False
     if password is not None:
         userinfo, _, host = parts.netloc.rpartition("@")
         user = userinfo.split(":", 1)[0]
-        parts = parts._replace(netloc=f"{user}:***@{host}")
+        parts, changed = parts._replace(netloc=f"{user}:***@{host}"), True
     if parts.query:
         pairs = parse_qsl(parts.query, keep_blank_values=True)
         if any(key.lower() in _SECRET_KEYS for key, _ in pairs):
             query = urlencode(
                 [(k, "***" if k.lower() in _SECRET_KEYS else v) for k, v in pairs], safe="*:/"
             )
-            parts = parts._replace(query=query)
-    return parts.geturl()
+            parts, changed = parts._replace(query=query), True
+    # Rebuilt only when something was hidden: urlunsplit drops the empty host of sqlite:///x.
+    return parts.geturl() if changed else url
 
 
 def _secrets(url: str) -> set[str]:

@@ -130,7 +130,7 @@ def make_ui_command() -> click.Command:
         show_default=True,
         help="The address to bind; the page has no login, keep it on localhost.",
     )
-    @click.option("--port", type=click.IntRange(min=0, max=65535), default=8050,
+    @click.option("--port", type=click.IntRange(min=1, max=65535), default=8050,
                   show_default=True)  # fmt: skip
     def ui(  # noqa: PLR0917 - click passes every option
         audit_url: str | None,
@@ -174,9 +174,10 @@ def make_ui_command() -> click.Command:
             dead_letters=dead_letters,
             outbox_engine=_outbox(db_url) if db_url else None,
             outbox_table=table,
-            replayer=None if target is None else _replayer(target, app or ""),
+            replayer=None if target is None or not allow_replay else _replayer(target, app or ""),
             allow_replay=allow_replay,
             redact=tuple(url for url in (audit_url, store_url, db_url) if url),
+            hosts=tuple(dict.fromkeys(("127.0.0.1", "localhost", "::1", host))),
         )
         mode = "replay and purge allowed" if allow_replay else "read-only"
         shown = ", ".join(redact_url(url) for url in config.redact)

@@ -37,7 +37,7 @@ _HEADERS = {
     "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
     "img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",  # the browser still names this page as Origin of a POST
     "Cache-Control": "no-store",
 }
 
@@ -55,6 +55,10 @@ class OpsConfig:
         allow_replay: whether replay and purge are allowed at all (else every POST is 403).
         redact: URLs whose secrets are hidden from every error shown.
         csrf_token: the token every form carries; random per process unless given.
+        hosts: the host names a request may be addressed to (its ``Host`` header, and the
+            ``Origin`` of a POST when the browser sends one); any other gets 400 (``Host``) or
+            403 (``Origin``), so that a web page whose name was rebound to this machine's
+            address can neither read these pages nor post their forms.
     """
 
     audit: AuditStore | None = None
@@ -65,6 +69,7 @@ class OpsConfig:
     allow_replay: bool = False
     redact: Sequence[str] = ()
     csrf_token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    hosts: Sequence[str] = ("127.0.0.1", "localhost", "::1")
 
 
 class RefusedError(Exception):

@@ -14,6 +14,8 @@ import time
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
@@ -194,9 +196,12 @@ def create_app(config: OpsConfig) -> Starlette:
     ``/outbox``, ``/letters`` (filters ``handler``, ``event_type``, ``since``, ``reason``),
     ``/letters/{id}``, ``/letters/confirm`` and POST ``/letters/replay`` / ``/letters/purge``
     (403 unless ``config.allow_replay``, and without the form's CSRF token), ``/counters``.
+    A request addressed to a host not in ``config.hosts`` is refused (400).
     """
     pages = _Pages(config)
+    hosts = [*config.hosts, *(f"[{host}]" for host in config.hosts if ":" in host)]
     return Starlette(
+        middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=hosts)],
         routes=[
             Route("/", pages.guarded(pages.search), name="search"),
             Route("/trace", pages.guarded(pages.trace), name="trace"),
@@ -211,5 +216,5 @@ def create_app(config: OpsConfig) -> Starlette:
             ),
             Route("/letters/{letter_id:path}", pages.guarded(pages.letter), name="letter"),
             Route("/counters", pages.guarded(pages.counters), name="counters"),
-        ]
+        ],
     )

@@ -9,9 +9,9 @@ matching the filters, oldest first), as ``tidings dlq`` does.
 from __future__ import annotations
 
 import hmac
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlsplit
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -53,6 +53,15 @@ def _filter_fields(params: Any) -> dict[str, str]:
     """The filter's fields as given (for links and hidden form fields)."""
     names = ("handler", "event_type", "since", "reason")
     return {name: str(params.get(name, "")) for name in names if params.get(name)}
+
+
+def _failed_by(letter: DeadLetter, until: datetime) -> bool:
+    """Whether ``letter`` was dead-lettered at or before ``until`` (an unreadable time: yes)."""
+    try:
+        failed_at = datetime.fromisoformat(letter.failed_at)
+    except ValueError:
+        return True
+    return (failed_at if failed_at.tzinfo else failed_at.replace(tzinfo=UTC)) <= until
 
 
 def _letter_row(letter: DeadLetter) -> dict[str, str]:
@@ -148,25 +157,37 @@ class LetterPages(Pages):
         if action not in ("replay", "purge"):
             raise RefusedError(400, "action is replay or purge")
         store = self._letters()
-        ids = self._chosen(store, request.query_params)
+        until = datetime.now(UTC)
+        ids = self._chosen(store, request.query_params, until)
+        filters = _filter_fields(request.query_params)
+        since = _filter(request.query_params).since
+        if since is not None:  # an age (30m) is fixed now: the form means these letters
+            filters["since"] = since.isoformat()
         return self.render(
             "confirm.html",
             action=action,
             ids=ids,
             shown=[safe(letter_id) for letter_id in ids[:_PAGE]],
-            filters=_filter_fields(request.query_params),
+            filters=filters,
             letter_id=str(request.query_params.get("id", "")),
+            until=until.isoformat(),
             can_replay=self.config.replayer is not None,
             csrf=self.config.csrf_token,
         )
 
-    def _chosen(self, store: DeadLetterStore, params: Any) -> list[str]:
-        """The letters an action means: one ``id``, or every one matching the filters."""
+    def _chosen(self, store: DeadLetterStore, params: Any, until: datetime) -> list[str]:
+        """The letters an action means: one ``id``, or every one matching the filters.
+
+        Only letters dead-lettered by ``until`` (the confirmation page's time) count, so that
+        a POST acts on the letters the operator was shown, not on those that came since.
+        """
         letter_id = str(params.get("id", ""))
         if letter_id:
             return [letter_id] if store.get(letter_id) is not None else []
         where = _filter(params)
-        ids = dict.fromkeys(letter.id for letter in iter_matching(store, where))
+        ids = dict.fromkeys(
+            letter.id for letter in iter_matching(store, where) if _failed_by(letter, until)
+        )
         return list(reversed(ids))  # oldest first
 
     async def act(self, request: Request) -> Response:
@@ -182,6 +203,9 @@ class LetterPages(Pages):
     def _act(self, request: Request, form: dict[str, str]) -> Response:
         if not self.config.allow_replay:
             raise RefusedError(403, "read-only: start tidings ui with --allow-replay to change it")
+        origin = request.headers.get("origin")
+        if origin is not None and urlsplit(origin).hostname not in self.config.hosts:
+            raise RefusedError(403, "the form was posted from another site")
         if not hmac.compare_digest(form.get("csrf", ""), self.config.csrf_token):
             raise RefusedError(403, "the form's token is missing or stale: reload the page")
         if form.get("confirm") != "yes":
@@ -190,7 +214,17 @@ class LetterPages(Pages):
         if action not in ("replay", "purge"):
             raise RefusedError(404, "POST /letters/replay or /letters/purge")
         store = self._letters()
-        ids = self._chosen(store, form)
+        try:
+            until = datetime.fromisoformat(form.get("until", ""))
+        except ValueError:
+            raise RefusedError(400, "the form has no confirmation time: reload the page") from None
+        ids = self._chosen(store, form, until if until.tzinfo else until.replace(tzinfo=UTC))
+        if form.get("count") != str(len(ids)):
+            raise RefusedError(
+                409,
+                f"{len(ids)} letter(s) match now, not the {safe(form.get('count', '?'))[:20]} "
+                "you confirmed: review them again",
+            )
         outcomes: list[dict[str, str]] = []
         if action == "purge":
             for letter_id in ids:
