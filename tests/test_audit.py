@@ -416,6 +416,27 @@ def test_a_rejected_delivery_is_recorded_with_the_events_ids(unique_name):
     assert garbage.correlation_id is None
 
 
+def test_a_deeply_nested_rejected_message_is_recorded_without_raising(unique_name):
+    """A body nested past the codec's depth is dead-lettered, and the audit records it calmly."""
+    letters = MemoryDeadLetterStore()
+    broker = MemoryBroker()
+    transport = MemoryTransport(dead_letters=letters, queue=unique_name, broker=broker)
+    EventBus(transport=transport)
+    store = ListStore()
+    install_audit(store)
+    transport.start()
+    try:
+        for deep in (b'{"id":' + b"[" * 5000 + b"]" * 5000 + b"}",
+                     b'{"id":"d-1","data":' + b"{\"a\":" * 5000 + b"1" + b"}" * 5001):  # fmt: skip
+            broker.put(unique_name, Received(deep, destination=unique_name))
+        wait_until(lambda: letters.count() == 2 and transport.idle(), what="the dead letters")
+    finally:
+        transport.close()
+        uninstall_audit()
+    assert [r.kind for r in store.records] == ["rejected", "rejected"]
+    assert all(r.event_id is None for r in store.records)
+
+
 @pytest.mark.integration
 def test_redis_lookups_span_buckets_and_indexes_expire_after_max_age(redis_url, unique_name):
     """Records of one request in two buckets are found together; every index key expires."""

@@ -143,6 +143,16 @@ def _validation_error(
     return EventDecodeError(msg, field=field)
 
 
+def nests_within(payload: bytes, max_depth: int = 32) -> bool:
+    """Whether JSON ``payload`` nests arrays and objects at most ``max_depth`` deep.
+
+    Linear in the payload (``max_depth`` passes at most). For code that peeks into a body the
+    codec did not decode (a hook reading a dead letter's ids): a parser meeting deeper nesting
+    may recurse until Python's recursion limit.
+    """
+    return not _too_deep(payload, max_depth)
+
+
 def _too_deep(payload: bytes, max_depth: int) -> bool:
     # Brackets inside strings are not nesting; arrays and objects nest alike, so { } count as [ ].
     brackets = _STRINGS.sub(b"", payload).translate(_UNIFY_BRACKETS, _NOT_BRACKETS)

@@ -23,6 +23,7 @@ from tidings import _tracing
 from tidings._untrusted import plain_id
 from tidings.audit._record import AuditRecord, AuditStore, storable
 from tidings.audit._writer import Writer
+from tidings.codec import nests_within
 
 if TYPE_CHECKING:
     from tidings.events import DomainEvent
@@ -353,10 +354,11 @@ class _AuditHooks:
     def rejected(self, letter: DeadLetter, *, system: str) -> None:
         headers = letter.headers
         try:
-            # Bounded already: the worker cut the letter's body to the codec's size limit.
-            found = _read_ids(letter.body)
-        except (msgspec.DecodeError, UnicodeDecodeError):
-            found = _Ids()  # not an envelope: the headers may still say whose it was
+            # Bounded already: the worker cut the letter's body to the codec's size limit; the
+            # nesting is checked first (a parser recurses through it).
+            found = _read_ids(letter.body) if nests_within(letter.body) else _Ids()
+        except Exception:  # noqa: BLE001 - not an envelope: the headers may still say whose
+            found = _Ids()
         self.writer.put(
             AuditRecord(
                 "rejected",

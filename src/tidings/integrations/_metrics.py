@@ -18,6 +18,7 @@ import msgspec
 from prometheus_client import CollectorRegistry
 
 from tidings._untrusted import log_safe
+from tidings.codec import nests_within
 from tidings.errors import HandlerFailedError
 from tidings.integrations._families import Family, FastCounter, FastHistogram
 from tidings.integrations._runs import (
@@ -249,8 +250,8 @@ def _occurred_at(event: DomainEvent) -> object:
     if not isinstance(body, bytes):
         return None
     try:
-        return _read_time(body).time
-    except (msgspec.DecodeError, UnicodeDecodeError):
+        return _read_time(body).time if nests_within(body) else None
+    except Exception:  # noqa: BLE001 - an observer never raises into a delivery
         return None
 
 
