@@ -5,6 +5,7 @@ from types import SimpleNamespace
 import pytest
 from celery import Celery
 from celery._state import _task_stack
+from kombu.asynchronous import Hub
 from tests.apps import celery_shop
 from tests.conftest import require_server
 from tests.workers import celery_worker, wait_until
@@ -287,7 +288,7 @@ def test_the_worker_consumer_serves_its_redis_channel_before_its_loop_starts(red
         channel = connection.default_channel
         consumer = DeadLetteringConsumer.__new__(DeadLetteringConsumer)
         consumer.app = SimpleNamespace(clock="clock")
-        consumer.connection, consumer.blueprint, consumer.hub = connection, "bp", "hub"
+        consumer.connection, consumer.blueprint, consumer.hub = connection, "bp", Hub()
         consumer.qos, consumer.amqheartbeat, consumer.amqheartbeat_rate = "qos", None, 2.0
         consumer.task_consumer = SimpleNamespace(channel=channel)
         args = consumer.loop_args()
