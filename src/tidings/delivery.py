@@ -295,11 +295,22 @@ class Dispatcher:
         attempt = received.attempt if received.handler is not None else 1
         hooks = _tracing.hooks
         span = _tracing.NO_SPAN
+        if hooks is not None:  # what each run's span is told, worked out once per event
+            system = self.transport or "tidings"
+            destination = received.destination or type(event).event_type
         token = _current.set(EventContext(event.correlation_id, event.event_id, event.tenant_id))
         try:
             for handler in handlers:
                 if hooks is not None:
-                    span = self._span(hooks, handler, event, received, attempt)
+                    # The span of this run, a child of the envelope's ``traceparent``.
+                    span = hooks.handle(
+                        handler.name,
+                        event,
+                        body=received.body,
+                        system=system,
+                        destination=destination,
+                        attempt=attempt,
+                    )
                 try:
                     fresh = self._run(handler, event, batch, source)
                 except InboxBusyError as busy:
@@ -361,24 +372,6 @@ class Dispatcher:
             span.end()  # idempotent: ends a span left open by an error propagating
             _current.reset(token)
         return Outcome(event, tuple(handled), tuple(duplicates), tuple(retries), tuple(dead))
-
-    def _span(
-        self,
-        hooks: _tracing.TracingHooks,
-        handler: Handler,
-        event: DomainEvent,
-        received: Received,
-        attempt: int,
-    ) -> _tracing.HandleSpan:
-        """Start the span of one handler run, a child of the envelope's ``traceparent``."""
-        return hooks.handle(
-            handler.name,
-            event,
-            body=received.body,
-            system=self.transport or "tidings",
-            destination=received.destination or type(event).event_type,
-            attempt=attempt,
-        )
 
     def _run(self, handler: Handler, event: DomainEvent, batch: _Batch | None, source: str) -> bool:
         """Run one handler behind the inbox; return False when the inbox skipped it.

@@ -299,7 +299,12 @@ class MetricsHooks:
         destination: str,
         attempt: int,
     ) -> Run:
-        return Run(self.metrics.run_series(system, event.event_type, handler), event.occurred_at)
+        # run_series, inlined: this is once per handler run.
+        metrics = self.metrics
+        series = metrics._runs.get((get_ident(), system, event.event_type, handler))
+        if series is None:
+            series = metrics.run_series(system, event.event_type, handler)
+        return Run(series, event.occurred_at)
 
     def traceparent(self, event: DomainEvent) -> str | None:
         return None
