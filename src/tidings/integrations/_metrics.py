@@ -32,15 +32,19 @@ from tidings.integrations._runs import (
     RunCounter,
     RunHistogram,
     RunSeries,
+    count_runs,
 )
 
 if TYPE_CHECKING:
+    from tidings._tracing import RunReport
     from tidings.events import DomainEvent
     from tidings.ports import DeadLetter
 
 __all__ = ["Metrics", "MetricsHooks", "label"]
 
 _LABEL_LIMIT = 100
+_now = time.time
+_clock = time.perf_counter
 _BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000)
 
 # While a relayed batch is sent: its events are counted as relayed, not published again.
@@ -305,6 +309,15 @@ class MetricsHooks:
         if series is None:
             series = metrics.run_series(system, event.event_type, handler)
         return Run(series, event.occurred_at)
+
+    def runs(self, runs: Sequence[RunReport], *, system: str) -> None:
+        """Count a worker's batch of runs (see :class:`tidings._tracing.BatchHooks`)."""
+        metrics = self.metrics
+        count_runs(
+            lambda event_type, handler: metrics.run_series(system, event_type, handler),
+            runs,
+            _now() - _clock(),
+        )
 
     def traceparent(self, event: DomainEvent) -> str | None:
         return None

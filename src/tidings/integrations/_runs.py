@@ -15,6 +15,11 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 
+from tidings._tracing import BUSY as _BUSY
+from tidings._tracing import DONE as _DONE
+from tidings._tracing import DUPLICATE as _DUPLICATE
+from tidings._tracing import RETRIED as _RETRIED
+from tidings._tracing import RunReport
 from tidings.integrations._families import FastCounter, FastHistogram, State
 
 __all__ = [
@@ -30,6 +35,7 @@ __all__ = [
     "RunCounter",
     "RunHistogram",
     "RunSeries",
+    "count_runs",
 ]
 
 DURATION_BUCKETS = (
@@ -169,6 +175,48 @@ def _latency(latency: list[float], occurred: object, took: float) -> None:
         age = 0.0
     latency[bisect_left(LATENCY_BUCKETS, age)] += 1
     latency[-1] += age
+
+
+def count_runs(
+    series_of: Callable[[str, str], RunSeries], runs: Sequence[RunReport], wall: float
+) -> None:
+    """Count a worker's batch of ``runs`` as :class:`Run` counts each one.
+
+    ``series_of(event_type, handler)`` is this thread's series of those runs; ``wall`` is
+    ``time.time() - time.perf_counter()`` now, which puts each run's start on the wall clock.
+    """
+    found: dict[tuple[str, str], RunSeries] = {}
+    for handler, event, started, took, outcome in runs:
+        event_type = event.event_type
+        series = found.get((event_type, handler))
+        if series is None:
+            series = found[event_type, handler] = series_of(event_type, handler)
+        counts = series.counts
+        if outcome == _DONE:
+            counts[DONE] += 1
+        elif outcome == _DUPLICATE:
+            counts[DUPLICATE] += 1
+        elif outcome == _BUSY:
+            counts[BUSY] += 1
+        else:
+            counts[FAILED] += 1
+            counts[RETRIED if outcome == _RETRIED else DEAD] += 1
+        if outcome == _DONE or outcome >= _RETRIED:  # the handler ran: its duration
+            duration = series.duration
+            duration[bisect_left(DURATION_BUCKETS, took)] += 1
+            duration[-1] += took
+        try:
+            moment = _parse(event.occurred_at)
+        except (TypeError, ValueError):
+            continue
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        age = wall + started - moment.timestamp()
+        if age < 0:
+            age = 0.0
+        latency = series.latency
+        latency[bisect_left(LATENCY_BUCKETS, age)] += 1
+        latency[-1] += age
 
 
 class RunCounter(FastCounter):
