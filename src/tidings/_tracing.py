@@ -158,8 +158,8 @@ class BatchHooks(Protocol):
     def runs(self, runs: Sequence[RunReport], *, system: str) -> None:
         """The runs of one batch a worker of ``system`` handled, each reported once, in order.
 
-        Called in the thread that ran them, right after the batch, with the wall clock then
-        ``time.time()`` and ``time.perf_counter()`` apart as when they ran.
+        Called in the thread that ran them, right after the batch: ``time.time() -
+        time.perf_counter()`` then puts each run's start on the wall clock. Must not raise.
         """
         ...
 
