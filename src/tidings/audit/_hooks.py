@@ -305,9 +305,28 @@ class _Timed:
         outcome, detail = "ok", self.detail
         if error is not None:
             outcome, detail = "error", f"{detail}: {_reason(error)}"
-        writer, at = self.writer, self.at
+        writer, at, kind = self.writer, self.at, self.kind
+        detail = _text(detail) if detail else ""  # once for the batch, not per event
+        put, worker = writer.put, writer.worker
         for event in self.events:
-            writer.put(_record(writer, self.kind, event, None, outcome, 0, at, duration, detail))
+            event_id, event_type, correlation_id, causation_id, tenant_id = _ids(event)
+            put(
+                AuditRecord(
+                    kind,
+                    event_id,
+                    event_type,
+                    correlation_id,
+                    causation_id,
+                    tenant_id,
+                    None,
+                    outcome,
+                    0,
+                    duration,
+                    worker,
+                    at,
+                    detail,
+                )
+            )
 
 
 _NOTHING: AbstractContextManager[object] = nullcontext()
