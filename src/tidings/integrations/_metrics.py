@@ -312,12 +312,7 @@ class MetricsHooks:
 
     def runs(self, runs: Sequence[RunReport], *, system: str) -> None:
         """Count a worker's batch of runs (see :class:`tidings._tracing.BatchHooks`)."""
-        metrics = self.metrics
-        count_runs(
-            lambda event_type, handler: metrics.run_series(system, event_type, handler),
-            runs,
-            _now() - _clock(),
-        )
+        count_runs(self.metrics.run_series, system, runs, _now() - _clock())
 
     def traceparent(self, event: DomainEvent) -> str | None:
         return None

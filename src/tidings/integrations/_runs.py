@@ -179,19 +179,23 @@ def _latency(latency: list[float], occurred: object, took: float) -> None:
 
 
 def count_runs(
-    series_of: Callable[[str, str], RunSeries], runs: Sequence[RunReport], wall: float
+    series_of: Callable[[str, str, str], RunSeries],
+    system: str,
+    runs: Sequence[RunReport],
+    wall: float,
 ) -> None:
-    """Count a worker's batch of ``runs`` as :class:`Run` counts each one.
+    """Count a worker's batch of ``runs`` of ``system`` as :class:`Run` counts each one.
 
-    ``series_of(event_type, handler)`` is this thread's series of those runs; ``wall`` is
-    ``time.time() - time.perf_counter()`` now, which puts each run's start on the wall clock.
+    ``series_of(system, event_type, handler)`` is this thread's series of those runs; ``wall``
+    is ``time.time() - time.perf_counter()`` now, which puts each run's start on the wall
+    clock.
     """
     found: dict[tuple[str, str], RunSeries] = {}
     for handler, event, started, took, outcome in runs:
         event_type = event.event_type
         series = found.get((event_type, handler))
         if series is None:
-            series = found[event_type, handler] = series_of(event_type, handler)
+            series = found[event_type, handler] = series_of(system, event_type, handler)
         counts = series.counts
         if outcome == _DONE:
             counts[DONE] += 1
