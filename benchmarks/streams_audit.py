@@ -7,8 +7,8 @@ the publishing process has the audit installed too, so every event leaves two re
 publish and its handler run); it is uninstalled after each such round, once the marker was
 handled, and that final flush is not timed (the writer threads work during the round, on the
 same two cores). Both workers run for the whole measurement and the rounds alternate, as in
-:mod:`benchmarks.streams_e2e`; throughput counts from the first publish until the marker has
-been handled.
+:mod:`benchmarks.streams_e2e`, the two runs of a round taking turns going first; throughput
+counts from the first publish until the marker has been handled.
 
 Two rows by default: with no store (``NoStore``: what the hooks and the writer thread cost the
 two processes) and with the Redis store (that, plus encoding each batch and Redis's own work,
@@ -81,9 +81,14 @@ def _rows(*, quick: bool, kind: str) -> list[Row]:
             for name, bus in ((plain_name, plain_bus), (audited_name, audited_bus)):
                 bus.publish(StreamPing(marker=True))
                 _pop(client, f"{name}:done", 60, "a tidings worker to start")
-            for _ in range(rounds):
-                results["off"].append(drain(plain_name, plain_bus.publish))
-                results["on"].append(audited())
+            for turn in range(rounds):
+                # The two runs of a round take turns going first: the second of a pair comes
+                # out slower (up to 9% in an A/A run, see benchmarks.metrics_e2e).
+                for on in (False, True) if turn % 2 == 0 else (True, False):
+                    if on:
+                        results["on"].append(audited())
+                    else:
+                        results["off"].append(drain(plain_name, plain_bus.publish))
     finally:
         _cleanup(client, plain_name)
         _cleanup(client, audited_name)

@@ -14,6 +14,7 @@ from tidings.codec import default_codec
 from tidings.delivery import Dispatcher, Received
 from tidings.memory import MemoryDeadLetterStore
 from tidings.ports import DeadLetter
+from tidings.retry import RetryPolicy
 
 
 @register_event
@@ -102,6 +103,18 @@ class _Recorder:
         self.log.append(f"{self.name}:unrouted:{event_type}:{count}")
 
 
+class _Batcher(_Recorder):
+    """A recorder that takes a worker's runs a batch at a time."""
+
+    def __init__(self, log: list[str], name: str) -> None:
+        super().__init__(log, name)
+        self.batches: list[list[_tracing.RunReport]] = []
+
+    def runs(self, runs: Sequence[_tracing.RunReport], *, system: str) -> None:
+        self.log.append(f"{self.name}:runs:{system}:{len(runs)}")
+        self.batches.append(list(runs))
+
+
 @pytest.fixture
 def two() -> Iterator[list[str]]:
     """Two recording integrations installed, removed again after the test."""
@@ -160,3 +173,45 @@ def test_publish_blocks_nest_and_the_first_traceparent_given_wins(two: list[str]
         pass
     assert two == ["a:publish:1", "b:publish:1", "b:publish:1:end", "a:publish:1:end"]
     assert hooks.traceparent(Pinged()) == "tp-b"
+
+
+def test_a_batch_integration_gets_a_workers_runs_in_one_call_and_the_others_their_spans() -> None:
+    """A worker reports a batch's runs to a batch integration once, the others still per run."""
+    log: list[str] = []
+    batcher = _Batcher(log, "m")
+    _tracing.install("test-a", _Recorder(log, "a"))
+    _tracing.install("test-m", batcher)
+    try:
+        bus = EventBus()
+        bus.add_handler(lambda event: None, Pinged, name="ping")
+
+        @bus.subscribe(Pinged, name="refuse", retry=RetryPolicy(max_attempts=1))
+        def refuse(event: Pinged) -> None:
+            if event.n == 2:
+                raise ValueError("two")
+
+        dispatcher = Dispatcher(bus, dead_letters=MemoryDeadLetterStore(), transport="t")
+        events = [Pinged(n=1), Pinged(n=2)]
+        dispatcher.dispatch_many([Received(default_codec.encode(e)) for e in events])
+        assert [line for line in log if line.startswith("m:")] == ["m:runs:t:4"]
+        assert log.count("a:handle:ping:1") == 2
+        assert log.count("a:handle:refuse:1") == 2
+        [batch] = batcher.batches
+        assert [(name, event.n, outcome) for name, event, _, _, outcome in batch] == [
+            ("ping", 1, _tracing.DONE),
+            ("refuse", 1, _tracing.DONE),
+            ("ping", 2, _tracing.DONE),
+            ("refuse", 2, _tracing.DEAD),
+        ]
+        starts = [started for _, _, started, _, _ in batch]
+        assert starts == sorted(starts)
+        assert all(took >= 0 for _, _, _, took, _ in batch)
+        log.clear()
+        bus.publish(Pinged(n=1))  # in-process: every integration gets its span
+        assert "m:handle:ping:1" in log
+        assert "a:handle:ping:1" in log
+    finally:
+        _tracing.uninstall("test-a")
+        _tracing.uninstall("test-m")
+    assert _tracing.batch_hooks is None
+    assert _tracing.span_hooks is None

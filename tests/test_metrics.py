@@ -202,6 +202,47 @@ def test_a_claim_held_elsewhere_is_a_busy_retry_not_a_failure(registry):
     assert value(registry, "tidings_handler_duration_seconds_count", **run) == 0
 
 
+def test_a_workers_batch_measures_latency_from_occurred_at_like_the_bus(registry):
+    """Runs a worker reports in one batch land in the same latency buckets as in-process runs."""
+    bus = EventBus()
+    bus.add_handler(lambda event: None, PlateServed, name="kitchen.batched")
+    worker = Dispatcher(bus, dead_letters=MemoryDeadLetterStore(), transport="test")
+    past = (datetime.now(UTC) - timedelta(seconds=45)).isoformat()
+    future = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    events = [PlateServed(occurred_at=past), PlateServed(occurred_at=future)]
+    worker.dispatch_many([Received(default_codec.encode(e), destination="q") for e in events])
+    run = {"system": "test", "event_type": PlateServed.event_type, "handler": "kitchen.batched"}
+    name = "tidings_delivery_latency_seconds"
+    assert value(registry, "tidings_handled_total", **run, outcome="done") == 2
+    assert value(registry, "tidings_handler_duration_seconds_count", **run) == 2
+    assert value(registry, f"{name}_count", **run) == 2
+    assert value(registry, f"{name}_bucket", **run, le="0.001") == 1  # the future one, at 0
+    assert value(registry, f"{name}_bucket", **run, le="30.0") == 1
+    assert value(registry, f"{name}_bucket", **run, le="60.0") == 2
+    assert 45 <= value(registry, f"{name}_sum", **run) < 60
+
+
+def test_a_worker_with_metrics_and_tracing_traces_each_run_and_counts_the_batch(registry):
+    """In a worker beside OpenTelemetry, every run still has its span, and every run is counted."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    install_tracing(provider)
+    try:
+        bus = EventBus()
+        bus.add_handler(lambda event: None, PlateServed, name="kitchen.worked")
+        worker = Dispatcher(bus, dead_letters=MemoryDeadLetterStore(), transport="test")
+        bodies = [default_codec.encode(PlateServed()) for _ in range(3)]
+        worker.dispatch_many([Received(body, destination="q") for body in bodies])
+    finally:
+        uninstall_tracing()
+        provider.shutdown()
+    handled = [s for s in exporter.get_finished_spans() if s.name == "handle kitchen.worked"]
+    assert len(handled) == 3
+    run = {"system": "test", "event_type": PlateServed.event_type, "handler": "kitchen.worked"}
+    assert value(registry, "tidings_handled_total", **run, outcome="done") == 3
+
+
 def test_metrics_and_tracing_installed_together_each_see_every_run(registry):
     """Beside OpenTelemetry tracing, a run is both a span and a count, and envelopes keep traces."""
     exporter = InMemorySpanExporter()

@@ -20,6 +20,14 @@ Core calls the hooks at these places:
 
 Every hook must be safe from any thread and must not raise: an error in an observer would
 otherwise become the delivery's error.
+
+**Runs reported per batch.** An integration that also implements :class:`BatchHooks` (the
+metrics) is not asked for a span of each run in the worker's
+:class:`~tidings.delivery.Dispatcher`: the dispatcher times each run itself and reports a
+whole batch's outcomes to it in one call once the batch ended (:data:`batch_hooks`), which
+costs a counted run a tuple instead of a span object and three calls. The other
+integrations (tracing, the audit) still get their span of each run (:data:`span_hooks`), and
+the in-process bus gives every integration its span.
 """
 
 from __future__ import annotations
@@ -27,23 +35,41 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 if TYPE_CHECKING:
     from tidings.events import DomainEvent
     from tidings.ports import DeadLetter
 
 __all__ = [
+    "BUSY",
+    "DEAD",
+    "DONE",
+    "DUPLICATE",
     "NO_SPAN",
+    "RETRIED",
+    "BatchHooks",
     "HandleSpan",
+    "RunReport",
     "TracingHooks",
+    "batch_hooks",
     "hooks",
     "install",
     "installed",
     "publishing",
     "relayed",
+    "span_hooks",
     "uninstall",
 ]
+
+DONE, DUPLICATE, BUSY, RETRIED, DEAD = range(5)
+"""How a reported run ended: returned, skipped as a duplicate, the inbox busy elsewhere, raised
+and retried, raised and dead-lettered (a run cut short by the worker's own error is not
+reported)."""
+
+RunReport: TypeAlias = "tuple[str, DomainEvent, float, float, int]"
+"""One handler run of a batch: handler name, event, its start (``time.perf_counter``), its
+duration in seconds, and how it ended (:data:`DONE` ... :data:`DEAD`)."""
 
 
 class HandleSpan(Protocol):
@@ -126,27 +152,47 @@ class TracingHooks(Protocol):
         ...
 
 
+class BatchHooks(Protocol):
+    """What an integration implements, besides :class:`TracingHooks`, to take runs in batches."""
+
+    def runs(self, runs: Sequence[RunReport], *, system: str) -> None:
+        """The runs of one batch a worker of ``system`` handled, each reported once, in order.
+
+        Called in the thread that ran them, right after the batch: ``time.time() -
+        time.perf_counter()`` then puts each run's start on the wall clock. Must not raise.
+        """
+        ...
+
+
 hooks: TracingHooks | None = None
 """The installed integration(s), or ``None`` (all off: the only cost is reading this)."""
+
+span_hooks: TracingHooks | None = None
+"""The installed integration(s) a worker asks for a span of each handler run (not the
+:class:`BatchHooks`), or ``None``."""
+
+batch_hooks: BatchHooks | None = None
+"""The installed :class:`BatchHooks` a worker reports its batches' runs to, or ``None``."""
 
 _installed: dict[str, TracingHooks] = {}
 _lock = threading.Lock()
 
 
 def install(name: str, integration: TracingHooks) -> None:
-    """Install ``integration`` under ``name``, replacing one installed under it before."""
-    global hooks  # noqa: PLW0603 - the one slot every call site reads
+    """Install ``integration`` under ``name``, replacing one installed under it before.
+
+    An ``integration`` with a ``runs`` method is taken as a :class:`BatchHooks` too.
+    """
     with _lock:
         _installed[name] = integration
-        hooks = _combined()
+        _combine()
 
 
 def uninstall(name: str) -> None:
     """Remove the integration installed under ``name``; harmless when there is none."""
-    global hooks  # noqa: PLW0603 - the one slot every call site reads
     with _lock:
         _installed.pop(name, None)
-        hooks = _combined()
+        _combine()
 
 
 def installed(name: str) -> TracingHooks | None:
@@ -154,11 +200,33 @@ def installed(name: str) -> TracingHooks | None:
     return _installed.get(name)
 
 
-def _combined() -> TracingHooks | None:
+def _combine() -> None:
+    """Set the three slots from what is installed (under ``_lock``)."""
+    global hooks, span_hooks, batch_hooks  # noqa: PLW0603 - the slots every call site reads
     found = list(_installed.values())
+    batched: list[BatchHooks] = [one for one in found if hasattr(one, "runs")]  # type: ignore[misc]
+    hooks = _combined(found)
+    span_hooks = _combined([one for one in found if not hasattr(one, "runs")])
+    batch_hooks = None if not batched else batched[0] if len(batched) == 1 else _Batches(batched)
+
+
+def _combined(found: list[TracingHooks]) -> TracingHooks | None:
     if not found:
         return None
     return found[0] if len(found) == 1 else _Fanout(tuple(found))
+
+
+class _Batches:
+    """Several :class:`BatchHooks` as one, each told of every batch in the order installed."""
+
+    __slots__ = ("each",)
+
+    def __init__(self, each: list[BatchHooks]) -> None:
+        self.each = tuple(each)
+
+    def runs(self, runs: Sequence[RunReport], *, system: str) -> None:
+        for one in self.each:
+            one.runs(runs, system=system)
 
 
 class _Fanout:

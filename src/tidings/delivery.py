@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import MappingProxyType
@@ -44,6 +45,8 @@ __all__ = [
 
 Settle = Callable[[Sequence[Claim], Sequence[Claim]], None]
 """Settles a batch's inbox claims: (done, failed), as :meth:`~tidings.ports.BatchInbox.settle`."""
+
+_clock = time.perf_counter
 
 log = logging.getLogger("tidings.worker")
 
@@ -230,11 +233,26 @@ class Dispatcher:
         """
         inbox = self.inbox
         batch = None if claims is None else _Batch(iter(claims))
+        # The runs' outcomes, for the integrations that take them a batch at a time.
+        reports: list[_tracing.RunReport] | None = None
+        if _tracing.batch_hooks is not None:
+            reports = []
         try:
-            handled = iter([self._handle(r, e, hs, batch, src) for r, e, hs, src in prepared.work])
+            handled = iter(
+                [self._handle(r, e, hs, batch, src, reports) for r, e, hs, src in prepared.work]
+            )
         finally:
-            if batch is not None and isinstance(inbox, BatchInbox) and (batch.done or batch.failed):
-                (inbox.settle if settle is None else settle)(batch.done, batch.failed)
+            try:
+                if (
+                    batch is not None
+                    and isinstance(inbox, BatchInbox)
+                    and (batch.done or batch.failed)
+                ):
+                    (inbox.settle if settle is None else settle)(batch.done, batch.failed)
+            finally:
+                batched = _tracing.batch_hooks
+                if reports and batched is not None:
+                    batched.runs(reports, system=self.transport or "tidings")
         return [o if o is not None else next(handled) for o in prepared.outcomes]
 
     def _resolve(
@@ -279,33 +297,53 @@ class Dispatcher:
         if _tracing.hooks is not None:
             _tracing.hooks.rejected(letter, system=self.transport or "tidings")
 
-    def _handle(
+    def _handle(  # noqa: PLR0917 - once per event: positional is cheaper
         self,
         received: Received,
         event: DomainEvent,
         handlers: tuple[Handler, ...],
         batch: _Batch | None,
         source: str,
+        reports: list[_tracing.RunReport] | None = None,
     ) -> Outcome:
-        """Run one event's handlers with its context bound; collect what became of each."""
+        """Run one event's handlers with its context bound; collect what became of each.
+
+        Each run gets a span of the integrations that want one; with ``reports``, each run
+        that ended (not one cut short by an error of the worker) is also added to it.
+        """
         handled: list[str] = []
         duplicates: list[str] = []
         retries: list[Redelivery] = []
         dead: list[DeadLetter] = []
         attempt = received.attempt if received.handler is not None else 1
-        hooks = _tracing.hooks
+        hooks = _tracing.span_hooks
         span = _tracing.NO_SPAN
+        started, outcome = 0.0, 0
+        if hooks is not None:  # what each run's span is told, worked out once per event
+            system = self.transport or "tidings"
+            destination = received.destination or type(event).event_type
         token = _current.set(EventContext(event.correlation_id, event.event_id, event.tenant_id))
         try:
             for handler in handlers:
                 if hooks is not None:
-                    span = self._span(hooks, handler, event, received, attempt)
+                    # The span of this run, a child of the envelope's ``traceparent``.
+                    span = hooks.handle(
+                        handler.name,
+                        event,
+                        body=received.body,
+                        system=system,
+                        destination=destination,
+                        attempt=attempt,
+                    )
+                if reports is not None:
+                    started = _clock()
                 try:
                     fresh = self._run(handler, event, batch, source)
                 except InboxBusyError as busy:
                     # Not a failure of the handler: someone else is running it. Look again
                     # once their claim would have expired; the attempt does not count.
                     span.busy(busy.retry_after)
+                    outcome = _tracing.BUSY
                     retries.append(
                         Redelivery(
                             received.body,
@@ -330,6 +368,7 @@ class Dispatcher:
                             log_safe(repr(exc), 500),
                         )
                         span.failed(exc, retry_in=delay)
+                        outcome = _tracing.RETRIED
                         retries.append(
                             Redelivery(
                                 received.body,
@@ -353,32 +392,18 @@ class Dispatcher:
                             traceback_line(exc),
                         )
                         span.failed(exc, dead_letter=letter.id)
+                        outcome = _tracing.DEAD
                         dead.append(letter)
                 else:
                     span.done(fresh)
+                    outcome = _tracing.DONE if fresh else _tracing.DUPLICATE
                     (handled if fresh else duplicates).append(handler.name)
+                if reports is not None:
+                    reports.append((handler.name, event, started, _clock() - started, outcome))
         finally:
             span.end()  # idempotent: ends a span left open by an error propagating
             _current.reset(token)
         return Outcome(event, tuple(handled), tuple(duplicates), tuple(retries), tuple(dead))
-
-    def _span(
-        self,
-        hooks: _tracing.TracingHooks,
-        handler: Handler,
-        event: DomainEvent,
-        received: Received,
-        attempt: int,
-    ) -> _tracing.HandleSpan:
-        """Start the span of one handler run, a child of the envelope's ``traceparent``."""
-        return hooks.handle(
-            handler.name,
-            event,
-            body=received.body,
-            system=self.transport or "tidings",
-            destination=received.destination or type(event).event_type,
-            attempt=attempt,
-        )
 
     def _run(self, handler: Handler, event: DomainEvent, batch: _Batch | None, source: str) -> bool:
         """Run one handler behind the inbox; return False when the inbox skipped it.

@@ -144,15 +144,22 @@ def _ids(event: object) -> tuple[str | None, str | None, str | None, str | None,
     """
     try:
         ids = (
-            event.event_id,  # type: ignore[attr-defined]
-            event.event_type,  # type: ignore[attr-defined]
-            event.correlation_id,  # type: ignore[attr-defined]
-            event.causation_id,  # type: ignore[attr-defined]
-            event.tenant_id,  # type: ignore[attr-defined]
+            event_id := event.event_id,  # type: ignore[attr-defined]
+            event_type := event.event_type,  # type: ignore[attr-defined]
+            correlation := event.correlation_id,  # type: ignore[attr-defined]
+            causation := event.causation_id,  # type: ignore[attr-defined]
+            tenant := event.tenant_id,  # type: ignore[attr-defined]
         )
     except AttributeError:  # not an event: publish() refuses it, after this hook
         return (None, None, None, None, None)
-    if all(value is None or value.__class__ is str for value in ids):
+    # Written out, no generator: this is once per record.
+    if (
+        event_id.__class__ is str
+        and event_type.__class__ is str
+        and (correlation is None or correlation.__class__ is str)
+        and (causation is None or causation.__class__ is str)
+        and (tenant is None or tenant.__class__ is str)
+    ):
         return ids
     return tuple(value if value.__class__ is str else None for value in ids)  # type: ignore[return-value]
 
@@ -299,9 +306,28 @@ class _Timed:
         outcome, detail = "ok", self.detail
         if error is not None:
             outcome, detail = "error", f"{detail}: {_reason(error)}"
-        writer, at = self.writer, self.at
+        writer, at, kind = self.writer, self.at, self.kind
+        detail = _text(detail) if detail else ""  # once for the batch, not per event
+        put, worker = writer.put, writer.worker
         for event in self.events:
-            writer.put(_record(writer, self.kind, event, None, outcome, 0, at, duration, detail))
+            event_id, event_type, correlation_id, causation_id, tenant_id = _ids(event)
+            put(
+                AuditRecord(
+                    kind,
+                    event_id,
+                    event_type,
+                    correlation_id,
+                    causation_id,
+                    tenant_id,
+                    None,
+                    outcome,
+                    0,
+                    duration,
+                    worker,
+                    at,
+                    detail,
+                )
+            )
 
 
 _NOTHING: AbstractContextManager[object] = nullcontext()

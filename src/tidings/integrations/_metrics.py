@@ -33,15 +33,19 @@ from tidings.integrations._runs import (
     RunCounter,
     RunHistogram,
     RunSeries,
+    count_runs,
 )
 
 if TYPE_CHECKING:
+    from tidings._tracing import RunReport
     from tidings.events import DomainEvent
     from tidings.ports import DeadLetter
 
 __all__ = ["Metrics", "MetricsHooks", "label"]
 
 _LABEL_LIMIT = 100
+_now = time.time
+_clock = time.perf_counter
 _BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000)
 
 # While a relayed batch is sent: its events are counted as relayed, not published again.
@@ -300,7 +304,16 @@ class MetricsHooks:
         destination: str,
         attempt: int,
     ) -> Run:
-        return Run(self.metrics.run_series(system, event.event_type, handler), event.occurred_at)
+        # run_series, inlined: this is once per handler run.
+        metrics = self.metrics
+        series = metrics._runs.get((get_ident(), system, event.event_type, handler))
+        if series is None:
+            series = metrics.run_series(system, event.event_type, handler)
+        return Run(series, event.occurred_at)
+
+    def runs(self, runs: Sequence[RunReport], *, system: str) -> None:
+        """Count a worker's batch of runs (see :class:`tidings._tracing.BatchHooks`)."""
+        count_runs(self.metrics.run_series, system, runs, _now() - _clock())
 
     def traceparent(self, event: DomainEvent) -> str | None:
         return None

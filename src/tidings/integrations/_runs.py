@@ -4,8 +4,9 @@ Every (service, system, event type, handler) has a :class:`RunSeries` in each th
 runs it, holding all its per-run values, which the families ``tidings_handled_total``,
 ``..._handler_failures_total``, ``..._retries_total``, ``..._dead_letters_total`` (reason
 ``handler``) and the duration and latency histograms read when collected
-(:class:`RunCounter`, :class:`RunHistogram`). A run costs under two microseconds counted this
-way; through one counter or histogram each, about three.
+(:class:`RunCounter`, :class:`RunHistogram`). An in-process run is counted by its
+:class:`Run`, about 1.4 µs; a worker's batch by :func:`count_runs`, about 1.2 µs an event
+with the worker's own share (through one counter or histogram each: about three).
 """
 
 from __future__ import annotations
@@ -15,6 +16,11 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 
+from tidings._tracing import BUSY as _BUSY
+from tidings._tracing import DONE as _DONE
+from tidings._tracing import DUPLICATE as _DUPLICATE
+from tidings._tracing import RETRIED as _RETRIED
+from tidings._tracing import RunReport
 from tidings.integrations._families import FastCounter, FastHistogram, State
 
 __all__ = [
@@ -30,6 +36,7 @@ __all__ = [
     "RunCounter",
     "RunHistogram",
     "RunSeries",
+    "count_runs",
 ]
 
 DURATION_BUCKETS = (
@@ -74,7 +81,8 @@ class Run:
 
     The latency is taken then too, from the end less the run's duration to the event's
     ``occurred_at`` (never below 0; none if it does not parse). Made, and ended, in the thread
-    whose :class:`RunSeries` it counts into.
+    whose :class:`RunSeries` it counts into. Each report is written out in full (no shared
+    helper): a method call is a tenth of what a counted run costs.
     """
 
     __slots__ = ("ended", "occurred", "series", "start")
@@ -85,38 +93,39 @@ class Run:
         self.ended = False
         self.start = _clock()
 
-    def _count(self, outcome: int, ran: bool, then: int | None = None) -> None:
+    def done(self, fresh: bool) -> None:
         if self.ended:
             return
         self.ended = True
         took = _clock() - self.start
-        try:
-            moment = _parse(self.occurred)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            age = -1.0
-        else:
-            if moment.tzinfo is None:
-                moment = moment.replace(tzinfo=UTC)
-            age = max(0.0, _now() - took - moment.timestamp())
         series = self.series
-        series.counts[outcome] += 1
-        if then is not None:
-            series.counts[then] += 1
-        if ran:
+        if fresh:
+            series.counts[DONE] += 1
             duration = series.duration
             duration[bisect_left(DURATION_BUCKETS, took)] += 1
             duration[-1] += took
-        if age >= 0:
-            latency = series.latency
-            latency[bisect_left(LATENCY_BUCKETS, age)] += 1
-            latency[-1] += age
-
-    def done(self, fresh: bool) -> None:
-        # A duplicate the inbox skipped ran no handler: no duration.
-        self._count(DONE if fresh else DUPLICATE, fresh)
+        else:  # a duplicate the inbox skipped ran no handler: no duration
+            series.counts[DUPLICATE] += 1
+        try:  # _latency, inlined: the most frequent report
+            moment = _parse(self.occurred)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            return
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        age = _now() - took - moment.timestamp()
+        if age < 0:
+            age = 0.0
+        latency = series.latency
+        latency[bisect_left(LATENCY_BUCKETS, age)] += 1
+        latency[-1] += age
 
     def busy(self, retry_in: float) -> None:
-        self._count(BUSY, False)  # the handler did not run: no duration
+        if self.ended:
+            return
+        self.ended = True
+        took = _clock() - self.start
+        self.series.counts[BUSY] += 1  # the handler did not run: no duration
+        _latency(self.series.latency, self.occurred, took)
 
     def failed(
         self,
@@ -125,8 +134,21 @@ class Run:
         retry_in: float | None = None,
         dead_letter: str | None = None,
     ) -> None:
-        then = RETRIED if retry_in is not None else DEAD if dead_letter is not None else None
-        self._count(FAILED, True, then)
+        if self.ended:
+            return
+        self.ended = True
+        took = _clock() - self.start
+        series = self.series
+        counts = series.counts
+        counts[FAILED] += 1
+        if retry_in is not None:
+            counts[RETRIED] += 1
+        elif dead_letter is not None:
+            counts[DEAD] += 1
+        duration = series.duration
+        duration[bisect_left(DURATION_BUCKETS, took)] += 1
+        duration[-1] += took
+        _latency(series.latency, self.occurred, took)
 
     def end(self) -> None:
         self.ended = True  # cut short by the worker: no outcome to count
@@ -139,6 +161,67 @@ class Run:
             self.failed(error)
         else:
             self.done(fresh=True)
+
+
+def _latency(latency: list[float], occurred: object, took: float) -> None:
+    """Count, in ``latency``, the age of ``occurred`` (ISO-8601) when the run began."""
+    try:
+        moment = _parse(occurred)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    age = _now() - took - moment.timestamp()
+    if age < 0:
+        age = 0.0
+    latency[bisect_left(LATENCY_BUCKETS, age)] += 1
+    latency[-1] += age
+
+
+def count_runs(
+    series_of: Callable[[str, str, str], RunSeries],
+    system: str,
+    runs: Sequence[RunReport],
+    wall: float,
+) -> None:
+    """Count a worker's batch of ``runs`` of ``system`` as :class:`Run` counts each one.
+
+    ``series_of(system, event_type, handler)`` is this thread's series of those runs; ``wall``
+    is ``time.time() - time.perf_counter()`` now, which puts each run's start on the wall
+    clock.
+    """
+    found: dict[tuple[str, str], RunSeries] = {}
+    for handler, event, started, took, outcome in runs:
+        event_type = event.event_type
+        series = found.get((event_type, handler))
+        if series is None:
+            series = found[event_type, handler] = series_of(system, event_type, handler)
+        counts = series.counts
+        if outcome == _DONE:
+            counts[DONE] += 1
+        elif outcome == _DUPLICATE:
+            counts[DUPLICATE] += 1
+        elif outcome == _BUSY:
+            counts[BUSY] += 1
+        else:
+            counts[FAILED] += 1
+            counts[RETRIED if outcome == _RETRIED else DEAD] += 1
+        if outcome == _DONE or outcome >= _RETRIED:  # the handler ran: its duration
+            duration = series.duration
+            duration[bisect_left(DURATION_BUCKETS, took)] += 1
+            duration[-1] += took
+        try:
+            moment = _parse(event.occurred_at)
+        except (TypeError, ValueError):
+            continue
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        age = wall + started - moment.timestamp()
+        if age < 0:
+            age = 0.0
+        latency = series.latency
+        latency[bisect_left(LATENCY_BUCKETS, age)] += 1
+        latency[-1] += age
 
 
 class RunCounter(FastCounter):
