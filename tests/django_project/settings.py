@@ -20,7 +20,11 @@ _PG = urlsplit(
 
 SECRET_KEY = "tidings-tests-only"  # noqa: S105 - a test project, never deployed
 USE_TZ = True
-INSTALLED_APPS = ["django.contrib.contenttypes", "tidings.integrations.django"]
+INSTALLED_APPS = [
+    "django.contrib.contenttypes",
+    "tidings.integrations.django",
+    "tests.django_project.shop",
+]
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 DATABASES = {
     "default": {
@@ -36,6 +40,13 @@ DATABASES = {
         "PORT": str(_PG.port or 5432),
         "TEST": {"NAME": f"t_django_{_RUN}_test"},
     },
+}
+# The same databases through connections that stop waiting for a row lock within a second
+# (tests/test_django_inbox.py: a claimer that gives up).
+DATABASES["default_impatient"] = {**DATABASES["default"], "OPTIONS": {"timeout": 0.2}}
+DATABASES["postgres_impatient"] = {
+    **DATABASES["postgres"],
+    "OPTIONS": {"options": "-c lock_timeout=300"},
 }
 # The server's own database, where the per-run database is created and dropped from.
 POSTGRES_MAINTENANCE_DB = (_PG.path or "/test").lstrip("/") or "test"

@@ -1,0 +1,240 @@
+"""The Django inbox: the claim row commits in the handler's ``transaction.atomic`` block."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+django = pytest.importorskip("django")
+
+from django.conf import settings  # noqa: E402
+from django.core.management import call_command  # noqa: E402
+from django.db import connections  # noqa: E402
+from django.db.backends.signals import connection_created  # noqa: E402
+from tests.django_project import settings as project_settings  # noqa: E402
+from tests.django_project.databases import create_postgres, drop_postgres  # noqa: E402
+
+from conftest import require_server  # noqa: E402 - after the importorskip
+from tidings.errors import InboxBusyError  # noqa: E402
+from tidings.ports import Inbox  # noqa: E402
+from tidings.testing.inbox import DEADLINE, Features, InboxConformance  # noqa: E402
+from tidings.testing.workers import wait_until  # noqa: E402
+
+# Processes this module spawns open the same per-run databases.
+os.environ.setdefault("TIDINGS_DJANGO_TEST_RUN", project_settings.RUN)
+
+if not settings.configured:
+    names = [name for name in dir(project_settings) if name.isupper()]
+    settings.configure(**{name: getattr(project_settings, name) for name in names})
+django.setup()
+
+from tests.django_project.shop.models import Shipment  # noqa: E402
+
+from tidings.integrations.django.inbox import DjangoInbox  # noqa: E402
+from tidings.integrations.django.models import InboxEntry  # noqa: E402
+
+
+def _django_inbox(run: str, alias: str) -> DjangoInbox:
+    """Build a DjangoInbox on ``alias`` in a fresh (spawned) process of this run."""
+    os.environ["TIDINGS_DJANGO_TEST_RUN"] = run
+    import django as fresh  # noqa: PLC0415
+    from django.conf import settings as child  # noqa: PLC0415
+    from tests.django_project import settings as project  # noqa: PLC0415
+
+    if not child.configured:
+        child.configure(**{name: getattr(project, name) for name in dir(project) if name.isupper()})
+        fresh.setup()
+    return DjangoInbox(using=alias)
+
+
+@pytest.fixture(
+    scope="module",
+    params=["default", pytest.param("postgres", marks=pytest.mark.integration)],
+)
+def alias(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A migrated database for this module: a SQLite file, or a PostgreSQL database of its own."""
+    name: str = request.param
+    if name == "postgres":
+        require_server("postgresql")
+        create_postgres(settings.DATABASES[name]["NAME"])
+    try:
+        call_command("migrate", database=name, verbosity=0)
+        yield name
+    finally:
+        for each in (name, f"{name}_impatient"):
+            connections[each].close()
+        if name == "postgres":
+            drop_postgres(settings.DATABASES[name]["NAME"])
+        else:
+            Path(settings.DATABASES[name]["NAME"]).unlink(missing_ok=True)
+
+
+class _ThreadInbox:
+    """A DjangoInbox whose guards, in threads other than the main one, then close the connection.
+
+    As a Celery worker's Django fixup closes the connection after each task: the suite's
+    threads would otherwise leave theirs open.
+    """
+
+    by_source = True
+
+    def __init__(self, alias: str) -> None:
+        self.alias, self.inbox = alias, DjangoInbox(using=alias)
+
+    @contextlib.contextmanager
+    def guard(self, handler: str, event_id: str, source: str | None = None) -> Iterator[bool]:
+        try:
+            with self.inbox.guard(handler, event_id, source) as fresh:
+                yield fresh
+        finally:
+            if threading.current_thread() is not threading.main_thread():
+                connections[self.alias].close()
+
+
+class _Inserts:
+    """Counts the claim inserts sent on every connection (SQLite waits where nobody sees it)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, execute: Callable[..., Any], sql: str, *args: Any) -> Any:
+        if sql.startswith(f'INSERT INTO "{InboxEntry._meta.db_table}"'):
+            with self.lock:
+                self.count += 1
+        return execute(sql, *args)
+
+    def attach(self, sender: Any, connection: Any, **_: Any) -> None:
+        connection.execute_wrappers.append(self)
+
+
+class TestDjangoInbox(InboxConformance):
+    features = Features(
+        waits_for_holder=True,
+        gives_up_waiting=True,
+        rollback_discards_effects=True,
+        shared_between_processes=True,
+    )
+
+    @pytest.fixture(autouse=True)
+    def _store(self, alias: str) -> Iterator[None]:
+        self.alias = alias
+        self.inserts = _Inserts()
+        for each in (alias, f"{alias}_impatient"):
+            connections[each].close()  # reopened with the counter
+        connection_created.connect(self.inserts.attach)
+        yield
+        connection_created.disconnect(self.inserts.attach)
+        InboxEntry.objects.using(alias).all().delete()
+        Shipment.objects.using(alias).all().delete()
+        for each in (alias, f"{alias}_impatient"):
+            connections[each].close()
+
+    def make_inbox(self) -> Inbox:
+        return _ThreadInbox(self.alias)
+
+    def make_impatient_inbox(self) -> Inbox:
+        return _ThreadInbox(f"{self.alias}_impatient")
+
+    def record_effect(self, value: str) -> None:
+        Shipment.objects.using(self.alias).create(event_id=value, value=value)
+
+    def committed_effects(self) -> list[str]:
+        found: list[str] = []
+
+        def read() -> None:  # another thread: another connection, outside the guard
+            try:
+                found.extend(Shipment.objects.using(self.alias).values_list("value", flat=True))
+            finally:
+                connections[self.alias].close()
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        reader.join(DEADLINE)
+        return found
+
+    def inbox_factory(self) -> Callable[[], Inbox]:
+        return functools.partial(_django_inbox, project_settings.RUN, self.alias)
+
+    def blocked_claimers(self) -> int:
+        if self.alias == "postgres":
+            with connections["postgres_impatient"].cursor() as cursor:
+                cursor.execute(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE wait_event_type = 'Lock' AND query LIKE %s",
+                    [f"%{InboxEntry._meta.db_table}%"],
+                )
+                return int(cursor.fetchone()[0])
+        return self.inserts.count - 1
+
+    def wait_for_blocked_claimer(self) -> None:
+        wait_until(lambda: self.blocked_claimers() > 0, timeout=DEADLINE, what="a waiting claim")
+
+    def test_keys_longer_than_their_columns_are_hashed_not_refused(self) -> None:
+        """An over-long handler or event id claims its hashed key: once, distinct, never cut."""
+        inbox, long_id, other = DjangoInbox(using=self.alias), "e" * 65, "e" * 64 + "f"
+        with inbox.guard("h" * 201, long_id, "s" * 300) as fresh:
+            assert fresh
+        with inbox.guard("h" * 201, long_id, "s" * 300) as fresh:
+            assert not fresh
+        assert inbox.is_done("h" * 201, long_id, "s" * 300)
+        assert not inbox.is_done("h" * 201, other, "s" * 300)
+        rows = InboxEntry.objects.using(self.alias).values_list("handler", "source", "event_id")
+        assert all(len(h) <= 200 and len(s) <= 200 and len(e) <= 64 for h, s, e in rows)
+
+    def test_sources_are_told_apart(self) -> None:
+        """One event id from two producers is two keys: each takes effect once."""
+        inbox = DjangoInbox(using=self.alias)
+        for source in ("urn:a", "urn:b"):
+            with inbox.guard("h", "e-1", source) as fresh:
+                assert fresh
+        with inbox.guard("h", "e-1", "urn:a") as fresh:
+            assert not fresh
+        assert not inbox.is_done("h", "e-1", "urn:c")
+
+    def test_impatient_claimer_on_a_held_key_is_busy(self) -> None:
+        """A claim that gives up on a held key raises InboxBusyError naming no raw input."""
+        held = DjangoInbox(using=self.alias)
+        impatient = DjangoInbox(using=f"{self.alias}_impatient")
+        outcome: list[BaseException | bool] = []
+
+        def claim() -> None:
+            try:
+                with impatient.guard("h", "e\n-1") as fresh:
+                    outcome.append(fresh)
+            except InboxBusyError as exc:
+                outcome.append(exc)
+            finally:
+                connections[f"{self.alias}_impatient"].close()
+
+        with held.guard("h", "e\n-1"):
+            other = threading.Thread(target=claim)
+            other.start()
+            other.join(DEADLINE)
+        assert len(outcome) == 1
+        assert isinstance(outcome[0], InboxBusyError)
+        assert outcome[0].retry_after > 0
+        assert "\n" not in str(outcome[0])
+
+    def test_prune_deletes_only_older_rows_in_batches(self) -> None:
+        """prune() removes rows processed before the cut-off, in batches, and says how many."""
+        from datetime import timedelta  # noqa: PLC0415
+
+        from django.utils import timezone  # noqa: PLC0415
+
+        inbox = DjangoInbox(using=self.alias)
+        for n in range(7):
+            with inbox.guard("h", f"e{n}"):
+                pass
+        assert inbox.prune(timedelta(hours=1), batch_size=3) == 0
+        assert inbox.prune(timezone.now() + timedelta(minutes=1), batch_size=3) == 7
+        assert not inbox.is_done("h", "e6")
+        with pytest.raises(ValueError, match="batch_size"):
+            inbox.prune(timedelta(0), batch_size=0)
