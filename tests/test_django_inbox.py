@@ -19,7 +19,13 @@ from django.core.management import call_command  # noqa: E402
 from django.db import connections  # noqa: E402
 from django.db.backends.signals import connection_created  # noqa: E402
 from tests.django_project import settings as project_settings  # noqa: E402
-from tests.django_project.databases import create_postgres, drop_postgres  # noqa: E402
+from tests.django_project.databases import (  # noqa: E402
+    create_mariadb,
+    create_postgres,
+    drop_mariadb,
+    drop_postgres,
+    use_pymysql,
+)
 
 from conftest import require_server  # noqa: E402 - after the importorskip
 from tidings.errors import InboxBusyError  # noqa: E402
@@ -51,19 +57,29 @@ def _django_inbox(run: str, alias: str) -> DjangoInbox:
     if not child.configured:
         child.configure(**{name: getattr(project, name) for name in dir(project) if name.isupper()})
         fresh.setup()
+    if alias.startswith("mariadb"):
+        use_pymysql()
     return DjangoInbox(using=alias)
 
 
 @pytest.fixture(
     scope="module",
-    params=["default", pytest.param("postgres", marks=pytest.mark.integration)],
+    params=[
+        "default",
+        pytest.param("postgres", marks=pytest.mark.integration),
+        pytest.param("mariadb", marks=pytest.mark.integration),
+    ],
 )
 def alias(request: pytest.FixtureRequest) -> Iterator[str]:
-    """A migrated database for this module: a SQLite file, or a PostgreSQL database of its own."""
+    """A migrated database for this module: a SQLite file, or a server database of its own."""
     name: str = request.param
     if name == "postgres":
         require_server("postgresql")
         create_postgres(settings.DATABASES[name]["NAME"])
+    elif name == "mariadb":
+        require_server("mariadb")
+        use_pymysql()
+        create_mariadb(settings.DATABASES[name]["NAME"])
     try:
         call_command("migrate", database=name, verbosity=0)
         yield name
@@ -72,6 +88,8 @@ def alias(request: pytest.FixtureRequest) -> Iterator[str]:
             connections[each].close()
         if name == "postgres":
             drop_postgres(settings.DATABASES[name]["NAME"])
+        elif name == "mariadb":
+            drop_mariadb(settings.DATABASES[name]["NAME"])
         else:
             Path(settings.DATABASES[name]["NAME"]).unlink(missing_ok=True)
 
@@ -170,6 +188,13 @@ class TestDjangoInbox(InboxConformance):
                     "SELECT count(*) FROM pg_stat_activity"
                     " WHERE wait_event_type = 'Lock' AND query LIKE %s",
                     [f"%{InboxEntry._meta.db_table}%"],
+                )
+                return int(cursor.fetchone()[0])
+        if self.alias == "mariadb":  # a claim that has not returned is listed with its statement
+            with connections["mariadb_impatient"].cursor() as cursor:
+                cursor.execute(
+                    "SELECT count(*) FROM information_schema.processlist WHERE info LIKE %s",
+                    [f"INSERT INTO `{InboxEntry._meta.db_table}`%"],
                 )
                 return int(cursor.fetchone()[0])
         return self.inserts.count - 1

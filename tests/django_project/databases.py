@@ -1,4 +1,4 @@
-"""Create and drop the test project's per-run PostgreSQL database (from the maintenance one)."""
+"""Create and drop the test project's per-run PostgreSQL and MariaDB databases."""
 
 from __future__ import annotations
 
@@ -30,3 +30,42 @@ def drop_postgres(name: str) -> None:
     """Drop database ``name``, closing the connections still open on it."""
     with _maintenance() as connection:
         connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def use_pymysql() -> None:
+    """Let PyMySQL (a test dependency) stand in for mysqlclient under Django's MySQL backend."""
+    pymysql = pytest.importorskip("pymysql")
+    pymysql.install_as_MySQLdb()
+
+
+def _mariadb() -> object:
+    pymysql = pytest.importorskip("pymysql")
+    db = settings.DATABASES["mariadb"]
+    return pymysql.connect(
+        host=db["HOST"],
+        port=int(db["PORT"]),
+        user=db["USER"],
+        password=db["PASSWORD"] or "",
+        autocommit=True,
+    )
+
+
+def create_mariadb(name: str) -> None:
+    """(Re)create the empty database ``name`` on the test MariaDB server."""
+    connection = _mariadb()
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(f"DROP DATABASE IF EXISTS `{name}`")
+            cursor.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
+    finally:
+        connection.close()
+
+
+def drop_mariadb(name: str) -> None:
+    """Drop database ``name`` on the test MariaDB server."""
+    connection = _mariadb()
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(f"DROP DATABASE IF EXISTS `{name}`")
+    finally:
+        connection.close()
