@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import signal
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,6 +27,7 @@ from tests.django_project.databases import (  # noqa: E402
     drop_postgres,
     use_pymysql,
 )
+from tests.workers import celery_worker  # noqa: E402
 
 from conftest import require_server  # noqa: E402 - after the importorskip
 from tidings.errors import InboxBusyError  # noqa: E402
@@ -263,3 +265,61 @@ class TestDjangoInbox(InboxConformance):
         assert not inbox.is_done("h", "e6")
         with pytest.raises(ValueError, match="batch_size"):
             inbox.prune(timedelta(0), batch_size=0)
+
+
+@pytest.mark.integration
+def test_a_worker_killed_mid_handler_leaves_one_effect_row_after_redelivery(
+    alias: str, redis_url: str, unique_name: str
+) -> None:
+    """Kill -9 in the guard after the ORM write: the redelivery commits one effect, one entry."""
+    from tests.apps import celery_django_shop  # noqa: PLC0415
+
+    bus, transport, client = celery_django_shop.make(unique_name, unique_name, alias)
+    env = {
+        "DJSHOP_QUEUE": unique_name,
+        "DJSHOP_PREFIX": unique_name,
+        "DJSHOP_ALIAS": alias,
+        "TIDINGS_DJANGO_TEST_RUN": project_settings.RUN,
+        "TIDINGS_TEST_REDIS_URL": redis_url,
+    }
+    event = celery_django_shop.ShipmentRequested(order_id="o-1")
+    marker = celery_django_shop.ShipmentRequested(order_id="marker")
+    shipments = Shipment.objects.using(alias)
+    entries = InboxEntry.objects.using(alias).filter(handler=celery_django_shop.HANDLER)
+    try:
+        client.set(f"{unique_name}:gate-on", 1)
+        with celery_worker("tests.apps.celery_django_shop", unique_name, env) as first:
+            bus.publish(event)
+            wait_until(
+                lambda: client.exists(f"{unique_name}:written:{event.event_id}"),
+                timeout=60,
+                what="the handler to write its row and wait",
+            )
+            assert not shipments.filter(event_id=event.event_id).exists()  # not committed
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait(timeout=10)
+        assert not shipments.exists()
+        assert not entries.exists()
+        with celery_worker("tests.apps.celery_django_shop", unique_name, env):
+            wait_until(
+                lambda: shipments.filter(event_id=event.event_id).exists(),
+                timeout=60,
+                what="the redelivered event's effect",
+            )
+            bus.publish(event)  # delivered once more: a duplicate
+            bus.publish(marker)
+            wait_until(
+                lambda: shipments.filter(event_id=marker.event_id).exists(),
+                timeout=60,
+                what="the marker's effect",
+            )
+        assert shipments.filter(event_id=event.event_id).count() == 1
+        assert entries.filter(event_id=event.event_id).count() == 1
+        assert shipments.count() == entries.count() == 2
+    finally:
+        shipments.all().delete()
+        InboxEntry.objects.using(alias).all().delete()
+        for key in client.scan_iter(f"{unique_name}*"):
+            client.delete(key)
+        transport.close()
+        client.close()
