@@ -19,9 +19,9 @@ Effects elsewhere (another database, Redis, an e-mail) happen at least once. A g
 inside an outer ``atomic`` block is a savepoint of it and commits when that block does.
 
 Two workers racing on one key: the second insert waits on the first one's uncommitted row
-(the database does the waiting). When the first commits, the second hits the unique key, its
-savepoint rolls back, and it answers ``False``; when the first rolls back, the second proceeds:
-``True``. If the database gives up waiting (PostgreSQL ``lock_timeout``, MariaDB
+(the database does the waiting). When the first commits, the second's insert finds the key
+and adds nothing: ``False``; when the first rolls back, the second's row goes in: ``True``.
+If the database gives up waiting (PostgreSQL ``lock_timeout``, MariaDB
 ``innodb_lock_wait_timeout``, SQLite's ``timeout`` option), or picks the waiter as a deadlock
 victim, the guard raises :class:`~tidings.errors.InboxBusyError` (``retry_after`` 1 s) so the
 delivery is retried. SQLite has one writer at a time: guards there run one after another.
@@ -38,7 +38,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 try:
-    from django.db import DEFAULT_DB_ALIAS, DatabaseError, IntegrityError, router, transaction
+    from django.db import DEFAULT_DB_ALIAS, DatabaseError, router, transaction
     from django.utils import timezone
 except ImportError as exc:
     msg = "tidings.integrations.django.inbox needs Django: pip install 'tidings[django]'"
@@ -116,26 +116,32 @@ class DjangoInbox:
             yield self._claim(alias, key, handler, event_id)
 
     def _claim(self, alias: str, key: dict[str, str], handler: str, event_id: str) -> bool:
-        """Insert the claim row in a savepoint; ``False`` if the key is already there."""
-        model = _model()
-        rows = model.objects.using(alias)
+        """Insert the claim row unless its key is there; ``False`` if it was (a duplicate).
+
+        One statement, no savepoint: ``INSERT ... ON CONFLICT DO NOTHING`` (PostgreSQL,
+        SQLite) or ``INSERT IGNORE`` (MariaDB/MySQL; safe because every value was bounded to
+        fit its column), whose row count is the answer.
+        """
+        connection = transaction.get_connection(alias)
+        table = connection.ops.quote_name(_model()._meta.db_table)
+        now = connection.ops.adapt_datetimefield_value(timezone.now())
+        columns = "(handler, source, event_id, processed_at) VALUES (%s, %s, %s, %s)"
+        if connection.vendor == "mysql":
+            sql = f"INSERT IGNORE INTO {table} {columns}"
+        else:
+            sql = f"INSERT INTO {table} {columns} ON CONFLICT DO NOTHING"
         try:
-            with transaction.atomic(using=alias):
-                rows.create(processed_at=timezone.now(), **key)
-        except IntegrityError:
-            if rows.filter(**key).exists():
-                return False
-            raise  # another constraint than the key: not a duplicate
+            with connection.cursor() as cursor:
+                cursor.execute(sql, [key["handler"], key["source"], key["event_id"], now])
+                return bool(cursor.rowcount == 1)
         except DatabaseError as exc:
-            vendor = transaction.get_connection(alias).vendor
-            if not is_busy(vendor, exc.__cause__):
+            if not is_busy(connection.vendor, exc.__cause__):
                 raise
             msg = (
                 f"{log_safe(handler)} is already handling event {log_safe(event_id)} in "
                 "another worker and the database gave up waiting; deliver it again later"
             )
             raise InboxBusyError(msg, retry_after=1.0) from exc
-        return True
 
     def is_done(self, handler: str, event_id: str, source: str | None = None) -> bool:
         """Whether (handler, source, event_id) took effect (its row is committed, or ours)."""
