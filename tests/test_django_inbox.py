@@ -323,3 +323,63 @@ def test_a_worker_killed_mid_handler_leaves_one_effect_row_after_redelivery(
             client.delete(key)
         transport.close()
         client.close()
+
+
+@pytest.mark.integration
+def test_redis_streams_worker_with_a_django_inbox_writes_one_row_per_event(
+    alias: str, redis_url: str, unique_name: str
+) -> None:
+    """A Streams worker guarded by DjangoInbox commits one ORM row per event, duplicates or not."""
+    import redis  # noqa: PLC0415
+    from tests.apps.celery_django_shop import ShipmentRequested  # noqa: PLC0415
+
+    from tidings import EventBus  # noqa: PLC0415
+    from tidings.memory import MemoryDeadLetterStore  # noqa: PLC0415
+    from tidings.transports.redis_streams import RedisStreamsTransport  # noqa: PLC0415
+
+    client = redis.Redis.from_url(redis_url)
+    transport = RedisStreamsTransport(
+        client,
+        service=unique_name,
+        stream_prefix=f"{unique_name}:stream",
+        block_ms=100,
+        inbox=DjangoInbox(using=alias),
+        dead_letters=MemoryDeadLetterStore(),
+    )
+    bus = EventBus(transport=transport)
+    opened: list[Any] = []  # the consumer threads' Django connections, closed at the end
+
+    @bus.subscribe(ShipmentRequested, name="streams.book")
+    def book(event: ShipmentRequested) -> None:
+        opened.append(connections[alias])
+        Shipment.objects.using(alias).create(event_id=event.event_id, value=event.order_id)
+
+    events = [ShipmentRequested(order_id=f"o-{n}") for n in range(5)]
+    marker = ShipmentRequested(order_id="marker")
+    shipments = Shipment.objects.using(alias)
+    stopping = threading.Event()
+    worker = threading.Thread(target=transport.run, args=(stopping,), daemon=True)
+    try:
+        bus.publish(*events)
+        bus.publish(*events)  # every event delivered twice
+        bus.publish(marker)
+        worker.start()
+        wait_until(lambda: shipments.filter(value="marker").exists(), what="the marker's row")
+        stopping.set()
+        worker.join(30)
+        assert not worker.is_alive(), "the consumers did not stop"
+        assert sorted(shipments.values_list("event_id", flat=True)) == sorted(
+            e.event_id for e in [*events, marker]
+        )
+        assert InboxEntry.objects.using(alias).filter(handler="streams.book").count() == 6
+    finally:
+        stopping.set()
+        worker.join(30)
+        for wrapper in {id(w): w for w in opened}.values():
+            if wrapper.connection is not None:
+                wrapper.connection.close()  # their threads are gone: close the driver's
+        shipments.all().delete()
+        InboxEntry.objects.using(alias).all().delete()
+        for key in client.scan_iter(f"{unique_name}*"):
+            client.delete(key)
+        client.close()
