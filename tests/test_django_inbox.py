@@ -383,3 +383,14 @@ def test_redis_streams_worker_with_a_django_inbox_writes_one_row_per_event(
         for key in client.scan_iter(f"{unique_name}*"):
             client.delete(key)
         client.close()
+
+
+def test_import_without_django_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without Django, importing the Django inbox fails with the extra to install."""
+    import importlib  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    monkeypatch.setitem(sys.modules, "django.db", None)
+    monkeypatch.delitem(sys.modules, "tidings.integrations.django.inbox")
+    with pytest.raises(ImportError, match=r"tidings\[django\]"):
+        importlib.import_module("tidings.integrations.django.inbox")

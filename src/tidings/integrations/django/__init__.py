@@ -31,6 +31,10 @@ the SQLAlchemy relay, ``tidings relay``, can drain it too. On PostgreSQL, :func:
 insert also issues ``NOTIFY tidings_outbox`` (in the same round trip), which wakes a listening
 relay (``manage.py tidings_relay`` or ``tidings relay``) at commit.
 
+Handlers whose effects are ORM writes get them exactly once with
+:class:`tidings.integrations.django.inbox.DjangoInbox` as the transport's inbox: the claim row
+commits in the handler's own ``transaction.atomic`` block.
+
 This package imports no models on import (Django imports it while loading apps), so
 ``publish`` and ``Relay`` need the app registry to be ready when they are called.
 """
