@@ -226,6 +226,20 @@ class TestDjangoInbox(InboxConformance):
             assert not fresh
         assert not inbox.is_done("h", "e-1", "urn:c")
 
+    def test_keys_differing_in_case_or_trailing_spaces_are_distinct(self) -> None:
+        """Event ids, handlers and sources compare byte for byte (no case-blind collation)."""
+        inbox = DjangoInbox(using=self.alias)
+        for handler, event_id, source in [
+            ("h", "abc", "urn:a"),
+            ("h", "ABC", "urn:a"),
+            ("h", "abc ", "urn:a"),
+            ("H", "abc", "urn:a"),
+            ("h", "abc", "URN:A"),
+            ("h", "\u00e4bc", "urn:a"),
+        ]:
+            with inbox.guard(handler, event_id, source) as fresh:
+                assert fresh, (handler, event_id, source)
+
     def test_impatient_claimer_on_a_held_key_is_busy(self) -> None:
         """A claim that gives up on a held key raises InboxBusyError naming no raw input."""
         held = DjangoInbox(using=self.alias)

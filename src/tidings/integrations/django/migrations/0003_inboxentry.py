@@ -4,9 +4,34 @@ from typing import Any, ClassVar
 
 from django.db import migrations, models
 
+# MySQL's and MariaDB's default collations compare case-blind and ignore trailing spaces: in a
+# unique key, "ABC" would be a duplicate of "abc" and its effect skipped. The key columns
+# compare bytes instead, without padding where the server has such a collation.
+_BINARY = ("utf8mb4_nopad_bin", "utf8mb4_0900_bin", "utf8mb4_bin")
+
+
+def _binary_keys(apps: Any, schema_editor: Any) -> None:
+    connection = schema_editor.connection
+    if connection.vendor != "mysql":
+        return
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT collation_name FROM information_schema.collations WHERE collation_name IN "
+            "(%s, %s, %s)",
+            list(_BINARY),
+        )
+        found = {row[0] for row in cursor.fetchall()}
+        collation = next(name for name in _BINARY if name in found)
+        cursor.execute(
+            f"ALTER TABLE tidings_django_inbox CONVERT TO CHARACTER SET utf8mb4 COLLATE {collation}"
+        )
+
 
 class Migration(migrations.Migration):  # type: ignore[misc]  # Django ships no type information
-    """The inbox table, unique on (handler, source, event_id), indexed by ``processed_at``."""
+    """The inbox table, unique on (handler, source, event_id), indexed by ``processed_at``.
+
+    On MySQL/MariaDB its key columns then get a binary collation (see ``_binary_keys``).
+    """
 
     dependencies: ClassVar[list[tuple[str, str]]] = [("tidings", "0002_outboxquarantine")]
 
@@ -30,4 +55,5 @@ class Migration(migrations.Migration):  # type: ignore[misc]  # Django ships no 
                 ],
             },
         ),
+        migrations.RunPython(_binary_keys, migrations.RunPython.noop, elidable=False),
     ]
