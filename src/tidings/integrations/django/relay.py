@@ -172,7 +172,7 @@ class Relay:
         self.poll_interval = poll_interval
         self.keep_published = keep_published
         self.backoff = Backoff() if backoff is None else backoff
-        self.listen = listen and connections[self.using].vendor == "postgresql"
+        self.listen = listen
         self.codec = default_codec if codec is None else codec
         self._next_purge = 0.0
 
@@ -369,10 +369,11 @@ class Relay:
         connection = connections[self.using]
         listener: _Listener | None = None
         next_listen = 0.0
+        listening = self.listen and connection.vendor == "postgresql"
         try:
             while not stop.is_set():
                 # LISTEN before claiming: a commit between the claim and the wait still wakes us.
-                if self.listen and listener is None and time.monotonic() >= next_listen:
+                if listening and listener is None and time.monotonic() >= next_listen:
                     listener = self._open_listener()
                     next_listen = time.monotonic() + self.poll_interval
                 connection.close_if_unusable_or_obsolete()
