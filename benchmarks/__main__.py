@@ -67,6 +67,21 @@ def _ui_rows(only: str | None, *, quick: bool) -> list[Row]:
     return ui_trace.rows(quick=quick, postgres=postgres_reachable())
 
 
+def _django_rows(only: str | None, *, quick: bool) -> list[Row]:
+    """The Django inbox row against SqlInbox (PostgreSQL; the django extra), if asked."""
+    if only not in (None, "django"):
+        return []
+    if not postgres_reachable():
+        print("PostgreSQL is not reachable on 127.0.0.1:5432: the Django inbox row is skipped\n")
+        return []
+    try:
+        from benchmarks import django_inbox  # noqa: PLC0415 - needs the django extra
+    except ImportError:
+        print("Django is not installed: the Django inbox row is skipped\n")
+        return []
+    return django_inbox.rows(quick=quick)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run every case, print the table, write results.json; return the exit status."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks")
@@ -75,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument(
         "--only",
-        choices=["core", "celery", "streams", "streams-memory", "outbox", "ui"],
+        choices=["core", "celery", "streams", "streams-memory", "outbox", "django", "ui"],
         help="run one group (default: all)",
     )
     args = parser.parse_args(argv)
@@ -103,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += outbox_bench.rows(quick=args.quick)
         else:
             print("PostgreSQL or Redis is not reachable locally: the outbox rows are skipped\n")
+    rows += _django_rows(args.only, quick=args.quick)
     rows += _ui_rows(args.only, quick=args.quick)
     print(table(rows))
     print(

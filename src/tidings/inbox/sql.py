@@ -47,6 +47,7 @@ except ImportError as exc:
 
 from tidings._untrusted import log_safe
 from tidings.errors import InboxBusyError, TidingsError
+from tidings.inbox._busy import is_busy
 from tidings.inbox._keys import LEGACY_SOURCE, MAX_EMBEDDED, bounded
 
 __all__ = ["NotInGuardError", "SqlInbox", "current_connection", "inbox_table"]
@@ -59,11 +60,6 @@ PRUNE_BATCH = 1000
 
 _connection: ContextVar[sa.Connection] = ContextVar("tidings_inbox_connection")
 log = logging.getLogger("tidings.inbox")
-
-# Errors that mean "someone else holds the row, try later", by driver.
-_PG_BUSY = {"55P03", "40P01", "40001"}  # lock_not_available, deadlock, serialization failure
-_MYSQL_BUSY = {1205, 1213}  # lock wait timeout, deadlock
-_SQLITE_BUSY = {5, 6}  # SQLITE_BUSY, SQLITE_LOCKED (primary codes)
 
 
 class NotInGuardError(TidingsError, LookupError):
@@ -387,10 +383,4 @@ def _insert_ignoring_duplicates(dialect: str, table: sa.Table) -> sa.Insert:
 
 def _is_busy(dialect: str, error: sa.exc.DBAPIError) -> bool:
     """Whether a driver error means another transaction holds the row (so: retry later)."""
-    original = error.orig
-    if dialect == "postgresql":
-        return getattr(original, "sqlstate", None) in _PG_BUSY
-    if dialect == "sqlite":
-        return (getattr(original, "sqlite_errorcode", 0) & 0xFF) in _SQLITE_BUSY
-    args: tuple[object, ...] = getattr(original, "args", ())  # MySQL drivers: (errno, message)
-    return bool(args) and args[0] in _MYSQL_BUSY
+    return is_busy(dialect, error.orig)

@@ -27,8 +27,13 @@ Two modes, two promises:
   Use it where losing an event now and then is acceptable (cache invalidation, notifications).
 
 The outbox table is the one :mod:`tidings.outbox` defines (same name, columns and indexes), so
-the SQLAlchemy relay, ``tidings relay``, can drain it too. On PostgreSQL, :func:`publish` issues
-``NOTIFY tidings_outbox`` in the transaction, which wakes a listening ``tidings relay`` at commit.
+the SQLAlchemy relay, ``tidings relay``, can drain it too. On PostgreSQL, :func:`publish`'s
+insert also issues ``NOTIFY tidings_outbox`` (in the same round trip), which wakes a listening
+relay (``manage.py tidings_relay`` or ``tidings relay``) at commit.
+
+Handlers whose effects are ORM writes get them exactly once with
+:class:`tidings.integrations.django.inbox.DjangoInbox` as the transport's inbox: the claim row
+commits in the handler's own ``transaction.atomic`` block.
 
 This package imports no models on import (Django imports it while loading apps), so
 ``publish`` and ``Relay`` need the app registry to be ready when they are called.
@@ -117,11 +122,39 @@ def publish(
         raise UsageError(msg)
     with _tracing.publishing(events, "tidings", _CHANNEL):
         rows = _rows(events, partition_key)
-        if rows:
+        if rows and connection.vendor == "postgresql":
+            _insert_notifying(connection, rows)
+        elif rows:
             OutboxEvent.objects.using(alias).bulk_create(rows)
-    if rows and connection.vendor == "postgresql":
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_notify(%s, '')", [_CHANNEL])
+
+
+_COLUMNS = ("event_id", "event_type", "partition_key", "payload", "created_at", "attempts")
+_CHUNK = 1000  # rows per statement: 6 parameters each, far below PostgreSQL's 65,535
+
+
+def _insert_notifying(connection: Any, rows: list[Any]) -> None:
+    """Insert ``rows`` and ``NOTIFY`` the relays in one round trip per chunk (PostgreSQL).
+
+    ``INSERT ... RETURNING pg_notify(...)``, as the SQLAlchemy outbox does: the notification
+    is delivered at commit (repeats in one transaction collapse into one). Ids ascend in the
+    order of ``rows``.
+    """
+    from tidings.integrations.django.models import OutboxEvent  # noqa: PLC0415
+
+    quote = connection.ops.quote_name
+    table = quote(OutboxEvent._meta.db_table)
+    columns = ", ".join(quote(name) for name in _COLUMNS)
+    one = "(" + ", ".join(["%s"] * len(_COLUMNS)) + ")"
+    with connection.cursor() as cursor:
+        for first in range(0, len(rows), _CHUNK):
+            chunk = rows[first : first + _CHUNK]
+            values = ", ".join([one] * len(chunk))
+            params = [getattr(row, name) for row in chunk for name in _COLUMNS]
+            cursor.execute(
+                f"INSERT INTO {table} ({columns}) VALUES {values} "  # noqa: S608 - our names
+                "RETURNING pg_notify(%s, '')",
+                [*params, _CHANNEL],
+            )
 
 
 def publish_on_commit(*events: DomainEvent, bus: EventBus, using: str | None = None) -> None:

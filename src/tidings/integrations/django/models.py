@@ -2,7 +2,8 @@
 
 The table is ``tidings_outbox`` with the columns and indexes of
 :func:`tidings.outbox.outbox_table`, so either relay (``manage.py tidings_relay`` or
-``tidings relay``) can drain rows the other side wrote.
+``tidings relay``) can drain rows the other side wrote. ``InboxEntry`` is the table of
+:class:`~tidings.integrations.django.inbox.DjangoInbox`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,12 @@ from django.db import models
 
 from tidings.outbox._common import EVENT_ID_LENGTH, KEY_LENGTH
 
-__all__ = ["OutboxEvent", "OutboxQuarantine"]
+__all__ = ["InboxEntry", "OutboxEvent", "OutboxQuarantine"]
+
+INBOX_KEY_LENGTH = 200
+"""Length of the inbox's ``handler`` and ``source`` columns (values over 128 are hashed)."""
+INBOX_EVENT_ID_LENGTH = 64
+"""Length of the inbox's ``event_id`` column (longer ids are hashed to fit)."""
 
 
 class OutboxEvent(models.Model):  # type: ignore[misc]  # Django ships no type information
@@ -73,3 +79,34 @@ class OutboxQuarantine(models.Model):  # type: ignore[misc]  # Django ships no t
 
     def __str__(self) -> str:
         return f"{self.event_type} {self.event_id} (row {self.id}, quarantined)"
+
+
+class InboxEntry(models.Model):  # type: ignore[misc]  # Django ships no type information
+    """One (handler, source, event id) that took effect: the Django inbox's done mark.
+
+    The table is ``tidings_django_inbox`` (not SQLAlchemy's ``tidings_inbox``, whose primary
+    key is the triple: both may live in one database). Columns: ``id``, ``handler``,
+    ``source`` (the producer's CloudEvents ``source``), ``event_id``, unique together, and
+    ``processed_at`` (when the effect was claimed; committed with it). Values too long for
+    their column are stored as their marked SHA-256 (see :mod:`tidings.inbox._keys`). Rows
+    are written by :meth:`~tidings.integrations.django.inbox.DjangoInbox.guard`, not by hand.
+    """
+
+    id = models.BigAutoField(primary_key=True)
+    handler = models.CharField(max_length=INBOX_KEY_LENGTH)
+    source = models.CharField(max_length=INBOX_KEY_LENGTH)
+    event_id = models.CharField(max_length=INBOX_EVENT_ID_LENGTH)
+    processed_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        """The inbox table and its key."""
+
+        db_table = "tidings_django_inbox"
+        constraints = (
+            models.UniqueConstraint(
+                fields=["handler", "source", "event_id"], name="uq_tidings_django_inbox_key"
+            ),
+        )
+
+    def __str__(self) -> str:
+        return f"{self.handler} took {self.event_id} from {self.source}"

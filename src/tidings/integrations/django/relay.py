@@ -19,7 +19,11 @@ No high-water mark is kept, so a row whose transaction commits late (the gap pro
 claimed as soon as it is visible. MySQL/MariaDB: keep Django's default isolation level,
 READ COMMITTED; REPEATABLE READ would read a stale snapshot of pending rows.
 
-The relay polls; it does not LISTEN (``tidings relay`` does, on the same table).
+Waking up: on PostgreSQL (psycopg 3), :func:`~tidings.integrations.django.publish` notifies
+``tidings_outbox`` in its insert, which PostgreSQL delivers at commit; the relay LISTENs on a
+connection of its own and claims at once. Polling stays the fallback: a lost notification, a
+listener that cannot connect or dies, or another database only delays work until the next poll
+(the listener is opened again at most once per ``poll_interval``).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from django.utils import timezone
 
 from tidings.bus import EventBus
 from tidings.codec import Codec, Envelope, default_codec
+from tidings.errors import UsageError
 from tidings.events import DomainEvent
 from tidings.integrations.django.models import OutboxEvent, OutboxQuarantine
 from tidings.outbox._common import (
@@ -65,6 +70,42 @@ Publish = Callable[[Sequence[DomainEvent]], None]
 log = logging.getLogger("tidings.integrations.django.relay")
 
 _PURGE_EVERY = 60.0
+_SLICE = 0.25  # longest a wait goes without looking at the stop event
+_CHANNEL = "tidings_outbox"  # what publish() notifies
+
+
+class _Listener:
+    """A Django connection of its own (not the thread's), in autocommit, LISTENing on the channel.
+
+    Only psycopg 3 waits for notifications here; with another driver, opening fails (and the
+    relay polls).
+    """
+
+    def __init__(self, using: str) -> None:
+        wrapper = connections.create_connection(using)
+        try:
+            wrapper.ensure_connection()
+            raw = wrapper.connection
+            if not callable(getattr(raw, "notifies", None)):
+                msg = "waking on NOTIFY needs psycopg 3 (the relay polls)"
+                raise UsageError(msg)
+            with wrapper.cursor() as cursor:
+                cursor.execute(f"LISTEN {wrapper.ops.quote_name(_CHANNEL)}")
+        except BaseException:
+            wrapper.close()
+            raise
+        self._wrapper, self._raw = wrapper, raw
+
+    def wait(self, timeout: float) -> bool:
+        """Whether a notification arrived within ``timeout`` seconds."""
+        return any(True for _ in self._raw.notifies(timeout=timeout, stop_after=1))
+
+    def close(self) -> None:
+        """Close the connection (errors ignored: it may be dead already)."""
+        try:
+            self._wrapper.close()
+        except Exception:
+            log.debug("closing the outbox listener failed", exc_info=True)
 
 
 class Relay:
@@ -87,6 +128,8 @@ class Relay:
             always decodes; ``False`` refuses a ``publish`` that cannot forward envelopes.
         max_attempts: failures of a row of its own (undecodable, refused by the transport)
             after which it is quarantined; failures of a whole batch never quarantine a row.
+        listen: on PostgreSQL with psycopg 3, wake on ``NOTIFY`` when idle (polling stays the
+            fallback); ignored on other databases.
 
     Delivery is at least once: a crash between the broker's confirmation and the commit sends
     a batch again (the inbox makes that harmless). Order is kept per partition key, also across
@@ -113,6 +156,7 @@ class Relay:
         codec: Codec | None = None,
         decode: bool | None = None,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        listen: bool = True,
     ) -> None:
         if batch_size < 1 or poll_interval <= 0 or max_attempts < 1:
             msg = "Relay needs batch_size >= 1, poll_interval > 0 and max_attempts >= 1"
@@ -128,6 +172,7 @@ class Relay:
         self.poll_interval = poll_interval
         self.keep_published = keep_published
         self.backoff = Backoff() if backoff is None else backoff
+        self.listen = listen
         self.codec = default_codec if codec is None else codec
         self._next_purge = 0.0
 
@@ -312,17 +357,25 @@ class Relay:
     # -- the loop ---------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
-        """Relay until ``stop`` is set; return within ``poll_interval`` after it is.
+        """Relay until ``stop`` is set; return within about a quarter second after it is.
 
-        Drains the backlog batch after batch; when idle, waits ``poll_interval``. After a
-        failure (broker or database) it waits per ``backoff``, longer each time in a row, and
-        never busy-loops; the first success resets it. Failures are logged, never raised. A
-        broken database connection is closed, and Django opens a new one on the next claim.
+        Drains the backlog batch after batch; when idle, waits for a notification (see the
+        module docstring) or ``poll_interval``. After a failure (broker or database) it waits
+        per ``backoff``, longer each time in a row, and never busy-loops; the first success
+        resets it. Failures are logged, never raised. A broken database connection is closed,
+        and Django opens a new one on the next claim.
         """
         failures = 0
         connection = connections[self.using]
+        listener: _Listener | None = None
+        next_listen = 0.0
+        listening = self.listen and connection.vendor == "postgresql"
         try:
             while not stop.is_set():
+                # LISTEN before claiming: a commit between the claim and the wait still wakes us.
+                if listening and listener is None and time.monotonic() >= next_listen:
+                    listener = self._open_listener()
+                    next_listen = time.monotonic() + self.poll_interval
                 connection.close_if_unusable_or_obsolete()
                 try:
                     count = self.run_once()
@@ -336,9 +389,40 @@ class Relay:
                     continue
                 failures = 0
                 if not count:
-                    stop.wait(self.poll_interval)
+                    listener = self._idle(stop, listener)
         finally:
+            if listener is not None:
+                listener.close()
             connection.close()
+
+    def _open_listener(self) -> _Listener | None:
+        try:
+            return _Listener(self.using)
+        except Exception:
+            log.warning("cannot LISTEN for outbox notifications; polling", exc_info=True)
+            return None
+
+    def _idle(self, stop: threading.Event, listener: _Listener | None) -> _Listener | None:
+        """Wait up to ``poll_interval`` for a notification or ``stop``.
+
+        Returns the listener if still usable, ``None`` once it failed.
+        """
+        deadline = time.monotonic() + self.poll_interval
+        while not stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            if listener is None:
+                stop.wait(remaining)
+                break
+            try:
+                if listener.wait(min(remaining, _SLICE)):
+                    break
+            except Exception:
+                log.warning("the outbox listener failed; polling until it is back", exc_info=True)
+                listener.close()
+                listener = None
+        return listener
 
     def _purge_now_and_then(self) -> None:
         if self.keep_published is None:

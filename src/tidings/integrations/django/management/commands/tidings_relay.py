@@ -57,8 +57,10 @@ class Command(BaseCommand):  # type: ignore[misc]  # Django ships no type inform
     """Publish committed outbox rows through an EventBus, in order per partition key.
 
     Rows are deleted (or, with ``--keep-published``, marked) only after the bus returned.
-    Several relays may run against PostgreSQL or MySQL; SQLite takes one. Stops cleanly on
-    SIGINT/SIGTERM; ``--once`` relays what is pending and exits.
+    Several relays may run against PostgreSQL or MySQL; SQLite takes one. On PostgreSQL it
+    wakes on the ``NOTIFY`` of each ``publish`` (``--no-listen``: only poll), polling every
+    ``--poll-interval`` seconds as the fallback. Stops cleanly on SIGINT/SIGTERM; ``--once``
+    relays what is pending and exits.
     """
 
     help = (
@@ -97,6 +99,9 @@ class Command(BaseCommand):  # type: ignore[misc]  # Django ships no type inform
         )
         parser.add_argument("--database", default=None, help="The outbox's database alias.")
         parser.add_argument(
+            "--no-listen", action="store_true", help="Do not LISTEN (PostgreSQL); only poll."
+        )
+        parser.add_argument(
             "--max-attempts",
             type=int,
             default=5,
@@ -123,6 +128,7 @@ class Command(BaseCommand):  # type: ignore[misc]  # Django ships no type inform
                 poll_interval=options["poll_interval"],
                 keep_published=None if keep is None else timedelta(seconds=keep),
                 max_attempts=options["max_attempts"],
+                listen=not options["no_listen"],
             )
         except UsageError as exc:
             raise CommandError(f"--bus {options['bus']}: {exc}") from exc

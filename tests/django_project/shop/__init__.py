@@ -1,0 +1,1 @@
+"""A test app with one model, ``Shipment``: the effect rows of the Django inbox tests."""
