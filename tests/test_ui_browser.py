@@ -54,6 +54,9 @@ def browser():
         options.add_argument(argument)
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
     driver.set_page_load_timeout(DEADLINE)
+    # An element is looked for until it is there (a click's next page may still be loading,
+    # on a loaded machine), up to the deadline.
+    driver.implicitly_wait(DEADLINE)
     try:
         yield driver
     finally:
@@ -121,7 +124,7 @@ def test_the_ops_page_finds_a_real_runs_trace_and_replays_its_dead_letter(
             browser.find_element(By.ID, "replay").click()
             scene.client.delete(f"{unique_name}:broken")  # repaired before the replay
             browser.find_element(By.ID, "confirm-button").click()
-            outcome = browser.find_element(By.ID, "outcomes").text
+            outcome = browser.find_element(By.ID, "outcomes").text  # the replay's page
             assert "replayed to" in outcome, outcome
             wait_until(
                 lambda: scene.client.lrange(f"{unique_name}:mailed", 0, -1) == [b"o-1"],

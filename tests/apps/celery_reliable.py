@@ -156,7 +156,7 @@ def make(
 
     task_postrun.connect(ran, weak=False)
 
-    @app.task(name=TICKS)
+    @app.task(name=TICKS, shared=False)
     def count_ticks() -> None:
         # Run by a solo worker in its main process. kombu forgets its current loop when the
         # loop resets (a reconnection): find the worker's hub among the live objects.
