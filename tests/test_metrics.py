@@ -345,6 +345,34 @@ def test_outbox_add_and_relay_count_published_relayed_batch_and_backlog(registry
     assert value(registry, "tidings_outbox_oldest_pending_age_seconds", **table) == 0
 
 
+def test_what_a_handler_the_relay_runs_inline_publishes_is_counted(registry, sqlite_outbox):
+    """Events a handler publishes while the relay runs it in-process count as published."""
+    engine, outbox = sqlite_outbox
+    with orm.Session(engine) as session:
+        outbox.add(session, PlateServed(table=1), PlateServed(table=2))
+        session.commit()
+    inline = EventBus()
+    inline.add_handler(
+        lambda event: inline.publish(BillPaid(table=event.table)), PlateServed, name="k.bill"
+    )
+    before = published(registry, BillPaid.event_type)
+    assert Relay(engine, outbox, inline, listen=False).run_once() == 2
+    assert published(registry, BillPaid.event_type) == before + 2
+    relayed = {"system": "tidings", "event_type": PlateServed.event_type}
+    assert value(registry, "tidings_published_total", **relayed) == 2  # the rows, not again
+
+
+def published(registry, event_type: str) -> float:
+    """Published events of ``event_type`` over every system."""
+    return sum(
+        sample.value
+        for family in registry.collect()
+        for sample in family.samples
+        if sample.name == "tidings_published_total"
+        and sample.labels.get("event_type") == event_type
+    )
+
+
 def test_the_outbox_gauges_answer_a_scrape_with_the_database_gone(registry, tmp_path):
     """A backlog query that fails reports tidings_outbox_up 0 instead of failing the scrape."""
     path = tmp_path / "gone.db"

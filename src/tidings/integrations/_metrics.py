@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from datetime import UTC, datetime
 from threading import get_ident
 from typing import TYPE_CHECKING, Any
@@ -185,6 +185,7 @@ class Metrics:
         return series
 
     def published_series(self, system: str, event_type: str) -> Any:
+        """The counter child of published events of ``event_type`` on ``system`` (cached)."""
         key = (system, event_type)
         child = self._events.get(key)
         if child is None:
@@ -259,6 +260,47 @@ def _occurred_at(event: DomainEvent) -> object:
         return None
 
 
+class _InlineRun(Run):
+    """A handler run inside a relayed batch (the relay ran it in-process).
+
+    Its own publishes are the handler's, not the relay's: counted as published while it
+    runs, until it reports how it ended.
+    """
+
+    __slots__ = ("token",)
+
+    def __init__(self, series: RunSeries, occurred: object) -> None:
+        super().__init__(series, occurred)
+        self.token: Token[bool] | None = _relaying.set(False)
+
+    def _restore(self) -> None:
+        if self.token is not None:
+            _relaying.reset(self.token)
+            self.token = None
+
+    def done(self, fresh: bool) -> None:
+        super().done(fresh)
+        self._restore()
+
+    def busy(self, retry_in: float) -> None:
+        super().busy(retry_in)
+        self._restore()
+
+    def failed(
+        self,
+        error: BaseException,
+        *,
+        retry_in: float | None = None,
+        dead_letter: str | None = None,
+    ) -> None:
+        super().failed(error, retry_in=retry_in, dead_letter=dead_letter)
+        self._restore()
+
+    def end(self) -> None:
+        super().end()
+        self._restore()
+
+
 class _NotCounted(AbstractContextManager[object]):
     """A publish inside a relayed batch: the relay counts it."""
 
@@ -309,6 +351,8 @@ class MetricsHooks:
         series = metrics._runs.get((get_ident(), system, event.event_type, handler))
         if series is None:
             series = metrics.run_series(system, event.event_type, handler)
+        if _relaying.get():  # a handler the relay runs inline: what it publishes is counted
+            return _InlineRun(series, event.occurred_at)
         return Run(series, event.occurred_at)
 
     def runs(self, runs: Sequence[RunReport], *, system: str) -> None:
