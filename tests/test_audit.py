@@ -450,9 +450,29 @@ def test_redis_lookups_span_buckets_and_indexes_expire_after_max_age(redis_url, 
         assert [r.event_id for r in store.by_correlation("c-1")] == ["first", "second"]
         assert [r.event_id for r in store.by_tenant("acme", limit=1)] == ["second"]
         assert [r.event_id for r in store.by_tenant("acme")] == ["second", "first"]
-        indexes = [k for k in client.scan_iter(f"{unique_name}:*") if not k.endswith(b":log")]
+        indexes = [
+            key
+            for key in client.scan_iter(f"{unique_name}:*")
+            if not key.endswith((b":log", b":layout"))
+        ]
         assert len(indexes) == 6
         assert all(0 < client.ttl(key) <= 2 + 2 + 1 for key in indexes)
+    finally:
+        for key in client.scan_iter(f"{unique_name}:*"):
+            client.delete(key)
+        client.close()
+
+
+@pytest.mark.integration
+def test_a_reader_finds_records_written_with_another_retention(redis_url, unique_name):
+    """A store opened with the default max_age finds what a one-hour writer wrote, and back."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        RedisAuditStore(client, prefix=unique_name, max_age=3600).write([record(event_id="h")])
+        reader = RedisAuditStore(client, prefix=unique_name)
+        assert [r.event_id for r in reader.by_correlation("c-1")] == ["h"]
+        client.hset(f"{unique_name}:layout", mapping={"bucket": 1, "max_age": 10**9})
+        assert reader.by_correlation("c-1") == [], "an untrusted layout: the reader's own"
     finally:
         for key in client.scan_iter(f"{unique_name}:*"):
             client.delete(key)

@@ -25,6 +25,13 @@ skip it). :meth:`RedisAuditStore.trim` removes the records received more than an
 their index entries, at once. With ``max_age=None`` one bucket holds every record, until
 :meth:`~RedisAuditStore.trim`.
 
+**The layout is the writers'.** ``tidings:audit:layout`` (a hash: ``bucket``, ``max_age``)
+says how the records were bucketed, written by each store at its first write; a store reading
+(``tidings trace``, ``tidings ui``, opened with any ``max_age``) looks there first, so it finds
+records written with another retention. Every writer of one prefix should use the same
+``max_age``. A layout that is not two bounded numbers, or would make a lookup read more than
+:data:`_MOST_BUCKETS` buckets, is ignored (the reader's own is used).
+
 On Redis Cluster, put the prefix in a hash tag (``prefix="{tidings:audit}"``): the scripts
 reach keys they derive from the prefix, which must share one slot.
 """
@@ -131,6 +138,8 @@ return found
 """
 
 _DAY = 86400
+_MOST_BUCKETS = 400
+"""The most index buckets a lookup reads; a stored layout needing more is not trusted."""
 _AT_LIMIT = 9_999_999_999.0
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(AuditRecord).decode
@@ -163,6 +172,8 @@ class RedisAuditStore:
         self._log = f"{prefix}:log"
         self.max_age = max_age
         self._bucket = None if max_age is None else max(1, int(min(_DAY, max_age)))
+        self._layout_key = f"{prefix}:layout"
+        self._layout_written = False
         self._write = client.register_script(_WRITE)
         self._read = client.register_script(_READ)
         self._owns_client = False
@@ -206,15 +217,36 @@ class RedisAuditStore:
         return self._prefix
 
     def _buckets(self, now: float) -> tuple[int, int]:
-        """The first and last bucket a live record can be in (a bucket more each side)."""
-        if self._bucket is None or self.max_age is None:
+        """The first and last bucket a live record can be in (a bucket more each side).
+
+        By the layout the writers stored, if it can be trusted; else this store's own.
+        """
+        bucket, max_age = self._bucket, self.max_age
+        stored = cast(
+            "list[bytes | None]", self._client.hmget(self._layout_key, "bucket", "max_age")
+        )
+        try:
+            found = (int(stored[0] or b""), float(stored[1] or b""))
+        except ValueError:
+            found = None
+        if found is not None:
+            width, age = found
+            if width == 0:
+                bucket, max_age = None, None
+            elif 0 < width <= _DAY and 0 < age <= width * (_MOST_BUCKETS - 3):
+                bucket, max_age = width, age
+        if bucket is None or max_age is None:
             return 0, 0
-        return int((now - self.max_age) // self._bucket) - 1, int(now // self._bucket) + 1
+        return int((now - max_age) // bucket) - 1, int(now // bucket) + 1
 
     def write(self, records: Sequence[AuditRecord]) -> None:
         """Store ``records`` and index them, in one script (one round trip)."""
         if not records:
             return
+        if not self._layout_written:  # once: how this store buckets, for its readers
+            layout = ["bucket", str(self._bucket or 0), "max_age", repr(self.max_age or 0.0)]
+            self._client.hset(self._layout_key, items=layout)
+            self._layout_written = True
         now = time.time()
         if self._bucket is None or self.max_age is None:
             bucket, expire_at, minid = 0, 0, ""
