@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import threading
+import uuid
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -191,10 +192,13 @@ class Snapshots:
         self.families = families
         self.interval = interval
         self._stop = threading.Event()
+        # Named by the pid and this writer's own token: a later child given the same pid
+        # (recycled children, pid wrap-around) writes a file of its own, never over this one.
+        self._name = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
 
     def write(self) -> None:
         """Write this process's state now; an error is logged, never raised."""
-        pid = os.getpid()
+        pid = self._name
         document = {
             family.name: [[list(values), counts] for values, counts in family.state().items()]
             for family in self.families()
