@@ -46,7 +46,7 @@ bench: $(STAMP)
 # The durability rig (chaos/): 15 minutes of faults per transport, then a reconciling check.
 # It starts its own Redis and creates its own PostgreSQL database; exits 1 on any loss.
 chaos: $(STAMP)
-	$(BIN)/python -m chaos --duration 900 --rate 30 --fault-every 1.5 --report chaos/REPORT.md
+	$(BIN)/python -m chaos --duration 1200 --rate 30 --fault-every 1.5 --report chaos/REPORT.md
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
