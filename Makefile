@@ -43,7 +43,7 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks
 
-# The durability rig (chaos/): 15 minutes of faults per transport, then a reconciling check.
+# The durability rig (chaos/): 20 minutes of faults per transport, then a reconciling check.
 # It starts its own Redis and creates its own PostgreSQL database; exits 1 on any loss.
 chaos: $(STAMP)
 	$(BIN)/python -m chaos --duration 1200 --rate 30 --fault-every 1.5 --report chaos/REPORT.md
