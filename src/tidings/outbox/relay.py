@@ -43,6 +43,7 @@ from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
+from tidings._notify import idle
 from tidings.bus import EventBus
 from tidings.codec import Envelope
 from tidings.events import DomainEvent
@@ -72,7 +73,6 @@ Publish = Callable[[Sequence[DomainEvent]], None]
 log = logging.getLogger("tidings.outbox.relay")
 
 _LOCKING = ("postgresql", "mysql", "mariadb")
-_SLICE = 0.25  # longest a wait goes without looking at the stop event
 _RECHECK = 60.0  # seconds before looking again for a missing quarantine table
 
 
@@ -444,7 +444,7 @@ class Relay:
                 failures = 0
                 if count:
                     continue
-                listener = self._idle(stop, listener)
+                listener = idle(stop, listener, self.poll_interval, log)
         finally:
             if listener is not None:
                 listener.close()
@@ -455,28 +455,6 @@ class Relay:
         except Exception:
             log.warning("cannot LISTEN for outbox notifications; polling", exc_info=True)
             return None
-
-    def _idle(self, stop: threading.Event, listener: _Listener | None) -> _Listener | None:
-        """Wait up to ``poll_interval`` for a notification or ``stop``.
-
-        Returns the listener if still usable, ``None`` once it failed.
-        """
-        deadline = time.monotonic() + self.poll_interval
-        while not stop.is_set():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            if listener is None:
-                stop.wait(remaining)
-                break
-            try:
-                if listener.wait(min(remaining, _SLICE)):
-                    break
-            except Exception:
-                log.warning("the outbox listener failed; polling until it is back", exc_info=True)
-                listener.close()
-                listener = None
-        return listener
 
     def _purge_now_and_then(self) -> None:
         if self.keep_published is None or time.monotonic() < self._next_purge:

@@ -40,6 +40,7 @@ from django.db import DEFAULT_DB_ALIAS, connections, router, transaction
 from django.db.models import F, Min
 from django.utils import timezone
 
+from tidings._notify import idle
 from tidings.bus import EventBus
 from tidings.codec import Codec, Envelope, default_codec
 from tidings.errors import UsageError
@@ -70,7 +71,6 @@ Publish = Callable[[Sequence[DomainEvent]], None]
 log = logging.getLogger("tidings.integrations.django.relay")
 
 _PURGE_EVERY = 60.0
-_SLICE = 0.25  # longest a wait goes without looking at the stop event
 _CHANNEL = "tidings_outbox"  # what publish() notifies
 
 
@@ -389,7 +389,7 @@ class Relay:
                     continue
                 failures = 0
                 if not count:
-                    listener = self._idle(stop, listener)
+                    listener = idle(stop, listener, self.poll_interval, log)
         finally:
             if listener is not None:
                 listener.close()
@@ -401,28 +401,6 @@ class Relay:
         except Exception:
             log.warning("cannot LISTEN for outbox notifications; polling", exc_info=True)
             return None
-
-    def _idle(self, stop: threading.Event, listener: _Listener | None) -> _Listener | None:
-        """Wait up to ``poll_interval`` for a notification or ``stop``.
-
-        Returns the listener if still usable, ``None`` once it failed.
-        """
-        deadline = time.monotonic() + self.poll_interval
-        while not stop.is_set():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            if listener is None:
-                stop.wait(remaining)
-                break
-            try:
-                if listener.wait(min(remaining, _SLICE)):
-                    break
-            except Exception:
-                log.warning("the outbox listener failed; polling until it is back", exc_info=True)
-                listener.close()
-                listener = None
-        return listener
 
     def _purge_now_and_then(self) -> None:
         if self.keep_published is None:
